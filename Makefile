@@ -1,0 +1,52 @@
+# fa_study — the two commands: `make study` (run the notebooks, write the report) and `make test`.
+# Both create .venv on first use and reuse it afterwards.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROFILE ?= $(or $(FA_STUDY_PROFILE),default)
+REPORTS ?= reports
+
+# Data and result caches live in the checkout (git-ignored) unless the caller points elsewhere.
+export FA_STUDY_DATA ?= $(CURDIR)/data
+export FA_STUDY_CACHE ?= $(CURDIR)/.fa_study_cache
+export MPLBACKEND ?= Agg
+
+.PHONY: setup study test test-fast bench lab clean-reports help
+
+help:
+	@echo "make study   execute every notebook (PROFILE=quick|default|paper) into $(REPORTS)/ with HTML and a summary"
+	@echo "make test    run the test suite and the notebooks (nbval, quick profile)"
+	@echo "make setup   create/refresh $(VENV) only"
+	@echo "make lab     open JupyterLab on notebooks/"
+	@echo "make bench   run the benchmarks in benchmarks/"
+
+# The stamp is rebuilt when pyproject.toml changes. torch is installed first on its own so that
+# pip takes the wheel already on this disk (uv/poetry would download gigabytes).
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet "torch>=2.4" torchvision
+	$(PY) -m pip install --quiet -e ".[notebooks,test]"
+	@touch $@
+
+setup: $(VENV)/.installed
+
+study: setup
+	$(PY) -m fa_study.study --profile $(PROFILE) --out $(REPORTS)
+
+test: setup
+	FA_STUDY_PROFILE=quick $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider $(PYTEST_ARGS)
+
+# Unit tests only, without the notebooks.
+test-fast: setup
+	FA_STUDY_PROFILE=quick $(PY) -m pytest tests -p no:cacheprovider -m "not browser" $(PYTEST_ARGS)
+
+bench: setup
+	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b $(BENCH_ARGS); done
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean-reports:
+	rm -rf $(REPORTS)

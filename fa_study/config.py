@@ -1,0 +1,92 @@
+"""Profiles, device choice, seeding and on-disk locations.
+
+One switch selects how much work every notebook and experiment does:
+
+* ``quick``   -- seconds per notebook on a 2-core CPU; used by CI and nbval.
+* ``default`` -- minutes on a laptop CPU; real datasets when present.
+* ``paper``   -- the reference study's settings (epochs, seeds, architectures); meant for a GPU.
+
+The profile is read from the ``FA_STUDY_PROFILE`` environment variable (default ``default``)
+unless passed explicitly.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PROFILES: tuple[str, ...] = ("quick", "default", "paper")
+DEFAULT_PROFILE = "default"
+PROFILE_ENV = "FA_STUDY_PROFILE"
+DEVICE_ENV = "FA_STUDY_DEVICE"
+DATA_ENV = "FA_STUDY_DATA"
+CACHE_ENV = "FA_STUDY_CACHE"
+OFFLINE_ENV = "FA_STUDY_OFFLINE"
+
+
+def check_choice(what: str, value, allowed) -> None:
+    """Raise ``ValueError`` naming ``what``, the bad ``value`` and the allowed values."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        listed = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"unknown {what} {value!r}; allowed values: {listed}")
+
+
+def get_profile(profile: str | None = None) -> str:
+    """The active profile: ``profile`` if given, else ``$FA_STUDY_PROFILE``, else ``default``."""
+    name = profile if profile is not None else os.environ.get(PROFILE_ENV, DEFAULT_PROFILE)
+    name = name.strip().lower()
+    check_choice(f"profile (set by {PROFILE_ENV} or passed explicitly)", name, PROFILES)
+    return name
+
+
+def get_device(device: str | torch.device | None = None) -> torch.device:
+    """The compute device: ``device`` if given, else ``$FA_STUDY_DEVICE``, else CUDA when available.
+
+    Asking for CUDA on a machine without it raises ``ValueError`` rather than failing later.
+    """
+    if device is None:
+        device = os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}; allowed values: 'cpu', 'cuda', 'cuda:N', 'mps'") from exc
+    check_choice("device type", dev.type, ("cpu", "cuda", "mps"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(dev)!r} was requested but CUDA is not available; use 'cpu'")
+    return dev
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch (CPU and CUDA) and return a CPU generator seeded likewise.
+
+    Two CPU runs after the same call are bitwise identical: the package draws all randomness
+    from these generators and uses no multi-threaded non-deterministic kernels on the CPU.
+    """
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    seed = int(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def is_offline() -> bool:
+    """True when ``$FA_STUDY_OFFLINE`` asks never to try a download."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def data_dir(root: str | os.PathLike | None = None) -> Path:
+    """Where datasets live: ``root``, else ``$FA_STUDY_DATA``, else ``./data``."""
+    return Path(root or os.environ.get(DATA_ENV) or "data").expanduser().resolve()
+
+
+def cache_dir() -> Path:
+    """Where experiment results are cached: ``$FA_STUDY_CACHE``, else ``./.fa_study_cache``."""
+    return Path(os.environ.get(CACHE_ENV) or ".fa_study_cache").expanduser().resolve()

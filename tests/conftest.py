@@ -1,0 +1,21 @@
+"""Shared test settings: CPU only, small thread count, quick profile, no downloads."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("FA_STUDY_PROFILE", "quick")
+os.environ.setdefault("MPLBACKEND", "Agg")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def fresh_data_state(monkeypatch, tmp_path):
+    """An empty data directory, no downloads, and the loader's in-process memo cleared."""
+    from fa_study import data
+
+    monkeypatch.setenv("FA_STUDY_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("FA_STUDY_OFFLINE", "1")
+    monkeypatch.setattr(data, "_MEMO", {})
+    monkeypatch.setattr(data, "_ANNOUNCED", set())
+    return tmp_path / "data"

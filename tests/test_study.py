@@ -1,0 +1,53 @@
+"""`make study`'s runner: executes notebooks with the profile injected and writes the report."""
+import json
+
+import nbformat
+
+from fa_study import study
+
+
+def test_no_notebooks_still_succeeds(tmp_path, capsys):
+    (tmp_path / "nb").mkdir()
+    rc = study.main(["--profile", "quick", "--notebooks", str(tmp_path / "nb"), "--out", str(tmp_path / "r")])
+    assert rc == 0
+    assert "No notebooks found" in capsys.readouterr().out
+    assert (tmp_path / "r" / "summary.md").exists()
+
+
+def test_bad_profile_is_rejected(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="'quick', 'default', 'paper'"):
+        study.main(["--profile", "fastest", "--notebooks", str(tmp_path), "--out", str(tmp_path / "r")])
+
+
+def test_executes_a_notebook_with_injected_profile_and_key_numbers(tmp_path, capsys):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("PROFILE = None")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(
+        "import os\nfrom fa_study import study, config\n"
+        "p = config.get_profile(PROFILE)\n"
+        "assert p == os.environ['FA_STUDY_PROFILE']\n"
+        "study.record('01_demo', {'profile': p, 'answer': 42.123456})")]
+    folder = tmp_path / "nb"
+    folder.mkdir()
+    nbformat.write(nb, str(folder / "01_demo.ipynb"))
+    rc = study.main(["--profile", "quick", "--notebooks", str(folder), "--out", str(tmp_path / "r")])
+    assert rc == 0, capsys.readouterr().out
+    keys = json.loads((tmp_path / "r" / "01_demo.keys.json").read_text())
+    assert keys == {"profile": "quick", "answer": 42.12}
+    assert (tmp_path / "r" / "01_demo.html").stat().st_size > 1000
+    summary = (tmp_path / "r" / "summary.md").read_text()
+    assert "answer: 42.12" in summary
+
+
+def test_a_failing_notebook_is_reported_and_the_exit_code_says_so(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("raise RuntimeError('boom')")]
+    folder = tmp_path / "nb"
+    folder.mkdir()
+    nbformat.write(nb, str(folder / "02_fail.ipynb"))
+    rc = study.main(["--profile", "quick", "--notebooks", str(folder), "--out", str(tmp_path / "r")])
+    assert rc == 1
+    assert "FAILED" in (tmp_path / "r" / "summary.md").read_text()
