@@ -10,7 +10,6 @@ REPORTS ?= reports
 # Data and result caches live in the checkout (git-ignored) unless the caller points elsewhere.
 export FA_STUDY_DATA ?= $(CURDIR)/data
 export FA_STUDY_CACHE ?= $(CURDIR)/.fa_study_cache
-export MPLBACKEND ?= Agg
 
 .PHONY: setup study test test-fast bench lab clean-reports help
 

@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ["FA_STUDY_PROFILE"] = args.profile
     os.environ[REPORT_ENV] = str(out_dir)
-    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    # the kernels draw inline whatever backend the calling shell chose
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     results = []
     for nb in notebooks:
         print(f"[study] executing {nb.name} (profile {args.profile}) ...", flush=True)

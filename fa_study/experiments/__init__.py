@@ -1,0 +1,13 @@
+"""Entry points of the studies: a config in, a tidy pandas DataFrame out.
+
+Each study lives in its own module: a frozen dataclass config whose defaults carry a comment
+each and whose ``for_profile`` gives the ``quick`` / ``default`` / ``paper`` settings, a
+``run_*`` function returning a tidy DataFrame (one row per arm, seed and epoch, every config
+field and the ``data_source`` as columns), and a ``*_view`` function that runs it and draws
+the study's figures and results table. The view is what a notebook cell and a widget panel
+both call. Shared machinery (on-disk caching of every unit of work, joblib dispatch) is in
+:mod:`fa_study.experiments.core`; see its docstring for running sweeps on a cluster.
+"""
+from .core import (StudyResult, cached, clear_cache, code_fingerprint, config_columns, memory,  # noqa: F401
+                   profile_config, run_units, sources_note)
+from .ra_study import RAStudy, ra_summary, ra_view, run_ra  # noqa: F401

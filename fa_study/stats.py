@@ -1,0 +1,53 @@
+"""Aggregation over seeds: mean with a 95 % Student-t confidence interval."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats as _st
+
+
+def mean_ci(values, level: float = 0.95) -> tuple[float, float, float]:
+    """``(mean, low, high)`` of the finite ``values``; the interval is the Student-t interval
+    of the mean (``nan`` bounds with fewer than two finite values)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return (math.nan, math.nan, math.nan)
+    m = float(v.mean())
+    if v.size < 2:
+        return (m, math.nan, math.nan)
+    half = float(_st.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+    return (m, m - half, m + half)
+
+
+def aggregate(df: pd.DataFrame, by, columns, level: float = 0.95) -> pd.DataFrame:
+    """One row per group of ``by``: for each of ``columns`` its mean, CI half-width (``<c>_ci``),
+    the number of finite values (``n``) and a ``<c>_text`` column reading ``mean ± ci``."""
+    by = [by] if isinstance(by, str) else list(by)
+    rows = []
+    for key, sub in df.groupby(by, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(by, key))
+        row["n"] = int(len(sub))
+        for c in columns:
+            m, lo, hi = mean_ci(sub[c].to_numpy(dtype=float), level)
+            half = (hi - lo) / 2 if math.isfinite(lo) else math.nan
+            row[c] = m
+            row[f"{c}_ci"] = half
+            row[f"{c}_text"] = format_mean_ci(m, half)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_mean_ci(mean: float, half: float) -> str:
+    """``'0.4123 ± 0.0100'``, or the mean alone when there is no interval."""
+    if not math.isfinite(mean):
+        return "n/a"
+    digits = 4 if abs(mean) < 10 else 1
+    if not math.isfinite(half):
+        return f"{mean:.{digits}g}" if abs(mean) < 1e-3 else f"{mean:.{digits}f}"
+    if abs(mean) < 1e-3:
+        return f"{mean:.3g} ± {half:.2g}"
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"

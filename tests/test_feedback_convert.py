@@ -1,0 +1,180 @@
+"""convert(): the right layers are replaced, outputs are unchanged, every rule trains."""
+import copy
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from fa_study.feedback import (
+    METHODS, LocalConv2d, LocalLinear, convert, feedback_step, needs_output_error,
+)
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 6 * 6, 16)
+        self.ln = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x))).flatten(1)
+        return self.head(self.ln(torch.relu(self.fc(h))))
+
+
+def test_convert_replaces_linear_and_conv_and_keeps_outputs():
+    torch.manual_seed(0)
+    model = Mixed()
+    x = torch.randn(2, 3, 6, 6)
+    ref = copy.deepcopy(model)
+    params_before = {n: p for n, p in model.named_parameters()}
+    model, report = convert(model, "fa", generator=torch.Generator().manual_seed(0))
+    assert isinstance(model.conv, LocalConv2d) and model.conv.method == "fa"
+    assert isinstance(model.fc, LocalLinear) and isinstance(model.head, LocalLinear)
+    assert type(model.bn) is nn.BatchNorm2d and type(model.ln) is nn.LayerNorm
+    # the same Parameter objects: outputs, tying and an existing optimizer are unaffected
+    for n, p in model.named_parameters():
+        assert p is params_before[n]
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        getattr(ref, mode)()
+        assert torch.equal(model(x), ref(x))
+    assert isinstance(report, pd.DataFrame)
+    assert list(report.columns) == ["name", "type", "action", "method", "reason"]
+    actions = dict(zip(report["name"], report["action"]))
+    assert actions == {"conv": "converted", "bn": "kept_bp", "fc": "converted", "ln": "kept_bp",
+                       "head": "converted"}
+    # converting again changes nothing
+    _, again = convert(model, "fa")
+    assert set(again.loc[again.action == "skipped", "name"]) == {"conv", "fc", "head"}
+
+
+class WithAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.mlp = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.head(self.mlp(h).mean(1))
+
+
+def test_multihead_attention_is_left_on_bp_and_reported():
+    torch.manual_seed(0)
+    model = WithAttention()
+    tokens = torch.randint(0, 10, (2, 5))
+    ref = copy.deepcopy(model)
+    model, report = convert(model, "sign_sym")
+    assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert isinstance(model.mlp, LocalLinear)
+    assert torch.equal(model(tokens), ref(tokens))
+    rows = report.set_index("name")
+    assert rows.loc["attn", "action"] == "skipped" and "MultiheadAttention" in rows.loc["attn", "reason"]
+    assert rows.loc["attn.out_proj", "action"] == "skipped"
+    assert rows.loc["emb", "action"] == "kept_bp"
+    # the input gradient of the converted layer is the sign-symmetric one
+    out = model(tokens)
+    out.sum().backward()
+    assert model.attn.in_proj_weight.grad is not None
+
+
+def test_direct_rules_need_an_explicit_conv_method():
+    torch.manual_seed(0)
+    model = Mixed()
+    with pytest.raises(ValueError, match="conv_method"):
+        convert(model, "dfa")
+    assert type(model.fc) is nn.Linear  # a refused call changes nothing
+    model, report = convert(model, "dfa", conv_method="bp", dfa_target_dim=5)
+    assert model.conv.method == "bp" and model.fc.method == "dfa"
+    assert model.fc.B_dfa.shape == (16, 5)
+
+
+def test_bad_arguments_raise_value_error():
+    with pytest.raises(ValueError, match="'hebb'.*allowed.*'bp'"):
+        convert(nn.Linear(2, 2), "hebb")
+    with pytest.raises(ValueError, match="unknown feedback option.*lr_bb"):
+        convert(nn.Linear(2, 2), "fa", lr_bb=0.1)
+    with pytest.raises(ValueError, match="fa_init_mode"):
+        convert(nn.Linear(2, 2), "fa", fa_init_mode="xavier")
+    with pytest.raises(ValueError, match="conv_method"):
+        convert(nn.Linear(2, 2), "fa", conv_method="dfa")
+
+
+def test_root_module_shared_modules_and_subclasses():
+    lin = nn.Linear(3, 3)
+    new, report = convert(lin, "fa")
+    assert isinstance(new, LocalLinear) and new.weight is lin.weight
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    model, report = convert(model, "kolen_pollack")
+    assert model[0] is model[2] and isinstance(model[0], LocalLinear)
+    assert "same module as 0" in report.set_index("name").loc["2", "reason"]
+
+    class MyLinear(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    normed = nn.utils.parametrizations.weight_norm(nn.Linear(2, 2))
+    hooked = nn.Linear(2, 2)
+    hooked.register_forward_hook(lambda *a: None)
+    model, report = convert(nn.Sequential(MyLinear(2, 2), normed, hooked), "fa")
+    assert type(model[0]) is MyLinear and model[1] is normed and model[2] is hooked
+    reasons = report.set_index("name")["reason"]
+    assert "subclass" in reasons["0"] and "parametrized" in reasons["1"]
+    assert "hooks" in reasons["2"]
+
+
+def test_convert_is_reproducible_with_a_generator():
+    torch.manual_seed(0)
+    a = Mixed()
+    b = copy.deepcopy(a)
+    convert(a, "fa", generator=torch.Generator().manual_seed(5), fa_init_mode="sparse")
+    convert(b, "fa", generator=torch.Generator().manual_seed(5), fa_init_mode="sparse")
+    assert torch.equal(a.fc.B, b.fc.B) and torch.equal(a.conv.B, b.conv.B)
+
+
+class TinyBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 16)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(2))
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for b in self.blocks:
+            h = h + b(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_rule_trains_through_one_generic_loop(method):
+    # The loop a trainer writes once: forward, backward, feedback_step, optimizer step.
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    model, _ = convert(TinyBlocks(), method, dfa_target_dim=2 if method == "dfa" else None,
+                       dfa_block_dim=16 if method == "dfa_block" else None,
+                       generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    need_e = needs_output_error(model)
+    for _ in range(30):
+        opt.zero_grad()
+        out = model(x)
+        if need_e:
+            out.retain_grad()
+        loss = nn.functional.cross_entropy(out, y)
+        loss.backward()
+        feedback_step(model, e=out.grad if need_e else None)
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.8 * losses[0]

@@ -1,0 +1,141 @@
+"""Learned feedback: GrAPE, Kolen-Pollack and weight mirrors move B toward W."""
+import pytest
+import torch
+from torch import nn
+
+from fa_study.feedback import (
+    LocalConv2d, LocalLinear, feedback_step, grape_align_step, has_feedback_step,
+    kolen_pollack_step, weight_mirror_step,
+)
+
+D64 = torch.float64
+
+
+def _cos(a, b):
+    a, b = a.detach().flatten().double(), b.detach().flatten().double()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def test_grape_increases_cos_and_leaves_w_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(LocalLinear(12, 10, method="fa", fa_grape=True, lr_b=0.5),
+                          nn.ReLU(), LocalLinear(10, 4, method="fa", fa_grape=True, lr_b=0.5))
+    assert has_feedback_step(model)
+    ws = [m.weight.detach().clone() for m in model if isinstance(m, LocalLinear)]
+    before = [_cos(m.B, m.weight) for m in model if isinstance(m, LocalLinear)]
+    g = torch.Generator().manual_seed(0)
+    history = []
+    for _ in range(30):
+        assert feedback_step(model, generator=g) == {"fa+grape": 2}
+        history.append([_cos(m.B, m.weight) for m in model if isinstance(m, LocalLinear)])
+    after = history[-1]
+    for b, a in zip(before, after):
+        assert a > b + 0.3 and a > 0.8
+    for w, m in zip(ws, [m for m in model if isinstance(m, LocalLinear)]):
+        assert torch.equal(w, m.weight)
+
+
+def test_grape_step_matches_cosine_gradient_formula():
+    # One step equals gradient descent on 1 - cos(B, J_hat), checked against autograd.
+    torch.manual_seed(4)
+    W = torch.randn(5, 7, dtype=D64)
+    B = torch.randn(5, 7, dtype=D64)
+    p = torch.randn(16, 7, generator=torch.Generator().manual_seed(9), dtype=D64)
+    j_hat = (p @ W.t()).t() @ p / 16
+    Bv = B.clone().requires_grad_(True)
+    loss = 1 - (Bv * j_hat).sum() / (Bv.norm() * j_hat.norm())
+    loss.backward()
+    expected = B - 0.1 * Bv.grad
+    grape_align_step(B, W, lr_b=0.1, n_probe=16, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(B, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_grape_on_conv_and_column_normalisation():
+    torch.manual_seed(0)
+    conv = LocalConv2d(3, 4, 3, method="fa", fa_grape=True, grape_normalize_columns=True, lr_b=0.5)
+    before = _cos(conv.B, conv.weight)
+    for _ in range(20):
+        conv.feedback_step()
+    assert _cos(conv.B, conv.weight) > before + 0.3
+    torch.testing.assert_close(conv.B.reshape(4, -1).norm(dim=0), torch.ones(27))
+
+
+def _sgd_kp_model(decay, lr):
+    torch.manual_seed(0)
+    model = nn.Sequential(LocalLinear(6, 8, method="kolen_pollack", dtype=D64, lr_b=lr, b_decay=decay),
+                          nn.Tanh(),
+                          LocalLinear(8, 3, method="kolen_pollack", dtype=D64, lr_b=lr, b_decay=decay))
+    # W trained by SGD with the same step and the same multiplicative decay as B.
+    opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=decay / lr)
+    return model, opt
+
+
+def test_kolen_pollack_drives_b_minus_w_to_zero_geometrically():
+    decay, lr, steps = 0.1, 0.05, 40
+    model, opt = _sgd_kp_model(decay, lr)
+    layers = [m for m in model if isinstance(m, LocalLinear)]
+    gap0 = [float((m.B - m.weight).detach().norm()) for m in layers]
+    x, y = torch.randn(16, 6, dtype=D64), torch.randint(0, 3, (16,))
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        assert feedback_step(model) == {"kolen_pollack": 2}
+        opt.step()
+    for m, g0 in zip(layers, gap0):
+        gap = float((m.B - m.weight).detach().norm())
+        # B - W <- (1 - decay)(B - W) at every step, whatever the gradients
+        assert gap == pytest.approx(g0 * (1 - decay) ** steps, rel=1e-6)
+        assert gap < 0.02 * g0
+
+
+def test_kolen_pollack_step_formula_and_conv():
+    torch.manual_seed(0)
+    conv = LocalConv2d(2, 3, 3, method="kolen_pollack", lr_b=0.1, b_decay=0.2, padding=1)
+    B0 = conv.B.clone()
+    with pytest.raises(RuntimeError, match=r"loss.backward\(\)"):
+        conv.feedback_step()
+    conv(torch.randn(2, 2, 5, 5)).square().sum().backward()
+    conv.feedback_step()
+    torch.testing.assert_close(conv.B, 0.8 * B0 - 0.1 * conv.weight.grad)
+    # the override for one call
+    B1 = conv.B.clone()
+    kolen_pollack_step(conv.B, conv.weight.grad, lr_b=1.0)
+    torch.testing.assert_close(conv.B, B1 - conv.weight.grad)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: LocalLinear(20, 12, method="weight_mirror", lr_b=0.02, mirror_n=32),
+    lambda: LocalConv2d(3, 6, 3, method="weight_mirror", lr_b=0.02, mirror_n=32),
+])
+def test_weight_mirror_aligns_b_with_w(make):
+    torch.manual_seed(0)
+    layer = make()
+    model = nn.Sequential(layer)
+    before = _cos(layer.B, layer.weight)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(300):
+        assert feedback_step(model, generator=g) == {"weight_mirror": 1}
+    after = _cos(layer.B, layer.weight)
+    assert abs(before) < 0.4 and after > 0.95
+    # the default decay lr_b * sigma^2 makes W itself the fixed point, magnitude included
+    assert 0.8 < float(layer.B.norm() / layer.weight.detach().norm()) < 1.2
+
+
+def test_weight_mirror_expected_step_is_sigma_squared_w():
+    # Averaged over many noise draws, the step without decay is lr * sigma^2 * W.
+    W = torch.randn(4, 6, dtype=D64)
+    B = torch.zeros(4, 6, dtype=D64)
+    weight_mirror_step(B, W, lr_b=1.0, decay=0.0, sigma=0.5, n=200_000,
+                       generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(B, 0.25 * W, atol=0.01, rtol=0)
+
+
+def test_plain_rules_have_no_post_backward_update():
+    model = nn.Sequential(LocalLinear(3, 3, method="fa"), LocalLinear(3, 3, method="sign_sym"),
+                          LocalLinear(3, 3, method="bp"))
+    assert not has_feedback_step(model)
+    B = model[0].B.clone()
+    assert feedback_step(model) == {}
+    assert torch.equal(model[0].B, B)
+    with pytest.raises(ValueError, match="b_decay"):
+        feedback_step(model, decay=1.5)

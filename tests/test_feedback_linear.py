@@ -1,0 +1,196 @@
+"""LocalLinear against nn.Linear, hand-computed feedback gradients and gradcheck."""
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from fa_study.feedback import FA_INIT_MODES, METHODS, LocalLinear, init_feedback, sign_feedback
+
+D64 = torch.float64
+
+
+def _pair(method, in_f=5, out_f=4, bias=True, dtype=D64, seed=0, **kw):
+    torch.manual_seed(seed)
+    ref = nn.Linear(in_f, out_f, bias=bias, dtype=dtype)
+    loc = LocalLinear(in_f, out_f, bias=bias, method=method, dtype=dtype, **kw)
+    with torch.no_grad():
+        loc.weight.copy_(ref.weight)
+        if bias:
+            loc.bias.copy_(ref.bias)
+    return ref, loc
+
+
+def _grads(layer, x, go):
+    x = x.clone().requires_grad_(True)
+    out = layer(x)
+    out.backward(go)
+    return out, x.grad, layer.weight.grad, None if layer.bias is None else layer.bias.grad
+
+
+def test_methods_tuple_lists_every_rule():
+    assert METHODS == ("bp", "fa", "sign_sym", "dfa", "dfa_block", "kolen_pollack",
+                       "weight_mirror")
+    assert FA_INIT_MODES == ("gaussian", "orthogonal", "ortho_he", "sparse")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_bp_is_nn_linear_for_any_leading_shape(bias):
+    ref, loc = _pair("bp", bias=bias, dtype=torch.float32)
+    assert isinstance(loc, nn.Linear)
+    x = torch.randn(2, 3, 5)
+    go = torch.randn(2, 3, 4)
+    for a, b in zip(_grads(ref, x, go), _grads(loc, x, go)):
+        if a is None:
+            assert b is None
+        else:
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["fa", "kolen_pollack", "weight_mirror"])
+def test_fa_with_b_equal_w_reproduces_bp(method):
+    ref, loc = _pair(method)
+    loc.set_feedback(loc.weight)
+    x = torch.randn(3, 2, 5, dtype=D64)
+    go = torch.randn(3, 2, 4, dtype=D64)
+    for a, b in zip(_grads(ref, x, go), _grads(loc, x, go)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_fa_input_gradient_is_grad_out_times_b():
+    ref, loc = _pair("fa")
+    B = loc.B.clone()
+    assert not torch.allclose(B, loc.weight)
+    x = torch.randn(7, 5, dtype=D64)
+    go = torch.randn(7, 4, dtype=D64)
+    out_r, gx_r, gw_r, gb_r = _grads(ref, x, go)
+    out_l, gx_l, gw_l, gb_l = _grads(loc, x, go)
+    torch.testing.assert_close(out_l, out_r, rtol=0, atol=0)
+    torch.testing.assert_close(gx_l, go @ B, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw_l, go.t() @ x, rtol=1e-12, atol=1e-12)  # BP's, by hand
+    torch.testing.assert_close(gb_l, go.sum(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw_l, gw_r, rtol=1e-12, atol=1e-12)
+    assert loc.B.grad is None and torch.equal(loc.B, B)  # B is fixed
+
+
+def test_sign_sym_feedback_matches_formula():
+    ref, loc = _pair("sign_sym")
+    W = loc.weight.detach()
+    expected_B = torch.sign(W) * W.norm() / math.sqrt(W.numel())
+    torch.testing.assert_close(sign_feedback(W), expected_B)
+    torch.testing.assert_close(expected_B.norm(), W.norm())  # the rescaling keeps ||B|| = ||W||
+    x = torch.randn(6, 5, dtype=D64)
+    go = torch.randn(6, 4, dtype=D64)
+    _, gx, gw, gb = _grads(loc, x, go)
+    torch.testing.assert_close(gx, go @ expected_B, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, go.t() @ x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["bp", "fa", "sign_sym", "kolen_pollack", "weight_mirror",
+                                    "dfa", "dfa_block"])
+def test_gradcheck_weight_and_bias_gradients(method):
+    # functional_call runs the module's own forward (and so its custom backward) with the
+    # weight and bias that gradcheck perturbs; B stays random, so only W/b grads are exact.
+    _, loc = _pair(method)
+    x = torch.randn(3, 2, 5, dtype=D64)
+    w = loc.weight.detach().clone().requires_grad_(True)
+    b = loc.bias.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda w, b: functional_call(loc, {"weight": w, "bias": b}, (x,)), (w, b))
+
+
+@pytest.mark.parametrize("method", ["bp", "fa"])
+def test_gradcheck_input_gradient_of_bp_and_fa_with_b_equal_w(method):
+    _, loc = _pair(method)
+    if method == "fa":
+        loc.set_feedback(loc.weight)
+    x = torch.randn(3, 2, 5, dtype=D64, requires_grad=True)
+    w = loc.weight.detach().clone().requires_grad_(True)
+    b = loc.bias.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: functional_call(loc, {"weight": w, "bias": b}, (x,)), (x, w, b))
+
+
+def test_gradcheck_detects_a_wrong_input_gradient():
+    # The reference check has teeth: with a random B, fa's input gradient is not exact.
+    _, loc = _pair("fa")
+    x = torch.randn(3, 5, dtype=D64, requires_grad=True)
+    assert not torch.autograd.gradcheck(loc, (x,), raise_exception=False)
+
+
+def test_fa_init_modes():
+    g = torch.Generator().manual_seed(0)
+    out, fan_in, std = 64, 256, 0.05
+    B = init_feedback((out, fan_in), "gaussian", std, generator=g)
+    assert abs(B.std().item() - std) < 0.05 * std
+    B = init_feedback((out, fan_in), "orthogonal", std, generator=g)
+    torch.testing.assert_close(B @ B.t(), torch.eye(out) * fan_in * std ** 2, atol=1e-4, rtol=1e-4)
+    B = init_feedback((out, fan_in), "ortho_he", std, generator=g)
+    torch.testing.assert_close(B @ B.t(), torch.eye(out) * 2.0 / out, atol=1e-5, rtol=1e-4)
+    B = init_feedback((out, fan_in), "sparse", std, sparse_k=8, generator=g)
+    nz = B != 0
+    assert torch.equal(nz.sum(1), torch.full((out,), 8))
+    scale = std * math.sqrt(fan_in / 8)
+    torch.testing.assert_close(B[nz].abs(), torch.full((out * 8,), scale))
+    # row norms equal the Gaussian B's expected row norm sqrt(fan_in) * std
+    torch.testing.assert_close(B.norm(dim=1), torch.full((out,), math.sqrt(fan_in) * std))
+    # default k = fan_in // 16, and different rows use different columns
+    B = init_feedback((out, fan_in), "sparse", std, generator=g)
+    assert torch.equal((B != 0).sum(1), torch.full((out,), fan_in // 16))
+    assert (B != 0).any(0).sum() > fan_in // 16
+
+
+def test_conv_shaped_init_uses_fan_in_view():
+    B = init_feedback((8, 3, 3, 3), "orthogonal", 0.1, generator=torch.Generator().manual_seed(1))
+    assert B.shape == (8, 3, 3, 3)
+    B2 = B.reshape(8, 27)
+    torch.testing.assert_close(B2 @ B2.t(), torch.eye(8) * 27 * 0.01, atol=1e-5, rtol=1e-4)
+
+
+def test_default_b_scale_matches_weight_rms():
+    torch.manual_seed(0)
+    loc = LocalLinear(128, 96, method="fa")
+    ratio = (loc.B.norm() / loc.weight.norm()).item()
+    assert 0.95 < ratio < 1.05
+    loc = LocalLinear(128, 96, method="fa", init_std=0.02)  # the reference's fixed scale
+    assert abs(loc.B.std().item() - 0.02) < 0.002
+
+
+def test_same_generator_seed_gives_same_b():
+    kw = dict(method="fa", fa_init_mode="sparse", fa_sparse_k=2, init_std=0.1)
+    a = LocalLinear(6, 4, generator=torch.Generator().manual_seed(3), **kw)
+    b = LocalLinear(6, 4, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(a.B, b.B) and torch.equal(a.B != 0, b.B != 0)
+
+
+def test_bad_method_and_init_mode_raise_value_error_listing_choices():
+    with pytest.raises(ValueError, match="'nope'.*'bp'.*'weight_mirror'"):
+        LocalLinear(3, 2, method="nope")
+    with pytest.raises(ValueError, match="'uniform'.*'gaussian'.*'sparse'"):
+        LocalLinear(3, 2, method="fa", fa_init_mode="uniform")
+    with pytest.raises(ValueError, match="fa_grape"):
+        LocalLinear(3, 2, method="sign_sym", fa_grape=True)
+    with pytest.raises(ValueError, match="shape"):
+        LocalLinear(3, 2, method="fa").set_feedback(torch.zeros(3, 2))
+
+
+def test_no_grad_forward_is_plain_and_caches_nothing():
+    torch.manual_seed(0)
+    loc = LocalLinear(5, 3, method="dfa")
+    x = torch.randn(4, 5)
+    with torch.no_grad():
+        y = loc(x)
+    assert loc._cached_input is None
+    torch.testing.assert_close(y, x @ loc.weight.t() + loc.bias)
+
+
+def test_autocast_bf16_gives_float32_gradients():
+    torch.manual_seed(0)
+    loc = LocalLinear(8, 4, method="fa")
+    x = torch.randn(3, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = loc(x)
+    out.float().sum().backward()
+    assert loc.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, torch.ones(3, 4) @ loc.B, atol=0.05, rtol=0.05)

@@ -1,0 +1,143 @@
+"""The notebook machinery: stats, plots, cached experiments, widget panels."""
+import dataclasses
+import math
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as st
+
+matplotlib.use("Agg")
+
+from fa_study import experiments, plots, widgets  # noqa: E402
+from fa_study.stats import aggregate, format_mean_ci, mean_ci  # noqa: E402
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FA_STUDY_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+# ---------------------------------------------------------------------------- stats
+
+def test_mean_ci_is_the_student_t_interval():
+    v = np.array([1.0, 2.0, 4.0, 7.0])
+    m, lo, hi = mean_ci(v)
+    half = st.t.ppf(0.975, 3) * v.std(ddof=1) / 2.0
+    assert m == pytest.approx(3.5) and lo == pytest.approx(3.5 - half) and hi == pytest.approx(3.5 + half)
+    assert math.isnan(mean_ci([5.0])[1]) and mean_ci([5.0])[0] == 5.0
+    assert mean_ci([1.0, float("nan"), 3.0])[0] == 2.0  # diverged (NaN) runs are left out
+
+
+def test_aggregate_formats_mean_pm_ci():
+    df = pd.DataFrame({"arm": ["a", "a", "b"], "acc": [0.5, 0.7, 0.9]})
+    t = aggregate(df, "arm", ["acc"])
+    assert list(t["arm"]) == ["a", "b"] and list(t["n"]) == [2, 1]
+    assert t.loc[0, "acc_text"].startswith("0.6000 ± ") and t.loc[1, "acc_text"] == "0.9000"
+    assert format_mean_ci(2e-7, 1e-7) == "2e-07 ± 1e-07"
+
+
+# ---------------------------------------------------------------------------- plots
+
+def test_plot_helpers_take_and_return_an_axis():
+    import matplotlib.pyplot as plt
+
+    df = pd.DataFrame({"epoch": [0, 1, 0, 1], "v": [1.0, 1e4, 2.0, 2e4], "arm": ["bp", "bp", "fa", "fa"],
+                       "g_0": [1e-3, 1e-3, 1e-4, 1e-4], "g_1": [1e-1, 1e-1, 1e-2, 1e-2]})
+    fig, ax = plt.subplots()
+    assert plots.plot_curves(df, "epoch", "v", hue="arm", ax=ax) is ax
+    assert ax.get_yscale() == "log"  # four decades -> log axis chosen automatically
+    assert ax.lines[0].get_color().lower() == plots.RULE_COLOURS["bp"].lower()
+    ax2 = plots.plot_layers(df, "g_", hue="arm")
+    assert ax2.get_yscale() == "log" and len(ax2.lines) == 2
+    with pytest.raises(ValueError, match="no columns named"):
+        plots.plot_layers(df, "h_")
+    plt.close("all")
+
+
+def test_live_plot_redraws_every_n_steps_and_is_silent_in_quick():
+    seen = []
+    live = plots.LivePlot(["loss", "alignment"], every=3, sink=seen.append, profile="default", group="arm")
+    for step in range(1, 8):
+        live({"step": step, "loss": 1.0 / step, "alignment": [0.5, 0.4], "arm": "fa"})
+    assert len(seen) == 2 and live.redraws == 2
+    live({"step": 1, "loss": 1.0, "alignment": [0.5, 0.4], "arm": "bp"})  # new arm: fresh history
+    assert len(live.history) == 1
+    quiet = plots.LivePlot(["loss"], every=1, sink=seen.append, profile="quick")
+    quiet({"step": 1, "loss": 1.0})
+    assert len(seen) == 3 and not quiet.history
+
+
+# ---------------------------------------------------------------------------- experiments
+
+def test_profile_config_rejects_unknown_settings():
+    with pytest.raises(ValueError, match="unknown setting"):
+        experiments.RAStudy.for_profile("quick", epoch=3)
+    with pytest.raises(ValueError, match="'bp', 'fa'"):
+        experiments.RAStudy.for_profile("quick", arms=("bp", "backprop"))
+    with pytest.raises(ValueError, match="quick"):
+        experiments.RAStudy.for_profile("fastest")
+    assert experiments.RAStudy.for_profile("paper").seeds == (42, 123, 456)
+
+
+def test_run_ra_is_tidy_and_cached(cache):
+    study = experiments.RAStudy.for_profile("quick", arms=("bp", "fa"), epochs=1, n_train=300, n_test=200,
+                                             hidden=32)
+    first = experiments.run_ra(study)
+    assert first.attrs["from_cache"] == 0 and first.attrs["units"] == 2
+    assert set(first["arm"]) == {"bp", "fa"} and set(first["epoch"]) == {0, 1}
+    assert {"data_source", "seed", "lr", "hidden", "test_acc", "align_0", "status"} <= set(first.columns)
+    again = experiments.run_ra(study)
+    assert again.attrs["from_cache"] == 2
+    pd.testing.assert_frame_equal(first, again)
+    # one changed setting reuses nothing for that setting but everything for the rest
+    more = experiments.run_ra(dataclasses.replace(study, arms=("bp", "fa", "ra_recon")))
+    assert more.attrs["from_cache"] == 2 and more.attrs["units"] == 3
+
+
+# ---------------------------------------------------------------------------- widgets
+
+def _mimes(output):
+    return [k for o in output.outputs for k in o.get("data", {})]
+
+
+def test_controls_are_generated_from_the_config():
+    panel = widgets.ControlPanel(experiments.RAStudy, experiments.ra_view, profile="quick")
+    c = panel.controls
+    assert {"arms", "depth", "hidden", "activation", "ln", "lr", "lr_b", "lam", "epochs", "seeds"} <= set(c)
+    sliders = [w for w in c.values() if hasattr(w, "continuous_update")]
+    assert sliders and all(w.continuous_update is False for w in sliders)
+    assert panel.study() == experiments.RAStudy.for_profile("quick")  # defaults = the baseline run
+
+
+def test_panel_run_renders_figure_and_table_and_second_run_is_cached(cache):
+    panel = widgets.ControlPanel(experiments.RAStudy, experiments.ra_view, profile="quick")
+    panel.controls["arms"].value = ("bp", "fa")
+    panel.controls["epochs"].value = 1
+    panel.controls["hidden"].value = 32
+    panel.controls["seeds"].value = "3"
+    panel.run_button.click()
+    assert panel.last_error is None, panel.last_error
+    res = panel.last_result
+    assert res.config.epochs == 1 and res.config.hidden == 32 and res.config.seeds == (3,)
+    assert set(res.results["arm"]) == {"bp", "fa"} and set(res.results["seed"]) == {3}
+    mimes = _mimes(panel.output)
+    assert "image/png" in mimes and "text/html" in mimes
+    html = [o["data"]["text/html"] for o in panel.output.outputs if "text/html" in o.get("data", {})]
+    assert any("fa" in h and "test_acc" in h for h in html)
+    assert res.from_cache == 0
+    panel.run_button.click()
+    assert panel.last_result.from_cache == panel.last_result.units == 2
+    assert "2/2 runs from the cache" in panel.status.value
+
+
+def test_panel_shows_errors_inside_its_output(cache):
+    panel = widgets.ControlPanel(experiments.RAStudy, experiments.ra_view, profile="quick")
+    panel.controls["seeds"].value = "forty-two"
+    panel.run_button.click()
+    assert isinstance(panel.last_error, ValueError)
+    texts = [o.get("text", "") + str(o.get("data", {}).get("text/html", "")) for o in panel.output.outputs]
+    assert any("comma-separated integers" in t for t in texts)
+    assert panel.run_button.disabled is False

@@ -1,0 +1,534 @@
+"""The audit protocol: BP reference against autograd, D1/D2/D3, verdict, fresh-feedback null,
+direction quality."""
+import itertools
+import math
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fa_study import metrics, protocol
+from fa_study.models import ARCHS, build_model
+
+SHAPE = (3, 8, 8)
+CLASSES = 5
+BATCH = 24
+
+
+def _model(arch: str, seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    sizes = {"resmlp": dict(d=16, num_blocks=3), "vit": dict(d=16, num_blocks=2, heads=2),
+             "resnet": dict(d=6, num_blocks=2)}[arch]
+    sizes.update(kw)
+    return build_model(arch, input_shape=SHAPE, num_classes=CLASSES, **sizes)
+
+
+def _batch(n: int = BATCH, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *SHAPE, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+
+
+def _autograd_of_forward(model, x, y):
+    """The plain forward's hidden states and their gradients, straight from autograd."""
+    logits, hiddens = model(x, return_hidden=True)
+    grads = torch.autograd.grad(F.cross_entropy(logits, y), hiddens)
+    return hiddens, grads, logits
+
+
+def _defective_reference(model, x, y):
+    """003's recomputation: ``h = block(h)`` for the residual MLP (its blocks return the branch
+    only), ``h + block(h)`` for ViT and ResNet (their blocks already add the skip)."""
+    h0 = model.embed(x).detach().requires_grad_(True)
+    hs = [h0]
+    for block in model.blocks:
+        hs.append(block(hs[-1]) if model.arch == "resmlp" else hs[-1] + block(hs[-1]))
+    loss = F.cross_entropy(model.readout(hs[-1]), y)
+    return torch.autograd.grad(loss, hs)
+
+
+# --------------------------------------------------------------------------- stand-in methods
+
+class StandInDFA:
+    """A DFA rule written to the Method contract: a_0 = e B_0^T, a_{l+1} = e B_l^T, broadcast
+    over positions; ``fresh`` redraws B. ``bs`` may be given to fix the feedback."""
+
+    name = "standin-dfa"
+
+    def __init__(self, bs=None):
+        self.bs = bs
+
+    def setup(self, model, num_classes, generator):
+        d, num_blocks = model.width, max(model.num_blocks, 1)
+        self.bs = [torch.randn(d, num_classes, generator=generator) / math.sqrt(num_classes)
+                   for _ in range(num_blocks)]
+
+    def fresh(self, generator):
+        other = StandInDFA()
+        other.bs = [torch.randn(b.shape, generator=generator) / math.sqrt(b.shape[1]) for b in self.bs]
+        return other
+
+    @torch.no_grad()
+    def credit(self, model, x, y):
+        logits, hiddens = model(x, return_hidden=True)
+        e = logits.softmax(-1) - F.one_hot(y, logits.shape[-1]).to(logits.dtype)
+        signals = [e @ self.bs[0].T] + [e @ self.bs[l].T for l in range(model.num_blocks)]
+        return [model.broadcast(a, h) for a, h in zip(signals, hiddens)]
+
+
+class StandInBP:
+    """Credit = the true BP gradient (scaled by ``scale``), as a BP Method would report it."""
+
+    name = "standin-bp"
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+
+    def fresh(self, generator):
+        return self
+
+    def credit(self, model, x, y):
+        with torch.enable_grad():
+            _, grads, _ = _autograd_of_forward(model, x, y)
+        return [self.scale * g for g in grads]
+
+
+# --------------------------------------------------------------------------- BP reference
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_bp_reference_equals_autograd_of_forward(arch, train_mode):
+    model = _model(arch)
+    model.train(train_mode)
+    x, y = _batch()
+    hs_ref, gs_ref, logits_ref = _autograd_of_forward(model, x, y)
+    hs, gs, logits = protocol.bp_reference(model, x, y)
+    assert len(gs) == model.num_blocks + 1
+    torch.testing.assert_close(logits, logits_ref.detach())
+    for h, h_ref, g, g_ref in zip(hs, hs_ref, gs, gs_ref):
+        assert not h.requires_grad and not g.requires_grad
+        torch.testing.assert_close(h, h_ref.detach())
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-9)
+    assert model.training == train_mode
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reference_recomputation_defect_gives_different_gradients(arch):
+    """003's hand-rebuilt chain differentiates a different network: our test would catch it."""
+    model = _model(arch).eval()
+    x, y = _batch()
+    _, gs, _ = protocol.bp_reference(model, x, y)
+    bad = _defective_reference(model, x, y)
+    rel = max(float((g - b).norm() / g.norm()) for g, b in zip(gs, bad))
+    assert rel > 1e-2
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bp_reference_leaves_grads_buffers_and_mode_alone(arch):
+    model = _model(arch).train()
+    x, y = _batch()
+    first = next(model.parameters())
+    first.grad = torch.full_like(first, 3.0)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    with torch.no_grad():  # a caller inside no_grad still gets gradients
+        _, gs, _ = protocol.bp_reference(model, x, y)
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in gs)
+    assert torch.equal(first.grad, torch.full_like(first, 3.0))
+    assert all(p.grad is None for p in list(model.parameters())[1:])
+    for k, v in model.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+    assert model.training
+
+
+def test_bp_reference_with_frozen_embedding():
+    model = _model("resmlp")
+    for p in model.embed_parameters():
+        p.requires_grad_(False)
+    x, y = _batch()
+    _, gs, _ = protocol.bp_reference(model, x, y)
+    for p in model.embed_parameters():
+        p.requires_grad_(True)
+    _, gs_ref, _ = _autograd_of_forward(model, x, y)
+    torch.testing.assert_close(gs[0], gs_ref[0])
+
+
+def test_bp_reference_rejects_bad_labels():
+    model = _model("resmlp")
+    x, y = _batch()
+    with pytest.raises(ValueError, match="samples"):
+        protocol.bp_reference(model, x, y[:-1])
+    with pytest.raises(ValueError, match="int64"):
+        protocol.bp_reference(model, x, y.float())
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+def _blow_up(model, factor: float):
+    """Scale the first block's output layer so its update dwarfs h_0 (D1)."""
+    with torch.no_grad():
+        if model.arch == "resmlp":
+            model.blocks[0].w2.weight.mul_(factor)
+        elif model.arch == "vit":
+            model.blocks[0].mlp[2].weight.mul_(factor)
+        else:
+            model.blocks[0].bn2.weight.mul_(factor)
+
+
+def _shrink_readout(model, factor: float):
+    """A tiny head: dL/dh_L collapses (D2)."""
+    with torch.no_grad():
+        model.out_head.weight.mul_(factor)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_healthy_fresh_model_passes_d1_d2(arch):
+    model = _model(arch)
+    rep = protocol.audit(model, *_batch())
+    assert rep.verdict == "PASS" and rep.flags == () and not rep.mode1
+    assert rep.max_growth < 50 and rep.g_L > 1e-7
+    assert rep.d3 is None and not rep.d3_evaluated
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_d1_fires_when_a_block_blows_up_the_stream(arch):
+    model = _model(arch)
+    _blow_up(model, 1e5)
+    rep = protocol.audit(model, *_batch())
+    assert rep.d1 and rep.max_growth > 50
+    assert rep.max_growth == pytest.approx(rep.growth[0])
+    assert rep.verdict.startswith("FAIL(D1")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_d2_fires_when_the_reference_gradient_collapses(arch):
+    model = _model(arch)
+    _shrink_readout(model, 1e-9)
+    rep = protocol.audit(model, *_batch())
+    assert rep.d2 and not rep.d1 and rep.g_L < 1e-7
+    assert rep.verdict == "FAIL(D2)" and not rep.mode1
+
+
+def test_mode1_when_d1_and_d2_fire_together():
+    model = _model("resmlp")
+    _blow_up(model, 1e5)
+    _shrink_readout(model, 1e-9)
+    rep = protocol.audit(model, *_batch())
+    assert rep.verdict == "FAIL(D1+D2)" and rep.mode1
+    assert "Mode 1" in rep.summary()
+
+
+def test_d3_fires_below_frozen_plus_margin_and_is_quiet_above():
+    model = _model("resmlp")
+    x, y = _batch()
+    low = protocol.audit(model, x, y, frozen_acc=0.30, test_acc=0.31)
+    assert low.d3 and low.verdict == "FAIL(D3)"
+    assert low.depth_margin == pytest.approx(0.01)
+    high = protocol.audit(model, x, y, frozen_acc=0.30, test_acc=0.33)
+    assert high.d3 is False and high.verdict == "PASS"
+    wide = protocol.audit(model, x, y, frozen_acc=0.30, test_acc=0.33, d3_margin_pp=5.0)
+    assert wide.d3
+
+
+def test_d3_not_evaluated_without_frozen_baseline_and_summary_says_so():
+    model = _model("resmlp")
+    rep = protocol.audit(model, *_batch(), test_acc=0.1)
+    assert rep.d3 is None and rep.depth_margin is None
+    text = rep.summary()
+    assert "not evaluated" in text and "D1 and D2 only" in text
+
+
+def test_test_accuracy_defaults_to_the_eval_batch():
+    model = _model("vit")
+    x, y = _batch()
+    with torch.no_grad():
+        expected = float((model.eval()(x).argmax(-1) == y).float().mean())
+    model.train()
+    rep = protocol.audit(model, x, y, frozen_acc=0.0)
+    assert rep.test_acc == pytest.approx(expected) and rep.test_acc_source == "eval batch"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_norms_follow_the_pooling_convention(arch):
+    model = _model(arch).eval()
+    x, y = _batch()
+    hs, gs, _ = _autograd_of_forward(model, x, y)
+
+    def pooled(t):
+        t = t.detach()
+        return t[:, 0] if t.dim() == 3 else (t.mean(dim=(2, 3)) if t.dim() == 4 else t)
+
+    rep = protocol.audit(model, x, y)
+    for got, h in zip(rep.hidden_norms, hs):
+        assert got == pytest.approx(float(pooled(h).norm(dim=-1).median()), rel=1e-5)
+    for got, g in zip(rep.grad_norms, gs):
+        assert got == pytest.approx(float(pooled(g).norm(dim=-1).median()), rel=1e-4)
+    ratios = [rep.hidden_norms[i + 1] / rep.hidden_norms[i] for i in range(model.num_blocks)]
+    assert list(rep.growth) == pytest.approx(ratios)
+
+
+def test_audit_restores_each_modules_mode():
+    model = _model("resnet").train()
+    model.blocks[0].eval()  # as a frozen-blocks baseline keeps its BatchNorm
+    before = {name: m.training for name, m in model.named_modules()}
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    protocol.audit(model, *_batch())
+    assert {name: m.training for name, m in model.named_modules()} == before
+    for k, v in model.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+
+
+def test_audit_thresholds_are_arguments():
+    model = _model("resmlp")
+    x, y = _batch()
+    rep = protocol.audit(model, x, y)
+    tight = protocol.audit(model, x, y, d1_threshold=rep.max_growth * 0.5,
+                           d2_eps=rep.g_L, d2_factor=2.0)
+    assert tight.d1 and tight.d2 and tight.d2_floor == pytest.approx(2 * rep.g_L)
+
+
+def test_audit_rejects_bad_inputs():
+    model = _model("resmlp")
+    x, y = _batch()
+    with pytest.raises(ValueError, match="fraction"):
+        protocol.audit(model, x, y, frozen_acc=35.0)
+    with pytest.raises(ValueError, match="d1_threshold"):
+        protocol.audit(model, x, y, d1_threshold=0)
+    with pytest.raises(ValueError, match="samples"):
+        protocol.audit(model, x[:3], y)
+
+
+def test_report_serialises():
+    model = _model("resmlp")
+    rep = protocol.audit(model, *_batch(), frozen_acc=0.2, test_acc=0.5)
+    d = rep.to_dict()
+    assert d["verdict"] == "PASS" and d["d3"] is False and len(d["hidden_norms"]) == 4
+    frame = rep.to_frame()
+    assert list(frame["layer"]) == [0, 1, 2, 3]
+    assert math.isnan(frame["growth"][0]) and frame["growth"][1] == pytest.approx(rep.growth[0])
+    assert (frame["verdict"] == "PASS").all()
+    assert str(rep) == rep.summary() and "Verdict: PASS" in rep.summary()
+
+
+# --------------------------------------------------------------------------- verdict logic
+
+VERDICTS = {
+    (False, False, False): "PASS",
+    (True, False, False): "FAIL(D1)",
+    (False, True, False): "FAIL(D2)",
+    (False, False, True): "FAIL(D3)",
+    (True, True, False): "FAIL(D1+D2)",
+    (True, False, True): "FAIL(D1+D3)",
+    (False, True, True): "FAIL(D2+D3)",
+    (True, True, True): "FAIL(D1+D2+D3)",
+}
+
+
+@pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=3)))
+def test_verdict_on_every_flag_combination(flags):
+    assert protocol.verdict_from_flags(*flags) == VERDICTS[flags]
+
+
+@pytest.mark.parametrize("d1,d2", list(itertools.product([False, True], repeat=2)))
+def test_verdict_with_d3_not_evaluated_rests_on_d1_d2(d1, d2):
+    assert protocol.verdict_from_flags(d1, d2, None) == VERDICTS[(d1, d2, False)]
+
+
+# --------------------------------------------------------------------------- direction quality
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_direction_quality_of_the_true_gradient_is_one(arch):
+    model = _model(arch)
+    x, y = _batch()
+    table = protocol.direction_quality(model, StandInBP(scale=3.0), x, y)
+    assert list(table["layer"]) == list(range(model.num_blocks + 1))
+    assert table["cos_mean"].to_numpy() == pytest.approx(1.0, abs=1e-5)
+    assert table["cos_std"].to_numpy() == pytest.approx(0.0, abs=1e-5)
+    expected_a = 3.0 * table["g_norm_median"].to_numpy()
+    assert table["a_norm_median"].to_numpy() == pytest.approx(expected_a, rel=1e-4)
+    assert (table["reading"] == "reasonable").all()
+    assert (table["method"] == "standin-bp").all() and (table["n_eval"] == BATCH).all()
+
+
+def test_direction_quality_shows_true_cosine_when_gradient_is_tiny():
+    model = _model("resmlp")
+    _shrink_readout(model, 1e-12)
+    x, y = _batch()
+    _, gs, _ = protocol.bp_reference(model, x, y)
+    table = protocol.direction_quality(model, StandInBP(), x, y)
+    assert table["g_norm_median"].max() < 1e-10  # the regime D2 warns about
+    assert table["cos_mean"].to_numpy() == pytest.approx(1.0, abs=1e-5)
+    assert (table["reading"] == "reference unhealthy").all()
+    # With the usual 1e-8 clamp the same cosine would read as ~0.
+    assert metrics.batch_cosine(gs[-1], gs[-1]) < 1e-6
+
+
+def test_direction_quality_values_match_hand_computation_for_dfa():
+    model = _model("vit").eval()
+    x, y = _batch()
+    method = StandInDFA()
+    method.setup(model, CLASSES, torch.Generator().manual_seed(5))
+    table = protocol.direction_quality(model, method, x, y)
+    _, gs, _ = _autograd_of_forward(model, x, y)
+    credit = method.credit(model, x, y)
+    for l in range(model.num_blocks + 1):
+        a, g = credit[l].reshape(BATCH, -1), gs[l].reshape(BATCH, -1)
+        cos = (a * g).sum(1) / (a.norm(dim=1) * g.norm(dim=1) + 1e-30)
+        row = table.iloc[l]
+        assert row["cos_mean"] == pytest.approx(float(cos.mean()), abs=1e-6)
+        assert row["cos_median"] == pytest.approx(float(cos.median()), abs=1e-6)
+        assert row["g_norm_median"] == pytest.approx(float(g.norm(dim=1).median()), rel=1e-5)
+        assert row["a_norm_median"] == pytest.approx(float(a.norm(dim=1).median()), rel=1e-5)
+
+
+def test_direction_quality_rejects_misshapen_credit():
+    class Bad:
+        name = "bad"
+
+        def credit(self, model, x, y):
+            return [torch.zeros(x.shape[0], 3)]
+
+    with pytest.raises(ValueError, match="credit"):
+        protocol.direction_quality(_model("resmlp"), Bad(), *_batch())
+
+
+@pytest.mark.parametrize("cos,g,expected", [
+    (0.9, 1e-7, "reference unhealthy"),
+    (0.9, 5e-8, "reference unhealthy"),
+    (0.049, 1e-6, "poor"),
+    (-0.049, 1e-6, "poor"),
+    (0.05, 1e-6, "mediocre"),
+    (-0.199, 1e-6, "mediocre"),
+    (0.20, 1e-6, "reasonable"),
+    (-0.6, 1e-3, "reasonable"),
+])
+def test_direction_reading_follows_004(cos, g, expected):
+    assert protocol.direction_reading(cos, g) == expected
+
+
+def test_read_direction_quality_reads_the_middle_layer_by_default():
+    table = pd.DataFrame({"layer": [0, 1, 2, 3, 4], "cos_mean": [0.9, 0.5, 0.01, 0.3, 0.3],
+                          "g_norm_median": [1e-3] * 5, "a_norm_median": [1.0] * 5})
+    assert "POOR" in protocol.read_direction_quality(table)
+    assert "REASONABLE" in protocol.read_direction_quality(table, layer=0)
+    table.loc[2, "g_norm_median"] = 1e-9
+    assert "not healthy" in protocol.read_direction_quality(table)
+    with pytest.raises(ValueError, match="layer"):
+        protocol.read_direction_quality(table, layer=7)
+
+
+# --------------------------------------------------------------------------- fresh-feedback null
+
+def test_fresh_feedback_null_matches_direction_quality_and_is_reproducible():
+    model = _model("resmlp")
+    x, y = _batch()
+    method = StandInDFA()
+    method.setup(model, CLASSES, torch.Generator().manual_seed(2))
+    null = protocol.fresh_feedback_null(model, method, x, y, n_draws=6,
+                                        generator=torch.Generator().manual_seed(9))
+    table = protocol.direction_quality(model, method, x, y)
+    deep = table[table["layer"] >= 1]["cos_mean"].mean()
+    assert null["training_deep_cos"] == pytest.approx(deep, abs=1e-12)
+    assert null["layers"] == [1, 2, 3] and null["n_draws"] == 6
+    assert len(null["fresh_deep_cos"]) == 6 and null["fresh_deep_std"] > 0
+    assert all(-1 <= c <= 1 for c in null["fresh_deep_cos"])
+    again = protocol.fresh_feedback_null(model, method, x, y, n_draws=6,
+                                         generator=torch.Generator().manual_seed(9))
+    assert again == null
+
+
+def test_fresh_feedback_null_separates_aligned_feedback_from_fresh_draws():
+    """Feedback equal to the head's weights points along the BP gradient; fresh random
+    feedback does not: the training cosine sits far above the null."""
+    model = _model("resmlp")
+    x, y = _batch(64)
+    head_t = model.out_head.weight.detach().T.clone()  # (d, C): e @ W = head gradient direction
+    method = StandInDFA(bs=[head_t] * model.num_blocks)
+    null = protocol.fresh_feedback_null(model, method, x, y, n_draws=10)
+    assert null["training_deep_cos"] > 0.5
+    assert abs(null["fresh_deep_mean"]) < 0.3
+    assert null["z_score"] > 3
+
+
+def test_fresh_feedback_null_rejects_bad_arguments():
+    model = _model("resmlp")
+    method = StandInDFA()
+    method.setup(model, CLASSES, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="n_draws"):
+        protocol.fresh_feedback_null(model, method, *_batch(), n_draws=1)
+    with pytest.raises(ValueError, match="layers"):
+        protocol.fresh_feedback_null(model, method, *_batch(), n_draws=2, layers=[9])
+
+
+# --------------------------------------------------------------------------- metrics on real models
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tail_loss_and_perturbation_correlation_on_block_models(arch):
+    model = _model(arch).double().eval()
+    x, y = _batch(8)
+    x = x.double()
+    hs, gs, logits = protocol.bp_reference(model, x, y)
+    for l in (0, model.num_blocks):
+        loss_fn = metrics.tail_loss_fn(model, l, y)
+        with torch.no_grad():
+            torch.testing.assert_close(loss_fn(hs[l]), F.cross_entropy(logits, y, reduction="none"))
+        rho = metrics.perturbation_correlation(hs[l], gs[l], loss_fn, epsilon=1e-5, num_directions=8,
+                                               generator=torch.Generator().manual_seed(0))
+        assert rho > 0.99
+        assert metrics.nudging_test(hs[l], gs[l], loss_fn, eta=1e-3) < 0
+
+
+# --------------------------------------------------------------------------- the package's own rules
+
+def _method(name: str, model, seed: int = 3):
+    from fa_study.methods import build_method
+
+    method = build_method(name)
+    method.setup(model, CLASSES, torch.Generator().manual_seed(seed))
+    return method
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_real_bp_method_has_direction_quality_one(arch):
+    model = _model(arch)
+    table = protocol.direction_quality(model, _method("bp", model), *_batch())
+    assert table["cos_mean"].to_numpy() == pytest.approx(1.0, abs=1e-5)
+    assert (table["method"] == "bp").all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_real_fa_top_credit_is_the_true_head_gradient(arch):
+    """Block FA's a_L is dCE/dh_L through the readout: pooled cosine 1 at h_L for every arch."""
+    model = _model(arch)
+    table = protocol.direction_quality(model, _method("fa", model), *_batch(), pool=True)
+    assert table["cos_mean"].iloc[-1] == pytest.approx(1.0, abs=1e-5)
+    assert table["cos_mean"].iloc[:-1].abs().max() < 0.999  # below h_L it is random feedback
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_real_dfa_fresh_null_agrees_with_direction_quality(arch):
+    model = _model(arch)
+    x, y = _batch()
+    method = _method("dfa", model)
+    null = protocol.fresh_feedback_null(model, method, x, y, n_draws=4,
+                                        generator=torch.Generator().manual_seed(11))
+    table = protocol.direction_quality(model, method, x, y)
+    deep = table[table["layer"] >= 1]["cos_mean"].mean()
+    assert null["training_deep_cos"] == pytest.approx(deep, abs=1e-12)
+    assert len(set(null["fresh_deep_cos"])) == 4  # every draw has its own feedback
+    assert null["fresh_deep_std"] > 0 and math.isfinite(null["z_score"])
+    assert (table["method"] == "dfa").all()
+
+
+def test_fresh_feedback_null_refuses_a_null_that_repeats_the_training_feedback():
+    model = _model("resmlp")
+    x, y = _batch()
+    dfa = _method("dfa", model, seed=4)
+    with pytest.raises(ValueError, match="seeded like"):
+        protocol.fresh_feedback_null(model, dfa, x, y, n_draws=3,
+                                     generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match="no random feedback"):
+        protocol.fresh_feedback_null(model, _method("bp", model), x, y, n_draws=3)
+    # The default generator does not collide with small setup seeds.
+    for seed in range(3):
+        null = protocol.fresh_feedback_null(model, _method("dfa", model, seed=seed), x, y, n_draws=2)
+        assert null["training_deep_cos"] not in null["fresh_deep_cos"]
