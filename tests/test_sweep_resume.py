@@ -1,0 +1,53 @@
+"""An interrupted sweep, restarted, recomputes only the units that had not finished."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _executions(markers: Path) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for f in markers.iterdir():
+        i = int(f.name.split("-")[0][len("unit"):])
+        counts[i] = counts.get(i, 0) + 1
+    return counts
+
+
+def test_killed_sweep_resumes_without_recomputing_finished_units(tmp_path, monkeypatch):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    env = dict(os.environ, FA_STUDY_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(HERE))
+    n, delay = 6, 0.6
+    code = f"from sweep_units import sweep; sweep({str(markers)!r}, {n}, {delay})"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(_executions(markers)) < 4:  # unit 3 has started
+            time.sleep(0.05)
+        assert len(_executions(markers)) >= 4, "the sweep did not get going"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # no clean-up chance: as a crash or a closed laptop
+        proc.wait()
+    before = _executions(markers)
+    finished_before = {i for i in before if i < max(before)}  # every unit before the one in flight
+    assert finished_before and max(before) < n - 1, before
+
+    monkeypatch.setenv("FA_STUDY_CACHE", str(tmp_path / "cache"))
+    sys.path.insert(0, str(HERE))
+    try:
+        from sweep_units import sweep
+
+        result = sweep(str(markers), n, delay)  # the same sweep, restarted
+    finally:
+        sys.path.remove(str(HERE))
+    after = _executions(markers)
+    assert sorted(result["i"]) == list(range(n)) and list(result["value"]) == [i * i for i in range(n)]
+    assert result.attrs["hits"] >= len(finished_before)
+    for i in finished_before:  # finished before the kill: served from the cache, not run again
+        assert after[i] == 1, (i, after)
+    for i in range(n):
+        assert after.get(i, 0) >= 1
