@@ -11,3 +11,4 @@ both call. Shared machinery (on-disk caching of every unit of work, joblib dispa
 from .core import (StudyResult, cached, clear_cache, code_fingerprint, config_columns, memory,  # noqa: F401
                    profile_config, run_units, sources_note)
 from .ra_study import RAStudy, ra_summary, ra_view, run_ra  # noqa: F401
+from .audit import AuditResults, AuditStudy, AuditUnit, audit_unit, run_audit, run_audit_units  # noqa: F401
