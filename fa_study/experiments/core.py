@@ -143,6 +143,7 @@ class StudyResult:
     from_cache: int = 0  # how many (arm, seed) units were served from the cache
     units: int = 0  # how many (arm, seed) units the call needed
     notes: list = field(default_factory=list)  # plain-language remarks (stand-in data, divergence)
+    extra: Any = None  # the study's own richer results object, if any (e.g. AuditResults)
 
     def show(self) -> None:
         """Display figures, notes and table (in a notebook)."""

@@ -1,0 +1,158 @@
+"""The block interface every model implements.
+
+Hidden-state indexing (shared by methods, trainer and protocol)::
+
+    h_0 = embed(x);   h_{l+1} = step(l, h_l)  for l = 0..L-1;   logits = readout(h_L)
+
+``step`` is the whole update of block ``l`` (skip included), so no caller ever guesses
+whether a block adds its own skip; ``branch`` is the residual branch ``f_l(h_l)`` that local
+losses and penalties act on. Diagnostics differentiate through exactly these calls, so the
+BP reference gradient is right for every architecture by construction.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class BlockModel(nn.Module):
+    """Base class: embedding, a ModuleList of blocks, a readout.
+
+    Subclasses set ``self.blocks`` (an ``nn.ModuleList``) and implement :meth:`embed`,
+    :meth:`step` (or :meth:`step_and_branch`), :meth:`pool`, :meth:`classify`,
+    :meth:`broadcast`, :meth:`embed_parameters` and :meth:`head_parameters`.
+
+    Attributes:
+        arch: the architecture name used by :func:`fa_study.models.build_model`.
+        width: the hidden width ``d`` (features per position).
+        input_shape: ``(C, H, W)`` of one input image.
+        num_classes: number of output classes.
+    """
+
+    arch: str = "block"
+
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, width: int):
+        super().__init__()
+        if len(tuple(input_shape)) != 3 or any(int(s) < 1 for s in input_shape):
+            raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {input_shape!r}")
+        if int(num_classes) < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes!r}")
+        if int(width) < 1:
+            raise ValueError(f"width d must be a positive integer, got {width!r}")
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.num_classes = int(num_classes)
+        self.width = int(width)
+
+    # ---- sizes --------------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        """L, the number of blocks."""
+        return len(self.blocks)
+
+    @property
+    def input_dim(self) -> int:
+        """C*H*W, the flat input size."""
+        c, h, w = self.input_shape
+        return c * h * w
+
+    # ---- input handling -----------------------------------------------------------------
+
+    def as_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(batch, C, H, W)`` from images or flat inputs ``(batch, C*H*W)`` (a view)."""
+        if x.dim() == 2 and x.shape[1] == self.input_dim:
+            return x.reshape(x.shape[0], *self.input_shape)
+        if x.dim() == 4 and tuple(x.shape[1:]) == self.input_shape:
+            return x
+        raise ValueError(f"{type(self).__name__} expects inputs shaped (batch, {self.input_dim}) or "
+                         f"(batch, {', '.join(map(str, self.input_shape))}); got {tuple(x.shape)}")
+
+    def as_flat(self, x: torch.Tensor) -> torch.Tensor:
+        """Flat inputs ``(batch, C*H*W)`` from images or flat inputs (a view when possible)."""
+        return self.as_images(x).reshape(x.shape[0], self.input_dim)
+
+    # ---- the block interface ------------------------------------------------------------
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (images or flat) -> ``h_0``."""
+        raise NotImplementedError
+
+    def step(self, l: int, h: torch.Tensor) -> torch.Tensor:
+        """``h_{l+1}`` from ``h_l``: the whole update of block ``l``, skip included."""
+        return self.step_and_branch(l, h)[0]
+
+    def branch(self, l: int, h: torch.Tensor) -> torch.Tensor:
+        """The residual branch ``f_l(h_l)``.
+
+        Default: ``step(l, h) - h``; models whose blocks are ``h + f(h)`` override it to return
+        ``f(h)`` directly. For blocks whose update is not ``h + f`` (SmallResNet's
+        post-activation ReLU) this default *defines* the branch as the block's net change.
+        """
+        return self.step_and_branch(l, h)[1]
+
+    def step_and_branch(self, l: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h_{l+1}, f_l(h_l))`` from one evaluation of block ``l`` (local rules use both)."""
+        h_next = self.step(l, h)
+        return h_next, h_next - h
+
+    def pool(self, h: torch.Tensor) -> torch.Tensor:
+        """The per-sample vector ``(batch, d)`` of a hidden state, used for norms and readout."""
+        raise NotImplementedError
+
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        """Pooled vector ``(batch, d)`` -> logits ``(batch, num_classes)`` (final norm + head)."""
+        raise NotImplementedError
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """``h_L`` -> logits ``(batch, num_classes)``: pooling, final norm, head."""
+        return self.classify(self.pool(h))
+
+    def broadcast(self, a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Expand a per-sample signal ``(batch, d)`` over the positions of ``like`` (a view)."""
+        raise NotImplementedError
+
+    def positions(self, h: torch.Tensor) -> int:
+        """Positions per sample of a hidden state (1 for MLPs, tokens, or H*W)."""
+        return h[0].numel() // self.width
+
+    def forward(self, x: torch.Tensor, return_hidden: bool = False):
+        """Logits ``(batch, num_classes)``, or ``(logits, [h_0, ..., h_L])`` with ``return_hidden``."""
+        h = self.embed(x)
+        hiddens = [h]
+        for l in range(self.num_blocks):
+            h = self.step(l, h)
+            hiddens.append(h)
+        logits = self.readout(h)
+        return (logits, hiddens) if return_hidden else logits
+
+    # ---- parameter groups ---------------------------------------------------------------
+
+    def embed_parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def block_parameters(self, l: int) -> list[nn.Parameter]:
+        """Parameters of block ``l``."""
+        if not 0 <= l < self.num_blocks:
+            raise ValueError(f"block index must be in 0..{self.num_blocks - 1}, got {l}")
+        return list(self.blocks[l].parameters())
+
+    def extra_repr(self) -> str:
+        return (f"arch={self.arch!r}, d={self.width}, L={self.num_blocks}, "
+                f"input_shape={self.input_shape}, num_classes={self.num_classes}")
+
+
+def check_positive_int(what: str, value) -> int:
+    """``value`` as an int, or ``ValueError`` naming ``what`` when it is not a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_nonnegative_int(what: str, value) -> int:
+    """``value`` as an int, or ``ValueError`` naming ``what`` when it is not an integer >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+    return int(value)

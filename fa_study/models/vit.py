@@ -1,0 +1,106 @@
+"""ViT-Mini: 4x4 patches, a cls token, pre-LN transformer blocks, terminal LN on the cls token."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .base import BlockModel, check_nonnegative_int, check_positive_int
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN transformer block on ``(batch, tokens, d)``: ``x = x + attn(LN1 x); x = x + mlp(LN2 x)``.
+
+    Calling the module returns the block's whole change ``f(h) = attn + mlp`` (the branch), like
+    the residual MLP's blocks; the model adds the skip, so ``step(l, h) = h + f(h)`` and hooks
+    on the block see the branch.
+    """
+
+    def __init__(self, d: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(d)
+        hidden = int(d * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.ln1(h)
+        attn, _ = self.attn(z, z, z, need_weights=False)
+        return attn + self.mlp(self.ln2(h + attn))
+
+
+class ViTMini(BlockModel):
+    """Minimal vision transformer.
+
+    ``h_0`` ``(batch, 1 + (H/p)(W/p), d)``: conv patch embedding, a learned cls token in front,
+    learned position embeddings. ``h_{l+1} = h_l + f_l(h_l)``. The readout takes the cls token,
+    applies the terminal LN and the linear head.
+
+    Args:
+        input_shape: ``(C, H, W)``; H and W must be multiples of ``patch_size``.
+        num_classes: output classes.
+        d: model width.
+        num_blocks: L (0 gives the shallow baseline).
+        heads: attention heads (must divide ``d``).
+        patch_size: side of the square patches.
+        mlp_ratio: hidden width of each block's MLP relative to ``d``.
+    """
+
+    arch = "vit"
+
+    def __init__(self, input_shape=(3, 32, 32), num_classes: int = 10, d: int = 128,
+                 num_blocks: int = 4, *, heads: int = 4, patch_size: int = 4,
+                 mlp_ratio: float = 4.0):
+        d = check_positive_int("d", d)
+        num_blocks = check_nonnegative_int("num_blocks", num_blocks)
+        heads = check_positive_int("heads", heads)
+        patch_size = check_positive_int("patch_size", patch_size)
+        super().__init__(input_shape, num_classes, d)
+        c, hgt, wid = self.input_shape
+        if hgt % patch_size or wid % patch_size:
+            raise ValueError(f"image size {hgt}x{wid} must be a multiple of patch_size={patch_size}")
+        if d % heads:
+            raise ValueError(f"d={d} must be divisible by heads={heads}")
+        self.heads, self.patch_size = heads, patch_size
+        self.num_tokens = 1 + (hgt // patch_size) * (wid // patch_size)
+        self.patch_embed = nn.Conv2d(c, d, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, d))
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.blocks = nn.ModuleList([TransformerBlock(d, heads, mlp_ratio) for _ in range(num_blocks)])
+        self.out_ln = nn.LayerNorm(d)
+        self.out_head = nn.Linear(d, self.num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` -> tokens ``(batch, tokens, d)``, cls token first."""
+        p = self.patch_embed(self.as_images(x)).flatten(2).transpose(1, 2)  # (batch, patches, d)
+        cls = self.cls_token.expand(p.shape[0], -1, -1)
+        return torch.cat([cls, p], dim=1) + self.pos_embed
+
+    def branch(self, l: int, h: torch.Tensor) -> torch.Tensor:
+        return self.blocks[l](h)
+
+    def step_and_branch(self, l: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.blocks[l](h)
+        return h + f, f
+
+    def step(self, l: int, h: torch.Tensor) -> torch.Tensor:
+        return h + self.blocks[l](h)
+
+    def pool(self, h: torch.Tensor) -> torch.Tensor:
+        """The cls token ``(batch, d)``."""
+        return h[:, 0]
+
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        return self.out_head(self.out_ln(z))
+
+    def broadcast(self, a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``(batch, d)`` -> ``(batch, tokens, d)``: the same signal at every token."""
+        return a.unsqueeze(1).expand_as(like)
+
+    def embed_parameters(self) -> list[nn.Parameter]:
+        return list(self.patch_embed.parameters()) + [self.cls_token, self.pos_embed]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.out_ln.parameters()) + list(self.out_head.parameters())
