@@ -34,12 +34,14 @@ setup: $(VENV)/.installed
 study: setup
 	$(PY) -m fa_study.study --profile $(PROFILE) --out $(REPORTS)
 
+# One torch thread: the test models are tiny, and on a busy 2-core machine a second thread made
+# them many times slower. Benchmarks and `make study` keep torch's default.
 test: setup
-	FA_STUDY_PROFILE=quick $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider $(PYTEST_ARGS)
+	FA_STUDY_PROFILE=quick OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider $(PYTEST_ARGS)
 
 # Unit tests only, without the notebooks.
 test-fast: setup
-	FA_STUDY_PROFILE=quick $(PY) -m pytest tests -p no:cacheprovider -m "not browser" $(PYTEST_ARGS)
+	FA_STUDY_PROFILE=quick OMP_NUM_THREADS=1 $(PY) -m pytest tests -p no:cacheprovider -m "not browser" $(PYTEST_ARGS)
 
 bench: setup
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b $(BENCH_ARGS); done

@@ -6,7 +6,7 @@ import torch
 
 os.environ.setdefault("FA_STUDY_PROFILE", "quick")
 os.environ.setdefault("MPLBACKEND", "Agg")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(min(int(os.environ.get("OMP_NUM_THREADS", "2")), torch.get_num_threads()))
 
 
 @pytest.fixture

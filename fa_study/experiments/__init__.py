@@ -12,3 +12,4 @@ from .core import (StudyResult, cached, clear_cache, code_fingerprint, config_co
                    profile_config, run_units, sources_note)
 from .ra_study import RAStudy, ra_summary, ra_view, run_ra  # noqa: F401
 from .audit import AuditResults, AuditStudy, AuditUnit, audit_unit, run_audit, run_audit_units  # noqa: F401
+from .feedback_tour import FeedbackTour, converter_demo, run_tour, tour_view  # noqa: F401
