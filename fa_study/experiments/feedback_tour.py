@@ -13,7 +13,6 @@ converted, that the outputs did not change, and one batch's per-layer update cos
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import check_choice, get_device, seed_everything
-from .core import StudyResult, config_columns, profile_config, run_units, sources_note
+from .core import one_cpu_thread, StudyResult, config_columns, profile_config, run_units, sources_note
 
 # Arm name -> (feedback method, fixed rule options). The learning rates of the learned
 # feedback come from the study config (see :func:`arm_rule`).
@@ -151,28 +150,6 @@ def _make_optimizer(params, run: TourRun) -> torch.optim.Optimizer:
     if run.optimizer == "sgd":
         return torch.optim.SGD(params, lr=run.lr, momentum=run.momentum, weight_decay=run.weight_decay)
     return torch.optim.AdamW(params, lr=run.lr, weight_decay=run.weight_decay)
-
-
-@contextlib.contextmanager
-def one_cpu_thread(device: torch.device):
-    """Run with one intra-op thread on the CPU, restoring the setting afterwards.
-
-    The tour's tensors are small (a batch of 32 against 784 x 256; ResNet-18 on 28 x 28
-    digits): splitting them across threads costs more in synchronisation than it saves, and on
-    a shared machine the threads spin against other processes (an MLP run took 10x more CPU
-    time with 2 threads than with 1, the ResNet-18 demo 5x).
-    Parallelism belongs across runs (``n_jobs``). One thread also makes CPU results
-    independent of the machine's core count.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @torch.no_grad()

@@ -11,7 +11,6 @@ the references ``bp`` and ``frozen`` (always run). Each unit trains with
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import torch
 
 from .. import plots as _plots
 from ..config import check_choice, get_device, seed_everything
-from .core import StudyResult, profile_config, run_units, sources_note
+from .core import one_cpu_thread, StudyResult, profile_config, run_units, sources_note
 
 # the learned rules wear their family's colour in every figure (setdefault: never overrides)
 _plots.RULE_COLOURS.setdefault("grape_fa", _plots.RULE_COLOURS["grape"])
@@ -156,30 +155,9 @@ def _callback_every(steps_per_epoch: int, live: bool) -> int:
     return steps_per_epoch
 
 
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device):
-    """One intra-op thread on the CPU for the duration (restored afterwards).
-
-    These networks are small (d <= 256, batches of 128): split across threads, each op costs
-    more in synchronisation than it saves, and on a shared machine the threads spin against
-    other processes (the quick profile's seven runs took 121 s with 2 threads and 18 s with 1
-    on a shared, busy 2-core machine). Parallelism belongs across runs (``n_jobs``); one
-    thread also makes CPU results independent of the machine's core count.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _learned_unit(u: LearnedUnit, fingerprint: str, callback: Callable | None = None) -> pd.DataFrame:
     """Train one rule (cached by :func:`run_units`); per-epoch history plus feedback read-outs."""
-    with _one_cpu_thread(get_device()):
+    with one_cpu_thread(get_device()):
         return _train_unit(u, fingerprint, callback)
 
 
