@@ -37,12 +37,14 @@ def _autograd_of_forward(model, x, y):
 
 
 def _defective_reference(model, x, y):
-    """003's recomputation: ``h = block(h)`` for the residual MLP (its blocks return the branch
-    only), ``h + block(h)`` for ViT and ResNet (their blocks already add the skip)."""
+    """003's recomputation, written against our block interface: for the residual MLP it keeps
+    only the branch (``h = block(h)``, the skip lost); for ViT and ResNet, whose reference blocks
+    already add the skip, it adds the skip a second time (``h + block(h)``)."""
     h0 = model.embed(x).detach().requires_grad_(True)
     hs = [h0]
-    for block in model.blocks:
-        hs.append(block(hs[-1]) if model.arch == "resmlp" else hs[-1] + block(hs[-1]))
+    for l in range(model.num_blocks):
+        h = hs[-1]
+        hs.append(model.branch(l, h) if model.arch == "resmlp" else h + model.step(l, h))
     loss = F.cross_entropy(model.readout(hs[-1]), y)
     return torch.autograd.grad(loss, hs)
 

@@ -195,7 +195,7 @@ QUICK = TrainConfig(epochs=3, batch_size=128, lr=7e-3, eval_batch=128, seed=0)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0])  # seeds 0-4 all pass (see above); one keeps the test short
 def test_dfa_explodes_the_residual_stream_and_the_penalty_contains_it(seed):
     train_ds, test_ds = load_pair("cifar10", n_train=2560, n_test=256, device="cpu", verbose=False)
     cfg = TrainConfig(**{**QUICK.to_dict(), "seed": seed})

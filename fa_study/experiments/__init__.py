@@ -14,3 +14,5 @@ from .ra_study import RAStudy, ra_summary, ra_view, run_ra  # noqa: F401
 from .audit import AuditResults, AuditStudy, AuditUnit, audit_unit, run_audit, run_audit_units  # noqa: F401
 from .feedback_tour import FeedbackTour, converter_demo, run_tour, tour_view  # noqa: F401
 from .learned import LearnedStudy, learned_summary, learned_view, run_learned  # noqa: F401
+from .penalty import PenaltyStudy, penalty_runs, penalty_summary, penalty_view, run_penalty  # noqa: F401
+from .direction import DirectionStudy, direction_readings, direction_summary, direction_view, run_direction  # noqa: F401

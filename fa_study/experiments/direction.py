@@ -1,0 +1,256 @@
+"""Direction quality (notebook 04): does DFA's credit point along the BP gradient?
+
+Reference ``004``: train the ResidualMLP with vanilla DFA and with the residual-branch penalty
+(λ = 1e-2, both with each block's gradient clipped at 1.0), then on 1,024 test samples compare,
+per hidden state, the rule's credit signal ``a_l`` with the BP gradient ``g_l = dL/dh_l``: the
+per-sample cosine (floor 1e-30, so a tiny ``||g||`` still gives the true cosine) and the median
+magnitudes of both signals. Its pre-registered reading (:func:`fa_study.protocol.direction_reading`):
+the reference is *unhealthy* when ``||g|| <= 1e-7``; otherwise ``|cos| < 0.05`` is *poor*,
+``< 0.20`` *mediocre*, anything above *reasonable*. 004 predicted poor (~0.01-0.05) for the
+penalised network: a second failure mode of DFA, separable from the scale blow-up.
+
+Runs are :class:`fa_study.experiments.audit.AuditUnit` s (cached; :func:`audit_unit` computes the
+direction quality of every trained rule run); with the same settings as notebook 03's vanilla
+and λ runs (there: no clipping) the units are shared.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from ..config import check_choice
+from ..stats import aggregate, format_mean_ci, mean_ci
+from .audit import AuditResults, AuditUnit, arm_label, run_audit_units
+from .core import StudyResult, profile_config, sources_note
+from .penalty import arm_colours, check_run_settings, draw_curves, make_unit
+
+
+@dataclass(frozen=True)
+class DirectionStudy:
+    """Vanilla against penalised DFA: per-layer cosine of the credit with BP, and both magnitudes."""
+
+    lam: float = 1e-2  # penalty λ of the penalised arm (004: 1e-2, "the first value we validated")
+    rule: str = "dfa"  # the rule read: dfa as 004 (fa's credit can be read the same way)
+    seeds: tuple = (42, 123, 456)  # one vanilla and one penalised run per seed
+    arch: str = "resmlp"  # 004: the ResidualMLP d=256, L=4
+    d: int | None = None  # width (None: the reference's, 256 for resmlp)
+    num_blocks: int | None = None  # depth (None: the reference's, 4 for resmlp)
+    dataset: str = "cifar10"  # cifar10 or cifar100 (synthetic stand-ins offline)
+    epochs: int = 100  # 004 trained 100 epochs
+    lr: float = 1e-3  # AdamW with cosine decay, as 004
+    grad_clip: float | None = 1.0  # 004 clipped each block's gradient norm at 1.0 in both arms
+    augment: bool = False  # random crop + flip of every training batch (004 on real CIFAR: yes)
+    n_train: int | None = None  # training subset (None: the whole split)
+    n_test: int | None = None  # test subset (None: the whole split); its first 1,024 are read
+    null_draws: int = 20  # fresh feedback draws per run: is the cosine above chance? (0: skip)
+    read_layer: int | None = None  # hidden state the reading is stated for (None: L // 2, 004's layer 2)
+
+    PROFILES = {
+        # the reference width and learning rate; 10 epochs of 4k images (quick) or 10k (default)
+        "quick": dict(epochs=10, n_train=4000, n_test=1000, seeds=(42,)),
+        "default": dict(epochs=10, n_train=10000, n_test=2000, seeds=(42, 123, 456)),
+        "paper": dict(epochs=100, n_train=None, n_test=None, seeds=(42, 123, 456), augment=True),
+    }
+    CONTROLS = {"lam": ("log", 1e-4, 1e-1), "seeds": "seeds", "epochs": (1, 100, 1),
+                "grad_clip": (0.1, 5.0, 0.1)}
+
+    def __post_init__(self):
+        object.__setattr__(self, "seeds", tuple(self.seeds) if not isinstance(self.seeds, int) else (self.seeds,))
+        lam = self.lam
+        if isinstance(lam, bool) or not (isinstance(lam, (int, float)) and lam > 0 and math.isfinite(lam)):
+            raise ValueError(f"lam must be a finite number > 0 (the penalised arm's λ; the vanilla "
+                             f"arm is always run), got {lam!r}")
+        check_run_settings(self)
+        if self.read_layer is not None and (isinstance(self.read_layer, bool)
+                                            or not isinstance(self.read_layer, int) or self.read_layer < 0):
+            raise ValueError(f"read_layer must be None (L // 2) or a hidden-state index >= 0, "
+                             f"got {self.read_layer!r}")
+
+    @classmethod
+    def for_profile(cls, profile: str | None = None, **overrides) -> "DirectionStudy":
+        """The profile's defaults (``$FA_STUDY_PROFILE`` when ``profile`` is None), then overrides."""
+        return profile_config(cls, profile, overrides)
+
+    def unit(self, seed: int, penalised: bool) -> AuditUnit:
+        """One cached run: the rule with λ = ``lam`` (``penalised``) or 0."""
+        return make_unit(self, self.rule, seed, self.lam if penalised else 0.0)
+
+    def units(self) -> list[AuditUnit]:
+        return [self.unit(s, p) for s in self.seeds for p in (False, True)]
+
+    def arms(self) -> list[str]:
+        """``[vanilla label, penalised label]``, e.g. ``["dfa", "dfa λ=0.01"]``."""
+        return [arm_label(self.unit(self.seeds[0], p)) for p in (False, True)]
+
+
+def run_direction(study: DirectionStudy | None = None, *, profile: str | None = None,
+                  callback: Callable | None = None, n_jobs: int = 1, progress: Callable | None = None,
+                  **overrides) -> AuditResults:
+    """Train the vanilla and penalised rule for every seed (cached units) and audit each run.
+
+    Returns :class:`~fa_study.experiments.audit.AuditResults`; ``layers`` holds the direction
+    quality, one row per run and hidden state: ``arm``, ``seed``, ``penalty``, ``layer``,
+    ``cos_mean``, ``cos_std`` (over the samples), ``cos_median``, ``g_norm_median``,
+    ``a_norm_median``, ``reading``, ``n_eval``; ``history`` the per-epoch log (with
+    ``data_source``), ``runs`` one row per run, ``null`` the fresh-feedback null.
+    """
+    study = dataclasses.replace(study, **overrides) if study else DirectionStudy.for_profile(profile, **overrides)
+    return run_audit_units(study.units(), callback=callback, n_jobs=n_jobs, progress=progress)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the result
+# --------------------------------------------------------------------------------------------
+
+def direction_readings(layers: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
+    """One row per arm and hidden state: the cosine (mean ± 95 % CI over seeds of the per-run
+    batch mean), the mean within-batch standard deviation, the mean median magnitudes ``||g||``
+    and ``||a||``, the pre-registered reading of the seed means (``reading``) and how each seed
+    read (``seed_readings``, e.g. ``"poor ×2, mediocre ×1"``)."""
+    from ..protocol import direction_reading
+
+    rows = []
+    for (arm, layer), sub in layers.groupby(["arm", "layer"], sort=False):
+        m, lo, hi = mean_ci(sub["cos_mean"].to_numpy(dtype=float))
+        half = (hi - lo) / 2 if math.isfinite(lo) else math.nan
+        g, a = float(sub["g_norm_median"].mean()), float(sub["a_norm_median"].mean())
+        counts = sub["reading"].value_counts()
+        rows.append({"arm": arm, "penalty": float(sub["penalty"].iloc[0]), "layer": int(layer),
+                     "n": len(sub), "cos": format_mean_ci(m, half), "cos_mean": m, "cos_ci": half,
+                     "cos_sample_std": float(sub["cos_std"].mean()), "g_norm": g, "a_norm": a,
+                     "reading": direction_reading(m, g),
+                     "seed_readings": ", ".join(f"{k} ×{n}" for k, n in counts.items())})
+    table = pd.DataFrame(rows)
+    if order and len(table):
+        rank = {a: i for i, a in enumerate(order)}
+        table = table.sort_values(["arm", "layer"], key=lambda s: s.map(rank) if s.name == "arm" else s)
+    return table.reset_index(drop=True)
+
+
+def reading_sentences(readings: pd.DataFrame, layer: int | None = None) -> dict[str, str]:
+    """Per arm, 004's verdict sentence (:func:`fa_study.protocol.read_direction_quality`) on the
+    seed means at ``layer`` (None: L // 2)."""
+    from ..protocol import read_direction_quality
+
+    out = {}
+    for arm, sub in readings.groupby("arm", sort=False):
+        table = sub.rename(columns={"g_norm": "g_norm_median", "a_norm": "a_norm_median"})
+        out[arm] = read_direction_quality(table, layer)
+    return out
+
+
+def direction_summary(res: AuditResults, layer: int, order: list[str] | None = None) -> pd.DataFrame:
+    """One row per arm: mean ± 95 % CI over seeds of the test accuracy, the cosine at ``layer``,
+    the mean |cosine| over the deep hidden states h_2..h_L (h_0 and h_1 are both driven by the
+    first feedback matrix, see notebook 04), ``||g||`` and ``||a||`` at ``layer``, the null's
+    z-score; and the reading of the seed means at ``layer``."""
+    from ..protocol import direction_reading
+
+    lay = res.layers
+    at = lay[lay["layer"] == layer].set_index(["arm", "seed"])
+    deep = lay[lay["layer"] >= min(2, int(lay["layer"].max()))].assign(abs_cos=lambda t: t["cos_mean"].abs()) \
+        .groupby(["arm", "seed"])["abs_cos"].mean()
+    runs = res.runs.set_index(["arm", "seed"])
+    per_run = pd.DataFrame({
+        "test_acc": runs["test_acc"],
+        "cos_at_layer": at["cos_mean"],
+        "deep_abs_cos": deep,
+        "g_at_layer": at["g_norm_median"],
+        "a_at_layer": at["a_norm_median"],
+    })
+    if len(res.null):
+        per_run["z_score"] = res.null.set_index(["arm", "seed"])["z_score"]
+    else:
+        per_run["z_score"] = math.nan
+    per_run = per_run.reset_index()
+    cols = ["test_acc", "cos_at_layer", "deep_abs_cos", "g_at_layer", "a_at_layer", "z_score"]
+    table = aggregate(per_run, "arm", cols)
+    table["reading"] = [direction_reading(c, g) if math.isfinite(c) else "n/a"
+                        for c, g in zip(table["cos_at_layer"], table["g_at_layer"])]
+    table.insert(1, "layer", layer)
+    if order:
+        rank = {a: i for i, a in enumerate(order)}
+        table = table.sort_values("arm", key=lambda s: s.map(rank)).reset_index(drop=True)
+    return table[["arm", "layer", "n"] + [f"{c}_text" for c in cols] + ["reading"] + cols]
+
+
+def _plain_log_labels(ax) -> None:
+    """Plain tick labels on a log axis that spans less than a decade (``||a||`` stays ~2-5)."""
+    import matplotlib.ticker as mt
+
+    lo, hi = ax.get_ylim()
+    if lo > 0 and hi / lo < 10:
+        ax.yaxis.set_major_formatter(mt.FormatStrFormatter("%.3g"))
+        ax.yaxis.set_minor_formatter(mt.FormatStrFormatter("%.3g"))
+
+
+@dataclass
+class DirectionResult(StudyResult):
+    """:class:`StudyResult` plus the per-layer reading table and the audit frames."""
+
+    readings: pd.DataFrame | None = None  # direction_readings(): one row per arm and layer
+    audit: AuditResults | None = None
+
+
+def direction_view(study: DirectionStudy | None = None, *, profile: str | None = None,
+                   live: Callable | None = None, progress: Callable | None = None,
+                   **overrides) -> DirectionResult:
+    """Run vanilla and penalised DFA and draw, per hidden state: the cosine of the credit with BP
+    (mean over seeds with a 95 % band; error bars: the mean within-batch standard deviation), and
+    the median magnitudes ``||g||`` and ``||a||`` on log scales; the table reads each arm at
+    ``read_layer`` with 004's pre-registered thresholds, the notes state the verdict."""
+    from .. import plots
+    from ..protocol import HEALTHY_G, MEDIOCRE_COS, POOR_COS
+
+    study = dataclasses.replace(study, **overrides) if study else DirectionStudy.for_profile(profile, **overrides)
+    res = run_direction(study, callback=live, progress=progress)
+    order = study.arms()
+    colours = arm_colours(order)
+    notes = sources_note(res.history)
+    lay = res.layers
+    if lay.empty:  # every run diverged
+        return DirectionResult(study, res.history, pd.DataFrame(), [], res.from_cache, res.units,
+                               notes + ["No run finished: nothing to read."], readings=pd.DataFrame(), audit=res)
+    L = int(lay["layer"].max())
+    layer = L // 2 if study.read_layer is None else study.read_layer
+    if layer > L:
+        raise ValueError(f"read_layer must be one of 0..{L} for this model, got {layer}")
+
+    fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.7))
+    draw_curves(axes[0], lay, "layer", "cos_mean", colours)
+    readings = direction_readings(lay, order)
+    for i, (arm, c) in enumerate(colours.items()):
+        sub = readings[readings["arm"] == arm]
+        offset = (i - 0.5) * 0.08
+        axes[0].errorbar(sub["layer"] + offset, sub["cos_mean"], yerr=sub["cos_sample_std"], fmt="none",
+                         ecolor=c, alpha=0.5, capsize=2, lw=1)
+    for t, ls in ((POOR_COS, ":"), (MEDIOCRE_COS, "--")):
+        for sign in (1, -1):
+            axes[0].axhline(sign * t, color="#777777", ls=ls, lw=0.8)
+    axes[0].axhline(0, color="k", lw=0.8)
+    axes[0].set(title="cos(a_l, g_l): credit vs BP gradient", ylabel="cosine (bars: sample sd)")
+    draw_curves(axes[1], lay, "layer", "g_norm_median", colours, logy=True)
+    axes[1].axhline(HEALTHY_G, color="k", ls=":", lw=1, label="healthy above 1e-7")
+    axes[1].set(title="||g_l||: BP reference gradient (median)", ylabel="||g_l||")
+    draw_curves(axes[2], lay, "layer", "a_norm_median", colours, logy=True)
+    _plain_log_labels(axes[2])
+    axes[2].set(title="||a_l||: the rule's credit signal (median)", ylabel="||a_l||")
+    for ax in axes:
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.set_xlabel("hidden state l")
+        ax.legend(fontsize=8, frameon=False)
+    plots.annotate_source(fig, res.history["data_source"].dropna().unique().tolist())
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    plt.close(fig)
+
+    table = direction_summary(res, layer, order)
+    sentences = reading_sentences(readings, layer)
+    notes = notes + [f"{arm}: {text}" for arm, text in sentences.items()]
+    return DirectionResult(study, res.history, table, [fig], res.from_cache, res.units, notes,
+                           readings=readings, audit=res)

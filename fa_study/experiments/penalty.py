@@ -1,0 +1,361 @@
+"""The residual-branch penalty sweep (notebook 03): does ``λ·||f_l(h_l)||²`` contain DFA's stream?
+
+Reference ``003`` (``reproduce/penalty_sweep.py``): DFA on the ResidualMLP with the local
+surrogate of every block augmented by ``λ·||f_l(h_l)||²`` (the batch mean of per-sample squared
+norms of the residual branch), for λ ∈ {0, 1e-4, 1e-2}; per epoch the median ``||h_L||`` and
+``||g_L||`` (the BP reference gradient at the deepest hidden state) on 128 test samples and the
+accuracy; and the fresh-feedback null on the penalised checkpoint (is the trained network aligned
+with *its* feedback, or would any random feedback give the same cosine with BP?).
+
+Every (rule, λ, seed) run is one :class:`fa_study.experiments.audit.AuditUnit`, run and cached
+by :func:`fa_study.experiments.audit.run_audit_units`, so a unit that notebook 02 or 04 already
+trained with the same settings is reused. A BP run per seed gives the scale of a healthy network.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from ..config import check_choice
+from ..stats import aggregate, mean_ci
+from .audit import DATASETS, AuditResults, AuditUnit, arm_label, run_audit_units
+from .core import StudyResult, profile_config, sources_note
+
+PENALISED_RULES: tuple[str, ...] = ("dfa", "fa")  # the block rules that take the penalty
+D2_FLOOR = 1e-7  # 10 x the 1e-8 cosine clamp: the protocol's D2 line for ||g_L|| (N = 128)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing and validation shared with notebook 04's study
+# --------------------------------------------------------------------------------------------
+
+def parse_lambdas(value: str | Iterable[float]) -> tuple[float, ...]:
+    """``"0, 1e-4, 1e-2"`` (or a sequence of numbers) -> ``(0.0, 0.0001, 0.01)``, sorted, without
+    repeats. Every value must be a finite number >= 0; anything else is a ValueError."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.replace(";", ",").split(",") if p.strip()]
+    else:
+        try:
+            parts = list(value)
+        except TypeError:
+            parts = [value]
+    lams = []
+    for p in parts:
+        try:
+            lam = float(p) if not isinstance(p, bool) else math.nan
+        except (TypeError, ValueError):
+            lam = math.nan
+        if not (math.isfinite(lam) and lam >= 0):
+            raise ValueError(f"lambdas must be comma-separated numbers >= 0 (e.g. '0, 1e-4, 1e-2'); "
+                             f"got {value!r}")
+        lams.append(lam)
+    if not lams:
+        raise ValueError("lambdas must hold at least one penalty weight >= 0 (e.g. '0, 1e-2')")
+    return tuple(sorted(set(lams)))
+
+
+def check_run_settings(study) -> None:
+    """The settings notebooks 03 and 04 share, checked with errors naming field and allowed values."""
+    from ..models import ARCHS
+
+    check_choice("rule", study.rule, PENALISED_RULES)
+    check_choice("arch", study.arch, ARCHS)
+    check_choice("dataset", study.dataset, DATASETS)
+    if not study.seeds or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
+                                  for s in study.seeds):
+        raise ValueError(f"seeds must be a non-empty tuple of integers (e.g. (42, 123)), got {study.seeds!r}")
+    _check_int("epochs", study.epochs, 1)
+    if not isinstance(study.augment, bool):
+        raise ValueError(f"augment must be True or False, got {study.augment!r}")
+    _check_int("null_draws", study.null_draws, 0)
+    if study.null_draws == 1:
+        raise ValueError("null_draws must be 0 (no null) or >= 2 (the null reports a standard deviation)")
+    for name in ("d", "num_blocks", "n_train", "n_test"):
+        if getattr(study, name) is not None:
+            _check_int(name, getattr(study, name), 1)
+    if isinstance(study.lr, bool) or not (isinstance(study.lr, (int, float)) and study.lr > 0
+                                          and math.isfinite(study.lr)):
+        raise ValueError(f"lr must be a finite number > 0, got {study.lr!r}")
+    clip = study.grad_clip
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                             or not clip > 0 or not math.isfinite(clip)):
+        raise ValueError(f"grad_clip must be None (no clipping) or a finite number > 0, got {clip!r}")
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def make_unit(study, method: str, seed: int, penalty: float = 0.0) -> AuditUnit:
+    """The cached unit of one run of ``study`` (a PenaltyStudy or a DirectionStudy): built field
+    by field as notebook 02's AuditStudy builds it, so equal settings hit the same cache entry."""
+    local = method in PENALISED_RULES
+    return AuditUnit(method=method, arch=study.arch, d=study.d, num_blocks=study.num_blocks,
+                     penalty=float(penalty) if local else 0.0, dataset=study.dataset,
+                     n_train=study.n_train, n_test=study.n_test, epochs=study.epochs, lr=study.lr,
+                     grad_clip=study.grad_clip, augment=study.augment, seed=int(seed),
+                     null_draws=study.null_draws if local else 0)
+
+
+# --------------------------------------------------------------------------------------------
+# The study
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PenaltyStudy:
+    """DFA with the residual-branch penalty λ·||f_l(h_l)||² for several λ, against BP."""
+
+    lambdas: tuple = (0.0, 1e-4, 1e-2)  # penalty weights swept, 0 = vanilla (003); text "0, 1e-2" is parsed
+    rule: str = "dfa"  # the penalised rule: dfa as 003 (fa takes the same penalty)
+    seeds: tuple = (42, 123, 456)  # one run per λ and seed, plus one BP run per seed (003's seeds)
+    arch: str = "resmlp"  # 003: the pre-LayerNorm ResidualMLP (vit, resnet also take the penalty)
+    d: int | None = None  # width (None: the reference's, 256 for resmlp)
+    num_blocks: int | None = None  # depth (None: the reference's, 4 for resmlp)
+    dataset: str = "cifar10"  # cifar10 or cifar100 (synthetic stand-ins offline)
+    epochs: int = 30  # 003's sweep trained 30 epochs
+    lr: float = 1e-3  # AdamW with cosine decay, as 003
+    grad_clip: float | None = None  # per-block gradient clip; 003's sweep did not clip (004 did)
+    augment: bool = False  # random crop + flip of every training batch (003 on real CIFAR: yes)
+    n_train: int | None = None  # training subset (None: the whole split)
+    n_test: int | None = None  # test subset (None: the whole split); 1,024 of it for direction quality
+    null_draws: int = 20  # fresh feedback draws per penalised-rule run (003: 20); 0 skips the null
+
+    PROFILES = {
+        # 10 epochs of 4k images at the reference width and learning rate: where vanilla DFA's
+        # stream has already left BP's by orders of magnitude on the stand-in.
+        "quick": dict(epochs=10, n_train=4000, n_test=1000, seeds=(42,)),
+        "default": dict(epochs=10, n_train=10000, n_test=2000, seeds=(42, 123, 456)),
+        "paper": dict(epochs=30, n_train=None, n_test=None, seeds=(42, 123, 456), augment=True),
+    }
+    CONTROLS = {"lambdas": "seeds",  # a comma-separated text box, parsed by parse_lambdas
+                "seeds": "seeds", "epochs": (1, 60, 1)}
+
+    def __post_init__(self):
+        object.__setattr__(self, "lambdas", parse_lambdas(self.lambdas))
+        object.__setattr__(self, "seeds", tuple(self.seeds) if not isinstance(self.seeds, int) else (self.seeds,))
+        check_run_settings(self)
+
+    @classmethod
+    def for_profile(cls, profile: str | None = None, **overrides) -> "PenaltyStudy":
+        """The profile's defaults (``$FA_STUDY_PROFILE`` when ``profile`` is None), then overrides."""
+        return profile_config(cls, profile, overrides)
+
+    def unit(self, method: str, seed: int, penalty: float = 0.0) -> AuditUnit:
+        """One cached run: ``method`` ("bp" or the study's rule) with ``penalty`` and ``seed``."""
+        check_choice("method", method, ("bp", self.rule))
+        return make_unit(self, method, seed, penalty)
+
+    def units(self) -> list[AuditUnit]:
+        """Per seed: BP, then the rule at every λ."""
+        return [u for s in self.seeds
+                for u in [self.unit("bp", s)] + [self.unit(self.rule, s, lam) for lam in self.lambdas]]
+
+    def arms(self) -> list[str]:
+        """Arm labels in plotting order (BP first, then λ ascending)."""
+        return ["bp"] + [arm_label(self.unit(self.rule, self.seeds[0], lam)) for lam in self.lambdas]
+
+
+def run_penalty(study: PenaltyStudy | None = None, *, profile: str | None = None,
+                callback: Callable | None = None, n_jobs: int = 1, progress: Callable | None = None,
+                **overrides) -> AuditResults:
+    """Train BP and the rule at every λ for every seed (cached units) and audit each run.
+
+    Returns :class:`~fa_study.experiments.audit.AuditResults`: ``history`` (tidy, one row per
+    run and epoch: ``arm``, ``seed``, ``penalty``, ``epoch``, ``test_acc``, ``h_norm_<l>``,
+    ``g_norm_<l>``, ``cos_<l>``, ``status``, ``data_source``, ...), ``runs`` (one row per run
+    with the D1/D2 values), ``layers`` (direction quality per run and hidden state) and
+    ``null`` (the fresh-feedback null per rule run when ``null_draws`` > 0).
+    """
+    study = dataclasses.replace(study, **overrides) if study else PenaltyStudy.for_profile(profile, **overrides)
+    return run_audit_units(study.units(), callback=callback, n_jobs=n_jobs, progress=progress)
+
+
+# --------------------------------------------------------------------------------------------
+# Summary and figures
+# --------------------------------------------------------------------------------------------
+
+def final_epoch(history: pd.DataFrame) -> pd.DataFrame:
+    """The last row of every (arm, seed) run (a diverged run's last row is its NaN row)."""
+    last = history.groupby(["arm", "seed"])["epoch"].transform("max")
+    return history[history["epoch"] == last].reset_index(drop=True)
+
+
+def penalty_runs(res: AuditResults) -> pd.DataFrame:
+    """One row per run: ``arm``, ``seed``, ``penalty``, ``method``, ``test_acc``, ``h_L`` and
+    ``g_L`` (medians on the 128-sample eval batch), ``h_L_vs_bp`` (``h_L`` over the BP run's of the
+    same seed), ``max_growth`` (D1's statistic), ``verdict`` (D1/D2 only: no frozen baseline
+    here) and, where a null was drawn, ``training_deep_cos``, ``fresh_deep_mean``,
+    ``fresh_deep_std``, ``z_score``."""
+    runs = res.runs.copy()
+    bp = runs.loc[runs["method"] == "bp"].set_index("seed")["h_L"]
+    runs["h_L_vs_bp"] = runs["h_L"] / runs["seed"].map(bp).astype(float)
+    cols = ["arm", "seed", "penalty", "method", "status", "test_acc", "h_L", "h_L_vs_bp", "g_L",
+            "max_growth", "d1", "d2", "verdict", "data_source"]
+    out = runs[cols]
+    null_cols = ["training_deep_cos", "fresh_deep_mean", "fresh_deep_std", "z_score"]
+    if len(res.null):
+        out = out.merge(res.null[["arm", "seed", *null_cols]], on=["arm", "seed"], how="left")
+    else:
+        out = out.assign(**{c: math.nan for c in null_cols})
+    return out
+
+
+def penalty_summary(res: AuditResults, order: list[str] | None = None) -> pd.DataFrame:
+    """One row per arm: mean ± 95 % CI over seeds of accuracy, ``||h_L||``, its ratio to BP,
+    ``||g_L||``, the D1 growth and the null (training deep cosine, fresh mean, z), and the
+    verdicts seen."""
+    runs = penalty_runs(res)
+    cols = ["test_acc", "h_L", "h_L_vs_bp", "g_L", "max_growth", "training_deep_cos",
+            "fresh_deep_mean", "z_score"]
+    table = aggregate(runs, "arm", cols)
+    lam = runs.groupby("arm", sort=False)["penalty"].first()
+    verdicts = runs.groupby("arm", sort=False)["verdict"].agg(
+        lambda v: ", ".join(f"{k} ×{n}" for k, n in v.value_counts().items()))
+    table.insert(1, "penalty", table["arm"].map(lam))
+    table["verdicts"] = table["arm"].map(verdicts)
+    if order:
+        rank = {a: i for i, a in enumerate(order)}
+        table = table.sort_values("arm", key=lambda s: s.map(rank)).reset_index(drop=True)
+    return table[["arm", "penalty", "n"] + [f"{c}_text" for c in cols] + ["verdicts"] + cols]
+
+
+def arm_colours(arms: list[str]) -> dict[str, str]:
+    """BP and the vanilla rule in their usual colours; penalised arms, from the largest λ down,
+    in colours no rule uses (so λ = 1e-2 has the same colour in notebooks 03 and 04)."""
+    from ..plots import PALETTE, colour
+
+    spare = [PALETTE[2], PALETTE[4], PALETTE[5], PALETTE[7], PALETTE[6], PALETTE[1]]
+    penalised = [a for a in arms if "λ=" in a]
+    penalised.sort(key=lambda a: -float(a.split("λ=")[1]))
+    fixed = {a: colour(a, i) for i, a in enumerate(arms) if "λ=" not in a}
+    fixed.update({a: spare[i % len(spare)] for i, a in enumerate(penalised)})
+    return {a: fixed[a] for a in arms}  # keep the caller's order for legends
+
+
+def draw_curves(ax, df: pd.DataFrame, x: str, y: str, colours: dict[str, str], *, logy: bool = False,
+                styles: dict[str, str] | None = None, band: bool = True):
+    """``y`` against ``x`` for every arm of ``colours`` (its order), mean over seeds with a 95 %
+    confidence band, in the given colours (``plots.plot_curves`` picks colours by position)."""
+    for arm, c in colours.items():
+        sub = df[df["arm"] == arm]
+        if sub.empty:
+            continue
+        stats = sub.groupby(x)[y].apply(lambda s: mean_ci(s.to_numpy(dtype=float)))
+        xs = stats.index.to_numpy()
+        mean = np.array([m for m, _, _ in stats])
+        lo = np.array([a for _, a, _ in stats])
+        hi = np.array([b for _, _, b in stats])
+        ls = (styles or {}).get(arm, "-")
+        ax.plot(xs, mean, color=c, ls=ls, marker="o" if len(xs) < 16 else None, ms=3, label=arm)
+        if band and np.isfinite(lo).any():
+            ax.fill_between(xs, lo, hi, color=c, alpha=0.18, lw=0)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def _null_panel(ax, runs: pd.DataFrame, colours: dict[str, str]) -> None:
+    """Training-feedback deep cosine (dots per seed, bar = mean) against fresh draws (mean ± 2 sd)."""
+    arms = [a for a in colours if a in set(runs.loc[runs["training_deep_cos"].notna(), "arm"])]
+    if not arms:
+        ax.text(0.5, 0.5, "no fresh-feedback null (null_draws = 0)", ha="center", va="center",
+                transform=ax.transAxes, fontsize=9)
+        ax.set_axis_off()
+        return
+    for i, arm in enumerate(arms):
+        sub = runs[(runs["arm"] == arm) & runs["training_deep_cos"].notna()]
+        c = colours[arm]
+        ax.bar(i, sub["training_deep_cos"].mean(), width=0.55, color=c, alpha=0.35)
+        ax.plot(np.full(len(sub), i) + np.linspace(-0.12, 0.12, len(sub)), sub["training_deep_cos"],
+                "o", color=c, ms=4)
+        fresh, spread = sub["fresh_deep_mean"].mean(), 2 * sub["fresh_deep_std"].mean()
+        ax.errorbar(i + 0.38, fresh, yerr=spread, fmt="s", color="#555555", ms=4, capsize=3,
+                    label="fresh feedback, mean ± 2 sd" if i == 0 else None)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(arms)), arms, fontsize=8)
+    ax.set_ylabel("deep-layer cos(a, g)")
+    ax.set_title("fresh-feedback null: trained with vs fresh B", fontsize=10)
+    ax.legend(fontsize=8, frameon=False)
+    ax.grid(alpha=0.3, axis="y")
+
+
+def _dose_panel(ax, runs: pd.DataFrame, colours: dict[str, str]) -> None:
+    """Final ||h_L|| against λ (symlog axis: λ = 0 sits at 0), BP's level as a dashed band."""
+    rule = runs[runs["method"] != "bp"].sort_values("penalty")
+    stats = rule.groupby("penalty")["h_L"].apply(lambda s: mean_ci(s.to_numpy(dtype=float)))
+    lams = stats.index.to_numpy(dtype=float)
+    ax.plot(lams, [m for m, _, _ in stats], color="#555555", lw=1, zorder=1)
+    for arm, sub in rule.groupby("arm", sort=False):
+        ax.plot(sub["penalty"], sub["h_L"], "o", color=colours.get(arm, "#555555"), ms=5, label=arm)
+    bp = runs.loc[runs["method"] == "bp", "h_L"].to_numpy(dtype=float)
+    if np.isfinite(bp).any():
+        ax.axhline(np.nanmean(bp), color=colours.get("bp", "#0072B2"), ls="--", lw=1.2, label="bp")
+    positive = lams[lams > 0]
+    linthresh = positive.min() if positive.size else 1e-4
+    ax.set_xscale("symlog", linthresh=linthresh)
+    ax.set_xlim(left=-0.3 * linthresh)  # no negative penalties: λ = 0 at the left edge
+    ax.set_yscale("log")
+    ax.set_xlabel("penalty λ")
+    ax.set_ylabel("final median ||h_L||")
+    ax.set_title("dose response: the stream at the end of training", fontsize=10)
+    ax.legend(fontsize=8, frameon=False)
+    ax.grid(alpha=0.3)
+
+
+@dataclass
+class PenaltyResult(StudyResult):
+    """:class:`StudyResult` plus the audit frames (``audit.runs``, ``audit.null``, ...)."""
+
+    audit: AuditResults | None = None
+
+
+def penalty_view(study: PenaltyStudy | None = None, *, profile: str | None = None,
+                 live: Callable | None = None, progress: Callable | None = None,
+                 **overrides) -> PenaltyResult:
+    """Run the sweep and draw it: per-epoch ``||h_L||``, ``||g_L||`` (log scales) and test
+    accuracy per λ with BP for scale; the final ``||h_L||`` against λ; and the fresh-feedback
+    null per penalised-rule arm. The notebook's baseline run and its panel's callback."""
+    from .. import plots
+
+    study = dataclasses.replace(study, **overrides) if study else PenaltyStudy.for_profile(profile, **overrides)
+    res = run_penalty(study, callback=live, progress=progress)
+    hist = res.history
+    L = int(hist["num_blocks"].dropna().iloc[0])
+    colours = arm_colours(study.arms())
+    styles = {"bp": "--"}
+
+    fig1, axes = plt.subplots(1, 3, figsize=(13.5, 3.7))
+    draw_curves(axes[0], hist, "epoch", f"h_norm_{L}", colours, logy=True, styles=styles)
+    axes[0].set(title=f"residual stream ||h_{L}|| (median, 128 test images)", ylabel=f"||h_{L}||")
+    draw_curves(axes[1], hist, "epoch", f"g_norm_{L}", colours, logy=True, styles=styles)
+    axes[1].axhline(D2_FLOOR, color="k", ls=":", lw=1, label="D2 floor 1e-7")
+    axes[1].set(title=f"BP reference gradient ||g_{L}|| (median)", ylabel=f"||g_{L}||")
+    draw_curves(axes[2], hist, "epoch", "test_acc", colours, styles=styles)
+    axes[2].set(title="test accuracy", ylabel="accuracy")
+    for ax in axes:
+        ax.legend(fontsize=8, frameon=False)
+    plots.annotate_source(fig1, hist["data_source"].dropna().unique().tolist())
+    fig1.tight_layout(rect=(0, 0.04, 1, 1))
+    plt.close(fig1)
+
+    runs = penalty_runs(res)
+    fig2, axes2 = plt.subplots(1, 2, figsize=(11, 3.7))
+    _dose_panel(axes2[0], runs, colours)
+    _null_panel(axes2[1], runs, colours)
+    plots.annotate_source(fig2, runs["data_source"].dropna().unique().tolist())
+    fig2.tight_layout(rect=(0, 0.04, 1, 1))
+    plt.close(fig2)
+
+    table = penalty_summary(res, order=study.arms())
+    return PenaltyResult(study, hist, table, [fig1, fig2], res.from_cache, res.units,
+                         sources_note(hist), audit=res)

@@ -1,0 +1,154 @@
+"""Notebook 03's study: the residual-branch penalty sweep (config, runs, summary, panel)."""
+import math
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+
+matplotlib.use("Agg")
+
+from fa_study import widgets  # noqa: E402
+from fa_study.experiments.audit import AuditStudy  # noqa: E402
+from fa_study.experiments.penalty import (PenaltyStudy, arm_colours, parse_lambdas,  # noqa: E402
+                                          penalty_runs, penalty_view, run_penalty)
+
+# tiny runs: 2 epochs of 384 synthetic-CIFAR images on a d=16 ResidualMLP
+TINY = dict(d=16, epochs=2, n_train=384, n_test=128, null_draws=3, seeds=(3,))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One cache for the module, so later tests reuse the runs of earlier ones."""
+    path = tmp_path_factory.mktemp("penalty") / "cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FA_STUDY_CACHE", str(path))
+        yield path
+
+
+# ---------------------------------------------------------------------------- config
+
+def test_parse_lambdas_reads_text_and_sequences():
+    assert parse_lambdas("0, 1e-4, 1e-2") == (0.0, 1e-4, 1e-2)
+    assert parse_lambdas("1e-2; 0") == (0.0, 0.01)  # sorted
+    assert parse_lambdas([0.01, 0, 0.01]) == (0.0, 0.01)  # repeats dropped
+    assert parse_lambdas(0.5) == (0.5,)
+    for bad in ("0, ten", "-1e-3", "nan", "", "inf"):
+        with pytest.raises(ValueError, match="lambdas"):
+            parse_lambdas(bad)
+
+
+def test_study_rejects_bad_values_with_clear_errors():
+    with pytest.raises(ValueError, match="'dfa', 'fa'"):
+        PenaltyStudy(rule="bp")
+    with pytest.raises(ValueError, match="arch"):
+        PenaltyStudy(arch="mlp")
+    with pytest.raises(ValueError, match="epochs"):
+        PenaltyStudy(epochs=0)
+    with pytest.raises(ValueError, match="null_draws"):
+        PenaltyStudy(null_draws=1)
+    with pytest.raises(ValueError, match="grad_clip"):
+        PenaltyStudy(grad_clip=0.0)
+    with pytest.raises(ValueError, match="seeds"):
+        PenaltyStudy(seeds=())
+    with pytest.raises(ValueError, match="lambdas"):
+        PenaltyStudy(lambdas="0, -1")
+    with pytest.raises(ValueError, match="unknown setting"):
+        PenaltyStudy.for_profile("quick", lambda_=(0.0,))
+    assert PenaltyStudy(lambdas="1e-2, 0").lambdas == (0.0, 0.01)  # the panel's text box
+    assert PenaltyStudy.for_profile("paper").epochs == 30  # 003's sweep length
+
+
+def test_units_are_the_audit_units_notebook_02_would_build():
+    """Equal settings give equal cache keys: a run notebook 02 trained is reused here."""
+    kw = dict(d=64, epochs=5, n_train=4000, n_test=1000, null_draws=20)
+    study = PenaltyStudy(lambdas=(0.0, 0.01), seeds=(42,), **kw)
+    audit = AuditStudy(rules=("bp", "dfa"), seeds=(42,), **kw)
+    assert study.unit("bp", 42) == audit.unit("bp", "resmlp", 42)
+    assert study.unit("dfa", 42, 0.01) == audit.unit("dfa", "resmlp", 42, penalty=0.01)
+    units = study.units()
+    assert [(u.method, u.penalty) for u in units] == [("bp", 0.0), ("dfa", 0.0), ("dfa", 0.01)]
+    assert units[0].null_draws == 0 and units[1].null_draws == 20  # no null for BP
+    assert study.arms() == ["bp", "dfa", "dfa λ=0.01"]
+    with pytest.raises(ValueError, match="method"):
+        study.unit("fa", 42)
+
+
+def test_arm_colours_are_fixed_for_rules_and_distinct():
+    cols = arm_colours(["bp", "dfa", "dfa λ=0.0001", "dfa λ=0.01"])
+    assert list(cols) == ["bp", "dfa", "dfa λ=0.0001", "dfa λ=0.01"]
+    assert len(set(cols.values())) == 4
+    assert cols["dfa λ=0.01"] == arm_colours(["dfa", "dfa λ=0.01"])["dfa λ=0.01"]  # same in nb 04
+
+
+# ---------------------------------------------------------------------------- runs
+
+def test_run_penalty_is_tidy_cached_and_consistent(cache):
+    study = PenaltyStudy.for_profile("quick", lambdas=(0.0, 1.0), **TINY)
+    res = run_penalty(study)
+    assert res.units == 3 and res.from_cache == 0
+    hist = res.history
+    assert {"arm", "seed", "penalty", "epoch", "test_acc", "h_norm_4", "g_norm_4", "cos_4", "status",
+            "data_source"} <= set(hist.columns)
+    assert set(hist["arm"]) == {"bp", "dfa", "dfa λ=1"} and set(hist["epoch"]) == {0, 1, 2}
+    assert hist["data_source"].notna().all()
+    runs = penalty_runs(res)
+    # the audit's ||h_L|| is the history's last-epoch value (same model, same 128 test images)
+    last = hist[hist["epoch"] == 2].set_index("arm")["h_norm_4"]
+    assert np.allclose(runs.set_index("arm")["h_L"], last.loc[runs["arm"]].to_numpy(), rtol=1e-5)
+    assert runs.loc[runs["arm"] == "bp", "h_L_vs_bp"].item() == pytest.approx(1.0)
+    # the null is drawn for the rule's runs only, with n_draws fresh draws
+    assert set(res.null["arm"]) == {"dfa", "dfa λ=1"} and runs.loc[runs["arm"] == "bp", "z_score"].isna().all()
+    r = runs.set_index("arm")
+    assert r.loc["dfa λ=1", "h_L_vs_bp"] == pytest.approx(r.loc["dfa λ=1", "h_L"] / r.loc["bp", "h_L"])
+    assert r.loc["dfa", "z_score"] == pytest.approx(
+        (r.loc["dfa", "training_deep_cos"] - r.loc["dfa", "fresh_deep_mean"]) / r.loc["dfa", "fresh_deep_std"])
+    # the penalty is part of the unit: the two rule runs differ (same seed, same init)
+    assert r.loc["dfa λ=1", "h_L"] != r.loc["dfa", "h_L"]
+    assert hist.loc[hist["epoch"] == 0, "h_norm_4"].nunique() == 1  # one init for all arms
+    again = run_penalty(study)
+    assert again.from_cache == again.units == 3
+    pd.testing.assert_frame_equal(again.history, hist)
+
+
+# ---------------------------------------------------------------------------- view and panel
+
+def _mimes(output):
+    return [k for o in output.outputs for k in o.get("data", {})]
+
+
+def test_panel_runs_the_sweep_and_serves_a_repeat_from_the_cache(cache, monkeypatch):
+    monkeypatch.setitem(PenaltyStudy.PROFILES, "quick", TINY)
+    panel = widgets.ControlPanel(PenaltyStudy, penalty_view, profile="quick", live_keys=("loss",))
+    assert {"lambdas", "seeds", "epochs"} <= set(panel.controls)
+    assert panel.study() == PenaltyStudy.for_profile("quick")  # defaults = the baseline run
+    panel.controls["lambdas"].value = "0, 0.5"
+    panel.controls["seeds"].value = "5"
+    panel.controls["epochs"].value = 1  # new settings: three cold runs
+    panel.run_button.click()
+    assert panel.last_error is None, panel.last_error
+    res = panel.last_result
+    assert res.config.lambdas == (0.0, 0.5) and res.config.seeds == (5,) and res.config.epochs == 1
+    assert set(res.results["arm"]) == {"bp", "dfa", "dfa λ=0.5"} and set(res.results["epoch"]) == {0, 1}
+    assert len(res.figures) == 2 and res.audit is not None
+    mimes = _mimes(panel.output)
+    assert mimes.count("image/png") >= 2 and "text/html" in mimes
+    html = [o["data"]["text/html"] for o in panel.output.outputs if "text/html" in o.get("data", {})]
+    assert any("dfa λ=0.5" in h and "h_L_vs_bp" in h for h in html)
+    assert res.from_cache == 0 and res.units == 3
+    panel.run_button.click()
+    assert panel.last_result.from_cache == panel.last_result.units == 3
+    panel.controls["lambdas"].value = "zero"
+    panel.run_button.click()
+    assert isinstance(panel.last_error, ValueError) and "lambdas" in str(panel.last_error)
+
+
+def test_view_table_has_one_row_per_arm_with_mean_ci_text(cache):
+    study = PenaltyStudy.for_profile("quick", lambdas=(0.0,), **{**TINY, "seeds": (3, 4)})
+    res = penalty_view(study)
+    assert res.units == 4
+    t = res.table
+    assert list(t["arm"]) == ["bp", "dfa"] and list(t["n"]) == [2, 2]
+    assert t["test_acc_text"].str.contains("±").all()
+    assert math.isnan(t.set_index("arm").loc["bp", "z_score"])
+    assert any("synthetic" in n for n in res.notes)
