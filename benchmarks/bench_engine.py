@@ -8,12 +8,13 @@ CIFAR-shaped data: fa_study's trainer against the reference pipeline, both measu
 * reference (003): ``DataLoader(num_workers=2)`` over a Dataset of PIL images with RandomCrop(32,
   padding=4) + RandomHorizontalFlip + ToTensor + Normalize, one AdamW per block (plus embedding
   and head), ``.item()`` every step, and the local losses of ``003`` (a no-grad forward, then a
-  separate forward per block and for the embedding), timed over ``--steps`` steps.
+  separate forward per block and for the embedding), timed over an epoch of ``--steps`` steps
+  (its workers started afresh, as 003's loader does every epoch).
 
 Every number is the best of ``--repeats`` rounds after a warm-up round; the rules and the two
 pipelines alternate within each round so that load from other processes hits them alike.
 
-    python benchmarks/bench_engine.py [--steps 40] [--repeats 3] [--device cpu] [--threads N] [--quick]
+    python benchmarks/bench_engine.py [--steps 100] [--repeats 3] [--device cpu] [--threads N] [--quick]
 """
 from __future__ import annotations
 
@@ -133,26 +134,24 @@ class ReferenceRunner:
         seed_everything(0)
         self.model = build_model("resmlp", d=D, num_blocks=L).to(device)
         self.step = ReferenceStep(rule, self.model, device)
+        # not persistent: as in 003, every epoch starts its workers, and no worker keeps
+        # prefetching (taking CPU from the other pipeline) between the timed epochs
         self.loader = DataLoader(PILCifar(u8, labels), batch_size=batch, shuffle=True, num_workers=2,
-                                 drop_last=True, persistent_workers=True)
-        self.device, self.batch = device, batch
-        self.it = iter(self.loader)
-
-    def _next(self):
-        try:
-            xb, yb = next(self.it)
-        except StopIteration:
-            self.it = iter(self.loader)
-            xb, yb = next(self.it)
-        return xb.to(self.device), yb.to(self.device)
+                                 drop_last=True)
+        self.device = device
 
     def seconds(self, steps: int) -> float:
-        """Wall time of ``steps`` training steps, data loading included."""
+        """Wall time of the first ``steps`` training steps of an epoch, worker start-up and data
+        loading included (the workers' shut-down is not)."""
         self.model.train()
         start = time.perf_counter()
+        it = iter(self.loader)
         for _ in range(steps):
-            self.step(*self._next())
-        return time.perf_counter() - start
+            xb, yb = next(it)
+            self.step(xb.to(self.device), yb.to(self.device))
+        elapsed = time.perf_counter() - start
+        del it
+        return elapsed
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +172,7 @@ def ours_epoch_seconds(rule: str, train_ds, test_ds, batch: int) -> tuple[float,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=40, help="steps per timed epoch / window")
+    p.add_argument("--steps", type=int, default=100, help="steps per timed epoch (an epoch of steps x batch samples)")
     p.add_argument("--repeats", type=int, default=3, help="timed epochs / windows; the best counts")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--device", default="cpu")

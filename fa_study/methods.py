@@ -384,12 +384,27 @@ class FA(_LocalRule):
         d, _, num_blocks = self._dims
         return [torch.randn(d, d, generator=generator) / math.sqrt(d) for _ in range(num_blocks)]
 
+    def _products(self) -> torch.Tensor:
+        """``[P_0 | P_1 | ... | P_{L-1}]`` ``(d, L*d)`` with ``P_l = B_{L-1} ... B_l``, so that
+        ``a_l = a_L P_l``: all the signals of a step in one matrix product instead of L chained
+        ones. Recomputed only when a feedback matrix is replaced or changed in place."""
+        cached = getattr(self, "_products_key", None)  # (the B tensors themselves, their versions)
+        if cached is None or len(cached[0]) != len(self.B) \
+                or any(c is not b for c, b in zip(cached[0], self.B)) \
+                or cached[1] != tuple(b._version for b in self.B):
+            prods, p = [], None
+            for b in reversed(self.B):
+                p = b if p is None else p @ b
+                prods.append(p)
+            self._products_cache = torch.cat(prods[::-1], dim=1)
+            self._products_key = (tuple(self.B), tuple(b._version for b in self.B))
+        return self._products_cache
+
     def _pass_down(self, a_top: torch.Tensor) -> list[torch.Tensor]:
         """``[a_0, ..., a_L]`` ``(batch, d)`` from ``a_L`` through ``a_l = a_{l+1} B_l``."""
-        a = [a_top]
-        for l in range(len(self.B) - 1, -1, -1):
-            a.append(a[-1] @ self.B[l])
-        return a[::-1]
+        if not self.B:
+            return [a_top]
+        return list((a_top @ self._products()).split(a_top.shape[-1], dim=-1)) + [a_top]
 
     def fill_grads(self, model, x, y):
         self._check_model(model)
@@ -426,8 +441,9 @@ class DFA(_LocalRule):
 
     def _signals(self, e: torch.Tensor) -> list[torch.Tensor]:
         """``[a_0, a_1, ..., a_L]`` ``(batch, d)``: ``a_0 = e B_0^T``, ``a_{l+1} = e B_l^T``."""
-        a = [e @ b.t() for b in self.B]
-        return [a[0]] + a[: self._dims[2]]
+        d = self.B[0].shape[0]
+        a = (e @ torch.cat(self.B, dim=0).t()).split(d, dim=-1)  # one product for all blocks
+        return [a[0]] + list(a[: self._dims[2]])
 
     def fill_grads(self, model, x, y):
         self._check_model(model)

@@ -189,6 +189,28 @@ def test_fa_gradients_equal_the_reference_local_losses(arch):
         torch.testing.assert_close(ours[name], expected[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
+def test_fa_pass_down_follows_feedback_replaced_or_changed_in_place():
+    """FA caches the products B_{L-1}...B_l; the credit must follow any change of B."""
+    model = _model("resmlp").eval()
+    x, y = _batch()
+    fa = _setup(FA(), model)
+
+    def chained(a_top):
+        a = [a_top]
+        for l in range(model.num_blocks - 1, -1, -1):
+            a.insert(0, a[0] @ fa.B[l])
+        return a
+
+    for change in (None, "in_place", "replaced"):
+        if change == "in_place":
+            fa.B[1].mul_(-2.0)
+        elif change == "replaced":
+            fa.B = [b.flip(0).clone() for b in fa.B]
+        a_top = fa.credit(model, x, y)[-1]
+        for got, want in zip(fa.credit(model, x, y), chained(a_top)):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=str(change))
+
+
 def test_fa_with_true_jacobians_gives_the_bp_gradient():
     """A linear residual MLP (no norms, identity activation): with B_l set to the block
     Jacobians dh_{l+1}/dh_l, FA's credit is exactly the BP gradient (cosine 1)."""
