@@ -11,29 +11,11 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
+from torch.utils.data import DataLoader
 
 from fa_study import data
 
-MEAN, STD = data.SPECS["cifar10"].mean, data.SPECS["cifar10"].std
-
-
-class PILCifar(Dataset):
-    """The classic pipeline: one PIL image per sample, transformed in worker processes."""
-
-    def __init__(self, u8_nhwc: np.ndarray, labels: np.ndarray):
-        self.x, self.y = u8_nhwc, labels
-        self.tf = transforms.Compose([
-            transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.tf(Image.fromarray(self.x[i])), int(self.y[i])
+from reference_pipeline import MEAN, STD, PILCifar  # benchmarks/, on the path when run as a script
 
 
 def time_epochs(make_iter, epochs: int) -> float:

@@ -27,9 +27,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset as TorchDataset
-from torchvision import transforms
+from torch.utils.data import DataLoader
 
 from fa_study import data
 from fa_study.config import seed_everything
@@ -37,7 +35,8 @@ from fa_study.methods import build_method
 from fa_study.models import build_model
 from fa_study.train import TrainConfig, train
 
-MEAN, STD = data.SPECS["cifar10"].mean, data.SPECS["cifar10"].std
+from reference_pipeline import MEAN, STD, PILCifar  # benchmarks/, on the path when run as a script
+
 RULES = ("bp", "fa", "dfa")
 D, L, C = 256, 4, 10
 
@@ -45,22 +44,6 @@ D, L, C = 256, 4, 10
 # --------------------------------------------------------------------------------------------
 # The reference pipeline (003)
 # --------------------------------------------------------------------------------------------
-
-class PILCifar(TorchDataset):
-    """One PIL image per sample, transformed in the worker processes."""
-
-    def __init__(self, u8_nhwc: np.ndarray, labels: np.ndarray):
-        self.x, self.y = u8_nhwc, labels
-        self.tf = transforms.Compose([
-            transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int):
-        return self.tf(Image.fromarray(self.x[i])), int(self.y[i])
-
 
 class ReferenceStep:
     """One training step of 003's ``train_bp`` / ``train_fa`` / ``train_dfa`` on our ResidualMLP."""

@@ -19,3 +19,12 @@ def fresh_data_state(monkeypatch, tmp_path):
     monkeypatch.setattr(data, "_MEMO", {})
     monkeypatch.setattr(data, "_ANNOUNCED", set())
     return tmp_path / "data"
+
+
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory, request):
+    """A results cache shared by the tests of one module, so later tests reuse earlier runs."""
+    path = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]) / "cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FA_STUDY_CACHE", str(path))
+        yield path

@@ -1,29 +1,23 @@
 """Notebook 04's study: direction quality of vanilla against penalised DFA (config, reading, panel)."""
 import math
 
-import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
 
-matplotlib.use("Agg")
-
-from fa_study import widgets  # noqa: E402
-from fa_study.experiments.direction import (DirectionStudy, direction_readings,  # noqa: E402
+from fa_study import widgets
+from fa_study.experiments.direction import (DirectionStudy, direction_readings,
                                             direction_view, reading_sentences, run_direction)
-from fa_study.experiments.penalty import PenaltyStudy  # noqa: E402
+from fa_study.experiments.penalty import PenaltyStudy
 
 # tiny runs: 2 epochs of 384 synthetic-CIFAR images on a d=16 ResidualMLP
 TINY = dict(d=16, epochs=2, n_train=384, n_test=128, null_draws=3, seeds=(3,))
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One cache for the module, so later tests reuse the runs of earlier ones."""
-    path = tmp_path_factory.mktemp("direction") / "cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FA_STUDY_CACHE", str(path))
-        yield path
+def cache(module_cache):
+    """One cache for the module (conftest's ``module_cache``), so later tests reuse earlier runs."""
+    return module_cache
 
 
 # ---------------------------------------------------------------------------- config

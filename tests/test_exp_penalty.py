@@ -1,16 +1,13 @@
 """Notebook 03's study: the residual-branch penalty sweep (config, runs, summary, panel)."""
 import math
 
-import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
 
-matplotlib.use("Agg")
-
-from fa_study import widgets  # noqa: E402
-from fa_study.experiments.audit import AuditStudy  # noqa: E402
-from fa_study.experiments.penalty import (PenaltyStudy, arm_colours, parse_lambdas,  # noqa: E402
+from fa_study import widgets
+from fa_study.experiments.audit import AuditStudy
+from fa_study.experiments.penalty import (PenaltyStudy, arm_colours, parse_lambdas,
                                           penalty_runs, penalty_view, run_penalty)
 
 # tiny runs: 2 epochs of 384 synthetic-CIFAR images on a d=16 ResidualMLP
@@ -18,12 +15,9 @@ TINY = dict(d=16, epochs=2, n_train=384, n_test=128, null_draws=3, seeds=(3,))
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One cache for the module, so later tests reuse the runs of earlier ones."""
-    path = tmp_path_factory.mktemp("penalty") / "cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FA_STUDY_CACHE", str(path))
-        yield path
+def cache(module_cache):
+    """One cache for the module (conftest's ``module_cache``), so later tests reuse earlier runs."""
+    return module_cache
 
 
 # ---------------------------------------------------------------------------- config
