@@ -8,7 +8,7 @@ steps during training and is silent in the ``quick`` profile.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -53,22 +53,29 @@ def _needs_log(values: Iterable[float]) -> bool:
 
 def plot_curves(df: pd.DataFrame, x: str, y: str, *, hue: str | None = None, ax=None,
                 logy: bool | None = None, label_prefix: str = "", ci: bool = True,
-                style: str | None = None, title: str | None = None, ylabel: str | None = None):
+                style: str | None = None, title: str | None = None, ylabel: str | None = None,
+                colours: Mapping[str, str] | None = None, styles: Mapping[str, str] | None = None):
     """Lines of ``y`` against ``x``, one per value of ``hue``; several seeds (rows with the same
     ``hue`` and ``x``) are drawn as their mean with a 95 % confidence band.
 
-    ``logy=None`` chooses a log axis when the values span more than two decades.
+    ``logy=None`` chooses a log axis when the values span more than two decades. ``colours``
+    (``{hue value: colour}``) fixes each line's colour and the drawing and legend order, and
+    draws only those values; ``styles`` (``{hue value: line style}``) overrides ``style`` per line.
     """
     ax = _axis(ax)
     groups = [(None, df)] if hue is None else list(df.groupby(hue, sort=False))
+    if colours is not None:
+        by_key = dict(groups)
+        groups = [(k, by_key[k]) for k in colours if k in by_key]
     for i, (key, sub) in enumerate(groups):
         stats = sub.groupby(x)[y].apply(lambda s: mean_ci(s.to_numpy(dtype=float)))
         xs = stats.index.to_numpy()
         mean = np.array([m for m, _, _ in stats])
         lo = np.array([a for _, a, _ in stats])
         hi = np.array([b for _, _, b in stats])
-        c = colour(key, i)
+        c = colours[key] if colours is not None else colour(key, i)
         ls = LINESTYLES[i // len(PALETTE) % len(LINESTYLES)] if style is None else style
+        ls = (styles or {}).get(key, ls)
         ax.plot(xs, mean, color=c, ls=ls, marker="o" if len(xs) < 12 else None, ms=3,
                 label=f"{label_prefix}{key}" if key is not None else (label_prefix or y))
         if ci and np.isfinite(lo).any() and (hi > lo).any():

@@ -21,6 +21,13 @@ def fresh_data_state(monkeypatch, tmp_path):
     return tmp_path / "data"
 
 
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty results cache (``FA_STUDY_CACHE``) for one test."""
+    monkeypatch.setenv("FA_STUDY_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 @pytest.fixture(scope="module")
 def module_cache(tmp_path_factory, request):
     """A results cache shared by the tests of one module, so later tests reuse earlier runs."""

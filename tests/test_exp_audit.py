@@ -19,12 +19,6 @@ TINY = dict(rules=("bp", "dfa"), seeds=(0,), d=16, num_blocks=2, epochs=1, n_tra
             null_draws=2)
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FA_STUDY_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 # ---------------------------------------------------------------------------- config
 
 @pytest.mark.parametrize("field, value, message", [

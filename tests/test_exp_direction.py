@@ -14,12 +14,6 @@ from fa_study.experiments.penalty import PenaltyStudy
 TINY = dict(d=16, epochs=2, n_train=384, n_test=128, null_draws=3, seeds=(3,))
 
 
-@pytest.fixture(scope="module")
-def cache(module_cache):
-    """One cache for the module (conftest's ``module_cache``), so later tests reuse earlier runs."""
-    return module_cache
-
-
 # ---------------------------------------------------------------------------- config
 
 def test_study_rejects_bad_values_with_clear_errors():
@@ -80,7 +74,7 @@ def test_readings_apply_the_preregistered_thresholds_to_the_seed_means():
 
 # ---------------------------------------------------------------------------- runs, view, panel
 
-def test_run_direction_returns_tidy_per_layer_results(cache):
+def test_run_direction_returns_tidy_per_layer_results(module_cache):
     res = run_direction(DirectionStudy.for_profile("quick", **TINY))
     assert res.units == 2 and res.from_cache == 0
     lay = res.layers
@@ -95,7 +89,7 @@ def _mimes(output):
     return [k for o in output.outputs for k in o.get("data", {})]
 
 
-def test_panel_reads_new_settings_and_serves_a_repeat_from_the_cache(cache, monkeypatch):
+def test_panel_reads_new_settings_and_serves_a_repeat_from_the_cache(module_cache, monkeypatch):
     monkeypatch.setitem(DirectionStudy.PROFILES, "quick", TINY)
     panel = widgets.ControlPanel(DirectionStudy, direction_view, profile="quick", live_keys=("loss",))
     assert {"lam", "seeds", "epochs", "grad_clip"} <= set(panel.controls)
@@ -124,7 +118,7 @@ def test_panel_reads_new_settings_and_serves_a_repeat_from_the_cache(cache, monk
     assert panel.last_result.from_cache == panel.last_result.units == 2
 
 
-def test_view_draws_one_figure_and_rejects_a_layer_the_model_lacks(cache):
+def test_view_draws_one_figure_and_rejects_a_layer_the_model_lacks(module_cache):
     res = direction_view(DirectionStudy.for_profile("quick", **TINY))
     assert res.units == 2
     assert len(res.figures) == 1 and len(res.figures[0].axes) == 3

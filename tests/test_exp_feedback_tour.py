@@ -16,10 +16,10 @@ TINY = dict(arms=("bp", "fa", "kolen_pollack", "dfa"), seeds=(0,), hidden=16, ep
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FA_STUDY_CACHE", str(tmp_path / "cache"))
+def cache(cache, monkeypatch):
+    """conftest's empty cache, and no download attempts."""
     monkeypatch.setenv("FA_STUDY_OFFLINE", "1")
-    return tmp_path / "cache"
+    return cache
 
 
 def _synthetic(n=120, d=20, k=4, seed=0):

@@ -15,12 +15,6 @@ from fa_study.experiments.learned import (LearnedStudy, _callback_every, learned
 TINY = dict(epochs=1, n_train=256, n_test=128, d=16, num_blocks=2, seeds=(3,))
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FA_STUDY_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny models: a second thread only adds synchronisation (slow on a shared CPU)."""

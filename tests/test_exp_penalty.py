@@ -14,12 +14,6 @@ from fa_study.experiments.penalty import (PenaltyStudy, arm_colours, parse_lambd
 TINY = dict(d=16, epochs=2, n_train=384, n_test=128, null_draws=3, seeds=(3,))
 
 
-@pytest.fixture(scope="module")
-def cache(module_cache):
-    """One cache for the module (conftest's ``module_cache``), so later tests reuse earlier runs."""
-    return module_cache
-
-
 # ---------------------------------------------------------------------------- config
 
 def test_parse_lambdas_reads_text_and_sequences():
@@ -77,7 +71,7 @@ def test_arm_colours_are_fixed_for_rules_and_distinct():
 
 # ---------------------------------------------------------------------------- runs
 
-def test_run_penalty_is_tidy_cached_and_consistent(cache):
+def test_run_penalty_is_tidy_cached_and_consistent(module_cache):
     study = PenaltyStudy.for_profile("quick", lambdas=(0.0, 1.0), **TINY)
     res = run_penalty(study)
     assert res.units == 3 and res.from_cache == 0
@@ -111,7 +105,7 @@ def _mimes(output):
     return [k for o in output.outputs for k in o.get("data", {})]
 
 
-def test_panel_runs_the_sweep_and_serves_a_repeat_from_the_cache(cache, monkeypatch):
+def test_panel_runs_the_sweep_and_serves_a_repeat_from_the_cache(module_cache, monkeypatch):
     monkeypatch.setitem(PenaltyStudy.PROFILES, "quick", TINY)
     panel = widgets.ControlPanel(PenaltyStudy, penalty_view, profile="quick", live_keys=("loss",))
     assert {"lambdas", "seeds", "epochs"} <= set(panel.controls)
@@ -137,7 +131,7 @@ def test_panel_runs_the_sweep_and_serves_a_repeat_from_the_cache(cache, monkeypa
     assert isinstance(panel.last_error, ValueError) and "lambdas" in str(panel.last_error)
 
 
-def test_view_table_has_one_row_per_arm_with_mean_ci_text(cache):
+def test_view_table_has_one_row_per_arm_with_mean_ci_text(module_cache):
     study = PenaltyStudy.for_profile("quick", lambdas=(0.0,), **{**TINY, "seeds": (3, 4)})
     res = penalty_view(study)
     assert res.units == 4

@@ -14,12 +14,6 @@ from fa_study import experiments, plots, widgets  # noqa: E402
 from fa_study.stats import aggregate, format_mean_ci, mean_ci  # noqa: E402
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FA_STUDY_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 # ---------------------------------------------------------------------------- stats
 
 def test_mean_ci_is_the_student_t_interval():
@@ -55,6 +49,20 @@ def test_plot_helpers_take_and_return_an_axis():
     with pytest.raises(ValueError, match="no columns named"):
         plots.plot_layers(df, "h_")
     plt.close("all")
+
+
+def test_plot_curves_with_colours_fixes_order_colour_style_and_draws_the_mean():
+    df = pd.DataFrame({"arm": ["a", "a", "b", "b", "c", "c"], "seed": [0, 1] * 3,
+                       "epoch": [1] * 6, "v": [1.0, 3.0, 10.0, 10.0, 5.0, 5.0]})
+    ax = plots.plot_curves(df, "epoch", "v", hue="arm", logy=False,
+                           colours={"b": "#111111", "a": "#222222"}, styles={"a": ":"})
+    assert [ln.get_label() for ln in ax.lines] == ["b", "a"]  # the mapping's order; "c" left out
+    assert [ln.get_color() for ln in ax.lines] == ["#111111", "#222222"]
+    assert ax.lines[1].get_linestyle() == ":" and ax.lines[0].get_linestyle() == "-"
+    assert ax.lines[1].get_ydata()[0] == 2.0  # mean over the two seeds of "a"
+    import matplotlib.pyplot as plt
+
+    plt.close(ax.figure)
 
 
 def test_live_plot_redraws_every_n_steps_and_is_silent_in_quick():

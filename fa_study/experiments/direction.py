@@ -28,7 +28,7 @@ from ..config import check_choice
 from ..stats import aggregate, format_mean_ci, mean_ci
 from .audit import AuditResults, AuditUnit, arm_label, run_audit_units
 from .core import StudyResult, profile_config, sources_note
-from .penalty import arm_colours, check_run_settings, draw_curves, make_unit
+from .penalty import arm_colours, check_run_settings, make_unit
 
 
 @dataclass(frozen=True)
@@ -223,7 +223,7 @@ def direction_view(study: DirectionStudy | None = None, *, profile: str | None =
         raise ValueError(f"read_layer must be one of 0..{L} for this model, got {layer}")
 
     fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.7))
-    draw_curves(axes[0], lay, "layer", "cos_mean", colours)
+    plots.plot_curves(lay, "layer", "cos_mean", hue="arm", ax=axes[0], logy=False, colours=colours)
     readings = direction_readings(lay, order)
     for i, (arm, c) in enumerate(colours.items()):
         sub = readings[readings["arm"] == arm]
@@ -235,10 +235,10 @@ def direction_view(study: DirectionStudy | None = None, *, profile: str | None =
             axes[0].axhline(sign * t, color="#777777", ls=ls, lw=0.8)
     axes[0].axhline(0, color="k", lw=0.8)
     axes[0].set(title="cos(a_l, g_l): credit vs BP gradient", ylabel="cosine (bars: sample sd)")
-    draw_curves(axes[1], lay, "layer", "g_norm_median", colours, logy=True)
+    plots.plot_curves(lay, "layer", "g_norm_median", hue="arm", ax=axes[1], logy=True, colours=colours)
     axes[1].axhline(HEALTHY_G, color="k", ls=":", lw=1, label="healthy above 1e-7")
     axes[1].set(title="||g_l||: BP reference gradient (median)", ylabel="||g_l||")
-    draw_curves(axes[2], lay, "layer", "a_norm_median", colours, logy=True)
+    plots.plot_curves(lay, "layer", "a_norm_median", hue="arm", ax=axes[2], logy=True, colours=colours)
     _plain_log_labels(axes[2])
     axes[2].set(title="||a_l||: the rule's credit signal (median)", ylabel="||a_l||")
     for ax in axes:

@@ -239,31 +239,6 @@ def arm_colours(arms: list[str]) -> dict[str, str]:
     return {a: fixed[a] for a in arms}  # keep the caller's order for legends
 
 
-def draw_curves(ax, df: pd.DataFrame, x: str, y: str, colours: dict[str, str], *, logy: bool = False,
-                styles: dict[str, str] | None = None, band: bool = True):
-    """``y`` against ``x`` for every arm of ``colours`` (its order), mean over seeds with a 95 %
-    confidence band, in the given colours (``plots.plot_curves`` picks colours by position)."""
-    for arm, c in colours.items():
-        sub = df[df["arm"] == arm]
-        if sub.empty:
-            continue
-        stats = sub.groupby(x)[y].apply(lambda s: mean_ci(s.to_numpy(dtype=float)))
-        xs = stats.index.to_numpy()
-        mean = np.array([m for m, _, _ in stats])
-        lo = np.array([a for _, a, _ in stats])
-        hi = np.array([b for _, _, b in stats])
-        ls = (styles or {}).get(arm, "-")
-        ax.plot(xs, mean, color=c, ls=ls, marker="o" if len(xs) < 16 else None, ms=3, label=arm)
-        if band and np.isfinite(lo).any():
-            ax.fill_between(xs, lo, hi, color=c, alpha=0.18, lw=0)
-    if logy:
-        ax.set_yscale("log")
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    ax.grid(alpha=0.3)
-    return ax
-
-
 def _null_panel(ax, runs: pd.DataFrame, colours: dict[str, str]) -> None:
     """Training-feedback deep cosine (dots per seed, bar = mean) against fresh draws (mean ± 2 sd)."""
     arms = [a for a in colours if a in set(runs.loc[runs["training_deep_cos"].notna(), "arm"])]
@@ -335,12 +310,13 @@ def penalty_view(study: PenaltyStudy | None = None, *, profile: str | None = Non
     styles = {"bp": "--"}
 
     fig1, axes = plt.subplots(1, 3, figsize=(13.5, 3.7))
-    draw_curves(axes[0], hist, "epoch", f"h_norm_{L}", colours, logy=True, styles=styles)
+    curves = dict(hue="arm", colours=colours, styles=styles)
+    plots.plot_curves(hist, "epoch", f"h_norm_{L}", ax=axes[0], logy=True, **curves)
     axes[0].set(title=f"residual stream ||h_{L}|| (median, 128 test images)", ylabel=f"||h_{L}||")
-    draw_curves(axes[1], hist, "epoch", f"g_norm_{L}", colours, logy=True, styles=styles)
+    plots.plot_curves(hist, "epoch", f"g_norm_{L}", ax=axes[1], logy=True, **curves)
     axes[1].axhline(D2_FLOOR, color="k", ls=":", lw=1, label="D2 floor 1e-7")
     axes[1].set(title=f"BP reference gradient ||g_{L}|| (median)", ylabel=f"||g_{L}||")
-    draw_curves(axes[2], hist, "epoch", "test_acc", colours, styles=styles)
+    plots.plot_curves(hist, "epoch", "test_acc", ax=axes[2], logy=False, **curves)
     axes[2].set(title="test accuracy", ylabel="accuracy")
     for ax in axes:
         ax.legend(fontsize=8, frameon=False)
