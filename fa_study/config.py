@@ -11,6 +11,8 @@ unless passed explicitly.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import random
 from pathlib import Path
@@ -33,6 +35,90 @@ def check_choice(what: str, value, allowed) -> None:
     if value not in allowed:
         listed = ", ".join(repr(a) for a in allowed)
         raise ValueError(f"unknown {what} {value!r}; allowed values: {listed}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_int(what: str, value, low: int | None = None, high: int | None = None, *,
+              none_ok: bool = False, none_means: str = "") -> int | None:
+    """``value`` as an int, or ``ValueError`` naming ``what``, the value and the allowed range.
+
+    ``low`` / ``high`` are inclusive bounds; ``none_ok`` accepts ``None`` (returned as is), and
+    ``none_means`` says what None stands for in the message (e.g. "the whole split").
+    """
+    if value is None and none_ok:
+        return None
+    if not _is_int(value) or (low is not None and value < low) or (high is not None and value > high):
+        if low is not None and high is not None:
+            rng = f"an integer in [{low}, {high}]"
+        elif low is not None:
+            rng = f"an integer >= {low}"
+        elif high is not None:
+            rng = f"an integer <= {high}"
+        else:
+            rng = "an integer"
+        if none_ok:
+            rng += " or None" + (f" ({none_means})" if none_means else "")
+        raise ValueError(f"{what} must be {rng}, got {value!r}")
+    return int(value)
+
+
+def check_float(what: str, value, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = False, none_ok: bool = False,
+                none_means: str = "") -> float | None:
+    """``value`` as a finite float within bounds, or ``ValueError`` naming ``what``, the value
+    and what is allowed. ``low_open`` / ``high_open`` exclude the bound itself (``low=0,
+    low_open=True``: strictly positive). Strings, bools, NaN and infinities are refused."""
+    if value is None and none_ok:
+        return None
+    ok = _is_real(value) and math.isfinite(float(value))
+    if ok and low is not None:
+        ok = float(value) > low if low_open else float(value) >= low
+    if ok and high is not None:
+        ok = float(value) < high if high_open else float(value) <= high
+    if not ok:
+        parts = []
+        if low is not None:
+            parts.append(f"{'>' if low_open else '>='} {low:g}")
+        if high is not None:
+            parts.append(f"{'<' if high_open else '<='} {high:g}")
+        rng = "a finite number" + (" " + " and ".join(parts) if parts else "")
+        if none_ok:
+            rng += " or None" + (f" ({none_means})" if none_means else "")
+        raise ValueError(f"{what} must be {rng}, got {value!r}")
+    return float(value)
+
+
+def check_bool(what: str, value) -> bool:
+    """``value`` if it is True or False, else ``ValueError`` naming ``what``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be True or False, got {value!r}")
+    return value
+
+
+def check_seeds(what: str, seeds) -> tuple[int, ...]:
+    """A non-empty tuple of distinct integer seeds (an int is one seed); duplicates are refused
+    because they would count one run twice (n = 2 and a confidence interval of 0)."""
+    if _is_int(seeds):
+        seeds = (seeds,)
+    try:
+        seeds = tuple(seeds)
+    except TypeError:
+        raise ValueError(f"{what} must be a non-empty tuple of distinct integers, got {seeds!r}") from None
+    if not seeds or not all(_is_int(s) for s in seeds):
+        raise ValueError(f"{what} must be a non-empty tuple of distinct integers (e.g. (42, 123)), "
+                         f"got {seeds!r}")
+    dup = sorted({int(s) for s in seeds if list(seeds).count(s) > 1})
+    if dup:
+        raise ValueError(f"{what} must not repeat a seed (a repeated seed is the same run counted "
+                         f"twice); repeated: {dup} in {seeds!r}")
+    return tuple(int(s) for s in seeds)
 
 
 def get_profile(profile: str | None = None) -> str:
