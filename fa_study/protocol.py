@@ -34,7 +34,7 @@ import math
 import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import pandas as pd
@@ -42,9 +42,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import check_choice
 from .metrics import per_sample_cosine
 
-DIRECTION_EPS = 1e-30  # direction quality's cosine floor: small enough to show the true cosine
+D1_THRESHOLD = 50.0  # 003: D1 fires when a block grows the stream by more than this factor
+D2_EPS = 1e-8  # 003: the cosine clamp the reference gradient must clear
+D2_FACTOR = 10.0  # 003: D2 fires when ||g_L|| < D2_FACTOR * D2_EPS
+D2_FLOOR = D2_FACTOR * D2_EPS  # = 1e-7 on the 128-sample eval batch
+D3_MARGIN_PP = 2.0  # 003: D3 fires when accuracy < frozen-blocks accuracy + 2 percentage points
+PROTOCOL_EVAL = 128  # the D2 floor was calibrated on batches of 128 (||g|| scales as 1/N)
+DIRECTION_EVAL = 1024  # 004 read direction quality on 1,024 test samples
+COSINE_EPS = 1e-30  # per-layer cosines: small enough to show the true cosine when ||g|| is tiny
+DIRECTION_EPS = COSINE_EPS  # direction quality's cosine floor
 HEALTHY_G = 1e-7  # 004: the BP reference is resolvable above this median ||g||
 POOR_COS = 0.05  # 004: |cos| below this is poor direction quality
 MEDIOCRE_COS = 0.20  # 004: |cos| below this (and >= POOR_COS) is mediocre
@@ -71,7 +80,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextmanager
-def _buffers_preserved(model: nn.Module) -> Iterator[None]:
+def buffers_preserved(model: nn.Module) -> Iterator[None]:
     """Restore every buffer afterwards when any module is training, so a diagnostic forward
     never moves BatchNorm running statistics."""
     if not any(m.training for m in model.modules()):
@@ -122,12 +131,22 @@ def bp_reference(model: nn.Module, x: torch.Tensor,
     ``h_l`` (``(batch, d)``, ``(batch, tokens, d)`` or ``(batch, d, H, W)``), and logits
     ``(batch, classes)``; all detached.
 
+    For a model converted to layer-level rules (it holds ``LocalLinear`` / ``LocalConv2d``),
+    autograd through the model itself would give the rule's own signal, not BP's: the reference
+    is then taken on its BP twin (:func:`fa_study.feedback.bp_twin`, the same weights with every
+    local layer on BP), so it is always the gradient of the trained network as plain BP would
+    compute it.
+
     The model stays in whatever mode it is in (use :func:`eval_mode` for BatchNorm models);
     no parameter ``.grad`` is touched, and BatchNorm running statistics are restored if the
     forward ran in train mode. Works inside ``torch.no_grad()``.
     """
+    from .feedback import bp_twin, local_layers
+
     _check_batch(x, y)
-    with torch.enable_grad(), _buffers_preserved(model):
+    if local_layers(model):
+        model = bp_twin(model)
+    with torch.enable_grad(), buffers_preserved(model):
         h = model.embed(x)
         if not h.requires_grad:  # embedding frozen (or no parameters): start the graph here
             h = h.detach().requires_grad_(True)
@@ -231,8 +250,8 @@ class AuditReport:
 
 def audit(model: nn.Module, x_eval: torch.Tensor, y_eval: torch.Tensor, *,
           frozen_acc: float | None = None, test_acc: float | None = None,
-          d1_threshold: float = 50.0, d2_eps: float = 1e-8, d2_factor: float = 10.0,
-          d3_margin_pp: float = 2.0) -> AuditReport:
+          d1_threshold: float = D1_THRESHOLD, d2_eps: float = D2_EPS, d2_factor: float = D2_FACTOR,
+          d3_margin_pp: float = D3_MARGIN_PP) -> AuditReport:
     """Run diagnostics D1, D2 and D3 on a trained model and return an :class:`AuditReport`.
 
     ``x_eval``: an evaluation batch the model accepts (the reference uses 128 test samples);
@@ -269,11 +288,7 @@ def audit(model: nn.Module, x_eval: torch.Tensor, y_eval: torch.Tensor, *,
     g_L = g_norms[-1]
     d2 = bool(g_L < d2_floor)
     d3_margin = d3_margin_pp / 100.0
-    if frozen_acc is None:
-        depth_margin, d3 = None, None
-    else:
-        depth_margin = test_acc - float(frozen_acc)
-        d3 = bool(depth_margin < d3_margin)
+    depth_margin, d3 = decide_d3(test_acc, frozen_acc, d3_margin_pp)
 
     return AuditReport(
         verdict=verdict_from_flags(d1, d2, d3), flags=fired_flags(d1, d2, d3), mode1=d1 and d2,
@@ -284,12 +299,81 @@ def audit(model: nn.Module, x_eval: torch.Tensor, y_eval: torch.Tensor, *,
         depth_margin=depth_margin, d3_margin=d3_margin, d3=d3)
 
 
+def decide_d3(test_acc: float, frozen_acc: float | None, d3_margin_pp: float = D3_MARGIN_PP
+              ) -> tuple[float | None, bool | None]:
+    """D3, decided here only: ``(depth margin test_acc - frozen_acc, fires)``; ``(None, None)``
+    (not evaluated) without a frozen-blocks accuracy (None or NaN)."""
+    if frozen_acc is None or not math.isfinite(float(frozen_acc)):
+        return None, None
+    margin = float(test_acc) - float(frozen_acc)
+    return margin, bool(margin < d3_margin_pp / 100.0)
+
+
+def with_baseline(report: AuditReport, frozen_acc: float | None,
+                  d3_margin_pp: float = D3_MARGIN_PP) -> AuditReport:
+    """``report`` with D3 (and the verdict) decided against the frozen-blocks accuracy."""
+    margin, d3 = decide_d3(report.test_acc, frozen_acc, d3_margin_pp)
+    return replace(report, frozen_acc=None if d3 is None else float(frozen_acc), depth_margin=margin,
+                   d3_margin=d3_margin_pp / 100.0, d3=d3, flags=fired_flags(report.d1, report.d2, d3),
+                   verdict=verdict_from_flags(report.d1, report.d2, d3))
+
+
+def report_from_dict(values: dict) -> AuditReport:
+    """The :class:`AuditReport` whose :meth:`AuditReport.to_dict` gave ``values`` (results caches
+    hold data, not objects)."""
+    names = {f.name for f in fields(AuditReport)}
+    kw = {k: v for k, v in values.items() if k in names}
+    for key in ("flags", "hidden_norms", "growth", "grad_norms"):
+        kw[key] = tuple(kw[key])
+    return AuditReport(**kw)
+
+
 # --------------------------------------------------------------------------- credit vs BP
+
+def position_sum(model: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``(batch, d)``: ``t`` summed over the positions of a hidden state, i.e. the adjoint of
+    ``model.broadcast`` (the identity for MLPs; the sum over tokens for ViTMini, over pixels for
+    SmallResNet). For a gradient it is the gradient along a position-constant direction: what a
+    ``(batch, d)`` credit signal broadcast over positions can express."""
+    if t.dim() == 2:
+        return t
+    with torch.enable_grad():
+        v = torch.zeros(t.shape[0], model.width, device=t.device, dtype=t.dtype, requires_grad=True)
+        out, = torch.autograd.grad((model.broadcast(v, t) * t.detach()).sum(), v)
+    return out
+
+
+COMPARES: tuple[str, ...] = ("summed", "full", "pooled")
+
+
+def _compared(model: nn.Module, t: torch.Tensor, compare: str) -> torch.Tensor:
+    if compare == "summed":
+        return position_sum(model, t)
+    if compare == "pooled":
+        return model.pool(t)
+    return t
+
+
+def credit_cosines(model: nn.Module, credit: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                   eps: float = COSINE_EPS, compare: str = "summed") -> list[float]:
+    """Per hidden state, the mean over the batch of ``cos(a_l, g_l)`` (float64, floor ``eps``).
+
+    ``compare="summed"`` (default) compares both summed over positions (:func:`position_sum`):
+    for ViTMini, FA's top-layer credit (exactly the cls-token gradient, broadcast over tokens)
+    then reads 1, not 1/sqrt(65) as a comparison of whole token tensors would. ``"full"``
+    compares the whole tensors, ``"pooled"`` the pooled vectors (003's cls token / average pool).
+    """
+    check_choice("compare", compare, COMPARES)
+    return [float(per_sample_cosine(_compared(model, a, compare).double(),
+                                    _compared(model, g, compare).double(), eps).mean())
+            for a, g in zip(credit, grads)]
+
+
 
 def _credit(model: nn.Module, method, x: torch.Tensor, y: torch.Tensor,
             hiddens: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """``method.credit`` with its output checked against the hidden states."""
-    with _buffers_preserved(model):
+    with buffers_preserved(model):
         credit = list(method.credit(model, x, y))
     name = getattr(method, "name", type(method).__name__)
     if len(credit) != len(hiddens):
@@ -302,15 +386,9 @@ def _credit(model: nn.Module, method, x: torch.Tensor, y: torch.Tensor,
     return [a.detach() for a in credit]
 
 
-def _layer_cosines(model, grads, credit, layers, eps, pool) -> list[float]:
-    out = []
-    for l in layers:
-        a, g = credit[l], grads[l]
-        if pool:
-            a, g = model.pool(a), model.pool(g)
-        # Averaged in float64, exactly as direction_quality does, so the two agree bitwise.
-        out.append(float(per_sample_cosine(a, g, eps).double().mean()))
-    return out
+def _layer_cosines(model, grads, credit, layers, eps, compare) -> list[float]:
+    cos = credit_cosines(model, [credit[l] for l in layers], [grads[l] for l in layers], eps, compare)
+    return cos
 
 
 def _check_layers(layers: Sequence[int] | None, num_blocks: int) -> list[int]:
@@ -326,7 +404,7 @@ def _check_layers(layers: Sequence[int] | None, num_blocks: int) -> list[int]:
 def fresh_feedback_null(model: nn.Module, method, x: torch.Tensor, y: torch.Tensor,
                         n_draws: int = 20, generator: torch.Generator | None = None, *,
                         layers: Sequence[int] | None = None, eps: float = DIRECTION_EPS,
-                        pool: bool = False) -> dict:
+                        compare: str = "summed") -> dict:
     """Is the trained network aligned with *its* feedback, or would any feedback do as well?
 
     Computes the deep-layer cosine between ``method.credit`` and the BP gradient (mean over
@@ -339,8 +417,15 @@ def fresh_feedback_null(model: nn.Module, method, x: torch.Tensor, y: torch.Tens
     for the fresh draws (default: seeded with :data:`NULL_SEED`, so the null is reproducible);
     it must not be seeded like the one given to ``method.setup``, or the first draw would be
     the training feedback itself (raises ``ValueError``). ``eps``: cosine
-    floor (the true cosine by default, as in :func:`direction_quality`); ``pool``: compare the
-    pooled vectors ``model.pool(.)`` instead of the full tensors. Runs in eval mode.
+    floor (the true cosine by default, as in :func:`direction_quality`); ``compare``: as in
+    :func:`credit_cosines` (default: both signals summed over positions). Runs in eval mode.
+
+    Layer pairing: ``a_l`` is compared with ``g_l`` at the same hidden state, so block ``l``'s
+    signal ``a_{l+1}`` (it drives ``f_l``, hence ``h_{l+1}``) meets the gradient at the block's
+    OUTPUT. Reference 003's null (and 004's direction test) paired ``e B_l^T`` with ``g_l``, the
+    gradient at block ``l``'s INPUT, one state too low; its deep set "layers 1..L-1" is our
+    ``1..L``. For rules whose feedback cannot be redrawn the null is refused: ask
+    ``type(rule).has_random_feedback``.
 
     Returns a dict: ``training_deep_cos``, ``fresh_deep_mean``, ``fresh_deep_std`` (ddof=1),
     ``fresh_deep_cos`` (list), ``z_score`` (training minus fresh mean, in fresh std),
@@ -349,15 +434,15 @@ def fresh_feedback_null(model: nn.Module, method, x: torch.Tensor, y: torch.Tens
     if isinstance(n_draws, bool) or not isinstance(n_draws, int) or n_draws < 2:
         raise ValueError(f"n_draws must be an integer >= 2 (a standard deviation is reported), "
                          f"got {n_draws!r}")
-    if not callable(getattr(method, "fresh", None)):
-        raise ValueError(f"method {getattr(method, 'name', method)!r} has no fresh(generator); "
-                         "the fresh-feedback null needs a rule with redrawable feedback")
+    if not getattr(type(method), "has_random_feedback", callable(getattr(method, "fresh", None))):
+        raise ValueError(f"rule {getattr(method, 'name', method)!r} has no random feedback to redraw "
+                         "(has_random_feedback is False): the fresh-feedback null does not apply to it")
     layers = _check_layers(layers, model.num_blocks)
     gen = generator if generator is not None else torch.Generator().manual_seed(NULL_SEED)
     with eval_mode(model):
         hiddens, grads, _ = bp_reference(model, x, y)
         trained_credit = _credit(model, method, x, y, hiddens)
-        train_layer = _layer_cosines(model, grads, trained_credit, layers, eps, pool)
+        train_layer = _layer_cosines(model, grads, trained_credit, layers, eps, compare)
         fresh = []
         for draw in range(n_draws):
             redrawn = _credit(model, method.fresh(gen), x, y, hiddens)
@@ -368,7 +453,7 @@ def fresh_feedback_null(model: nn.Module, method, x: torch.Tensor, y: torch.Tens
                     f"({getattr(method, 'name', method)!r}) has no random feedback to redraw (bp "
                     "has no fresh-feedback null), or the generator was seeded like the one given "
                     "to method.setup(); pass a differently seeded generator")
-            fresh.append(float(np.mean(_layer_cosines(model, grads, redrawn, layers, eps, pool))))
+            fresh.append(float(np.mean(_layer_cosines(model, grads, redrawn, layers, eps, compare))))
     train = float(np.mean(train_layer))
     mean, std = float(np.mean(fresh)), float(np.std(fresh, ddof=1))
     return {
@@ -404,14 +489,18 @@ def direction_reading(cos_mean: float, g_norm: float, *, healthy_g: float = HEAL
 
 
 def direction_quality(model: nn.Module, method, x: torch.Tensor, y: torch.Tensor,
-                      eps: float = DIRECTION_EPS, *, pool: bool = False) -> pd.DataFrame:
+                      eps: float = DIRECTION_EPS, *, compare: str = "summed") -> pd.DataFrame:
     """Per hidden state, how well the rule's credit ``a_l`` points along the BP gradient ``g_l``.
 
     Per-sample cosine ``<a_l, g_l> / (||a_l|| ||g_l||)`` with the floor ``eps`` (1e-30: the
     true cosine even when ``||g_l||`` is 1e-12, where the usual 1e-8 clamp reads ~0), and the
-    median magnitudes of both signals (per-sample norms over all features; over
-    ``model.pool(.)`` with ``pool=True``). ``x``, ``y``: an evaluation batch (004 used 1024
-    test samples). Runs in eval mode.
+    median magnitudes of both signals (per-sample norms of the compared vectors). ``compare``:
+    as in :func:`credit_cosines` (default: both summed over positions; for MLPs all choices
+    agree). ``x``, ``y``: an evaluation batch (004 used 1024 test samples). Runs in eval mode.
+
+    Layer pairing: ``a_l`` against ``g_l`` at the same hidden state (block ``l``'s signal against
+    the gradient at the block's output). 004 compared ``e B_l^T`` with ``g_l`` at block ``l``'s
+    input instead (see :func:`fresh_feedback_null`); notebook 04 says what that changes.
 
     Returns a DataFrame, one row per layer 0..L: ``layer``, ``cos_mean``, ``cos_std``,
     ``cos_median``, ``g_norm_median``, ``a_norm_median``, ``reading``
@@ -423,10 +512,10 @@ def direction_quality(model: nn.Module, method, x: torch.Tensor, y: torch.Tensor
         hiddens, grads, _ = bp_reference(model, x, y)
         credit = _credit(model, method, x, y, hiddens)
         rows = []
+        check_choice("compare", compare, COMPARES)
         for l, (a, g) in enumerate(zip(credit, grads)):
-            if pool:
-                a, g = model.pool(a), model.pool(g)
-            cos = per_sample_cosine(a, g, eps).double()
+            a, g = _compared(model, a, compare).double(), _compared(model, g, compare).double()
+            cos = per_sample_cosine(a, g, eps)
             g_norm = float(torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).median())
             a_norm = float(torch.linalg.vector_norm(a.reshape(a.shape[0], -1), dim=1).median())
             cos_mean = float(cos.mean())
@@ -476,3 +565,56 @@ def read_direction_quality(table: pd.DataFrame, layer: int | None = None, *,
     head = (f"layer {layer}: cos(a, g) = {row['cos_mean']:+.4f}, ||g|| = {row['g_norm_median']:.2e}, "
             f"||a|| = {row['a_norm_median']:.2e} -> ")
     return head + _VERDICTS[kind].format(healthy=healthy_g, poor=poor, mediocre=mediocre)
+
+
+# --------------------------------------------------------------------------- applied updates
+
+def update_alignment(model: nn.Module, rule, x: torch.Tensor, y: torch.Tensor) -> pd.DataFrame:
+    """Per weight matrix, how the update a rule applies on ``(x, y)`` compares with BP's gradient.
+
+    The rule runs ``fill_grads`` on a copy of the model and of itself (so neither the model, its
+    gradients nor the rule's feedback state change); BP's gradient is autograd of the mean
+    cross-entropy through the network as plain BP computes it (the BP twin of a converted
+    model). Rows: every trainable parameter with two or more dimensions, in model order.
+    Columns: ``param``, ``cos_update_bp`` (1 = the rule applies BP's direction), ``update_norm``,
+    ``bp_grad_norm``, and for layers converted to a layer-level rule ``angle_BW_deg`` and
+    ``norm_ratio_BW`` (the feedback matrix against W; NaN elsewhere).
+    """
+    import copy
+
+    from .feedback import bp_twin, feedback_alignment, local_layers
+
+    _check_batch(x, y)
+    rule_model, rule_copy = copy.deepcopy((model, rule))
+    for p in rule_model.parameters():
+        p.grad = None
+    rule_copy.fill_grads(rule_model, x, y)
+    bp = bp_twin(model) if local_layers(model) else copy.deepcopy(model)
+    bp.train(model.training)
+    for p in bp.parameters():
+        p.grad = None
+    with torch.enable_grad():
+        params = [p for p in bp.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(F.cross_entropy(bp(x), y), params, allow_unused=True)
+    bp_grads = {id(p): g for p, g in zip(params, grads)}
+    angles = {}
+    if local_layers(model):
+        table = feedback_alignment(model)
+        angles = {f"{r.layer}.weight": (r.angle_BW_deg, r.norm_ratio_BW) for r in table.itertuples(index=False)}
+    rows = []
+    for (name, p_rule), p_bp in zip(rule_model.named_parameters(), bp.parameters()):
+        if p_rule.dim() < 2 or not p_rule.requires_grad:
+            continue
+        u, g = p_rule.grad, bp_grads.get(id(p_bp))
+        if u is None or g is None:
+            cos, un, gn = math.nan, math.nan, math.nan
+        else:
+            u64, g64 = u.double().flatten(), g.double().flatten()
+            den = float(u64.norm() * g64.norm())
+            cos = float(u64 @ g64) / den if den > 0 else math.nan
+            un, gn = float(u64.norm()), float(g64.norm())
+        a, r = angles.get(name, (math.nan, math.nan))
+        rows.append({"param": name, "cos_update_bp": cos, "update_norm": un, "bp_grad_norm": gn,
+                     "angle_BW_deg": a, "norm_ratio_BW": r})
+    return pd.DataFrame(rows, columns=["param", "cos_update_bp", "update_norm", "bp_grad_norm",
+                                       "angle_BW_deg", "norm_ratio_BW"])

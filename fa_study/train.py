@@ -1,28 +1,45 @@
-"""One training loop for every learning rule; the history comes back as a pandas DataFrame.
+"""The one training loop of the package; the history comes back as a pandas DataFrame.
 
-``train(model, method, train_ds, test_ds, cfg)`` trains ``model`` in place with ``method``
-(:class:`fa_study.methods.Method`) and one AdamW built from ``method.param_groups(model)``.
-The loop never synchronises with the host inside an epoch (loss and correct counts accumulate
-on the device and are read once per epoch), except every ``cfg.log_every`` steps for the
-divergence check and, when given, every ``callback_every`` steps for the live-plot callback.
+``train(model, rule, train_ds, test_ds, cfg)`` trains ``model`` in place with any rule of
+:mod:`fa_study.rules` and one optimizer (AdamW or SGD with momentum) built from
+``rule.param_groups(model)``. The loop never synchronises with the host inside an epoch (loss
+and correct counts accumulate on the device and are read once per epoch), except every
+``cfg.log_every`` steps for the divergence check and, when given, at the callback and probe
+steps.
 
 History: one row per epoch, epoch 0 being the model before training. Columns::
 
     epoch, train_loss, train_acc, test_acc,
     h_norm_0..h_norm_L   median ||pool(h_l)|| on the eval batch
-    g_norm_0..g_norm_L   median ||pool(g_l)|| of the BP reference g_l = dCE/dh_l (for a model
-                         with layer-level rules, computed on its BP twin)
-    cos_0..cos_L         mean over the eval batch of cos(a_l, g_l) over the flattened tensors,
-                         a_l = method.credit(...); eps 1e-30 so tiny ||g|| still shows the cosine
-    status               "ok", or "diverged" on the row of the epoch whose loss was non-finite
+    g_norm_0..g_norm_L   median ||pool(g_l)|| of the BP reference g_l = dCE/dh_l, always the
+                         gradient of the network as plain BP computes it (for a model converted
+                         to layer-level rules: its BP twin; fa_study.protocol.bp_reference)
+    cos_0..cos_L         fa_study.protocol.credit_cosines: mean over the eval batch of
+                         cos(a_l, g_l), both summed over positions (a_l = rule.credit(...))
+    <rule.state()>       e.g. probe_cos_<l> (grape_fa), alpha_<l> (stiefel_dfa), rev_loss (ra_*)
+    <feedback quality>   rule.feedback_quality(...) per epoch when cfg.feedback_quality
+    status               "ok", or "diverged" on the row of the epoch where the run blew up
     diverged_epoch       that epoch on every row of a diverged run, else <NA>
-    method, <method options>, arch, d, num_blocks, dataset, data_source, <TrainConfig fields>
+    diverged_reason      what the blow-up criterion saw (empty when ok)
+    rule, <rule options>, arch, d, num_blocks, dataset, data_source, <TrainConfig fields>
+
+**Blow-up criterion** (explicit and configurable): a run has diverged when the mean training
+loss over the last ``cfg.log_every`` steps (checked every ``log_every`` steps and at the end of
+every epoch) is not finite or exceeds ``cfg.max_loss`` (default 1e3: the cross-entropy of a
+uniform guess is ln C, below 5 for 100 classes, so 1e3 is far beyond anything a working run
+reaches and well before float32 overflows), or when the eval batch's hidden-state or gradient norms are
+not finite (a stream that overflowed). The run then stops: the history ends with a row marked ``status="diverged"`` (its test accuracy and
+diagnostics NaN) and no exception is raised.
+
+Probes: ``probe(step, model, rule) -> dict`` is called at step 0, every ``probe_every`` steps and
+at the last step; its records (with ``step``, ``epoch`` as a fraction and ``train_loss``, the
+mean since the previous probe) come back as ``history.attrs["probes"]`` (a DataFrame). Notebook
+00 reads per-layer update alignment this way.
 
 The eval batch is the first ``cfg.eval_batch`` test samples; per-layer diagnostics run in eval
-mode. Per-epoch wall times are in ``history.attrs["epoch_seconds"]`` and this process's CPU
-times in ``history.attrs["epoch_cpu_seconds"]`` (the latter barely depends on other load on the
-machine); both are kept out of the columns so that two runs with the same seed give identical
-frames on the CPU.
+mode. Per-epoch wall times are in ``history.attrs["epoch_seconds"]``, this process's CPU times in
+``history.attrs["epoch_cpu_seconds"]``; both are kept out of the columns so that two runs with
+the same seed give identical frames on the CPU.
 """
 from __future__ import annotations
 
@@ -36,140 +53,194 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import check_bool, check_choice, check_float, check_int
 from .data import BatchIterator, Dataset
-from .methods import Method, bp_gradients
+from .rules import Method
 
-COSINE_EPS = 1e-30  # small enough that cos(a, g) is the true cosine even when ||g|| is ~1e-20
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training settings; defaults are the reference study's."""
+    """Training settings; defaults are the reference study's (003)."""
 
     epochs: int = 10  # passes over the training set
     batch_size: int = 128  # the reference's batch size
-    lr: float = 1e-3  # AdamW learning rate
-    weight_decay: float = 0.01  # AdamW decoupled weight decay (all parameters, as the reference)
-    cosine: bool = True  # cosine annealing of the lr to 0 over `epochs`, stepped once per epoch
+    optimizer: str = "adamw"  # "adamw" (003) or "sgd" (with momentum: notebook 00, RA)
+    lr: float = 1e-3  # learning rate of the forward weights
+    momentum: float = 0.9  # SGD momentum (ignored by AdamW)
+    weight_decay: float = 0.01  # AdamW's decoupled decay (003), or SGD's L2 term
+    schedule: str = "cosine"  # "cosine": annealed to 0 over `epochs`, stepped per epoch; "constant"
     grad_clip: float | None = None  # max gradient norm of each block separately (004 used 1.0)
     augment: bool = False  # random 4-pixel crop + horizontal flip of every training batch
     eval_batch: int = 128  # first test samples used for the per-layer diagnostics
-    seed: int = 0  # seeds the feedback draw (when the method is not set up) and the batch order
-    log_every: int = 50  # steps between divergence checks (one host sync each); 0: per epoch only
+    seed: int = 0  # seeds the feedback draw (when the rule is not set up) and the batch order
+    log_every: int = 50  # steps between divergence checks (one host sync each)
+    max_loss: float = 1e3  # blow-up criterion: mean loss above this (or not finite) = diverged
+    feedback_quality: bool = False  # also record rule.feedback_quality() every epoch
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "eval_batch", "seed", "log_every"):
-            value = getattr(self, name)
-            low = 1 if name in ("batch_size", "eval_batch") else 0
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"TrainConfig.{name} must be an integer >= {low}, got {value!r}")
-        for name in ("lr", "weight_decay"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
-                    or not math.isfinite(value):
-                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {value!r}")
-        clip = self.grad_clip
-        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
-                                 or not clip > 0 or not math.isfinite(clip)):
-            raise ValueError(f"TrainConfig.grad_clip must be None or a finite number > 0, got {clip!r}")
+        check_int("TrainConfig.epochs", self.epochs, 0)
+        check_int("TrainConfig.batch_size", self.batch_size, 1)
+        check_int("TrainConfig.eval_batch", self.eval_batch, 1)
+        check_int("TrainConfig.seed", self.seed)
+        check_int("TrainConfig.log_every", self.log_every, 1)
+        check_choice("TrainConfig.optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("TrainConfig.schedule", self.schedule, SCHEDULES)
+        check_float("TrainConfig.lr", self.lr, 0.0, low_open=True)
+        check_float("TrainConfig.momentum", self.momentum, 0.0, 1.0, high_open=True)
+        check_float("TrainConfig.weight_decay", self.weight_decay, 0.0)
+        check_float("TrainConfig.grad_clip", self.grad_clip, 0.0, low_open=True, none_ok=True,
+                    none_means="no clipping")
+        check_float("TrainConfig.max_loss", self.max_loss, 0.0, low_open=True)
+        check_bool("TrainConfig.augment", self.augment)
+        check_bool("TrainConfig.feedback_quality", self.feedback_quality)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 Callback = Callable[[int, dict], None]
+Probe = Callable[[int, nn.Module, Method], dict]
 
 
-def train(model: nn.Module, method: Method, train_ds: Dataset, test_ds: Dataset,
+def check_data(model: nn.Module, train_ds: Dataset, test_ds: Dataset) -> None:
+    """Everything about the data that would otherwise fail mid-training, as a ValueError now."""
+    device = model_device(model)
+    n_classes = getattr(model, "num_classes", None)
+    for what, ds in (("train_ds", train_ds), ("test_ds", test_ds)):
+        if len(ds) == 0:
+            raise ValueError(f"{what} is empty (0 samples); nothing to train or evaluate on")
+        if ds.x.device != device:
+            raise ValueError(f"{what} is on {ds.x.device} but the model is on {device}; "
+                             f"load the data with device={str(device)!r} or move it with .to()")
+        if n_classes is not None and ds.num_classes != n_classes:
+            raise ValueError(f"{what} has {ds.num_classes} classes but the model was built for "
+                             f"num_classes={n_classes}; build it with num_classes={ds.num_classes}")
+        lo, hi = int(ds.y.min()), int(ds.y.max())
+        if lo < 0 or (n_classes is not None and hi >= n_classes):
+            raise ValueError(f"{what} has labels in [{lo}, {hi}], outside [0, {n_classes}) "
+                             f"(the model's num_classes)")
+
+
+def train(model: nn.Module, rule: Method, train_ds: Dataset, test_ds: Dataset,
           cfg: TrainConfig = TrainConfig(), *, progress: bool = False,
-          callback: Callback | None = None, callback_every: int = 50) -> pd.DataFrame:
-    """Train ``model`` in place with ``method``; return the per-epoch history (see module doc).
+          callback: Callback | None = None, callback_every: int = 50,
+          probe: Probe | None = None, probe_every: int = 0) -> pd.DataFrame:
+    """Train ``model`` in place with ``rule``; return the per-epoch history (see module doc).
 
     Args:
         model: a :class:`~fa_study.models.BlockModel` on the datasets' device.
-        method: the learning rule; set up here (from ``cfg.seed``) unless ``method.ready``.
+        rule: the learning rule; set up here (from ``cfg.seed``) unless ``rule.ready``.
         train_ds, test_ds: in-memory datasets (``fa_study.data.load``).
         cfg: the training settings.
         progress: show a tqdm progress bar.
         callback: called as ``callback(step, record)`` every ``callback_every`` optimiser steps
             with ``record = {"epoch", "step", "train_loss", "train_acc", "lr"}`` (running means of
-            the current epoch); it synchronises with the host, so only when set.
-
-    A non-finite training loss stops the run: the history ends with a row marked
-    ``status="diverged"`` (its test accuracy and diagnostics NaN) and no exception is raised.
+            the current epoch).
+        probe, probe_every: see the module doc.
     """
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
-    if callback is not None and (isinstance(callback_every, bool) or not isinstance(callback_every, int)
-                                 or callback_every < 1):
-        raise ValueError(f"callback_every must be a positive integer, got {callback_every!r}")
-    device = _model_device(model)
-    for what, ds in (("train_ds", train_ds), ("test_ds", test_ds)):
-        if ds.x.device != device:
-            raise ValueError(f"{what} is on {ds.x.device} but the model is on {device}; "
-                             f"load the data with device={str(device)!r} or move it with .to()")
-    if not method.ready:
-        method.setup(model, train_ds.num_classes, torch.Generator().manual_seed(cfg.seed))
-    groups = method.param_groups(model)
-    opt = make_optimizer(groups, cfg)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1)) if cfg.cosine else None
+    if not isinstance(rule, Method):
+        raise ValueError(f"rule must be a fa_study.rules.Method (e.g. build_rule('dfa')), got "
+                         f"{type(rule).__name__}")
+    if callback is not None:
+        check_int("callback_every", callback_every, 1)
+    if probe is not None:
+        check_int("probe_every", probe_every, 1)
+    check_data(model, train_ds, test_ds)
+    device = model_device(model)
+    if not rule.ready:
+        rule.setup(model, train_ds.num_classes, torch.Generator().manual_seed(cfg.seed), train_cfg=cfg)
+    opt = make_optimizer(rule.param_groups(model), cfg)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
+             if cfg.schedule == "cosine" else None)
     clip_groups = [g["params"] for g in opt.param_groups if g.get("clip")] if cfg.grad_clip else []
     batches = BatchIterator.from_dataset(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                          augment=cfg.augment)
     n_eval = min(cfg.eval_batch, len(test_ds))
     x_eval, y_eval = test_ds.x[:n_eval], test_ds.y[:n_eval]
-    constants = _config_columns(model, method, train_ds, cfg)
+    constants = _config_columns(model, rule, train_ds, cfg)
 
     rows: list[dict[str, Any]] = []
     seconds: list[float] = []
     cpu_seconds: list[float] = []
+    probes: list[dict[str, Any]] = []
     start, cpu_start = time.perf_counter(), time.process_time()
     # epoch 0: the initial model; train columns from an evaluation pass over (part of) the
     # training set, since no training step has happened yet
     n_probe = min(len(train_ds), len(test_ds))
     loss0, acc0 = evaluate(model, train_ds.x[:n_probe], train_ds.y[:n_probe])
-    rows.append(_epoch_row(0, loss0, acc0, model, method, test_ds, x_eval, y_eval))
+    rows.append(_epoch_row(0, loss0, acc0, model, rule, test_ds, x_eval, y_eval, cfg))
     seconds.append(time.perf_counter() - start)
     cpu_seconds.append(time.process_time() - cpu_start)
+    steps_per_epoch = len(batches)
+    total_steps = cfg.epochs * steps_per_epoch
+    probe_sum = torch.zeros((), device=device)
+    probe_count = 0
+    if probe is not None:
+        probes.append(_probe_row(probe, 0, 0.0, math.nan, model, rule))
 
-    bar = _progress_bar(progress, cfg.epochs * len(batches))
-    step, diverged_epoch = 0, None
+    bar = _progress_bar(progress, total_steps)
+    step, diverged_epoch, reason = 0, None, ""
     try:
         for epoch in range(1, cfg.epochs + 1):
             start, cpu_start = time.perf_counter(), time.process_time()
             model.train()
             loss_sum = torch.zeros((), device=device)
+            since_sum = torch.zeros((), device=device)
             correct = torch.zeros((), dtype=torch.long, device=device)
-            seen, finite = 0, True
+            seen = since = 0
             for xb, yb in batches:
-                loss, logits = method.fill_grads(model, xb, yb)
+                loss, logits = rule.fill_grads(model, xb, yb)
                 if clip_groups:
                     clip_block_gradients(clip_groups, cfg.grad_clip)
                 opt.step()
                 step += 1
-                seen += yb.shape[0]
-                loss_sum += loss.detach() * yb.shape[0]
+                nb = yb.shape[0]
+                seen += nb
+                since += nb
+                weighted = loss.detach() * nb
+                loss_sum += weighted
+                since_sum += weighted
                 correct += (logits.argmax(dim=-1) == yb).sum()
                 bar.update(1)
+                if probe is not None:
+                    probe_sum += weighted
+                    probe_count += nb
+                    if step % probe_every == 0 or step == total_steps:
+                        mean = float(probe_sum) / probe_count
+                        probes.append(_probe_row(probe, step, step / steps_per_epoch, mean, model, rule))
+                        probe_sum, probe_count = torch.zeros((), device=device), 0
                 if callback is not None and step % callback_every == 0:
-                    callback(step, {"epoch": epoch, "step": step,
-                                    "train_loss": float(loss_sum / seen),
-                                    "train_acc": float(correct) / seen,
-                                    "lr": opt.param_groups[0]["lr"]})
-                if cfg.log_every and step % cfg.log_every == 0 and not torch.isfinite(loss_sum):
-                    finite = False
-                    break
+                    callback(step, {"epoch": epoch, "step": step, "train_loss": float(loss_sum / seen),
+                                    "train_acc": float(correct) / seen, "lr": opt.param_groups[0]["lr"]})
+                if step % cfg.log_every == 0:
+                    reason = blow_up(float(since_sum) / since, cfg.max_loss)
+                    since_sum, since = torch.zeros((), device=device), 0
+                    if reason:
+                        break
             if sched is not None:
                 sched.step()
             train_loss = float(loss_sum / max(seen, 1))
             train_acc = float(correct) / max(seen, 1)
-            if not finite or not math.isfinite(train_loss):
+            if not reason and since:
+                reason = blow_up(float(since_sum) / since, cfg.max_loss)
+            if not reason:
+                reason = blow_up(train_loss, cfg.max_loss)
+            if not reason:
+                row = _epoch_row(epoch, train_loss, train_acc, model, rule, test_ds, x_eval, y_eval, cfg)
+                bad = [k for k in row if k.startswith(("h_norm_", "g_norm_")) and not math.isfinite(row[k])]
+                reason = f"non-finite {bad[0]} on the eval batch" if bad else ""
+            if reason:
                 diverged_epoch = epoch
-                rows.append(_diverged_row(epoch, train_loss, train_acc, model.num_blocks))
+                rows.append(_diverged_row(epoch, train_loss, train_acc, rows[0], reason))
                 seconds.append(time.perf_counter() - start)
                 cpu_seconds.append(time.process_time() - cpu_start)
                 break
-            rows.append(_epoch_row(epoch, train_loss, train_acc, model, method, test_ds, x_eval, y_eval))
+            rows.append(row)
             seconds.append(time.perf_counter() - start)
             cpu_seconds.append(time.process_time() - cpu_start)
             bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_acc:.3f}",
@@ -180,21 +251,33 @@ def train(model: nn.Module, method: Method, train_ds: Dataset, test_ds: Dataset,
 
     history = pd.DataFrame(rows)
     history["diverged_epoch"] = pd.array([diverged_epoch] * len(history), dtype="Int64")
+    history["diverged_reason"] = reason if diverged_epoch is not None else ""
     for key, value in constants.items():
         history[key] = [value] * len(history)
     history.attrs["status"] = "diverged" if diverged_epoch is not None else "ok"
     history.attrs["epoch_seconds"] = seconds
     history.attrs["epoch_cpu_seconds"] = cpu_seconds
+    history.attrs["probes"] = pd.DataFrame(probes)
     return history
 
 
-def make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.AdamW:
-    """One AdamW over the method's parameter groups.
+def blow_up(loss: float, max_loss: float) -> str:
+    """The blow-up criterion on a mean training loss: ``""`` when fine, else what it saw."""
+    if not math.isfinite(loss):
+        return f"training loss not finite ({loss})"
+    if loss > max_loss:
+        return f"training loss {loss:.3g} above max_loss={max_loss:g}"
+    return ""
 
-    The fused kernel is used where torch has one for the parameters' device (CPU and CUDA): on
-    the CPU it steps ResidualMLP d=256 ~10x faster than the default multi-tensor loop, which
-    would otherwise cost as much as the forward and backward together.
-    """
+
+def make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """One optimizer over the rule's parameter groups: AdamW (the fused kernel where torch has
+    one for the parameters' device: on the CPU ~10x faster than the multi-tensor loop for
+    ResidualMLP d=256) or SGD with momentum."""
+    if not groups:
+        raise ValueError("the rule leaves no parameter to train (every parameter is frozen)")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     try:
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
@@ -202,11 +285,8 @@ def make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.opti
 
 
 def clip_block_gradients(groups: list[list[nn.Parameter]], max_norm: float) -> None:
-    """Clip the gradient norm of each group (one per block) separately to ``max_norm``.
-
-    As the reference (004) clips each block's parameters on their own; the embedding and the
-    head are not clipped. No host synchronisation.
-    """
+    """Clip the gradient norm of each group (one per block) separately to ``max_norm``, as the
+    reference (004) does; the embedding and the head are not clipped. No host sync."""
     for params in groups:
         torch.nn.utils.clip_grad_norm_(params, max_norm)
 
@@ -238,66 +318,51 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return float(loss_sum) / n, float(correct) / n
 
 
-def layer_diagnostics(model: nn.Module, method: Method, x: torch.Tensor, y: torch.Tensor
+def layer_diagnostics(model: nn.Module, rule: Method, x: torch.Tensor, y: torch.Tensor
                       ) -> dict[str, float]:
-    """``h_norm_l``, ``g_norm_l`` and ``cos_l`` for l = 0..L on one batch, in eval mode."""
-    from .metrics import batch_cosine
+    """``h_norm_l``, ``g_norm_l`` and ``cos_l`` for l = 0..L on one batch, in eval mode (the
+    definitions of :func:`fa_study.protocol.bp_reference` and
+    :func:`fa_study.protocol.credit_cosines`)."""
+    from .protocol import bp_reference, credit_cosines, eval_mode, pooled_norms
 
-    was_training = model.training
-    model.eval()
-    try:
-        hiddens, grads, _ = _bp_reference()(_bp_version(model), x, y)
-        credit = method.credit(model, x, y)
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        hiddens, grads, _ = bp_reference(model, x, y)
+        credit = rule.credit(model, x, y)
+        h_norms, g_norms = pooled_norms(model, hiddens), pooled_norms(model, grads)
+        cos = credit_cosines(model, credit, grads)
     out: dict[str, float] = {}
-    for l, (h, g, a) in enumerate(zip(hiddens, grads, credit)):
-        out[f"h_norm_{l}"] = float(model.pool(h).norm(dim=-1).median())
-        out[f"g_norm_{l}"] = float(model.pool(g).norm(dim=-1).median())
-        # float64 so ||a|| ||g|| does not underflow before the eps
-        out[f"cos_{l}"] = batch_cosine(a.double(), g.double(), eps=COSINE_EPS)
+    for l, (h, g, c) in enumerate(zip(h_norms, g_norms, cos)):
+        out[f"h_norm_{l}"], out[f"g_norm_{l}"], out[f"cos_{l}"] = h, g, c
     return out
 
 
-def _bp_version(model: nn.Module) -> nn.Module:
-    """``model`` itself, or for a model with layer-level rules its BP twin (same weights, every
-    local layer on ``bp``): autograd through local layers would give the rule's signal, not BP's."""
-    from .feedback import bp_twin, local_layers
-
-    return bp_twin(model) if local_layers(model) else model
-
-
-def _bp_reference():
-    """``fa_study.protocol.bp_reference`` when the protocol is there, else the same maths here."""
-    try:
-        from .protocol import bp_reference
-    except ImportError:
-        return bp_gradients
-    return bp_reference
-
-
-def _epoch_row(epoch: int, train_loss: float, train_acc: float, model: nn.Module, method: Method,
-               test_ds: Dataset, x_eval: torch.Tensor, y_eval: torch.Tensor) -> dict[str, Any]:
+def _epoch_row(epoch: int, train_loss: float, train_acc: float, model: nn.Module, rule: Method,
+               test_ds: Dataset, x_eval: torch.Tensor, y_eval: torch.Tensor, cfg: TrainConfig) -> dict[str, Any]:
     _, test_acc = evaluate(model, test_ds.x, test_ds.y)
     row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "test_acc": test_acc}
-    row.update(layer_diagnostics(model, method, x_eval, y_eval))
+    row.update(layer_diagnostics(model, rule, x_eval, y_eval))
+    row.update(rule.state())
+    if cfg.feedback_quality:
+        row.update(rule.feedback_quality(model, x_eval, y_eval))
     row["status"] = "ok"
     return row
 
 
-def _diverged_row(epoch: int, train_loss: float, train_acc: float, num_blocks: int) -> dict[str, Any]:
-    nan = float("nan")
-    row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "test_acc": nan}
-    for prefix in ("h_norm", "g_norm", "cos"):
-        row.update({f"{prefix}_{l}": nan for l in range(num_blocks + 1)})
-    row["status"] = "diverged"
+def _diverged_row(epoch: int, train_loss: float, train_acc: float, like: dict, reason: str) -> dict[str, Any]:
+    row = {k: math.nan for k in like if k not in ("epoch", "status")}
+    row.update({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "status": "diverged"})
     return row
 
 
-def _config_columns(model: nn.Module, method: Method, train_ds: Dataset, cfg: TrainConfig
-                    ) -> dict[str, Any]:
-    cols: dict[str, Any] = {"method": method.name}
-    cols.update(method.options())
+def _probe_row(probe: Probe, step: int, epoch: float, loss: float, model: nn.Module, rule: Method) -> dict:
+    row = {"step": step, "epoch": epoch, "train_loss": loss}
+    row.update(probe(step, model, rule) or {})
+    return row
+
+
+def _config_columns(model: nn.Module, rule: Method, train_ds: Dataset, cfg: TrainConfig) -> dict[str, Any]:
+    cols: dict[str, Any] = {"rule": rule.name}
+    cols.update({k: v for k, v in rule.options().items()})
     cols.update({"arch": getattr(model, "arch", type(model).__name__),
                  "d": getattr(model, "width", None),
                  "num_blocks": getattr(model, "num_blocks", None),
@@ -306,7 +371,7 @@ def _config_columns(model: nn.Module, method: Method, train_ds: Dataset, cfg: Tr
     return cols
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
     except StopIteration:

@@ -1,0 +1,146 @@
+"""Plain (non-residual) MLPs behind the block interface: ``MLP`` (nn.Linear layers, for the
+layer-level rules) and ``MatrixMLP`` (explicit matrices, no biases, for reciprocal alignment)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import check_bool, check_choice
+from .base import BlockModel, check_nonnegative_int, check_positive_int
+
+MLP_ACTIVATIONS: tuple[str, ...] = ("relu", "tanh", "gelu", "identity")
+MATRIX_ACTIVATIONS: tuple[str, ...] = ("linear", "relu", "tanh")
+
+
+def _act(z: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "tanh":
+        return torch.tanh(z)
+    if activation == "gelu":
+        return F.gelu(z)
+    return z  # identity / linear
+
+
+class _Layer(nn.Module):
+    """``act(linear(h))``: one layer of :class:`MLP`, ``(batch, d_in) -> (batch, d_out)``."""
+
+    def __init__(self, d_in: int, d_out: int, activation: str):
+        super().__init__()
+        self.linear = nn.Linear(d_in, d_out)
+        self.activation = activation
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return _act(self.linear(h), self.activation)
+
+
+class MLP(BlockModel):
+    """``x -> act(W_e x) -> act(W_1 h) ... -> W_out h``: the MLP of notebook 00.
+
+    ``h_0 = act(W_e x)`` ``(batch, d)``; ``h_{l+1} = act(W_{l+1} h_l)`` (no skip: the branch is
+    the block's net change ``step - h``); logits ``= W_out h_L``. ``num_blocks + 1`` hidden layers,
+    ``num_blocks + 2`` weight matrices, all ``nn.Linear`` in construction order (the layer-level
+    rules convert them).
+    """
+
+    arch = "mlp"
+
+    def __init__(self, input_shape=(1, 28, 28), num_classes: int = 10, d: int = 256,
+                 num_blocks: int = 1, *, activation: str = "relu"):
+        d = check_positive_int("d", d)
+        num_blocks = check_nonnegative_int("num_blocks", num_blocks)
+        check_choice("activation", activation, MLP_ACTIVATIONS)
+        super().__init__(input_shape, num_classes, d)
+        self.activation = activation
+        self.embed_layer = _Layer(self.input_dim, d, activation)
+        self.blocks = nn.ModuleList([_Layer(d, d, activation) for _ in range(num_blocks)])
+        self.out_head = nn.Linear(d, self.num_classes)
+
+    def embed(self, x):
+        return self.embed_layer(self.as_flat(x))
+
+    def step(self, l, h):
+        return self.blocks[l](h)
+
+    def pool(self, h):
+        return h
+
+    def classify(self, z):
+        return self.out_head(z)
+
+    def broadcast(self, a, like):
+        return a.expand_as(like)
+
+    def embed_parameters(self):
+        return list(self.embed_layer.parameters())
+
+    def head_parameters(self):
+        return list(self.out_head.parameters())
+
+
+class _Matrix(nn.Module):
+    """One explicit weight matrix ``W`` ``(d_out, d_in)`` (no bias) of :class:`MatrixMLP`."""
+
+    def __init__(self, d_in: int, d_out: int, std: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in) * std)
+
+
+class MatrixMLP(BlockModel):
+    """The explicit-matrix MLP of reciprocal alignment (reference 001): matrices ``W[l]``
+    ``(d_{l+1}, d_l)`` without biases, the activation and an optional LayerNorm (no affine
+    parameters) after every hidden layer, the logits ``W_last h`` without either.
+
+    Block interface: ``h_0 = LN(act(x W_0^T))``, ``h_{l+1} = LN(act(h_l W_{l+1}^T))`` for the
+    ``depth - 2`` blocks, ``logits = h_L W_last^T``; ``num_blocks = depth - 2`` (``depth``
+    counts weight matrices, as in the reference). ``W[l] ~ N(0, gain^2 / d_l)`` with gain sqrt(2)
+    for ReLU and 1 otherwise (:func:`fa_study.rules.ra.init_gain`), from torch's global RNG.
+    """
+
+    arch = "matrix_mlp"
+
+    def __init__(self, input_shape=(1, 28, 28), num_classes: int = 10, d: int = 256,
+                 num_blocks: int = 2, *, activation: str = "linear", ln: bool = True):
+        d = check_positive_int("d", d)
+        num_blocks = check_nonnegative_int("num_blocks", num_blocks)
+        check_choice("activation", activation, MATRIX_ACTIVATIONS)
+        self_ln = check_bool("ln", ln)
+        super().__init__(input_shape, num_classes, d)
+        self.activation, self.ln = activation, self_ln
+        self.gain = math.sqrt(2.0) if activation == "relu" else 1.0
+        self.dims = [self.input_dim] + [d] * (num_blocks + 1) + [self.num_classes]
+        self.embed_layer = _Matrix(self.dims[0], d, self.gain / math.sqrt(self.dims[0]))
+        self.blocks = nn.ModuleList([_Matrix(d, d, self.gain / math.sqrt(d)) for _ in range(num_blocks)])
+        self.out_head = _Matrix(d, self.num_classes, self.gain / math.sqrt(d))
+
+    def matrices(self) -> list[nn.Parameter]:
+        """``[W_0, ..., W_last]``, each ``(d_{l+1}, d_l)``: the reference's ``W`` list."""
+        return [self.embed_layer.weight] + [b.weight for b in self.blocks] + [self.out_head.weight]
+
+    def _hidden(self, z: torch.Tensor) -> torch.Tensor:
+        h = _act(z, self.activation)
+        return F.layer_norm(h, h.shape[-1:]) if self.ln else h
+
+    def embed(self, x):
+        return self._hidden(self.as_flat(x) @ self.embed_layer.weight.T)
+
+    def step(self, l, h):
+        return self._hidden(h @ self.blocks[l].weight.T)
+
+    def pool(self, h):
+        return h
+
+    def classify(self, z):
+        return z @ self.out_head.weight.T
+
+    def broadcast(self, a, like):
+        return a.expand_as(like)
+
+    def embed_parameters(self):
+        return [self.embed_layer.weight]
+
+    def head_parameters(self):
+        return [self.out_head.weight]

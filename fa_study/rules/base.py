@@ -1,0 +1,471 @@
+"""The learning-rule interface: :class:`Method`, declared options, and the block-local base.
+
+A rule owns its feedback state (random or learned matrices) and does two things for any
+:class:`~fa_study.models.BlockModel`:
+
+* ``fill_grads(model, x, y)`` writes every trainable parameter's ``.grad`` for one batch; one
+  optimizer (built by the trainer from :meth:`Method.param_groups`) then steps them all;
+* ``credit(model, x, y)`` returns the signals ``a_0 .. a_L`` at ``h_0 .. h_L`` the rule would
+  use, each shaped like ``h_l``, so every diagnostic works for every rule.
+
+What distinguishes rules is asked of the rule class, never decided by comparing its name:
+:attr:`Method.OPTIONS` (the options it takes, with defaults and checks),
+:attr:`Method.takes_penalty`, :attr:`Method.has_random_feedback` (the fresh-feedback null
+applies), :attr:`Method.is_baseline` (frozen / shallow: no credit of its own, not judged by D3),
+:attr:`Method.learns_feedback`, :meth:`Method.supports` (the architectures it can train).
+
+:class:`BlockLocal` writes ``fill_grads`` and ``credit`` once for every rule that trains each
+block by a local surrogate: a subclass supplies :meth:`BlockLocal.signals` (its credit
+signals) and, where it learns its feedback, :meth:`BlockLocal.learn` (called after the
+gradients are written, before the optimizer step).
+
+Indexing follows the block interface: ``h_0 = embed(x)``, ``h_{l+1} = step(l, h_l)``,
+``logits = readout(h_L)``. Block ``l`` is trained by the credit at its *output* ``h_{l+1}``:
+the surrogate ``<f_l(h_l), a_{l+1}/rms(a_{l+1})>`` (plus ``penalty * ||f_l||^2`` where the rule
+takes a penalty), the embedding by ``<h_0, a_0/rms(a_0)>``, the head by the cross-entropy on a
+detached ``h_L``. For token and conv models a ``(batch, d)`` signal is broadcast over positions
+(``model.broadcast``); a signal already shaped like the hidden state is used as it is. A
+surrogate is the sum over features, averaged over batch and positions (for MLPs: the batch
+mean of per-sample inner products, as in the reference).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import check_bool, check_choice, check_float, check_int
+from ..models.base import BlockModel
+
+RMS_EPS = 1e-6  # the reference's floor when a credit signal is rms-normalised
+
+
+# --------------------------------------------------------------------------------------------
+# Declared options
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Option:
+    """One option a rule takes: its default, the check that validates (and normalises) a value,
+    and a line of documentation. ``check(name, value)`` returns the value or raises ValueError."""
+
+    default: Any
+    check: Callable[[str, Any], Any]
+    doc: str = ""
+
+
+def nonnegative(name: str, value) -> float:
+    return check_float(name, value, 0.0)
+
+
+def positive(name: str, value) -> float:
+    return check_float(name, value, 0.0, low_open=True)
+
+
+def fraction(name: str, value) -> float:
+    """A number in [0, 1]."""
+    return check_float(name, value, 0.0, 1.0)
+
+
+def fraction_open(name: str, value) -> float:
+    """A number in [0, 1)."""
+    return check_float(name, value, 0.0, 1.0, high_open=True)
+
+
+def positive_int(name: str, value) -> int:
+    return check_int(name, value, 1)
+
+
+def positive_int_or_none(name: str, value) -> int | None:
+    return check_int(name, value, 1, none_ok=True, none_means="the whole batch")
+
+
+def positive_or_none(name: str, value) -> float | None:
+    return check_float(name, value, 0.0, low_open=True, none_ok=True, none_means="derived")
+
+
+def boolean(name: str, value) -> bool:
+    return check_bool(name, value)
+
+
+def choice(*allowed: str) -> Callable[[str, Any], str]:
+    def check(name: str, value) -> str:
+        check_choice(name, value, allowed)
+        return value
+    check.allowed = allowed  # type: ignore[attr-defined]
+    return check
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces of the local rules
+# --------------------------------------------------------------------------------------------
+
+def output_error(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``e = softmax(logits) - onehot(y)`` ``(batch, C)`` (detached)."""
+    with torch.no_grad():
+        return torch.softmax(logits, dim=-1) - F.one_hot(y, logits.shape[-1]).to(logits.dtype)
+
+
+def rms_normalise(a: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
+    """``a / (rms(a) + eps)`` per sample, the rms taken over every non-batch entry."""
+    dims = tuple(range(1, a.dim()))
+    return a / (a.pow(2).mean(dim=dims, keepdim=True).sqrt() + eps)
+
+
+def _spread(model: BlockModel, a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A ``(batch, d)`` signal broadcast over the positions of ``like``; a signal already shaped
+    like ``like`` is returned as it is."""
+    return a if a.shape == like.shape else model.broadcast(a, like)
+
+
+def surrogate_output_grads(model: BlockModel, outputs: list[torch.Tensor], signals: list[torch.Tensor],
+                           penalties: list[float], eps: float = RMS_EPS) -> list[torch.Tensor]:
+    """The gradients of the local surrogates with respect to their outputs, in closed form.
+
+    ``d/df [<f, a/rms(a)> + p ||f||^2] / n = (spread(a/rms(a)) + 2 p f) / n`` with ``n`` =
+    batch * positions. Feeding these to one ``torch.autograd.backward`` call gives exactly the
+    parameter gradients of the summed surrogates without building their graphs.
+    """
+    if signals and all(a.dim() == 2 and a.shape == signals[0].shape for a in signals):
+        # (batch, d) signals: normalised in one batched op, not one small op chain per block
+        s = torch.stack([a.detach() for a in signals])
+        normed = (s / (s.pow(2).mean(dim=-1, keepdim=True).sqrt() + eps)).unbind(0)
+    else:
+        normed = [rms_normalise(a.detach(), eps) for a in signals]
+    grads = []
+    for f, a, p in zip(outputs, normed, penalties):
+        n = f.shape[0] * model.positions(f)
+        g = _spread(model, a, f)
+        g = g / n if not p else (g + (2.0 * p) * f.detach()) / n
+        grads.append(g)
+    return grads
+
+
+def local_surrogate(model: BlockModel, f: torch.Tensor, a: torch.Tensor, penalty: float = 0.0,
+                    eps: float = RMS_EPS) -> torch.Tensor:
+    """``<f, a/rms(a)> + penalty ||f||^2``, averaged over batch and positions (the loss whose
+    gradient :func:`surrogate_output_grads` writes in closed form; for tests and readers)."""
+    n = f.shape[0] * model.positions(f)
+    loss = (f * _spread(model, rms_normalise(a.detach(), eps), f)).sum() / n
+    if penalty:
+        loss = loss + penalty * f.pow(2).sum() / n
+    return loss
+
+
+def backward_local(model: BlockModel, outputs: list[torch.Tensor], signals: list[torch.Tensor],
+                   penalties: list[float]) -> None:
+    """One backward of the local surrogates of ``outputs`` driven by ``signals``."""
+    grads = surrogate_output_grads(model, outputs, signals, penalties)
+    pairs = [(t, g) for t, g in zip(outputs, grads) if t.requires_grad]
+    if pairs:
+        torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+
+
+def local_forward(model: BlockModel, x: torch.Tensor
+                  ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """One forward with every block fed a detached input.
+
+    Returns ``(h_0 with its graph into the embedding, [f_0 .. f_{L-1}] with graphs into their own
+    blocks only, [h_0 .. h_L] detached)``.
+    """
+    h0 = model.embed(x)
+    h = h0.detach()
+    hiddens, branches = [h], []
+    for l in range(model.num_blocks):
+        h_next, f = model.step_and_branch(l, h)
+        branches.append(f)
+        h = h_next.detach()
+        hiddens.append(h)
+    return h0, branches, hiddens
+
+
+def model_device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def check_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int | None = None) -> None:
+    """A non-empty batch whose labels are int64 in [0, num_classes)."""
+    if x.shape[0] == 0:
+        raise ValueError("the batch is empty (0 samples); every batch needs at least one sample")
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"labels y must be (batch,) = ({x.shape[0]},), got shape {tuple(y.shape)}")
+    if num_classes is not None:
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"labels must lie in [0, {num_classes}) (the model's num_classes), "
+                             f"got labels in [{lo}, {hi}]")
+
+
+# --------------------------------------------------------------------------------------------
+# The interface
+# --------------------------------------------------------------------------------------------
+
+class Method:
+    """A learning rule. Subclasses set :attr:`name`, declare :attr:`OPTIONS` and implement
+    :meth:`fill_grads` and :meth:`credit` (or derive from :class:`BlockLocal`).
+
+    Life cycle: ``setup(model, num_classes, generator)`` once (the trainer calls it when
+    :attr:`ready` is False), then ``fill_grads`` every step. ``fresh(generator)`` gives a copy
+    with newly drawn feedback state (the fresh-feedback null). Options are validated in the
+    constructor; they are attributes of the instance (``rule.penalty``) and :meth:`options`
+    returns them as a dict.
+    """
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = "other"  # "bp", "block", "learned", "layer", "ra": tables and docs
+    summary: ClassVar[str] = ""  # one line for tables and the control panel
+    OPTIONS: ClassVar[dict[str, Option]] = {}
+    LABELS: ClassVar[dict[str, str]] = {}  # option -> symbol shown in a run's label, e.g. λ
+    takes_penalty: ClassVar[bool] = False  # the residual-branch penalty applies
+    has_random_feedback: ClassVar[bool] = False  # the fresh-feedback null applies
+    learns_feedback: ClassVar[bool] = False  # its feedback changes during training
+    is_baseline: ClassVar[bool] = False  # no credit of its own (frozen, shallow)
+    archs: ClassVar[tuple[str, ...] | None] = None  # architectures it trains; None: every block model
+
+    def __init__(self, **options: Any) -> None:
+        self._options = self.check_options(options)
+        for key, value in self._options.items():
+            setattr(self, key, value)
+        self._ready = False
+
+    # ---- class-level questions -----------------------------------------------------------
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The full option dict (defaults filled in), or ValueError naming what is wrong."""
+        unknown = sorted(set(options) - set(cls.OPTIONS))
+        if unknown:
+            listed = ", ".join(repr(k) for k in cls.OPTIONS) or "none"
+            raise ValueError(f"rule {cls.name!r} has no option {unknown[0]!r}; allowed options: {listed}")
+        out = {}
+        for key, opt in cls.OPTIONS.items():
+            value = options.get(key, opt.default)
+            out[key] = opt.check(key, value) if (key in options or value is not None) else value
+        return out
+
+    @classmethod
+    def supports(cls, arch: str) -> bool:
+        """Whether this rule can train a model of architecture ``arch``."""
+        return cls.archs is None or arch in cls.archs
+
+    @classmethod
+    def check_arch(cls, arch: str) -> None:
+        """ValueError naming the rule, the architecture and the ones it supports."""
+        if not cls.supports(arch):
+            raise ValueError(f"rule {cls.name!r} cannot train a {arch!r} model; it supports: "
+                             f"{', '.join(repr(a) for a in cls.archs)}")
+
+    @classmethod
+    def label_for(cls, options: dict[str, Any]) -> str:
+        """A run's label: the name plus the options in :attr:`LABELS` that differ from their
+        default, e.g. ``dfa λ=0.01``."""
+        parts = [cls.name]
+        for key, symbol in cls.LABELS.items():
+            value = options.get(key, cls.OPTIONS[key].default)
+            if value != cls.OPTIONS[key].default:
+                parts.append(f"{symbol}={value:g}" if isinstance(value, float) else f"{symbol}={value}")
+        return " ".join(parts)
+
+    # ---- life cycle ----------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """True once :meth:`setup` has run."""
+        return self._ready
+
+    def setup(self, model: BlockModel, num_classes: int, generator: torch.Generator, *,
+              train_cfg=None) -> None:
+        """Create the feedback state for ``model`` (drawn from ``generator``). ``train_cfg``
+        (the trainer's :class:`~fa_study.train.TrainConfig`) lets a rule match its feedback's
+        step to the optimizer's (Kolen-Pollack)."""
+        self.check_arch(getattr(model, "arch", type(model).__name__))
+        self._ready = True
+
+    def fresh(self, generator: torch.Generator) -> "Method":
+        """A copy with the same options and newly drawn feedback state."""
+        self._require_ready("fresh")
+        return copy.deepcopy(self)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keywords for :func:`fa_study.models.build_model` this rule needs (shallow: no blocks)."""
+        return {}
+
+    def options(self) -> dict[str, Any]:
+        """The rule's options, for history columns and cache keys."""
+        return dict(self._options)
+
+    def label(self) -> str:
+        return self.label_for(self._options)
+
+    def state(self) -> dict[str, float]:
+        """Cheap read-outs of the feedback state for the per-epoch history (one host sync)."""
+        return {}
+
+    def feedback_quality(self, model: BlockModel, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """How close the feedback is to the one that would make its credit BP's (may cost
+        several forward-mode passes; the trainer calls it only when asked)."""
+        return {}
+
+    def _require_ready(self, call: str) -> None:
+        if not self._ready:
+            raise RuntimeError(f"{type(self).__name__}.{call}() needs the feedback state: call "
+                               f"rule.setup(model, num_classes, generator) first")
+
+    # ---- the two jobs --------------------------------------------------------------------
+
+    def fill_grads(self, model: BlockModel, x: torch.Tensor, y: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the ``.grad`` of every trainable parameter for the batch ``x``, ``y`` ``(batch,)``.
+
+        Returns ``(mean cross-entropy as a detached 0-dim tensor, logits (batch, C) detached)``.
+        """
+        raise NotImplementedError
+
+    def credit(self, model: BlockModel, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        """The credit signals ``[a_0, ..., a_L]``, each shaped like ``h_l`` (detached)."""
+        raise NotImplementedError
+
+    # ---- parameters ----------------------------------------------------------------------
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Parameters this rule trains (those with ``requires_grad``)."""
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Optimizer parameter groups ``{"params", "name", "clip"}``: embed, block0..block{L-1},
+        head, other. ``clip`` marks the groups the trainer's per-block clipping acts on."""
+        trainable = {id(p): p for p in self.trainable_parameters(model)}
+        groups: list[dict[str, Any]] = []
+        seen: set[int] = set()
+
+        def add(name: str, params, clip: bool) -> None:
+            ps = [p for p in params if id(p) in trainable and id(p) not in seen]
+            seen.update(id(p) for p in ps)
+            if ps:
+                groups.append({"params": ps, "name": name, "clip": clip})
+
+        if isinstance(model, BlockModel):
+            add("embed", model.embed_parameters(), False)
+            for l in range(model.num_blocks):
+                add(f"block{l}", model.block_parameters(l), True)
+            add("head", model.head_parameters(), False)
+        add("other", trainable.values(), not isinstance(model, BlockModel))
+        return groups
+
+    def _zero_grads(self, model: nn.Module) -> None:
+        for p in self.trainable_parameters(model):
+            p.grad = None
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"
+
+
+# --------------------------------------------------------------------------------------------
+# Block-local rules: fill_grads and credit written once
+# --------------------------------------------------------------------------------------------
+
+class CreditContext:
+    """What a block-local rule may read to form its signals for one batch.
+
+    ``hiddens``: ``[h_0 .. h_L]`` detached; ``logits`` ``(batch, C)``; ``a_top``: the true
+    gradient of the mean cross-entropy at ``pool(h_L)`` ``(batch, d)``; ``e``: the output error
+    ``softmax - onehot`` ``(batch, C)``; ``bp_grads``: the BP gradients ``g_l = dL/dh_l``
+    (computed on first use: an extra forward and backward).
+    """
+
+    def __init__(self, model: BlockModel, x: torch.Tensor, y: torch.Tensor,
+                 hiddens: list[torch.Tensor], logits: torch.Tensor, a_top: torch.Tensor):
+        self.model, self.x, self.y = model, x, y
+        self.hiddens, self.logits, self.a_top = hiddens, logits, a_top
+
+    @cached_property
+    def e(self) -> torch.Tensor:
+        return output_error(self.logits, self.y)
+
+    @cached_property
+    def bp_grads(self) -> list[torch.Tensor]:
+        from ..protocol import bp_reference
+
+        return bp_reference(self.model, self.x, self.y)[1]
+
+
+class BlockLocal(Method):
+    """Base of every rule that trains each block through a local surrogate.
+
+    ``fill_grads`` runs ONE forward with autograd on, each block fed a detached copy of its
+    input (so every local loss backpropagates only inside its block), one small backward of the
+    head's cross-entropy (which also gives ``a_top``), then one backward of all the surrogates
+    with their output gradients fed in closed form. Subclasses implement :meth:`signals` and,
+    when the feedback learns, :meth:`learn`.
+    """
+
+    family = "block"
+
+    def signals(self, model: BlockModel, ctx: CreditContext) -> list[torch.Tensor]:
+        """``[a_0 .. a_L]``: each ``(batch, d)`` (broadcast over positions) or shaped like ``h_l``."""
+        raise NotImplementedError
+
+    def learn(self, model: BlockModel, ctx: CreditContext) -> None:
+        """Update learned feedback after the gradients are written (default: nothing)."""
+
+    def check_model(self, model: BlockModel) -> None:
+        """Raise when ``model`` does not match the shapes the rule was set up for."""
+        self._require_ready("fill_grads")
+
+    def _penalties(self, model: BlockModel) -> list[float]:
+        p = float(getattr(self, "penalty", 0.0)) if self.takes_penalty else 0.0
+        return [0.0] + [p] * model.num_blocks
+
+    def fill_grads(self, model, x, y):
+        self.check_model(model)
+        check_batch(x, y)
+        self._zero_grads(model)
+        h0, branches, hiddens = local_forward(model, x)
+        z = model.pool(hiddens[-1]).detach().requires_grad_(True)
+        logits = model.classify(z)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()  # the head's gradients and a_top = dCE/d pool(h_L)
+        ctx = CreditContext(model, x, y, hiddens, logits.detach(), z.grad.detach())
+        a = self.signals(model, ctx)
+        backward_local(model, [h0] + branches, a, self._penalties(model))
+        self.learn(model, ctx)
+        return loss.detach(), logits.detach()
+
+    def credit(self, model, x, y):
+        self.check_model(model)
+        with torch.no_grad():
+            _, hiddens = model(x, return_hidden=True)
+        with torch.enable_grad():
+            z = model.pool(hiddens[-1]).detach().requires_grad_(True)
+            logits = model.classify(z)
+            a_top, = torch.autograd.grad(F.cross_entropy(logits, y), z)
+        ctx = CreditContext(model, x, y, hiddens, logits.detach(), a_top.detach())
+        with torch.no_grad():
+            a = self.signals(model, ctx)
+            return [_spread(model, a_l, h).detach() for a_l, h in zip(a, hiddens)]
+
+
+def draw_seed(generator: torch.Generator) -> int:
+    """A seed for a rule's own noise generator, drawn from the setup generator."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+def device_generator(seed: int, device: torch.device, current: torch.Generator | None) -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed`` (``current`` reused when it lives there)."""
+    if current is None or current.device != device:
+        return torch.Generator(device=device).manual_seed(seed)
+    return current
+
+
+def finite_or_nan(values: list[float]) -> list[float]:
+    return [v if math.isfinite(v) else math.nan for v in values]

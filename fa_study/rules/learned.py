@@ -1,0 +1,439 @@
+"""Block rules whose feedback learns from forward-only signals: GrAPE-FA and Stiefel-DFA.
+
+Neither reads a transposed weight and neither runs a backward pass through the network to
+learn its feedback: the feedback learns from JVPs (forward-mode derivatives of one block) or
+from the loss change caused by injected noise. The blocks themselves are trained exactly as by
+:class:`~fa_study.rules.block.FA` / :class:`~fa_study.rules.block.DFA` (the
+:class:`~fa_study.rules.base.BlockLocal` surrogates); only :meth:`signals` and :meth:`learn`
+differ.
+
+=============  ===============================================================================
+rule           credit and how its feedback learns
+=============  ===============================================================================
+grape_fa       block FA (``a_L = dCE/d pool(h_L)``, ``a_l = a_{l+1} B_l``, ``B_l`` ``(d, d)``
+               drawn as FA's) whose ``B_l`` turns, every step, toward the forward-only estimate
+               ``J_hat_l = (1/n) sum_i (J_l p_i) p_i^T`` of the block's mean Jacobian
+               ``J_l = d pool(h_{l+1}) / d h_l`` (``I + df_l/dh`` for a residual block), with
+               probes ``p_i ~ N(0, I)`` at the batch's own ``h_l`` and one ``torch.func.jvp``
+               per block: the cosine-alignment step of GrAPE (Caillon et al.),
+               :func:`fa_study.feedback.grape_step`
+stiefel_dfa    DFA-like: ``a_l = alpha_l (e C^T) U_l^T`` at every hidden state ``h_0..h_L``,
+               ``e = softmax - onehot``, ``C`` ``(r, classes)`` a fixed row-orthonormal
+               compressor, ``U_l`` ``(d, r)`` on the Stiefel manifold with gain ``alpha_l``
+               (:class:`fa_study.feedback.StiefelFeedback`); ``U_l`` and ``alpha_l`` follow the
+               cross-covariance of ``c = e C^T`` with a LOCAL estimate ``g_hat_l`` of the
+               per-sample gradient at ``h_l``: simultaneous node perturbation (below)
+=============  ===============================================================================
+
+Node perturbation (``probe="node"``): every hidden state of the first ``n_probe`` samples is
+shifted by independent noise ``+xi_l`` and, in a second copy, ``-xi_l`` (antithetic pair),
+``xi_l = sigma_l z_l``, ``z_l ~ N(0, I)``, ``sigma_l = sigma * rms(h_l)``; one forward of both
+copies (no autograd) gives the per-sample losses, and
+``g_hat_l = (loss(+) - loss(-)) / (2 sigma_l) * z_l``. To first order
+``loss(+) - loss(-) = 2 sum_k <g_k, xi_k>``, so ``E[g_hat_l] = g_l``. ``probe="bp"`` uses the
+exact per-sample gradient instead: an oracle that transports weights, for separating the
+estimator's noise from what a rank-``r`` feedback can express.
+
+Forward-mode passes run with BatchNorm in eval mode (running statistics: no in-place update
+under the functorch transform), the math attention kernel and no MultiheadAttention fast path
+(the CPU flash kernel and the fast path have no forward-mode derivative), so both rules train
+every architecture. Probing forwards never move BatchNorm running statistics.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..feedback import StiefelFeedback, grape_step
+from ..models.base import BlockModel
+from .base import (BlockLocal, CreditContext, Option, choice, device_generator, draw_seed,
+                   fraction, fraction_open, model_device, nonnegative, positive,
+                   positive_int_or_none)
+from .block import FA, PENALTY
+
+PROBES: tuple[str, ...] = ("node", "bp")
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces shared by both rules
+# --------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def preserved_buffers(model: nn.Module) -> Iterator[None]:
+    """Restore every buffer afterwards: probe forwards must not move BatchNorm running stats."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+
+
+@contextlib.contextmanager
+def forward_mode_safe(model: nn.Module) -> Iterator[None]:
+    """BatchNorm in eval mode, the math attention kernel and no MultiheadAttention fast path,
+    for ``torch.func.jvp`` through any block (each module's mode restored afterwards)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    bns = [(m, m.training) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    fast = torch.backends.mha.get_fastpath_enabled()
+    try:
+        for m, _ in bns:
+            m.training = False
+        torch.backends.mha.set_fastpath_enabled(False)
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+        for m, was in bns:
+            m.training = was
+
+
+def block_jvp(model: BlockModel, l: int, h: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``pool(J_l p)``: the change of ``pool(h_{l+1})`` when ``h_l`` moves along ``p``.
+
+    ``h`` is the block's input ``h_l``; ``p`` ``(n, d)`` is broadcast over positions (so the
+    probed map is the one a ``(batch, d)`` FA signal travels through). Forward mode only
+    (``torch.func.jvp`` through ``model.step(l, .)``); returns ``(n, d)``.
+    """
+    tangent = model.broadcast(p, h).contiguous()
+    with torch.no_grad(), forward_mode_safe(model):
+        _, jp = torch.func.jvp(lambda t: model.pool(model.step(l, t)), (h,), (tangent,))
+    return jp
+
+
+def jvp_jacobian_estimate(model: BlockModel, l: int, h: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """GrAPE's ``J_hat = (1/n) sum_i (J_l(h_i) p_i) p_i^T`` ``(d, d)`` from probes ``p`` ``(n, d)``
+    at the inputs ``h`` (``n`` samples); ``E_p[J_hat]`` is the batch-mean Jacobian (row = output)."""
+    jp = block_jvp(model, l, h, p)
+    return jp.t() @ p / p.shape[0]
+
+
+def mean_block_jacobian(model: BlockModel, l: int, h: torch.Tensor, chunk_rows: int = 8192) -> torch.Tensor:
+    """The exact batch-mean Jacobian ``(1/n) sum_i d pool(h_{l+1,i}) / d h_{l,i}`` ``(d, d)``
+    (rows: outputs) at the block inputs ``h`` (``n`` samples): one forward-mode pass per group
+    of basis directions, each over ``chunk_rows`` rows at most (a diagnostic)."""
+    d, n = model.width, h.shape[0]
+    eye = torch.eye(d, device=h.device, dtype=h.dtype)
+    per = max(1, chunk_rows // max(n, 1))
+    cols = []
+    for j0 in range(0, d, per):
+        k = min(per, d - j0)
+        hh = h.repeat(k, *([1] * (h.dim() - 1)))  # k copies of the batch
+        jp = block_jvp(model, l, hh, eye[j0:j0 + k].repeat_interleave(n, dim=0))
+        cols.append(jp.reshape(k, n, d).mean(dim=1))  # (k, d_out): column j of the Jacobian
+    return torch.cat(cols).t()
+
+
+@torch.no_grad()
+def node_perturbation_grads(model: BlockModel, h0: torch.Tensor, y: torch.Tensor, *,
+                            sigma: float = 0.01, generator: torch.Generator | None = None,
+                            repeats: int = 1) -> list[torch.Tensor]:
+    """Forward-only estimates ``g_hat_l`` of ``d loss_i / d h_l`` at every hidden state.
+
+    Simultaneous antithetic node perturbation (module doc): one forward (no autograd) of the
+    ``2 * repeats`` perturbed copies of the batch from ``h0`` ``(n, ...)`` (the embedding's
+    output) through every block and the readout, ``loss_i`` the per-sample cross-entropy with
+    labels ``y`` ``(n,)``. ``sigma`` is relative: ``sigma_l = sigma * rms(pool(h_l))`` of the
+    clean pass. Returns ``[g_hat_0 .. g_hat_L]``, each ``(n, d)``, the mean over ``repeats``
+    independent probes per sample; unbiased up to O(sigma^2).
+    """
+    sigma = positive("sigma", sigma)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    gen_device = generator.device if generator is not None else h0.device
+    scales, h = [], h0
+    for l in range(model.num_blocks + 1):  # clean pass for the per-state noise scales
+        scales.append(model.pool(h).pow(2).mean().sqrt().clamp_min(1e-12) * sigma)
+        if l < model.num_blocks:
+            h = model.step(l, h)
+    n = h0.shape[0]
+    noise = [torch.randn(repeats * n, model.width, generator=generator, device=gen_device,
+                         dtype=h0.dtype).to(h0.device) for _ in scales]
+
+    def shift(h: torch.Tensor, l: int) -> torch.Tensor:
+        xi = noise[l] * scales[l]
+        return h + model.broadcast(torch.cat([xi, -xi]), h)  # antithetic copies: +xi, then -xi
+
+    reps = 2 * repeats
+    h = shift(h0.repeat(reps, *([1] * (h0.dim() - 1))), 0)
+    for l in range(model.num_blocks):
+        h = shift(model.step(l, h), l + 1)
+    losses = F.cross_entropy(model.readout(h), y.repeat(reps), reduction="none")
+    half = repeats * n
+    dl = (losses[:half] - losses[half:]) / 2  # (repeats * n,)
+    return [((dl / s).unsqueeze(1) * z).reshape(repeats, n, -1).mean(dim=0) for z, s in zip(noise, scales)]
+
+
+def sum_positions(model: BlockModel, g: torch.Tensor) -> torch.Tensor:
+    """``(batch, d)``: the gradient along a position-constant direction, i.e. the adjoint of
+    ``model.broadcast`` applied to ``g`` (the sum over positions; ``g`` itself for MLPs)."""
+    if g.dim() == 2:
+        return g
+    with torch.enable_grad():
+        v = torch.zeros(g.shape[0], model.width, device=g.device, dtype=g.dtype, requires_grad=True)
+        out, = torch.autograd.grad((model.broadcast(v, g) * g).sum(), v)
+    return out
+
+
+def per_sample_gradients(model: BlockModel, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """Exact ``d loss_i / d h_l`` ``(n, d)`` (summed over positions: the gradient along the
+    broadcast direction) at every hidden state, by autograd: the oracle ``g_hat``."""
+    from ..protocol import bp_reference
+
+    _, grads, _ = bp_reference(model, x, y)
+    # bp_reference differentiates the batch mean: the per-sample loss's gradient is n times it
+    return [sum_positions(model, g) * x.shape[0] for g in grads]
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    den = float(a.norm() * b.norm())
+    return float((a * b).sum()) / den if den > 0 else math.nan
+
+
+@contextlib.contextmanager
+def _reading(model: nn.Module) -> Iterator[None]:
+    was = model.training
+    model.eval()
+    try:
+        with preserved_buffers(model):
+            yield
+    finally:
+        model.train(was)
+
+
+def block_feedback_quality(rule: FA, model: BlockModel, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """``fb_align_<l>`` = cos(B_l, J_l) for l < L, ``J_l`` the exact batch-mean Jacobian of block l
+    (the matrix that would make FA's pass-down BP's). Eval mode; buffers left as they were."""
+    with _reading(model):
+        with torch.no_grad():
+            _, hiddens = model(x, return_hidden=True)
+        return {f"fb_align_{l}": _cos(B, mean_block_jacobian(model, l, hiddens[l]).to(B.dtype))
+                for l, B in enumerate(rule.B)}
+
+
+def direct_feedback_quality(rule, model: BlockModel, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """``fb_align_<l>`` = cos(M_l, E[g_l e^T]) for every hidden state, ``M_l`` the matrix that maps
+    the output error to ``a_l`` (``rule.feedback_matrices()``) and ``g_l`` the per-sample BP
+    gradient at ``h_l``: the direction a linear feedback from ``e`` should take."""
+    from .base import output_error
+
+    with _reading(model):
+        grads = per_sample_gradients(model, x, y)
+        with torch.no_grad():
+            e = output_error(model(x), y)
+        n = x.shape[0]
+        return {f"fb_align_{l}": _cos(M, (g.t() @ e / n).to(M.dtype))
+                for l, (M, g) in enumerate(zip(rule.feedback_matrices(), grads))}
+
+
+# --------------------------------------------------------------------------------------------
+# GrAPE-FA
+# --------------------------------------------------------------------------------------------
+
+class GrAPEFA(FA):
+    """Block FA whose ``B_l`` align to the blocks' forward-probed Jacobians (see module doc).
+
+    ``B_l`` maps ``a_{l+1}`` to ``a_l`` and BP's ``g_l = g_{l+1} J_l`` per sample, so
+    ``B_l -> mean J_l`` is what makes the credit BP's. ``B_l`` are drawn exactly as FA's, so with
+    the same seed both rules start from the same feedback; ``eta_B = 0`` is plain block FA.
+    """
+
+    name = "grape_fa"
+    family = "learned"
+    summary = "block FA whose B_l turn toward the blocks' JVP-probed Jacobians (GrAPE)"
+    learns_feedback = True
+    OPTIONS = {
+        "penalty": PENALTY,
+        "eta_B": Option(0.1, nonnegative, "fraction of the angle between B_l and J_hat_l closed per step"),
+        "n_probe": Option(32, positive_int_or_none, "probed samples per step (GrAPE's 32; None: the batch)"),
+    }
+
+    def setup(self, model, num_classes, generator, *, train_cfg=None):
+        super().setup(model, num_classes, generator, train_cfg=train_cfg)
+        # the probes come from their own generator, seeded from the setup draw
+        self._step_seed = draw_seed(generator)
+        self._gen = None
+        self._last_cos = None
+
+    def learn(self, model, ctx: CreditContext):
+        if self.eta_B > 0 and model.num_blocks:
+            self.align(model, ctx.hiddens)
+
+    @torch.no_grad()
+    def align(self, model: BlockModel, hiddens: list[torch.Tensor]) -> torch.Tensor:
+        """One GrAPE step for every ``B_l`` at the batch's inputs ``hiddens[l]``; returns the
+        cosines ``cos(B_l, J_hat_l)`` before the step ``(L,)`` (kept, not synchronised)."""
+        n = hiddens[0].shape[0] if self.n_probe is None else min(self.n_probe, hiddens[0].shape[0])
+        device = hiddens[0].device
+        self._gen = device_generator(self._step_seed, device, self._gen)
+        cos = []
+        with preserved_buffers(model):
+            for l, B in enumerate(self.B):
+                h = hiddens[l][:n]
+                p = torch.randn(n, B.shape[1], generator=self._gen, device=device, dtype=h.dtype)
+                cos.append(grape_step(B, jvp_jacobian_estimate(model, l, h, p).to(B.dtype), self.eta_B))
+        self._last_cos = torch.stack(cos)
+        return self._last_cos
+
+    def state(self):
+        """The last step's ``cos(B_l, J_hat_l)`` per block as ``probe_cos_<l>`` (one sync)."""
+        if getattr(self, "_last_cos", None) is None:
+            return {}
+        return {f"probe_cos_{l}": v for l, v in enumerate(self._last_cos.tolist())}
+
+
+# --------------------------------------------------------------------------------------------
+# Stiefel-subspace DFA
+# --------------------------------------------------------------------------------------------
+
+def _rank(name: str, value) -> int:
+    from ..config import check_int
+
+    return check_int(name, value, 1)
+
+
+class StiefelDFA(BlockLocal):
+    """DFA through a learned factored subspace (see the module doc).
+
+    ``eta_B`` is a scale-free step of ``U_l``: the expander's Riemannian step
+    ``U + eta alpha Delta`` is taken with ``eta = eta_B / (alpha |EMA(G)|)``, i.e. a step
+    ``eta_B Delta / |EMA(G)|`` of Frobenius size at most ``eta_B``: with a fixed ``eta`` the
+    speed of ``U`` would scale as the squared gradient size, which changes by decades in
+    training, and a layer whose ``alpha`` collapsed to its floor would stop learning.
+    ``eta_B = 0`` keeps ``U`` and ``alpha`` fixed: DFA with a random scaled isometry as feedback.
+    """
+
+    name = "stiefel_dfa"
+    family = "learned"
+    summary = "DFA through a learned rank-r Stiefel subspace (node perturbation)"
+    takes_penalty = True
+    has_random_feedback = True
+    learns_feedback = True
+    OPTIONS = {
+        "penalty": PENALTY,
+        "rank": Option(10, _rank, "r, the compressed error's dimension (at most the number of classes)"),
+        "eta_B": Option(0.1, nonnegative, "scale-free Riemannian step of U_l"),
+        "probe": Option("node", choice(*PROBES), "g_hat: node perturbation, or 'bp' (the weight-transporting oracle)"),
+        "sigma": Option(0.05, positive, "relative node-perturbation scale"),
+        "n_probe": Option(None, positive_int_or_none, "samples probed per step (None: the batch)"),
+        "tau": Option(0.95, fraction_open, "EMA factor of the cross-covariance"),
+        "beta_alpha": Option(0.05, fraction, "EMA rate of the gain alpha_l"),
+        "alpha_init": Option(0.1, positive, "initial gain"),
+    }
+    LABELS = {"penalty": "λ"}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.feedback: StiefelFeedback | None = None
+        self._dims: tuple[int, int, int] | None = None
+        self._last: list[dict[str, torch.Tensor]] = []
+
+    def setup(self, model, num_classes, generator, *, train_cfg=None):
+        self.check_arch(model.arch)
+        if self.rank > num_classes:
+            raise ValueError(f"rank must be at most the number of classes ({num_classes}): the "
+                             f"compressor C maps the {num_classes}-dim error to r dims; got rank={self.rank}")
+        if self.rank > model.width:
+            raise ValueError(f"rank must be at most the width d={model.width}, got rank={self.rank}")
+        self._dims = (model.width, int(num_classes), model.num_blocks)
+        self.feedback = self._draw(generator, model_device(model))
+        self._step_seed = draw_seed(generator)
+        self._gen = None
+        self._last = []
+        super().setup(model, num_classes, generator, train_cfg=train_cfg)
+
+    def _draw(self, generator: torch.Generator, device) -> StiefelFeedback:
+        d, classes, num_blocks = self._dims
+        return StiefelFeedback(classes, [d] * (num_blocks + 1), self.rank, alpha_init=self.alpha_init,
+                               generator=generator, device=device)
+
+    def fresh(self, generator):
+        self._require_ready("fresh")
+        new = copy.copy(self)
+        new.feedback = self._draw(generator, self.feedback.C.device)
+        new._last = []
+        return new
+
+    def check_model(self, model):
+        self._require_ready("fill_grads")
+        if (model.width, model.num_blocks) != (self._dims[0], self._dims[2]):
+            raise ValueError(f"{self.name} was set up for d={self._dims[0]}, L={self._dims[2]} but "
+                             f"the model has d={model.width}, L={model.num_blocks}; call setup again")
+
+    def signals(self, model, ctx):
+        return self.feedback.deltas(self.feedback.compress(ctx.e))
+
+    def learn(self, model, ctx):
+        if self.eta_B <= 0:
+            return
+        x, y = ctx.x, ctx.y
+        n = x.shape[0] if self.n_probe is None else min(self.n_probe, x.shape[0])
+        with torch.no_grad():
+            if self.probe == "node":
+                self._gen = device_generator(self._step_seed, x.device, self._gen)
+                with preserved_buffers(model):
+                    g_hats = node_perturbation_grads(model, ctx.hiddens[0][:n], y[:n], sigma=self.sigma,
+                                                     generator=self._gen)
+            else:
+                with torch.enable_grad(), preserved_buffers(model):
+                    g_hats = per_sample_gradients(model, x[:n], y[:n])
+            self.update_feedback(g_hats, self.feedback.compress(ctx.e[:n]))
+
+    @torch.no_grad()
+    def update_feedback(self, g_hats: list[torch.Tensor], c: torch.Tensor) -> None:
+        """One scale-free Stiefel step of every ``U_l`` and ``alpha_l`` from the local signals
+        ``g_hats[l]`` ``(n, d)`` and the compressed error ``c`` ``(n, r)`` (see the class doc)."""
+        n = c.shape[0]
+        stats = []
+        for layer, g in zip(self.feedback.layers, g_hats):
+            g = g.to(c.dtype)
+            ema_next = self.tau * layer.ema_G + (1.0 - self.tau) * (g.t() @ c) / n
+            eta = self.eta_B / (layer.alpha * ema_next.norm()).clamp_min(1e-30)
+            stats.append(layer.update_tensors(g, c, eta=eta, tau=self.tau, beta_alpha=self.beta_alpha,
+                                              max_step_frob=None))
+        self._last = stats
+
+    def state(self):
+        """``alpha_<l>`` per hidden state, and the last update's ``rho_hat_<l>``; one sync."""
+        if self.feedback is None:
+            return {}
+        alphas = torch.stack([layer.alpha for layer in self.feedback.layers]).float()
+        out = {f"alpha_{l}": v for l, v in enumerate(alphas.tolist())}
+        if self._last:
+            rho = torch.stack([s["rho"] for s in self._last]).float()
+            out.update({f"rho_hat_{l}": v for l, v in enumerate(rho.tolist())})
+        return out
+
+    def feedback_matrices(self) -> list[torch.Tensor]:
+        """``alpha_l U_l C`` ``(d, classes)`` per hidden state: the matrix ``M_l`` with
+        ``a_l = e M_l^T`` (DFA's form)."""
+        self._require_ready("feedback_matrices")
+        return [layer.alpha * layer.U @ self.feedback.C for layer in self.feedback.layers]
+
+    effective_feedback = feedback_matrices
+
+    def feedback_quality(self, model, x, y):
+        """DFA's ``fb_align_<l>``, plus ``alpha_<l>`` and ``rho_<l>`` = <U_l, G_l>/(|G_l| sqrt r) with
+        ``G_l = E[g_l c^T]`` read on the exact gradient (0 for a random U, 1 when U is G's polar
+        factor with equal singular values)."""
+        from .base import output_error
+
+        out = direct_feedback_quality(self, model, x, y)
+        with _reading(model):
+            grads = per_sample_gradients(model, x, y)
+            with torch.no_grad():
+                c = self.feedback.compress(output_error(model(x), y))
+        r, n = self.feedback.rank, x.shape[0]
+        for l, (layer, g) in enumerate(zip(self.feedback.layers, grads)):
+            G = g.t() @ c / n
+            out[f"rho_{l}"] = float((G * layer.U).sum() / (G.norm() * math.sqrt(r)).clamp_min(1e-30))
+            out[f"alpha_{l}"] = float(layer.alpha)
+        return out

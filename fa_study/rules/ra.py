@@ -1,0 +1,501 @@
+"""Reciprocal alignment (RA, reference 001): its explicit formulas and its rules.
+
+The network is :class:`fa_study.models.MatrixMLP`: forward matrices ``W[l]`` ``(d_{l+1}, d_l)``
+with an optional LayerNorm (no affine parameters) after each hidden activation. The rules own
+feedback matrices ``B[l]`` ``(d_l, d_{l+1})`` -- the shape of ``W[l].T`` -- and decide how each is
+trained:
+
+==============  ===============================  =================================================
+rule            W update                         B update (plain SGD with step ``lr_b``)
+==============  ===============================  =================================================
+``bp``          backpropagation (autograd)       --
+``ra_fa``       feedback alignment through B     none (B stays at its random initial value)
+``ra_rev``      FA through B                     reverse task: reconstruct x from the logits down
+                                                 the B pathway, with W as the feedback matrices
+``ra_recon``    FA through B                     layer-local reconstruction of a_l from a_{l+1}
+``ra_comb``     FA through B                     ``(1 - lam) * rev + lam * recon``
+==============  ===============================  =================================================
+
+As in the reference, the FA update of W ignores the LayerNorm derivative (the error passes each
+LayerNorm as if it were the identity); with ``B[l] = W[l]^T`` it is the same approximation of
+BP. ``bp`` is the generic rule (:class:`fa_study.rules.block.BP`): the exact gradient.
+
+RA asks whether B can come to align with W^T from local signals alone; the read-outs
+(:meth:`RARule.feedback_quality`) are the per-layer alignment ``||B_l - W_l^T|| / ||W_l||``, the
+angle between ``B_l`` and ``W_l^T``, and the angle between the FA and BP updates of each hidden
+layer (Lillicrap et al. 2016).
+
+Conventions: activations are rows, ``acts[l]`` is ``(batch, d_l)``; ``acts[0]`` is the input
+and ``acts[L]`` the logits. The formulas work on plain tensors without autograd.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from ..config import check_choice, get_device
+from .base import Method, Option, boolean, check_batch, fraction, positive_or_none
+
+ACTIVATIONS: tuple[str, ...] = ("linear", "relu", "tanh")
+_ALIGN_EPS = 1e-9  # as in the reference: ||B - W^T|| / (||W|| + eps)
+
+
+# --------------------------------------------------------------------------------------------
+# Model: dimensions, initialisation, forward pass
+# --------------------------------------------------------------------------------------------
+
+def _check_int(what: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def make_dims(in_dim: int, hidden: int, depth: int, out_dim: int) -> list[int]:
+    """Layer widths ``[in_dim, hidden, ..., hidden, out_dim]`` of a ``depth``-matrix MLP.
+
+    ``depth`` counts weight matrices (so there are ``depth - 1`` hidden layers) and must be
+    at least 2.
+    """
+    depth = _check_int("depth (number of weight matrices)", depth, low=2)
+    in_dim = _check_int("in_dim", in_dim)
+    hidden = _check_int("hidden (width)", hidden)
+    out_dim = _check_int("out_dim", out_dim)
+    return [in_dim] + [hidden] * (depth - 1) + [out_dim]
+
+
+def init_gain(activation: str) -> float:
+    """Initialisation gain of the reference: sqrt(2) for ReLU (Kaiming), 1 otherwise."""
+    check_choice("activation", activation, ACTIVATIONS)
+    return math.sqrt(2.0) if activation == "relu" else 1.0
+
+
+def init_mats(dims: list[int], seed: int, activation: str = "linear", device=None,
+              dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Random forward matrices ``W`` and feedback matrices ``B`` as in the reference.
+
+    ``W[l]`` is ``(d_{l+1}, d_l)`` with entries N(0, gain² / d_l); ``B[l]`` is ``(d_l, d_{l+1})``
+    with entries N(0, gain² / d_{l+1}), i.e. each matrix is scaled by its own fan-in
+    (``gain`` from :func:`init_gain`). The reference's comment calls the gain-1 case "Xavier";
+    the numbers it draws are the fan-in (LeCun) scaling above, which is what we reproduce.
+
+    All draws come, in the reference's order (W[0], B[0], W[1], B[1], ...), from one CPU
+    ``torch.Generator`` seeded with ``seed``, in float32; the matrices are then moved to
+    ``device`` (default :func:`fa_study.config.get_device`) and cast to ``dtype``. The values
+    therefore do not depend on the device, and a float64 run starts from the float32 draws.
+    """
+    if len(dims) < 3:
+        raise ValueError(f"dims must list at least 3 widths (depth >= 2), got {dims!r}")
+    for d in dims:
+        _check_int("every width in dims", d)
+    gain = init_gain(activation)
+    dev = get_device(device)
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    W, B = [], []
+    for d_in, d_out in zip(dims[:-1], dims[1:]):
+        w = torch.empty(d_out, d_in).normal_(std=gain * (1.0 / d_in) ** 0.5, generator=g)
+        b = torch.empty(d_in, d_out).normal_(std=gain * (1.0 / d_out) ** 0.5, generator=g)
+        W.append(w.to(device=dev, dtype=dtype))
+        B.append(b.to(device=dev, dtype=dtype))
+    return W, B
+
+
+def apply_act(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """The hidden nonlinearity applied to pre-activations ``z`` ``(batch, d)``."""
+    if activation == "linear":
+        return z
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "tanh":
+        return torch.tanh(z)
+    check_choice("activation", activation, ACTIVATIONS)
+    raise AssertionError("unreachable")
+
+
+def act_deriv(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """d act(z) / dz, elementwise, at the pre-activations ``z`` ``(batch, d)``."""
+    if activation == "linear":
+        return torch.ones_like(z)
+    if activation == "relu":
+        return (z > 0).to(z.dtype)
+    if activation == "tanh":
+        return 1 - torch.tanh(z).pow(2)
+    check_choice("activation", activation, ACTIVATIONS)
+    raise AssertionError("unreachable")
+
+
+def forward(x: torch.Tensor, W: list[torch.Tensor], activation: str = "linear",
+            ln: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Forward pass of the explicit-matrix MLP.
+
+    Args:
+        x: inputs ``(batch, d_0)``.
+        W: forward matrices, ``W[l]`` ``(d_{l+1}, d_l)``.
+        activation: one of :data:`ACTIVATIONS`, applied after every hidden layer.
+        ln: LayerNorm (no affine parameters) after each hidden activation.
+
+    Returns:
+        ``(acts, pre)``, both of length ``L + 1``: ``acts[0] = x``, ``acts[l]`` ``(batch, d_l)``
+        the (normalised) output of hidden layer ``l``, ``acts[L]`` the logits; ``pre[0] = None``
+        and ``pre[l] = acts[l-1] @ W[l-1].T`` the pre-activation of layer ``l``.
+    """
+    check_choice("activation", activation, ACTIVATIONS)
+    acts: list[torch.Tensor] = [x]
+    pre: list[torch.Tensor | None] = [None]
+    h = x
+    last = len(W) - 1
+    for l, w in enumerate(W):
+        z = h @ w.T
+        pre.append(z)
+        if l < last:
+            h = apply_act(z, activation)
+            if ln:
+                h = F.layer_norm(h, h.shape[-1:])
+        else:
+            h = z  # logits: no activation, no LayerNorm
+        acts.append(h)
+    return acts, pre
+
+
+def output_grad(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of ``logits`` ``(batch, K)`` against labels ``y`` ``(batch,)`` and its
+    gradient with respect to the logits, ``(softmax(logits) - onehot(y)) / batch``.
+
+    Returns ``(loss, grad_top)``: a 0-dim tensor (no host sync) and ``(batch, K)``.
+    """
+    n, k = logits.shape
+    loss = F.cross_entropy(logits, y)
+    grad_top = (torch.softmax(logits, dim=-1) - F.one_hot(y, num_classes=k).to(logits.dtype)) / n
+    return loss, grad_top
+
+
+# --------------------------------------------------------------------------------------------
+# Updates of W (BP or FA) and of B (reverse task, reconstruction, combination)
+# --------------------------------------------------------------------------------------------
+
+def w_grads(acts: list[torch.Tensor], pre: list[torch.Tensor | None], grad_top: torch.Tensor,
+            W: list[torch.Tensor], B: list[torch.Tensor], use_bp: bool,
+            activation: str = "linear", return_signals: bool = False):
+    """Updates of every ``W[l]`` by backpropagation (``use_bp``) or feedback alignment through B.
+
+    Starting from ``grad_top`` ``(batch, d_L)`` (the loss gradient at the logits), the error
+    ``delta_l`` ``(batch, d_{l+1})`` at the pre-activation of layer ``l + 1`` gives
+    ``grad W[l] = delta_lᵀ acts[l]`` ``(d_{l+1}, d_l)``; it is carried one layer down by
+    ``delta_l W[l]`` (BP) or ``delta_l B[l]ᵀ`` (FA), then multiplied by the activation
+    derivative at ``pre[l]``.
+
+    The LayerNorm derivative is ignored, as in the reference: the error passes through each
+    LayerNorm as if it were the identity, in both arms, so that BP and FA differ only in the
+    feedback matrix. Consequences: with ``ln=False`` the BP arm is exact backpropagation (it
+    equals autograd of the loss); with ``ln=True`` it is *not* the true gradient of the
+    network that :func:`forward` computes, but the gradient of the same network with the
+    LayerNorms' Jacobians replaced by the identity. With ``B[l] = W[l]ᵀ`` FA equals this BP
+    arm in both cases.
+
+    Returns: a list of ``L`` tensors, ``grads[l]`` with the shape of ``W[l]``; with
+    ``return_signals`` also the errors ``[grad_a_1 .. grad_a_{L-1}]`` carried down to the hidden
+    outputs ``acts[1..L-1]`` (the rule's credit at the hidden states).
+    """
+    L = len(W)
+    grads: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
+    signals: list[torch.Tensor] = [None] * (L - 1)  # type: ignore[list-item]
+    delta = grad_top
+    for l in reversed(range(L)):
+        grads[l] = delta.T @ acts[l]
+        if l > 0:
+            grad_a = delta @ W[l] if use_bp else delta @ B[l].T
+            signals[l - 1] = grad_a
+            delta = grad_a * act_deriv(pre[l], activation)
+    return (grads, signals) if return_signals else grads
+
+
+def b_grads_rev(acts: list[torch.Tensor], x: torch.Tensor, W: list[torch.Tensor],
+                B: list[torch.Tensor], ln_b: bool = True
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Reverse-task updates of every ``B[l]``: the B pathway reconstructs x from the logits.
+
+    The B pathway runs top-down and is linear: ``b_L = acts[L]`` (the logits, a constant here),
+    ``b_{l-1} = LN(b_l B[l-1]ᵀ)`` for ``l > 1`` (LayerNorm only when ``ln_b``; it mirrors the
+    forward pathway's LayerNorm, for stability) and ``b_0 = b_1 B[0]ᵀ`` ``(batch, d_0)`` with no
+    LayerNorm, since it targets x directly. Its loss is
+
+        rev_loss = 0.5 * mean_batch ||b_0 - x||²
+
+    (the reference logs ``mean_batch ||b_0 - x||²``, twice this; its update is the gradient of
+    the half, which is the loss we report so that loss and update agree).
+
+    The error is sent up the B pathway by feedback alignment with W as the feedback matrices:
+    ``eta_0 = (b_0 - x) / batch`` and ``eta_l = eta_{l-1} W[l-1]ᵀ``, where backpropagation
+    would use ``B[l-1]``; LayerNorm derivatives are ignored. The update is
+    ``grad B[l] = eta_lᵀ b_{l+1}`` ``(d_l, d_{l+1})``. Hence:
+
+    * ``grads[0]`` is always the exact gradient of ``rev_loss`` with respect to ``B[0]``;
+    * all of them are the exact gradient of ``rev_loss`` when ``B[l] = W[l]ᵀ`` for every ``l``
+      and ``ln_b=False`` (for any forward activation: the B pathway is linear);
+    * in general they are not the gradient of any loss -- that is the point of FA.
+
+    Returns ``(grads, rev_loss)``; ``rev_loss`` is a 0-dim tensor (no host sync).
+    """
+    L = len(B)
+    n = x.shape[0]
+    b: list[torch.Tensor] = [None] * (L + 1)  # type: ignore[list-item]
+    b[L] = acts[L]
+    for l in range(L, 0, -1):
+        h = b[l] @ B[l - 1].T
+        if ln_b and l > 1:
+            h = F.layer_norm(h, h.shape[-1:])
+        b[l - 1] = h
+    err = b[0] - x
+    eta = err / n
+    grads: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
+    for l in range(L):
+        grads[l] = eta.T @ b[l + 1]
+        eta = eta @ W[l].T
+    rev_loss = 0.5 * err.pow(2).sum(-1).mean()
+    return grads, rev_loss
+
+
+def b_grads_recon(acts: list[torch.Tensor], B: list[torch.Tensor]
+                  ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Layer-local reconstruction updates of every ``B[l]``: predict ``acts[l]`` from ``acts[l+1]``.
+
+    With residual ``r_l = acts[l+1] B[l]ᵀ - acts[l]`` ``(batch, d_l)``, the loss is
+
+        recon_loss = sum_l 0.5 * mean_batch ||r_l||²
+
+    and ``grads[l] = r_lᵀ acts[l+1] / batch`` ``(d_l, d_{l+1})`` is its exact gradient with
+    respect to ``B[l]`` (the activations are constants). The reference logs
+    ``sum_l mean_batch ||r_l||²``, twice this; its update is the gradient of the half.
+
+    Returns ``(grads, recon_loss)``; ``recon_loss`` is a 0-dim tensor (no host sync).
+    """
+    n = acts[0].shape[0]
+    grads: list[torch.Tensor] = []
+    total = acts[0].new_zeros(())
+    for l, b in enumerate(B):
+        above = acts[l + 1]
+        r = above @ b.T - acts[l]
+        grads.append(r.T @ above / n)
+        total = total + 0.5 * r.pow(2).sum(-1).mean()
+    return grads, total
+
+
+# --------------------------------------------------------------------------------------------
+# Read-outs
+# --------------------------------------------------------------------------------------------
+
+def _angles_deg(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    """Angle in degrees between the flattened tensors of each pair; NaN when either is zero.
+
+    Uses ``2 atan2(|u - v|, |u + v|)`` on the unit vectors, which stays accurate near 0 and
+    180 degrees where ``acos`` of the cosine loses half the digits. One host sync in all.
+    """
+    if not pairs:
+        return []
+    out = []
+    for a, b in pairs:
+        a, b = a.reshape(-1), b.reshape(-1)
+        na, nb = a.norm(), b.norm()
+        u, v = a / na, b / nb
+        ang = 2 * torch.atan2((u - v).norm(), (u + v).norm())
+        out.append(torch.where((na > 0) & (nb > 0), ang, torch.full_like(ang, math.nan)))
+    return torch.rad2deg(torch.stack(out)).tolist()
+
+
+def alignment(W: list[torch.Tensor], B: list[torch.Tensor]) -> list[float]:
+    """Per-layer ``||B[l] - W[l]ᵀ||_F / ||W[l]||_F`` (0 when B = Wᵀ; ~1.4 for independent
+    random matrices of equal scale). One host sync in all."""
+    vals = [(b - w.T).norm() / (w.norm() + _ALIGN_EPS) for w, b in zip(W, B)]
+    return torch.stack(vals).tolist()
+
+
+def angles(W: list[torch.Tensor], B: list[torch.Tensor]) -> list[float]:
+    """Per-layer angle in degrees between ``B[l]`` and ``W[l]ᵀ``, both flattened
+    (0: same direction, 90: orthogonal, 180: opposite; scale-free, unlike :func:`alignment`)."""
+    return _angles_deg([(b, w.T) for w, b in zip(W, B)])
+
+
+def update_angles(acts: list[torch.Tensor], pre: list[torch.Tensor | None], grad_top: torch.Tensor,
+                  W: list[torch.Tensor], B: list[torch.Tensor],
+                  activation: str = "linear") -> list[float]:
+    """Angle in degrees between the FA update and the BP update of each hidden layer's W on
+    the same batch (the measure of Lillicrap et al. 2016; below 90 means FA descends).
+
+    Only ``W[0] .. W[L-2]`` are reported: the top matrix ``W[L-1]`` gets the same update from
+    both rules (its error is the loss gradient itself), so its angle is 0 by construction.
+    Both updates come from :func:`w_grads` and so share its treatment of LayerNorm.
+
+    Returns a list of ``L - 1`` floats.
+    """
+    g_bp = w_grads(acts, pre, grad_top, W, B, use_bp=True, activation=activation)
+    g_fa = w_grads(acts, pre, grad_top, W, B, use_bp=False, activation=activation)
+    return _angles_deg(list(zip(g_fa[:-1], g_bp[:-1])))
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration and training
+# --------------------------------------------------------------------------------------------
+
+
+
+# --------------------------------------------------------------------------------------------
+# The rules
+# --------------------------------------------------------------------------------------------
+
+def _lam(name: str, value) -> float:
+    return fraction(name, value)
+
+
+class RARule(Method):
+    """Base of the reciprocal-alignment rules: W by feedback alignment through the rule's own
+    ``B`` (LayerNorm derivative ignored, as the reference), B by :meth:`b_grads` and plain SGD
+    with step ``lr_b`` (``None``: the trainer's lr, as the reference's default).
+
+    ``B[l] ~ N(0, gain^2 / d_{l+1})`` (each matrix scaled by its own fan-in, as the reference),
+    drawn from the setup generator. Per epoch, :meth:`state` gives the mean reverse and
+    reconstruction losses of the epoch's steps, and :meth:`feedback_quality` the alignment,
+    angle and update-angle read-outs.
+    """
+
+    family = "ra"
+    archs = ("matrix_mlp",)
+    has_random_feedback = True
+    OPTIONS = {"lr_b": Option(None, positive_or_none, "B's SGD step (None: the trainer's lr)")}
+    LABELS = {"lr_b": "lr_b"}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.B: list[torch.Tensor] = []
+        self._sums: torch.Tensor | None = None
+
+    # ---- life cycle ----------------------------------------------------------------------
+
+    def setup(self, model, num_classes, generator, *, train_cfg=None):
+        self.check_arch(model.arch)
+        self._dims, self._gain = list(model.dims), model.gain
+        self._lr_b = self.lr_b if self.lr_b is not None else (train_cfg.lr if train_cfg is not None else 0.05)
+        self._device = model.matrices()[0].device
+        self._dtype = model.matrices()[0].dtype
+        self.B = self.draw(generator)
+        self._sums = None
+        super().setup(model, num_classes, generator, train_cfg=train_cfg)
+
+    def draw(self, generator: torch.Generator) -> list[torch.Tensor]:
+        return [(torch.randn(d_in, d_out, generator=generator) * (self._gain / math.sqrt(d_out)))
+                .to(self._device, self._dtype) for d_in, d_out in zip(self._dims[:-1], self._dims[1:])]
+
+    def fresh(self, generator):
+        self._require_ready("fresh")
+        import copy
+
+        new = copy.copy(self)
+        new.B = self.draw(generator)
+        new._sums = None
+        return new
+
+    # ---- the B update --------------------------------------------------------------------
+
+    def b_grads(self, acts: list[torch.Tensor], x: torch.Tensor, W: list[torch.Tensor]
+                ) -> tuple[list[torch.Tensor] | None, torch.Tensor | None, torch.Tensor | None]:
+        """``(updates of B or None, rev_loss or None, recon_loss or None)`` for one batch."""
+        return None, None, None
+
+    # ---- the two jobs --------------------------------------------------------------------
+
+    def _forward(self, model, x, y):
+        W = [w.detach() for w in model.matrices()]
+        acts, pre = forward(model.as_flat(x), W, model.activation, model.ln)
+        loss, grad_top = output_grad(acts[-1], y)
+        return W, acts, pre, loss, grad_top
+
+    def fill_grads(self, model, x, y):
+        self._require_ready("fill_grads")
+        check_batch(x, y)
+        with torch.no_grad():
+            W, acts, pre, loss, grad_top = self._forward(model, x, y)
+            for p, g in zip(model.matrices(), w_grads(acts, pre, grad_top, W, self.B, False, model.activation)):
+                p.grad = g
+            g_b, rev, recon = self.b_grads(acts, acts[0], W)
+            if g_b is not None:  # from the same snapshot of W and B as W's update, as the reference
+                for b, g in zip(self.B, g_b):
+                    b.sub_(self._lr_b * g)
+            nan = torch.full((), math.nan, device=loss.device, dtype=loss.dtype)
+            step = torch.stack([rev if rev is not None else nan, recon if recon is not None else nan,
+                                torch.ones_like(loss)]) * x.shape[0]
+            self._sums = step if self._sums is None else self._sums + step
+        return loss.detach(), acts[-1]
+
+    def credit(self, model, x, y):
+        """The FA errors carried down to ``h_0 .. h_L`` through B (LayerNorm as identity)."""
+        self._require_ready("credit")
+        with torch.no_grad():
+            W, acts, pre, _, grad_top = self._forward(model, x, y)
+            _, signals = w_grads(acts, pre, grad_top, W, self.B, False, model.activation, return_signals=True)
+        return signals
+
+    # ---- read-outs -----------------------------------------------------------------------
+
+    def state(self):
+        """``rev_loss`` and ``recon_loss``: sample-weighted means over the steps since the last
+        call (NaN when the rule does not compute them); one host sync."""
+        if self._sums is None:
+            return {}
+        rev, recon, n = self._sums.tolist()
+        self._sums = None
+        return {"rev_loss": rev / n, "recon_loss": recon / n}
+
+    def feedback_quality(self, model, x, y):
+        """``align_l`` (||B_l - W_l^T|| / ||W_l||), ``angle_l`` (B_l vs W_l^T, degrees) for every
+        matrix and ``update_angle_l`` (FA vs BP update of the hidden W_l, degrees) on ``x``, ``y``."""
+        with torch.no_grad():
+            W, acts, pre, _, grad_top = self._forward(model, x, y)
+            out = {}
+            for prefix, vals in (("align", alignment(W, self.B)), ("angle", angles(W, self.B)),
+                                 ("update_angle", update_angles(acts, pre, grad_top, W, self.B, model.activation))):
+                out.update({f"{prefix}_{l}": v for l, v in enumerate(vals)})
+        return out
+
+
+class RAFixed(RARule):
+    name = "ra_fa"
+    summary = "W by FA through a fixed random B (RA's control; LayerNorm as identity)"
+    OPTIONS = {}
+    LABELS = {}
+
+
+class RAReverse(RARule):
+    name = "ra_rev"
+    summary = "B by the reverse task: reconstruct x down the B pathway, W as its feedback"
+    learns_feedback = True
+    OPTIONS = {**RARule.OPTIONS,
+               "ln_b": Option(True, boolean, "LayerNorm on the B pathway (the reference: always)")}
+
+    def b_grads(self, acts, x, W):
+        g, rev = b_grads_rev(acts, x, W, self.B, ln_b=self.ln_b)
+        return g, rev, None
+
+
+class RAReconstruction(RARule):
+    name = "ra_recon"
+    summary = "B by layer-local reconstruction of a_l from a_{l+1}"
+    learns_feedback = True
+
+    def b_grads(self, acts, x, W):
+        g, recon = b_grads_recon(acts, self.B)
+        return g, None, recon
+
+
+class RACombined(RARule):
+    name = "ra_comb"
+    summary = "B by (1 - lam) reverse task + lam reconstruction"
+    learns_feedback = True
+    OPTIONS = {**RAReverse.OPTIONS,
+               "lam": Option(0.5, _lam, "weight of the reconstruction term (0: reverse only, 1: reconstruction only)")}
+    LABELS = {"lr_b": "lr_b", "lam": "λ"}
+
+    def b_grads(self, acts, x, W):
+        g_rev, rev = b_grads_rev(acts, x, W, self.B, ln_b=self.ln_b)
+        g_rec, recon = b_grads_recon(acts, self.B)
+        return [(1 - self.lam) * a + self.lam * b for a, b in zip(g_rev, g_rec)], rev, recon
