@@ -163,6 +163,23 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+STREAMS: dict[str, int] = {"feedback": 0xFB, "noise": 0xFB + 1, "null": 0x5EED}
+
+
+def stream_generator(seed: int, stream: str = "feedback", device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator for one purpose (``stream``: feedback draws, feedback noise, the null),
+    independent of the weights' stream that :func:`seed_everything` seeds with the same seed.
+
+    Seeding B's generator with the weight seed itself would make B and W share their random
+    numbers: a Gaussian B drawn from the stream whose uniforms initialised W is correlated with W
+    (angles of 110 degrees at "random" initialisation). The seed is therefore mixed with the
+    stream's tag first (numpy's SeedSequence).
+    """
+    check_choice("stream", stream, tuple(STREAMS))
+    mixed = int(np.random.SeedSequence([int(seed), STREAMS[stream]]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(mixed)
+
+
 def is_offline() -> bool:
     """True when ``$FA_STUDY_OFFLINE`` asks never to try a download."""
     return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes", "on")

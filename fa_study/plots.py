@@ -25,9 +25,12 @@ PALETTE: tuple[str, ...] = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7
 # Fixed colours for the rules the notebooks compare, so BP is the same blue everywhere.
 RULE_COLOURS: dict[str, str] = {
     "bp": PALETTE[0], "fa": PALETTE[1], "dfa": PALETTE[3], "frozen": "#7F7F7F", "shallow": "#BBBBBB",
-    "ra_rev": PALETTE[2], "ra_recon": PALETTE[4], "ra_comb": PALETTE[5],
-    "sign_sym": PALETTE[2], "grape": PALETTE[4], "stiefel": PALETTE[5],
-    "kolen_pollack": PALETTE[6], "weight_mirror": PALETTE[7],
+    "oracle": PALETTE[2], "grape_fa": PALETTE[4], "stiefel_dfa": PALETTE[5],
+    "ra_fa": PALETTE[1], "ra_rev": PALETTE[2], "ra_recon": PALETTE[4], "ra_comb": PALETTE[5],
+    "layer_fa": PALETTE[1], "sign_sym": PALETTE[2], "frsf": "#117733", "brsf": "#88CCEE",
+    "layer_grape": PALETTE[4], "kolen_pollack": PALETTE[6], "weight_mirror": PALETTE[7],
+    "layer_dfa": PALETTE[3], "layer_dfa_block": "#AA4499",
+    "grape": PALETTE[4], "stiefel": PALETTE[5],
 }
 LINESTYLES: tuple = ("-", "--", ":", "-.")
 

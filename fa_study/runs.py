@@ -29,6 +29,9 @@ from .config import check_bool, check_int, get_device, seed_everything
 from .train import TrainConfig
 
 STATUSES: tuple[str, ...] = ("ok", "diverged", "error")
+# the audit's raw values of a run that was not audited (diverged, failed, or not asked for)
+_NO_AUDIT = {"max_growth": math.nan, "g_L": math.nan, "d1": None, "d2": None, "h_L": math.nan,
+             "h_0": math.nan}
 
 
 def _sorted_options(options) -> tuple:
@@ -211,7 +214,8 @@ def execute(spec: RunSpec, fingerprint: str = "", callback: Callable | None = No
                         probe=probe, probe_every=spec.read.probe_every or 1)
     except Exception as exc:  # recorded, and the sweep goes on
         run = {**base, "status": "error", "error": f"{type(exc).__name__}: {exc}",
-               "traceback": traceback.format_exc(limit=8), "test_acc": math.nan, "data_source": ""}
+               "traceback": traceback.format_exc(limit=8), "test_acc": math.nan, "data_source": "",
+               "diverged_reason": "", **_NO_AUDIT}
         return {"history": empty, "probes": empty, "run": pd.DataFrame([run]), "layers": empty,
                 "null": empty, "report": None}
 
@@ -223,7 +227,7 @@ def execute(spec: RunSpec, fingerprint: str = "", callback: Callable | None = No
     last = history.iloc[-1]
     run = {**base, "status": last["status"], "error": "", "traceback": "",
            "test_acc": float(last["test_acc"]), "data_source": train_ds.source,
-           "diverged_reason": last.get("diverged_reason", "")}
+           "diverged_reason": last.get("diverged_reason", ""), **_NO_AUDIT}
     layers, null, report = empty, empty, None
     if last["status"] == "ok":
         if spec.read.audit:

@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import check_bool, check_choice, check_float, check_int
+from .config import check_bool, check_choice, check_float, check_int, stream_generator
 from .data import BatchIterator, Dataset
 from .rules import Method
 
@@ -153,7 +153,8 @@ def train(model: nn.Module, rule: Method, train_ds: Dataset, test_ds: Dataset,
     check_data(model, train_ds, test_ds)
     device = model_device(model)
     if not rule.ready:
-        rule.setup(model, train_ds.num_classes, torch.Generator().manual_seed(cfg.seed), train_cfg=cfg)
+        # the feedback's own stream: never the one that initialised the weights (see stream_generator)
+        rule.setup(model, train_ds.num_classes, stream_generator(cfg.seed, "feedback"), train_cfg=cfg)
     opt = make_optimizer(rule.param_groups(model), cfg)
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
              if cfg.schedule == "cosine" else None)

@@ -18,6 +18,7 @@ import dataclasses
 import io
 import math
 import traceback
+from html import escape as html_escape
 from typing import Callable
 
 import ipywidgets as W
@@ -34,10 +35,16 @@ def _label(name: str) -> str:
     return name.replace("_", " ")
 
 
-def build_control(name: str, default, spec) -> W.Widget | None:
+def build_control(name: str, default, spec, study_cls=None) -> W.Widget | None:
     """One widget for config field ``name`` with value ``default`` and ``spec`` from CONTROLS:
-    a tuple of choices, ``(min, max, step)``, ``("log", min, max)`` or ``"seeds"``."""
+    a tuple of choices, ``(min, max, step)``, ``("log", min, max)``, ``"seeds"``, or ``"rules"``
+    (the registered rules the study can run, asked of ``study_cls.rule_choices()`` when the panel
+    is built, so a rule registered in the notebook is offered too)."""
     common = dict(description=_label(name), style=STYLE, layout=LAYOUT)
+    if spec == "rules":
+        choices = list(study_cls.rule_choices()) if study_cls is not None else []
+        choices += [r for r in default if r not in choices]
+        return W.SelectMultiple(options=choices, value=tuple(default), rows=min(8, len(choices)), **common)
     if spec == "seeds":
         return W.Text(value=", ".join(map(str, default)), continuous_update=False,
                       placeholder="comma-separated integers", **common)
@@ -97,7 +104,7 @@ class ControlPanel:
             spec = study_cls.CONTROLS.get(f.name)
             if spec is None and not isinstance(getattr(self.defaults, f.name), bool):
                 continue  # fields without a range stay at the profile's value
-            w = build_control(f.name, getattr(self.defaults, f.name), spec)
+            w = build_control(f.name, getattr(self.defaults, f.name), spec, study_cls)
             if w is not None:
                 self.controls[f.name] = w
         self.run_button = W.Button(description="Run", button_style="primary", icon="play",
@@ -153,7 +160,10 @@ class ControlPanel:
             self._render(result, buffer.getvalue())
             cached = (f", {result.from_cache}/{result.units} runs from the cache"
                       if result.units else "")
-            self.status.value = f"done{cached}"
+            bad = getattr(result, "cache_notes", None) or []
+            recomputed = (f"; {len(bad)} cache entr{'y' if len(bad) == 1 else 'ies'} recomputed: "
+                          + "; ".join(html_escape(n) for n in bad)) if bad else ""
+            self.status.value = f"done{cached}{recomputed}"
         except Exception as exc:  # shown in the panel, never lost in the log console
             self.last_error = exc
             if buffer.getvalue():

@@ -1,18 +1,18 @@
-"""Entry points of the studies: a config in, a tidy pandas DataFrame out.
+"""The studies of the notebooks: a config in, tidy pandas DataFrames out.
 
-Each study lives in its own module: a frozen dataclass config whose defaults carry a comment
-each and whose ``for_profile`` gives the ``quick`` / ``default`` / ``paper`` settings, a
-``run_*`` function returning a tidy DataFrame (one row per arm, seed and epoch, every config
-field and the ``data_source`` as columns), and a ``*_view`` function that runs it and draws
-the study's figures and results table. The view is what a notebook cell and a widget panel
-both call. Shared machinery (on-disk caching of every unit of work, joblib dispatch) is in
-:mod:`fa_study.experiments.core`; see its docstring for running sweeps on a cluster.
+Each study lives in its own module: a frozen dataclass config (:class:`core.Study`) whose
+defaults carry a comment each and whose ``for_profile`` gives the ``quick`` / ``default`` /
+``paper`` settings, ``specs()`` (its runs as :class:`fa_study.runs.RunSpec` s), a summary, its
+figures and a ``*_view`` function that runs and draws -- what a notebook cell and a control
+panel both call. Running, caching and dispatch live in :mod:`fa_study.runs` and
+:mod:`fa_study.cache`.
 """
-from .core import (StudyResult, cached, clear_cache, code_fingerprint, config_columns, memory,  # noqa: F401
-                   profile_config, run_units, sources_note)
-from .ra_study import RAStudy, ra_summary, ra_view, run_ra  # noqa: F401
-from .audit import AuditResults, AuditStudy, AuditUnit, audit_unit, run_audit, run_audit_units  # noqa: F401
-from .feedback_tour import FeedbackTour, converter_demo, run_tour, tour_view  # noqa: F401
+from .core import (Study, StudyResult, clear_cache, code_fingerprint, finished, last_epoch,  # noqa: F401
+                   layer_long, profile_config, resolve_study, run_units)
+from .ra_study import RAStudy, ra_summary, ra_view, run_ra, stability_figure, stability_map  # noqa: F401
+from .audit import AUDIT_MODELS, AuditStudy, audit_spec, audit_view, run_audit, verdict_table  # noqa: F401
+from .feedback_tour import FeedbackTour, converter_demo, run_tour, tour_summary, tour_view  # noqa: F401
 from .learned import LearnedStudy, learned_summary, learned_view, run_learned  # noqa: F401
 from .penalty import PenaltyStudy, penalty_runs, penalty_summary, penalty_view, run_penalty  # noqa: F401
-from .direction import DirectionStudy, direction_readings, direction_summary, direction_view, run_direction  # noqa: F401
+from .direction import (DirectionStudy, direction_readings, direction_summary, direction_view,  # noqa: F401
+                        run_direction)

@@ -39,6 +39,13 @@ class Study:
     CONTROLS: dict = {}
 
     @classmethod
+    def rule_choices(cls) -> tuple[str, ...]:
+        """The registered rules the study's ``rules`` field may hold (the panel's choices)."""
+        from ..rules import RULES
+
+        return tuple(RULES)
+
+    @classmethod
     def for_profile(cls, profile: str | None = None, **overrides):
         """The profile's defaults (``$FA_STUDY_PROFILE`` when ``profile`` is None), then overrides."""
         return profile_config(cls, profile, overrides)

@@ -9,30 +9,33 @@ the reference is *unhealthy* when ``||g|| <= 1e-7``; otherwise ``|cos| < 0.05`` 
 ``< 0.20`` *mediocre*, anything above *reasonable*. 004 predicted poor (~0.01-0.05) for the
 penalised network: a second failure mode of DFA, separable from the scale blow-up.
 
-Runs are :class:`fa_study.experiments.audit.AuditUnit` s (cached; :func:`audit_unit` computes the
-direction quality of every trained rule run); with the same settings as notebook 03's vanilla
-and λ runs (there: no clipping) the units are shared.
+Runs are :class:`fa_study.runs.RunSpec` s built like notebook 02's (cached; every trained rule
+run carries its direction quality); with the same settings as notebook 03's vanilla and λ runs
+(there: no clipping) they are shared.
+
+Layer pairing: the package compares ``a_l`` with ``g_l`` at the same hidden state, so block
+``l``'s signal meets the gradient at the block's output (the state its surrogate moves). 004
+compared ``e B_l^T`` with ``g_l`` at block ``l``'s input (one state lower, and ``h_0`` and
+``h_1`` both with ``B_0``); notebook 04 shows what that changes.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 
-from ..config import check_choice
+from ..config import check_float, check_int
+from ..runs import ModelSpec, Results, RunSpec
 from ..stats import aggregate, format_mean_ci, mean_ci
-from .audit import AuditResults, AuditUnit, arm_label, run_audit_units
-from .core import StudyResult, profile_config, sources_note
-from .penalty import arm_colours, check_run_settings, make_unit
+from .core import Study, StudyResult, resolve_study
+from .penalty import arm_colours, check_run_settings, study_spec
 
 
 @dataclass(frozen=True)
-class DirectionStudy:
+class DirectionStudy(Study):
     """Vanilla against penalised DFA: per-layer cosine of the credit with BP, and both magnitudes."""
 
     lam: float = 1e-2  # penalty λ of the penalised arm (004: 1e-2, "the first value we validated")
@@ -61,47 +64,42 @@ class DirectionStudy:
                 "grad_clip": (0.1, 5.0, 0.1)}
 
     def __post_init__(self):
-        object.__setattr__(self, "seeds", tuple(self.seeds) if not isinstance(self.seeds, int) else (self.seeds,))
-        lam = self.lam
-        if isinstance(lam, bool) or not (isinstance(lam, (int, float)) and lam > 0 and math.isfinite(lam)):
-            raise ValueError(f"lam must be a finite number > 0 (the penalised arm's λ; the vanilla "
-                             f"arm is always run), got {lam!r}")
+        check_float("lam (the penalised arm's λ; the vanilla arm is always run)", self.lam, 0.0, low_open=True)
         check_run_settings(self)
-        if self.read_layer is not None and (isinstance(self.read_layer, bool)
-                                            or not isinstance(self.read_layer, int) or self.read_layer < 0):
-            raise ValueError(f"read_layer must be None (L // 2) or a hidden-state index >= 0, "
-                             f"got {self.read_layer!r}")
+        check_int("read_layer", self.read_layer, 0, none_ok=True, none_means="L // 2, 004's layer 2")
+        L = ModelSpec(self.arch, self.d, self.num_blocks).num_blocks
+        if self.read_layer is not None and self.read_layer > L:
+            raise ValueError(f"read_layer must be one of 0..{L} (the hidden states of a {self.arch} "
+                             f"with {L} blocks) or None, got {self.read_layer}")
+        self.specs()  # every run validated before any training
 
-    @classmethod
-    def for_profile(cls, profile: str | None = None, **overrides) -> "DirectionStudy":
-        """The profile's defaults (``$FA_STUDY_PROFILE`` when ``profile`` is None), then overrides."""
-        return profile_config(cls, profile, overrides)
+    @property
+    def layer(self) -> int:
+        """The hidden state the reading is stated for."""
+        L = ModelSpec(self.arch, self.d, self.num_blocks).num_blocks
+        return L // 2 if self.read_layer is None else self.read_layer
 
-    def unit(self, seed: int, penalised: bool) -> AuditUnit:
-        """One cached run: the rule with λ = ``lam`` (``penalised``) or 0."""
-        return make_unit(self, self.rule, seed, self.lam if penalised else 0.0)
+    def spec(self, seed: int, penalised: bool) -> RunSpec:
+        """One run: the rule with λ = ``lam`` (``penalised``) or 0."""
+        return study_spec(self, self.rule, seed, self.lam if penalised else 0.0)
 
-    def units(self) -> list[AuditUnit]:
-        return [self.unit(s, p) for s in self.seeds for p in (False, True)]
+    def specs(self) -> list[RunSpec]:
+        return [self.spec(s, p) for s in self.seeds for p in (False, True)]
 
     def arms(self) -> list[str]:
         """``[vanilla label, penalised label]``, e.g. ``["dfa", "dfa λ=0.01"]``."""
-        return [arm_label(self.unit(self.seeds[0], p)) for p in (False, True)]
+        return [self.spec(self.seeds[0], p).label for p in (False, True)]
 
 
 def run_direction(study: DirectionStudy | None = None, *, profile: str | None = None,
                   callback: Callable | None = None, n_jobs: int = 1, progress: Callable | None = None,
-                  **overrides) -> AuditResults:
-    """Train the vanilla and penalised rule for every seed (cached units) and audit each run.
-
-    Returns :class:`~fa_study.experiments.audit.AuditResults`; ``layers`` holds the direction
-    quality, one row per run and hidden state: ``arm``, ``seed``, ``penalty``, ``layer``,
-    ``cos_mean``, ``cos_std`` (over the samples), ``cos_median``, ``g_norm_median``,
-    ``a_norm_median``, ``reading``, ``n_eval``; ``history`` the per-epoch log (with
-    ``data_source``), ``runs`` one row per run, ``null`` the fresh-feedback null.
-    """
-    study = dataclasses.replace(study, **overrides) if study else DirectionStudy.for_profile(profile, **overrides)
-    return run_audit_units(study.units(), callback=callback, n_jobs=n_jobs, progress=progress)
+                  **overrides) -> Results:
+    """Train the vanilla and penalised rule for every seed (cached) and audit each run; ``layers``
+    holds the direction quality, one row per run and hidden state (``arm``, ``seed``, ``penalty``,
+    ``layer``, ``cos_mean``, ``cos_std``, ``cos_median``, ``g_norm_median``, ``a_norm_median``,
+    ``reading``, ``n_eval``)."""
+    study = resolve_study(DirectionStudy, study, profile, overrides)
+    return study.run(callback=callback, n_jobs=n_jobs, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,7 +143,7 @@ def reading_sentences(readings: pd.DataFrame, layer: int | None = None) -> dict[
     return out
 
 
-def direction_summary(res: AuditResults, layer: int, order: list[str] | None = None) -> pd.DataFrame:
+def direction_summary(res: Results, layer: int, order: list[str] | None = None) -> pd.DataFrame:
     """One row per arm: mean ± 95 % CI over seeds of the test accuracy, the cosine at ``layer``,
     the mean |cosine| over the deep hidden states h_2..h_L (h_0 and h_1 are both driven by the
     first feedback matrix, see notebook 04), ``||g||`` and ``||a||`` at ``layer``, the null's
@@ -195,7 +193,7 @@ class DirectionResult(StudyResult):
     """:class:`StudyResult` plus the per-layer reading table and the audit frames."""
 
     readings: pd.DataFrame | None = None  # direction_readings(): one row per arm and layer
-    audit: AuditResults | None = None
+    audit: Results | None = None
 
 
 def direction_view(study: DirectionStudy | None = None, *, profile: str | None = None,
@@ -208,19 +206,17 @@ def direction_view(study: DirectionStudy | None = None, *, profile: str | None =
     from .. import plots
     from ..protocol import HEALTHY_G, MEDIOCRE_COS, POOR_COS
 
-    study = dataclasses.replace(study, **overrides) if study else DirectionStudy.for_profile(profile, **overrides)
-    res = run_direction(study, callback=live, progress=progress)
+    study = resolve_study(DirectionStudy, study, profile, overrides)
+    res = study.run(callback=live, progress=progress)
     order = study.arms()
-    colours = arm_colours(order)
-    notes = sources_note(res.history)
+    colours = arm_colours(study.specs())
     lay = res.layers
-    if lay.empty:  # every run diverged
-        return DirectionResult(study, res.history, pd.DataFrame(), [], res.from_cache, res.units,
-                               notes + ["No run finished: nothing to read."], readings=pd.DataFrame(), audit=res)
-    L = int(lay["layer"].max())
-    layer = L // 2 if study.read_layer is None else study.read_layer
-    if layer > L:
-        raise ValueError(f"read_layer must be one of 0..{L} for this model, got {layer}")
+    if lay.empty:  # every run diverged or failed
+        out = DirectionResult.of(study, res, res.history, pd.DataFrame(), [],
+                                 ["No run finished: nothing to read."])
+        out.readings, out.audit = pd.DataFrame(), res
+        return out
+    layer = study.layer
 
     fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.7))
     plots.plot_curves(lay, "layer", "cos_mean", hue="arm", ax=axes[0], logy=False, colours=colours)
@@ -251,6 +247,7 @@ def direction_view(study: DirectionStudy | None = None, *, profile: str | None =
 
     table = direction_summary(res, layer, order)
     sentences = reading_sentences(readings, layer)
-    notes = notes + [f"{arm}: {text}" for arm, text in sentences.items()]
-    return DirectionResult(study, res.history, table, [fig], res.from_cache, res.units, notes,
-                           readings=readings, audit=res)
+    out = DirectionResult.of(study, res, res.history, table, [fig],
+                             [f"{arm}: {text}" for arm, text in sentences.items()])
+    out.readings, out.audit = readings, res
+    return out

@@ -1,68 +1,54 @@
 """Learned against fixed feedback (notebook 05): does feedback that learns from forward-only
 signals bring the credit closer to BP's, and does that buy accuracy?
 
-Rules compared on ResidualMLP (one cached unit per rule and seed, :func:`_learned_unit`):
+Rules compared on ResidualMLP (one cached run per rule and seed):
 ``fa`` and ``dfa`` (fixed random feedback), ``grape_fa`` and ``stiefel_dfa`` (the same credit
-paths with feedback learned from JVPs / node perturbation, :mod:`fa_study.learned_feedback`),
+paths with feedback learned from JVPs / node perturbation, :mod:`fa_study.rules.learned`),
 optionally ``oracle`` (the same block-local training with the exact gradient as credit), and
 the references ``bp`` and ``frozen`` (always run). Each unit trains with
-:func:`fa_study.train.train` and adds, per epoch, the feedback's distance to its exact target
-(:func:`fa_study.learned_feedback.feedback_quality`).
+:func:`fa_study.train.train`, which adds, per epoch, the feedback's distance to its exact target
+(each rule's ``feedback_quality``).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
 
 import matplotlib.pyplot as plt
 import pandas as pd
-import torch
 
-from .. import plots as _plots
-from ..config import check_choice, get_device, seed_everything
-from .core import one_cpu_thread, StudyResult, profile_config, run_units, sources_note
+from ..config import check_choice, check_float, check_int, check_seeds
+from ..models import MODEL_NAMES
+from ..rules import RULES
+from ..runs import DataSpec, ModelSpec, ReadSpec, Results, RunSpec
+from ..train import TrainConfig
+from .core import Study, StudyResult, last_epoch, resolve_study
 
-# the learned rules wear their family's colour in every figure (setdefault: never overrides)
-_plots.RULE_COLOURS.setdefault("grape_fa", _plots.RULE_COLOURS["grape"])
-_plots.RULE_COLOURS.setdefault("stiefel_dfa", _plots.RULE_COLOURS["stiefel"])
-_plots.RULE_COLOURS.setdefault("oracle", _plots.PALETTE[2])
-
-RULES: tuple[str, ...] = ("fa", "grape_fa", "dfa", "stiefel_dfa", "oracle")
+RULES_COMPARED: tuple[str, ...] = ("fa", "grape_fa", "dfa", "stiefel_dfa", "oracle")
 REFERENCES: tuple[str, ...] = ("bp", "frozen")  # run with every study: the accuracy references
 ORDER: tuple[str, ...] = ("bp", "oracle", "fa", "grape_fa", "dfa", "stiefel_dfa", "frozen")
-DATASETS: tuple[str, ...] = ("cifar10", "mnist")
+DATASETS: tuple[str, ...] = ("cifar10", "mnist", "fashion_mnist")
 PROBES: tuple[str, ...] = ("node", "bp")
 EVAL = 128  # eval-batch size of the per-layer cosines and the feedback read-outs (as notebook 02)
+# study setting -> (rule, option): the per-rule settings the panel exposes
+RULE_SETTINGS: dict[str, tuple[str, str]] = {
+    "grape_eta_B": ("grape_fa", "eta_B"), "grape_n_probe": ("grape_fa", "n_probe"),
+    "stiefel_eta_B": ("stiefel_dfa", "eta_B"), "rank": ("stiefel_dfa", "rank"),
+    "stiefel_probe": ("stiefel_dfa", "probe"), "stiefel_tau": ("stiefel_dfa", "tau"),
+}
 
 
 @dataclass(frozen=True)
-class LearnedUnit:
-    """One training run: a rule, a seed and everything that changes its result (cached)."""
-
-    rule: str = "grape_fa"  # one of RULES + REFERENCES
-    seed: int = 42  # model init, feedback draw, probes and batch order
-    dataset: str = "cifar10"  # cifar10 (synthetic stand-in offline) or mnist
-    d: int = 64  # ResidualMLP width
-    num_blocks: int = 4  # ResidualMLP depth L
-    n_train: int | None = 4000  # training subset (None: the whole split)
-    n_test: int | None = 1000  # test subset (None: the whole split)
-    epochs: int = 5  # passes over the training subset
-    batch_size: int = 128  # as the reference
-    lr: float = 1e-3  # AdamW, as the reference
-    options: tuple = ()  # the rule's own options as sorted (name, value) pairs
-
-
-@dataclass(frozen=True)
-class LearnedStudy:
+class LearnedStudy(Study):
     """Fixed random feedback (fa, dfa) against feedback learned from forward-only signals."""
 
-    rules: tuple = ("fa", "grape_fa", "dfa", "stiefel_dfa", "oracle")  # compared (bp, frozen added)
+    rules: tuple = RULES_COMPARED  # compared (bp and frozen are always added)
     seeds: tuple = (42,)  # one run per rule and seed; several give confidence bands
     dataset: str = "cifar10"  # the setting of notebooks 02-04 (a synthetic stand-in offline)
-    d: int = 64  # ResidualMLP width (the reference's is 256: the paper profile)
-    num_blocks: int = 4  # ResidualMLP depth L, as the reference
+    arch: str = "resmlp"  # the model (vit, resnet train with every rule too)
+    d: int = 64  # width (the reference's is 256: the paper profile)
+    num_blocks: int = 4  # depth L, as the reference
     epochs: int = 5  # passes over the training subset
     lr: float = 1e-3  # AdamW learning rate, as the reference
     n_train: int | None = 4000  # training subset (None: the whole split)
@@ -80,147 +66,78 @@ class LearnedStudy:
         "paper": dict(epochs=100, n_train=None, n_test=None, d=256, seeds=(42, 123, 456)),
     }
     CONTROLS = {
-        "rules": RULES, "seeds": "seeds", "dataset": DATASETS, "d": (16, 512, 16),
+        "rules": "rules", "seeds": "seeds", "dataset": DATASETS, "d": (16, 512, 16),
         "num_blocks": (1, 12, 1), "epochs": (1, 100, 1), "lr": ("log", 1e-4, 1e-2),
         "grape_eta_B": ("log", 1e-3, 1.0), "stiefel_eta_B": ("log", 1e-3, 1.0),
         "rank": (1, 10, 1), "stiefel_probe": PROBES, "stiefel_tau": (0.0, 0.99, 0.01),
     }
 
-    def __post_init__(self):
-        if not self.rules:
-            raise ValueError(f"rules must name at least one of {RULES}")
-        for r in self.rules:
-            check_choice("rule", r, RULES)
-        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
-            raise ValueError(f"seeds must be a non-empty tuple of integers, got {self.seeds!r}")
-        check_choice("dataset", self.dataset, DATASETS)
-        check_choice("stiefel_probe", self.stiefel_probe, PROBES)
-        for name, low in (("d", 1), ("num_blocks", 1), ("epochs", 1), ("rank", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
-        for name in ("n_train", "n_test", "grape_n_probe"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be None or a positive integer, got {v!r}")
-        for name in ("lr", "grape_eta_B", "stiefel_eta_B"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if self.rank > 10:
-            raise ValueError(f"rank must be at most 10 (the compressor maps the 10-class error to "
-                             f"r dims), got {self.rank}")
-        if self.rank > self.d:
-            raise ValueError(f"rank must be at most the width d={self.d}, got {self.rank}")
-        if not (isinstance(self.stiefel_tau, (int, float)) and 0.0 <= self.stiefel_tau < 1.0):
-            raise ValueError(f"stiefel_tau must be a number in [0, 1), got {self.stiefel_tau!r}")
-
     @classmethod
-    def for_profile(cls, profile: str | None = None, **overrides) -> "LearnedStudy":
-        """The profile's defaults (``$FA_STUDY_PROFILE`` when ``profile`` is None), then overrides."""
-        return profile_config(cls, profile, overrides)
+    def rule_choices(cls) -> tuple[str, ...]:
+        """Registered block rules that are not baselines (the panel's choices)."""
+        return tuple(n for n, c in RULES.items() if c.family in ("block", "learned") and not c.is_baseline)
+
+    def __post_init__(self):
+        if not isinstance(self.rules, tuple) or not self.rules:
+            raise ValueError(f"rules must be a non-empty tuple of {RULES_COMPARED}, got {self.rules!r}")
+        for r in self.rules:
+            check_choice("rule", r, tuple(RULES))
+        object.__setattr__(self, "seeds", check_seeds("seeds", self.seeds))
+        check_choice("dataset", self.dataset, DATASETS)
+        check_choice("arch", self.arch, MODEL_NAMES)
+        check_int("d", self.d, 1)
+        check_int("num_blocks", self.num_blocks, 1)
+        check_int("epochs", self.epochs, 1)
+        check_float("lr", self.lr, 0.0, low_open=True)
+        check_int("n_train", self.n_train, 1, none_ok=True, none_means="the whole split")
+        check_int("n_test", self.n_test, 1, none_ok=True, none_means="the whole split")
+        # the per-rule settings are checked by their rule, and only when the rule is run
+        for rule in self.arms():
+            opts = self.rule_options(rule)
+            RULES[rule].check_options(opts)
+            if "rank" in opts and opts["rank"] > min(self.d, 10):
+                raise ValueError(f"rank must be at most min(d={self.d}, 10 classes) for {rule}, got {opts['rank']}")
+        self.specs()
 
     def rule_options(self, rule: str) -> dict:
-        """The options of ``rule`` that this study sets (only those: other rules' settings do
-        not touch its cache entry)."""
-        if rule == "grape_fa":
-            return {"eta_B": float(self.grape_eta_B), "n_probe": self.grape_n_probe}
-        if rule == "stiefel_dfa":
-            return {"eta_B": float(self.stiefel_eta_B), "rank": self.rank,
-                    "probe": self.stiefel_probe, "tau": float(self.stiefel_tau)}
-        return {}
-
-    def unit(self, rule: str, seed: int) -> LearnedUnit:
-        return LearnedUnit(rule=rule, seed=seed, dataset=self.dataset, d=self.d,
-                           num_blocks=self.num_blocks, n_train=self.n_train, n_test=self.n_test,
-                           epochs=self.epochs, lr=float(self.lr),
-                           options=tuple(sorted(self.rule_options(rule).items())))
+        """The options of ``rule`` this study sets (:data:`RULE_SETTINGS`; only those, so other
+        rules' settings do not touch its cache entry)."""
+        return {opt: getattr(self, name) for name, (r, opt) in RULE_SETTINGS.items() if r == rule}
 
     def arms(self) -> list[str]:
         """The rules run: the chosen ones plus the references, in reading order."""
         chosen = set(self.rules) | set(REFERENCES)
-        return [r for r in ORDER if r in chosen]
+        return [r for r in ORDER if r in chosen] + [r for r in self.rules if r not in ORDER]
 
-    def units(self) -> list[LearnedUnit]:
-        return [self.unit(r, s) for s in self.seeds for r in self.arms()]
+    def spec(self, rule: str, seed: int) -> RunSpec:
+        return RunSpec(rule=rule, options=self.rule_options(rule),
+                       model=ModelSpec(self.arch, self.d, self.num_blocks),
+                       data=DataSpec(self.dataset, self.n_train, self.n_test),
+                       train=TrainConfig(epochs=self.epochs, lr=self.lr, eval_batch=EVAL, seed=seed,
+                                         feedback_quality=True),
+                       seed=seed, read=ReadSpec(audit=False, direction=False))
 
-
-def _callback_every(steps_per_epoch: int, live: bool) -> int:
-    """Callback period that lands on every epoch's last step: once per epoch without a live
-    plot, else the largest divisor of the epoch length between 5 and 20 (per epoch if none)."""
-    if live:
-        for k in range(min(20, steps_per_epoch), 4, -1):
-            if steps_per_epoch % k == 0:
-                return k
-    return steps_per_epoch
-
-
-def _learned_unit(u: LearnedUnit, fingerprint: str, callback: Callable | None = None) -> pd.DataFrame:
-    """Train one rule (cached by :func:`run_units`); per-epoch history plus feedback read-outs."""
-    with one_cpu_thread(get_device()):
-        return _train_unit(u, fingerprint, callback)
-
-
-def _train_unit(u: LearnedUnit, fingerprint: str, callback: Callable | None) -> pd.DataFrame:
-    """The body of :func:`_learned_unit`: load, build, set up, train, attach the read-outs."""
-    from .. import data
-    from ..data import BatchIterator
-    from ..learned_feedback import build_learned_method, feedback_quality
-    from ..models import build_model
-    from ..train import TrainConfig, train
-
-    dev = get_device()
-    train_ds = data.load(u.dataset, "train", n=u.n_train, device=dev)
-    test_ds = data.load(u.dataset, "test", n=u.n_test, device=dev)
-    seed_everything(u.seed)
-    method = build_learned_method(u.rule, **dict(u.options))
-    model = build_model("resmlp", d=u.d, num_blocks=u.num_blocks, num_classes=train_ds.num_classes,
-                        input_shape=tuple(train_ds.x.shape[1:])).to(dev)
-    cfg = TrainConfig(epochs=u.epochs, batch_size=u.batch_size, lr=u.lr, seed=u.seed, eval_batch=EVAL)
-    # set up here exactly as train() would, so the feedback can be read before the first step
-    method.setup(model, train_ds.num_classes, torch.Generator().manual_seed(cfg.seed))
-    x_eval, y_eval = test_ds.x[:EVAL], test_ds.y[:EVAL]
-    quality = {0: feedback_quality(method, model, x_eval, y_eval)}
-    steps_per_epoch = len(BatchIterator.from_dataset(train_ds, cfg.batch_size))
-
-    def relay(step: int, record: dict) -> None:
-        if step % steps_per_epoch == 0:  # the epoch's last step: the model its row evaluates
-            quality[record["epoch"]] = feedback_quality(method, model, x_eval, y_eval)
-        if callback is not None:
-            callback({**record, "arm": u.rule, "loss": record["train_loss"]})
-
-    history = train(model, method, train_ds, test_ds, cfg, callback=relay,
-                    callback_every=_callback_every(steps_per_epoch, callback is not None))
-    q = pd.DataFrame.from_dict(quality, orient="index")
-    if len(q.columns):
-        history = history.merge(q, left_on="epoch", right_index=True, how="left")
-    history["arm"] = u.rule
-    history["seed"] = u.seed
-    history["code"] = fingerprint
-    return history
+    def specs(self) -> list[RunSpec]:
+        return [self.spec(r, s) for s in self.seeds for r in self.arms()]
 
 
 def run_learned(study: LearnedStudy | None = None, *, profile: str | None = None,
                 callback: Callable | None = None, n_jobs: int = 1, progress: Callable | None = None,
-                **overrides) -> pd.DataFrame:
-    """Train every rule (plus bp and frozen) and seed of ``study``; the tidy per-epoch log.
-
-    One row per arm, seed and epoch (0 = before training) with the trainer's columns
-    (``test_acc``, ``cos_<l>``, ``h_norm_<l>``, ``g_norm_<l>``, ``data_source``, ...), the
-    feedback read-outs of :func:`fa_study.learned_feedback.feedback_quality` (``fb_align_<l>``;
-    ``alpha_<l>``, ``rho_<l>`` for stiefel_dfa; NaN for rules without them) and ``deep_cos``,
-    the mean of ``cos_0 .. cos_{L-1}`` (every state below the top block's output).
-    """
-    study = dataclasses.replace(study, **overrides) if study else LearnedStudy.for_profile(profile, **overrides)
-    units = study.units()
-    frames, hits = run_units(_learned_unit, units, callback=callback, n_jobs=n_jobs, progress=progress)
-    df = pd.concat(frames, ignore_index=True)
-    df["deep_cos"] = df[[f"cos_{l}" for l in range(study.num_blocks)]].mean(axis=1)
-    fb = [f"fb_align_{l}" for l in range(study.num_blocks) if f"fb_align_{l}" in df.columns]
-    df["deep_fb_align"] = df[fb].mean(axis=1) if fb else math.nan
-    df.attrs["from_cache"] = hits
-    df.attrs["units"] = len(units)
-    return df
+                **overrides) -> Results:
+    """Train every rule (plus bp and frozen) and seed of ``study``. ``Results.history`` has one
+    row per arm, seed and epoch (0 = before training) with the trainer's columns, the feedback
+    read-outs of each rule's ``feedback_quality`` (``fb_align_<l>``; ``alpha_<l>``, ``rho_<l>``
+    for stiefel_dfa; NaN for rules without them), ``deep_cos`` (the mean of ``cos_0 ..
+    cos_{L-1}``: every state below the top block's output) and ``deep_fb_align``."""
+    study = resolve_study(LearnedStudy, study, profile, overrides)
+    res = study.run(callback=callback, n_jobs=n_jobs, progress=progress)
+    df = res.history
+    if len(df):
+        L = study.specs()[0].model.num_blocks
+        df["deep_cos"] = df[[f"cos_{l}" for l in range(L)]].mean(axis=1)
+        fb = [f"fb_align_{l}" for l in range(L) if f"fb_align_{l}" in df.columns]
+        df["deep_fb_align"] = df[fb].mean(axis=1) if fb else math.nan
+    return res
 
 
 def learned_summary(results: pd.DataFrame) -> pd.DataFrame:
@@ -229,8 +146,8 @@ def learned_summary(results: pd.DataFrame) -> pd.DataFrame:
     gradient (1 by definition; left out for frozen, whose blocks do not learn)."""
     from ..stats import aggregate
 
-    last = results[results["epoch"] == results.groupby(["arm", "seed"])["epoch"].transform("max")].copy()
-    last.loc[last["arm"] == "frozen", "deep_cos"] = math.nan
+    last = last_epoch(results).copy()
+    last.loc[last["rule"].map(lambda r: RULES[r].is_baseline), "deep_cos"] = math.nan
     cols = ["test_acc", "deep_cos", "deep_fb_align"]
     table = aggregate(last, "arm", cols)
     order = {a: i for i, a in enumerate(ORDER)}
@@ -247,11 +164,12 @@ def learned_view(study: LearnedStudy | None = None, *, profile: str | None = Non
     stiefel_dfa, its gains alpha_l and subspace alignment rho_l over training."""
     from .. import plots
 
-    study = dataclasses.replace(study, **overrides) if study else LearnedStudy.for_profile(profile, **overrides)
-    res = run_learned(study, callback=live, progress=progress)
-    sources = res["data_source"].unique().tolist()
-    learners = res[~res["arm"].isin(("bp", "frozen", "oracle"))]
-    last = res[res["epoch"] == res.groupby(["arm", "seed"])["epoch"].transform("max")]
+    study = resolve_study(LearnedStudy, study, profile, overrides)
+    results = run_learned(study, callback=live, progress=progress)
+    res = results.history
+    sources = results.runs["data_source"].unique().tolist()
+    learners = res[res["rule"].map(lambda r: RULES[r].has_random_feedback)]
+    last = last_epoch(res)
     figs = []
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
@@ -302,8 +220,7 @@ def learned_view(study: LearnedStudy | None = None, *, profile: str | None = Non
         fig.tight_layout(rect=(0, 0.05, 1, 1))
         plt.close(fig)
         figs.append(fig)
-    return StudyResult(study, res, table, figs, res.attrs.get("from_cache", 0),
-                       res.attrs.get("units", 0), sources_note(res))
+    return StudyResult.of(study, results, res, table, figs)
 
 
 def _per_layer(df: pd.DataFrame, prefix: str) -> pd.DataFrame:

@@ -7,9 +7,9 @@ norms of the residual branch), for λ ∈ {0, 1e-4, 1e-2}; per epoch the median 
 accuracy; and the fresh-feedback null on the penalised checkpoint (is the trained network aligned
 with *its* feedback, or would any random feedback give the same cosine with BP?).
 
-Every (rule, λ, seed) run is one :class:`fa_study.experiments.audit.AuditUnit`, run and cached
-by :func:`fa_study.experiments.audit.run_audit_units`, so a unit that notebook 02 or 04 already
-trained with the same settings is reused. A BP run per seed gives the scale of a healthy network.
+Every (rule, λ, seed) run is a :class:`fa_study.runs.RunSpec` built by
+:func:`fa_study.experiments.audit.audit_spec`, so a run that notebook 02 or 04 already trained
+with the same settings is served from the cache. A BP run per seed gives the scale of a healthy network.
 """
 from __future__ import annotations
 
@@ -22,13 +22,19 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..config import check_choice
+from ..config import check_choice, check_float, check_int, check_seeds
+from ..data import DATASETS
+from ..protocol import D2_FLOOR
+from ..rules import RULES, get_rule
+from ..runs import Results, RunSpec
 from ..stats import aggregate, mean_ci
-from .audit import DATASETS, AuditResults, AuditUnit, arm_label, run_audit_units
-from .core import StudyResult, profile_config, sources_note
+from .audit import audit_spec
+from .core import Study, StudyResult, finished, resolve_study
 
-PENALISED_RULES: tuple[str, ...] = ("dfa", "fa")  # the block rules that take the penalty
-D2_FLOOR = 1e-7  # 10 x the 1e-8 cosine clamp: the protocol's D2 line for ||g_L|| (N = 128)
+
+def penalised_rules() -> tuple[str, ...]:
+    """Registered rules that take the residual-branch penalty (``takes_penalty``)."""
+    return tuple(n for n, c in RULES.items() if c.takes_penalty)
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,46 +68,32 @@ def parse_lambdas(value: str | Iterable[float]) -> tuple[float, ...]:
 
 def check_run_settings(study) -> None:
     """The settings notebooks 03 and 04 share, checked with errors naming field and allowed values."""
-    from ..models import ARCHS
+    from ..models import MODEL_NAMES
 
-    check_choice("rule", study.rule, PENALISED_RULES)
-    check_choice("arch", study.arch, ARCHS)
+    check_choice("rule (a rule that takes the residual-branch penalty)", study.rule, penalised_rules())
+    check_choice("arch", study.arch, MODEL_NAMES)
     check_choice("dataset", study.dataset, DATASETS)
-    if not study.seeds or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
-                                  for s in study.seeds):
-        raise ValueError(f"seeds must be a non-empty tuple of integers (e.g. (42, 123)), got {study.seeds!r}")
-    _check_int("epochs", study.epochs, 1)
+    object.__setattr__(study, "seeds", check_seeds("seeds", study.seeds))
+    check_int("epochs", study.epochs, 1)
     if not isinstance(study.augment, bool):
         raise ValueError(f"augment must be True or False, got {study.augment!r}")
-    _check_int("null_draws", study.null_draws, 0)
+    check_int("null_draws", study.null_draws, 0)
     if study.null_draws == 1:
         raise ValueError("null_draws must be 0 (no null) or >= 2 (the null reports a standard deviation)")
     for name in ("d", "num_blocks", "n_train", "n_test"):
-        if getattr(study, name) is not None:
-            _check_int(name, getattr(study, name), 1)
-    if isinstance(study.lr, bool) or not (isinstance(study.lr, (int, float)) and study.lr > 0
-                                          and math.isfinite(study.lr)):
-        raise ValueError(f"lr must be a finite number > 0, got {study.lr!r}")
-    clip = study.grad_clip
-    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
-                             or not clip > 0 or not math.isfinite(clip)):
-        raise ValueError(f"grad_clip must be None (no clipping) or a finite number > 0, got {clip!r}")
+        check_int(name, getattr(study, name), 1, none_ok=True, none_means="the reference's / the whole split")
+    check_float("lr", study.lr, 0.0, low_open=True)
+    check_float("grad_clip", study.grad_clip, 0.0, low_open=True, none_ok=True, none_means="no clipping")
 
 
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def make_unit(study, method: str, seed: int, penalty: float = 0.0) -> AuditUnit:
-    """The cached unit of one run of ``study`` (a PenaltyStudy or a DirectionStudy): built field
-    by field as notebook 02's AuditStudy builds it, so equal settings hit the same cache entry."""
-    local = method in PENALISED_RULES
-    return AuditUnit(method=method, arch=study.arch, d=study.d, num_blocks=study.num_blocks,
-                     penalty=float(penalty) if local else 0.0, dataset=study.dataset,
-                     n_train=study.n_train, n_test=study.n_test, epochs=study.epochs, lr=study.lr,
-                     grad_clip=study.grad_clip, augment=study.augment, seed=int(seed),
-                     null_draws=study.null_draws if local else 0)
+def study_spec(study, rule: str, seed: int, penalty: float = 0.0) -> RunSpec:
+    """One run of ``study`` (a PenaltyStudy or a DirectionStudy) through :func:`audit_spec`, so
+    equal settings hit the same cache entry as notebook 02's."""
+    options = {"penalty": float(penalty)} if get_rule(rule).takes_penalty and penalty else {}
+    return audit_spec(rule, study.arch, seed, options=options, d=study.d, num_blocks=study.num_blocks,
+                      dataset=study.dataset, n_train=study.n_train, n_test=study.n_test,
+                      epochs=study.epochs, lr=study.lr, grad_clip=study.grad_clip, augment=study.augment,
+                      null_draws=study.null_draws)
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,16 +101,16 @@ def make_unit(study, method: str, seed: int, penalty: float = 0.0) -> AuditUnit:
 # --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class PenaltyStudy:
+class PenaltyStudy(Study):
     """DFA with the residual-branch penalty λ·||f_l(h_l)||² for several λ, against BP."""
 
     lambdas: tuple = (0.0, 1e-4, 1e-2)  # penalty weights swept, 0 = vanilla (003); text "0, 1e-2" is parsed
-    rule: str = "dfa"  # the penalised rule: dfa as 003 (fa takes the same penalty)
+    rule: str = "dfa"  # the penalised rule: dfa as 003 (any rule with takes_penalty: fa, oracle, ...)
     seeds: tuple = (42, 123, 456)  # one run per λ and seed, plus one BP run per seed (003's seeds)
     arch: str = "resmlp"  # 003: the pre-LayerNorm ResidualMLP (vit, resnet also take the penalty)
     d: int | None = None  # width (None: the reference's, 256 for resmlp)
     num_blocks: int | None = None  # depth (None: the reference's, 4 for resmlp)
-    dataset: str = "cifar10"  # cifar10 or cifar100 (synthetic stand-ins offline)
+    dataset: str = "cifar10"  # cifar10 / cifar100 (synthetic offline); fashion_mnist: the real-data check
     epochs: int = 30  # 003's sweep trained 30 epochs
     lr: float = 1e-3  # AdamW with cosine decay, as 003
     grad_clip: float | None = None  # per-block gradient clip; 003's sweep did not clip (004 did)
@@ -139,64 +131,48 @@ class PenaltyStudy:
 
     def __post_init__(self):
         object.__setattr__(self, "lambdas", parse_lambdas(self.lambdas))
-        object.__setattr__(self, "seeds", tuple(self.seeds) if not isinstance(self.seeds, int) else (self.seeds,))
         check_run_settings(self)
+        self.specs()  # every run validated before any training
 
-    @classmethod
-    def for_profile(cls, profile: str | None = None, **overrides) -> "PenaltyStudy":
-        """The profile's defaults (``$FA_STUDY_PROFILE`` when ``profile`` is None), then overrides."""
-        return profile_config(cls, profile, overrides)
+    def spec(self, rule: str, seed: int, penalty: float = 0.0) -> RunSpec:
+        """One run: ``rule`` ("bp" or the study's rule) with ``penalty`` and ``seed``."""
+        check_choice("rule", rule, ("bp", self.rule))
+        return study_spec(self, rule, seed, penalty)
 
-    def unit(self, method: str, seed: int, penalty: float = 0.0) -> AuditUnit:
-        """One cached run: ``method`` ("bp" or the study's rule) with ``penalty`` and ``seed``."""
-        check_choice("method", method, ("bp", self.rule))
-        return make_unit(self, method, seed, penalty)
-
-    def units(self) -> list[AuditUnit]:
+    def specs(self) -> list[RunSpec]:
         """Per seed: BP, then the rule at every λ."""
-        return [u for s in self.seeds
-                for u in [self.unit("bp", s)] + [self.unit(self.rule, s, lam) for lam in self.lambdas]]
+        return [s for seed in self.seeds
+                for s in [self.spec("bp", seed)] + [self.spec(self.rule, seed, lam) for lam in self.lambdas]]
 
     def arms(self) -> list[str]:
         """Arm labels in plotting order (BP first, then λ ascending)."""
-        return ["bp"] + [arm_label(self.unit(self.rule, self.seeds[0], lam)) for lam in self.lambdas]
+        return list(dict.fromkeys(s.label for s in self.specs()))
 
 
 def run_penalty(study: PenaltyStudy | None = None, *, profile: str | None = None,
                 callback: Callable | None = None, n_jobs: int = 1, progress: Callable | None = None,
-                **overrides) -> AuditResults:
-    """Train BP and the rule at every λ for every seed (cached units) and audit each run.
-
-    Returns :class:`~fa_study.experiments.audit.AuditResults`: ``history`` (tidy, one row per
-    run and epoch: ``arm``, ``seed``, ``penalty``, ``epoch``, ``test_acc``, ``h_norm_<l>``,
-    ``g_norm_<l>``, ``cos_<l>``, ``status``, ``data_source``, ...), ``runs`` (one row per run
-    with the D1/D2 values), ``layers`` (direction quality per run and hidden state) and
-    ``null`` (the fresh-feedback null per rule run when ``null_draws`` > 0).
-    """
-    study = dataclasses.replace(study, **overrides) if study else PenaltyStudy.for_profile(profile, **overrides)
-    return run_audit_units(study.units(), callback=callback, n_jobs=n_jobs, progress=progress)
+                **overrides) -> Results:
+    """Train BP and the rule at every λ for every seed (cached) and audit each run; see
+    :class:`fa_study.runs.Results` (``history`` per epoch with ``penalty``, ``h_norm_<l>``,
+    ``g_norm_<l>``, ``cos_<l>``; ``runs`` with the D1/D2 values; ``null`` per penalised run)."""
+    study = resolve_study(PenaltyStudy, study, profile, overrides)
+    return study.run(callback=callback, n_jobs=n_jobs, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------
 # Summary and figures
 # --------------------------------------------------------------------------------------------
 
-def final_epoch(history: pd.DataFrame) -> pd.DataFrame:
-    """The last row of every (arm, seed) run (a diverged run's last row is its NaN row)."""
-    last = history.groupby(["arm", "seed"])["epoch"].transform("max")
-    return history[history["epoch"] == last].reset_index(drop=True)
-
-
-def penalty_runs(res: AuditResults) -> pd.DataFrame:
-    """One row per run: ``arm``, ``seed``, ``penalty``, ``method``, ``test_acc``, ``h_L`` and
+def penalty_runs(res: Results) -> pd.DataFrame:
+    """One row per run: ``arm``, ``seed``, ``penalty``, ``rule``, ``test_acc``, ``h_L`` and
     ``g_L`` (medians on the 128-sample eval batch), ``h_L_vs_bp`` (``h_L`` over the BP run's of the
     same seed), ``max_growth`` (D1's statistic), ``verdict`` (D1/D2 only: no frozen baseline
     here) and, where a null was drawn, ``training_deep_cos``, ``fresh_deep_mean``,
     ``fresh_deep_std``, ``z_score``."""
     runs = res.runs.copy()
-    bp = runs.loc[runs["method"] == "bp"].set_index("seed")["h_L"]
+    bp = runs.loc[runs["rule"] == "bp"].set_index("seed")["h_L"]
     runs["h_L_vs_bp"] = runs["h_L"] / runs["seed"].map(bp).astype(float)
-    cols = ["arm", "seed", "penalty", "method", "status", "test_acc", "h_L", "h_L_vs_bp", "g_L",
+    cols = ["arm", "seed", "penalty", "rule", "status", "test_acc", "h_L", "h_L_vs_bp", "g_L",
             "max_growth", "d1", "d2", "verdict", "data_source"]
     out = runs[cols]
     null_cols = ["training_deep_cos", "fresh_deep_mean", "fresh_deep_std", "z_score"]
@@ -207,7 +183,7 @@ def penalty_runs(res: AuditResults) -> pd.DataFrame:
     return out
 
 
-def penalty_summary(res: AuditResults, order: list[str] | None = None) -> pd.DataFrame:
+def penalty_summary(res: Results, order: list[str] | None = None) -> pd.DataFrame:
     """One row per arm: mean ± 95 % CI over seeds of accuracy, ``||h_L||``, its ratio to BP,
     ``||g_L||``, the D1 growth and the null (training deep cosine, fresh mean, z), and the
     verdicts seen."""
@@ -226,17 +202,25 @@ def penalty_summary(res: AuditResults, order: list[str] | None = None) -> pd.Dat
     return table[["arm", "penalty", "n"] + [f"{c}_text" for c in cols] + ["verdicts"] + cols]
 
 
-def arm_colours(arms: list[str]) -> dict[str, str]:
-    """BP and the vanilla rule in their usual colours; penalised arms, from the largest λ down,
-    in colours no rule uses (so λ = 1e-2 has the same colour in notebooks 03 and 04)."""
+def arm_colours(specs: list[RunSpec]) -> dict[str, str]:
+    """Colour per arm label, in the order the specs list them: BP and the unpenalised rules in
+    their usual colours; penalised arms, from the largest λ down, in colours no rule uses (so
+    λ = 1e-2 has the same colour in notebooks 03 and 04). Read from the specs, never the labels."""
     from ..plots import PALETTE, colour
 
     spare = [PALETTE[2], PALETTE[4], PALETTE[5], PALETTE[7], PALETTE[6], PALETTE[1]]
-    penalised = [a for a in arms if "λ=" in a]
-    penalised.sort(key=lambda a: -float(a.split("λ=")[1]))
-    fixed = {a: colour(a, i) for i, a in enumerate(arms) if "λ=" not in a}
+    penalty = {}
+    for s in specs:
+        penalty.setdefault(s.label, float(dict(s.options).get("penalty", 0.0)))
+    penalised = sorted((a for a, p in penalty.items() if p > 0), key=lambda a: -penalty[a])
+    fixed = {a: colour(a, i) for i, a in enumerate(penalty) if penalty[a] == 0}
     fixed.update({a: spare[i % len(spare)] for i, a in enumerate(penalised)})
-    return {a: fixed[a] for a in arms}  # keep the caller's order for legends
+    return {a: fixed[a] for a in penalty}  # keep the specs' order for legends
+
+
+def _no_data(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9)
+    ax.set_axis_off()
 
 
 def _null_panel(ax, runs: pd.DataFrame, colours: dict[str, str]) -> None:
@@ -266,13 +250,17 @@ def _null_panel(ax, runs: pd.DataFrame, colours: dict[str, str]) -> None:
 
 def _dose_panel(ax, runs: pd.DataFrame, colours: dict[str, str]) -> None:
     """Final ||h_L|| against λ (symlog axis: λ = 0 sits at 0), BP's level as a dashed band."""
-    rule = runs[runs["method"] != "bp"].sort_values("penalty")
+    runs = runs[runs["status"] == "ok"]
+    if not np.isfinite(runs["h_L"].to_numpy(dtype=float)).any():
+        _no_data(ax, "no run finished: nothing to draw")
+        return
+    rule = runs[runs["rule"] != "bp"].sort_values("penalty")
     stats = rule.groupby("penalty")["h_L"].apply(lambda s: mean_ci(s.to_numpy(dtype=float)))
     lams = stats.index.to_numpy(dtype=float)
     ax.plot(lams, [m for m, _, _ in stats], color="#555555", lw=1, zorder=1)
     for arm, sub in rule.groupby("arm", sort=False):
         ax.plot(sub["penalty"], sub["h_L"], "o", color=colours.get(arm, "#555555"), ms=5, label=arm)
-    bp = runs.loc[runs["method"] == "bp", "h_L"].to_numpy(dtype=float)
+    bp = runs.loc[runs["rule"] == "bp", "h_L"].to_numpy(dtype=float)
     if np.isfinite(bp).any():
         ax.axhline(np.nanmean(bp), color=colours.get("bp", "#0072B2"), ls="--", lw=1.2, label="bp")
     positive = lams[lams > 0]
@@ -291,7 +279,7 @@ def _dose_panel(ax, runs: pd.DataFrame, colours: dict[str, str]) -> None:
 class PenaltyResult(StudyResult):
     """:class:`StudyResult` plus the audit frames (``audit.runs``, ``audit.null``, ...)."""
 
-    audit: AuditResults | None = None
+    audit: Results | None = None
 
 
 def penalty_view(study: PenaltyStudy | None = None, *, profile: str | None = None,
@@ -299,39 +287,47 @@ def penalty_view(study: PenaltyStudy | None = None, *, profile: str | None = Non
                  **overrides) -> PenaltyResult:
     """Run the sweep and draw it: per-epoch ``||h_L||``, ``||g_L||`` (log scales) and test
     accuracy per λ with BP for scale; the final ``||h_L||`` against λ; and the fresh-feedback
-    null per penalised-rule arm. The notebook's baseline run and its panel's callback."""
+    null per penalised-rule arm. Runs that diverged or failed are left out of the plots and
+    named in the notes. The notebook's baseline run and its panel's callback."""
     from .. import plots
 
-    study = dataclasses.replace(study, **overrides) if study else PenaltyStudy.for_profile(profile, **overrides)
-    res = run_penalty(study, callback=live, progress=progress)
-    hist = res.history
-    L = int(hist["num_blocks"].dropna().iloc[0])
-    colours = arm_colours(study.arms())
+    study = resolve_study(PenaltyStudy, study, profile, overrides)
+    res = study.run(callback=live, progress=progress)
+    specs = study.specs()
+    L = specs[0].model.num_blocks
+    hist = finished(res.history)
+    colours = arm_colours(specs)
     styles = {"bp": "--"}
+    sources = res.runs["data_source"].dropna().unique().tolist()
 
     fig1, axes = plt.subplots(1, 3, figsize=(13.5, 3.7))
-    curves = dict(hue="arm", colours=colours, styles=styles)
-    plots.plot_curves(hist, "epoch", f"h_norm_{L}", ax=axes[0], logy=True, **curves)
+    if len(hist):
+        curves = dict(hue="arm", colours=colours, styles=styles)
+        plots.plot_curves(hist, "epoch", f"h_norm_{L}", ax=axes[0], logy=True, **curves)
+        plots.plot_curves(hist, "epoch", f"g_norm_{L}", ax=axes[1], logy=True, **curves)
+        axes[1].axhline(D2_FLOOR, color="k", ls=":", lw=1, label=f"D2 floor {D2_FLOOR:g}")
+        plots.plot_curves(hist, "epoch", "test_acc", ax=axes[2], logy=False, **curves)
+        for ax in axes:
+            ax.legend(fontsize=8, frameon=False)
+    else:
+        for ax in axes:
+            _no_data(ax, "no run finished: nothing to draw")
     axes[0].set(title=f"residual stream ||h_{L}|| (median, 128 test images)", ylabel=f"||h_{L}||")
-    plots.plot_curves(hist, "epoch", f"g_norm_{L}", ax=axes[1], logy=True, **curves)
-    axes[1].axhline(D2_FLOOR, color="k", ls=":", lw=1, label="D2 floor 1e-7")
     axes[1].set(title=f"BP reference gradient ||g_{L}|| (median)", ylabel=f"||g_{L}||")
-    plots.plot_curves(hist, "epoch", "test_acc", ax=axes[2], logy=False, **curves)
     axes[2].set(title="test accuracy", ylabel="accuracy")
-    for ax in axes:
-        ax.legend(fontsize=8, frameon=False)
-    plots.annotate_source(fig1, hist["data_source"].dropna().unique().tolist())
+    plots.annotate_source(fig1, sources)
     fig1.tight_layout(rect=(0, 0.04, 1, 1))
     plt.close(fig1)
 
     runs = penalty_runs(res)
     fig2, axes2 = plt.subplots(1, 2, figsize=(11, 3.7))
     _dose_panel(axes2[0], runs, colours)
-    _null_panel(axes2[1], runs, colours)
-    plots.annotate_source(fig2, runs["data_source"].dropna().unique().tolist())
+    _null_panel(axes2[1], runs[runs["status"] == "ok"], colours)
+    plots.annotate_source(fig2, sources)
     fig2.tight_layout(rect=(0, 0.04, 1, 1))
     plt.close(fig2)
 
     table = penalty_summary(res, order=study.arms())
-    return PenaltyResult(study, hist, table, [fig1, fig2], res.from_cache, res.units,
-                         sources_note(hist), audit=res)
+    out = PenaltyResult.of(study, res, res.history, table, [fig1, fig2])
+    out.audit = res
+    return out

