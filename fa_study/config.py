@@ -1,5 +1,10 @@
 """Profiles, device choice, seeding and on-disk locations.
 
+Locations: :func:`data_roots` (the data search path: ``$FA_STUDY_DATA``, several roots joined
+by ``os.pathsep``, then the known roots), :func:`cache_dir` (results, ``$FA_STUDY_CACHE``) and
+:func:`tensor_cache_dir` (the loader's tensor cache, ``$FA_STUDY_TENSOR_CACHE`` or
+``<cache_dir>/tensors``).
+
 One switch selects how much work every notebook and experiment does:
 
 * ``quick``   -- seconds per notebook on a 2-core CPU; used by CI and nbval.
@@ -27,6 +32,12 @@ DEVICE_ENV = "FA_STUDY_DEVICE"
 DATA_ENV = "FA_STUDY_DATA"
 CACHE_ENV = "FA_STUDY_CACHE"
 OFFLINE_ENV = "FA_STUDY_OFFLINE"
+TENSOR_CACHE_ENV = "FA_STUDY_TENSOR_CACHE"
+KNOWN_ROOTS_ENV = "FA_STUDY_DATA_KNOWN"  # "0": search only the given roots, not KNOWN_DATA_ROOTS
+# Searched after $FA_STUDY_DATA / ``root``: Debian's dataset-fashion-mnist, then ./data.
+KNOWN_DATA_ROOTS: tuple[str, ...] = ("/usr/share/datasets/fashion-mnist", "data")
+# Known roots that are searched but never downloaded into (system package folders).
+SEARCH_ONLY_DATA_ROOTS: tuple[str, ...] = ("/usr/share/datasets/fashion-mnist",)
 
 
 def check_choice(what: str, value, allowed) -> None:
@@ -122,27 +133,64 @@ def check_seeds(what: str, seeds) -> tuple[int, ...]:
 
 
 def get_profile(profile: str | None = None) -> str:
-    """The active profile: ``profile`` if given, else ``$FA_STUDY_PROFILE``, else ``default``."""
-    name = profile if profile is not None else os.environ.get(PROFILE_ENV, DEFAULT_PROFILE)
-    name = name.strip().lower()
-    check_choice(f"profile (set by {PROFILE_ENV} or passed explicitly)", name, PROFILES)
-    return name
+    """The active profile: ``profile`` if given, else ``$FA_STUDY_PROFILE``, else ``default``.
+
+    A bad value raises ``ValueError`` naming where it came from (the argument or the
+    environment variable), the value and the allowed profiles.
+    """
+    if profile is not None:
+        what, name = "profile", profile
+    else:
+        what, name = f"profile (from ${PROFILE_ENV})", os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
+    if not isinstance(name, str):
+        listed = ", ".join(repr(p) for p in PROFILES)
+        raise ValueError(f"{what} must be a string; got {name!r} ({type(name).__name__}); "
+                         f"allowed values: {listed}")
+    check_choice(what, name.strip().lower(), PROFILES)
+    return name.strip().lower()
+
+
+DEVICE_FORMS = "'cpu', 'cuda', 'cuda:N', 'mps'"
 
 
 def get_device(device: str | torch.device | None = None) -> torch.device:
     """The compute device: ``device`` if given, else ``$FA_STUDY_DEVICE``, else CUDA when available.
 
-    Asking for CUDA on a machine without it raises ``ValueError`` rather than failing later.
+    Asking for a device this machine does not have (CUDA without CUDA, ``cuda:N`` beyond the
+    GPUs present, MPS without MPS) raises ``ValueError`` at once rather than failing later; a
+    bad ``$FA_STUDY_DEVICE`` is reported as coming from that variable.
     """
-    if device is None:
-        device = os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"unknown device {device!r}; allowed values: 'cpu', 'cuda', 'cuda:N', 'mps'") from exc
-    check_choice("device type", dev.type, ("cpu", "cuda", "mps"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(dev)!r} was requested but CUDA is not available; use 'cpu'")
+    if device is None and os.environ.get(DEVICE_ENV, "").strip():
+        what, device = f"device (from ${DEVICE_ENV})", os.environ[DEVICE_ENV].strip()
+    elif device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        what = "device"
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, str):
+        try:
+            dev = torch.device(device.strip().lower())
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise ValueError(f"unknown {what} {device!r}; allowed values: {DEVICE_FORMS}") from exc
+    else:
+        raise ValueError(f"{what} must be a string or torch.device, got {device!r}; "
+                         f"allowed values: {DEVICE_FORMS}")
+    check_choice(f"{what} type", dev.type, ("cpu", "cuda", "mps"))
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what} {str(dev)!r} was requested but CUDA is not available on this "
+                             f"machine; use 'cpu'")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{what} {str(dev)!r} was requested but this machine has {count} CUDA "
+                             f"device(s); allowed: " + ", ".join(f"'cuda:{i}'" for i in range(count)))
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            alt = "'cuda' or 'cpu'" if torch.cuda.is_available() else "'cpu'"
+            raise ValueError(f"{what} {str(dev)!r} was requested but MPS (Apple GPU) is not "
+                             f"available on this machine; use {alt}")
     return dev
 
 
@@ -185,11 +233,70 @@ def is_offline() -> bool:
     return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _flag(env: str, default: bool) -> bool:
+    raw = os.environ.get(env, "").strip().lower()
+    if not raw:
+        return default
+    return raw not in ("0", "false", "no", "off")
+
+
+def _as_paths(what: str, value) -> list[Path]:
+    """One path or a sequence of paths (a string may hold several, separated by os.pathsep)."""
+    if isinstance(value, (str, os.PathLike)):
+        items = str(os.fspath(value)).split(os.pathsep) if isinstance(value, str) else [value]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise ValueError(f"{what} must be a path, a list of paths or None, got {value!r}")
+    out = []
+    for item in items:
+        if not isinstance(item, (str, os.PathLike)):
+            raise ValueError(f"{what} must be a path, a list of paths or None; {item!r} in "
+                             f"{value!r} is not a path")
+        if str(os.fspath(item)).strip():
+            out.append(Path(os.fspath(item)).expanduser().resolve())
+    return out
+
+
+def data_roots(root: str | os.PathLike | list | tuple | None = None, *,
+               known: bool | None = None) -> list[Path]:
+    """The data search path, in the order the loader looks.
+
+    First ``root`` (one path or a list; a string may hold several joined by ``os.pathsep``),
+    or, when ``root`` is None, the entries of ``$FA_STUDY_DATA`` (joined by ``os.pathsep``);
+    then, unless ``known`` is False (default: ``$FA_STUDY_DATA_KNOWN``, on unless ``0``), the
+    known locations :data:`KNOWN_DATA_ROOTS` (Debian's Fashion-MNIST folder, ``./data``).
+    Paths are resolved; duplicates are dropped. The roots need not exist or be writable.
+    """
+    given = _as_paths("root", root) if root is not None else _as_paths(
+        f"${DATA_ENV}", os.environ.get(DATA_ENV, ""))
+    if known is None:
+        known = _flag(KNOWN_ROOTS_ENV, True)
+    check_bool("known", known)
+    if known:
+        given += [Path(p).expanduser().resolve() for p in KNOWN_DATA_ROOTS]
+    out: list[Path] = []
+    for p in given:
+        if p not in out:
+            out.append(p)
+    return out
+
+
 def data_dir(root: str | os.PathLike | None = None) -> Path:
-    """Where datasets live: ``root``, else ``$FA_STUDY_DATA``, else ``./data``."""
-    return Path(root or os.environ.get(DATA_ENV) or "data").expanduser().resolve()
+    """The first data root: ``root`` (its first entry), else the first entry of
+    ``$FA_STUDY_DATA``, else ``./data``. Kept for compatibility; the loader searches the whole
+    :func:`data_roots` path."""
+    first = data_roots(root, known=False)
+    return first[0] if first else Path("data").expanduser().resolve()
 
 
 def cache_dir() -> Path:
     """Where experiment results are cached: ``$FA_STUDY_CACHE``, else ``./.fa_study_cache``."""
     return Path(os.environ.get(CACHE_ENV) or ".fa_study_cache").expanduser().resolve()
+
+
+def tensor_cache_dir() -> Path:
+    """Where the loader caches datasets as uint8 tensors: ``$FA_STUDY_TENSOR_CACHE``, else
+    ``<cache_dir()>/tensors``. Never next to the data files (data roots may be read-only)."""
+    env = os.environ.get(TENSOR_CACHE_ENV, "").strip()
+    return Path(env).expanduser().resolve() if env else cache_dir() / "tensors"

@@ -11,10 +11,13 @@ torch.set_num_threads(min(int(os.environ.get("OMP_NUM_THREADS", "2")), torch.get
 
 @pytest.fixture
 def fresh_data_state(monkeypatch, tmp_path):
-    """An empty data directory, no downloads, and the loader's in-process memo cleared."""
+    """An empty data directory as the only data root (the known roots left out), its own
+    tensor cache, no downloads, and the loader's in-process memo cleared."""
     from fa_study import data
 
     monkeypatch.setenv("FA_STUDY_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("FA_STUDY_DATA_KNOWN", "0")
+    monkeypatch.setenv("FA_STUDY_TENSOR_CACHE", str(tmp_path / "tensor_cache"))
     monkeypatch.setenv("FA_STUDY_OFFLINE", "1")
     monkeypatch.setattr(data, "_MEMO", {})
     monkeypatch.setattr(data, "_ANNOUNCED", set())

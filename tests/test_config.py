@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,6 +21,25 @@ def test_unknown_profile_lists_allowed(monkeypatch):
         config.get_profile()
     msg = str(err.value)
     assert "'fast'" in msg and all(f"'{p}'" in msg for p in config.PROFILES)
+    assert "FA_STUDY_PROFILE" in msg  # it came from the environment: say so
+
+
+@pytest.mark.parametrize("bad", [123, 1.5, ["quick"], "fastest"])
+def test_bad_explicit_profile_is_a_value_error(monkeypatch, bad):
+    monkeypatch.delenv("FA_STUDY_PROFILE", raising=False)
+    with pytest.raises(ValueError) as err:
+        config.get_profile(bad)
+    msg = str(err.value)
+    assert msg.startswith(("profile must be", "unknown profile ")) and repr(bad) in msg
+    assert all(f"'{p}'" in msg for p in config.PROFILES)
+    assert "FA_STUDY_PROFILE" not in msg  # the argument was wrong, not the environment
+
+
+def test_empty_profile_variable_means_default(monkeypatch):
+    monkeypatch.setenv("FA_STUDY_PROFILE", "")
+    assert config.get_profile() == "default"
+    monkeypatch.setenv("FA_STUDY_PROFILE", " Quick ")
+    assert config.get_profile() == "quick"
 
 
 def test_device_choice(monkeypatch):
@@ -33,32 +55,87 @@ def test_device_choice(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
-def test_cuda_requested_without_cuda_is_a_clear_error():
-    with pytest.raises(ValueError, match="CUDA is not available"):
+def test_cuda_requested_without_cuda_is_a_clear_error(monkeypatch):
+    with pytest.raises(ValueError) as err:
         config.get_device("cuda")
+    msg = str(err.value)
+    assert "device 'cuda'" in msg and "CUDA is not available" in msg and "'cpu'" in msg
+    assert "FA_STUDY_DEVICE" not in msg
+    monkeypatch.setenv("FA_STUDY_DEVICE", "cuda:0")
+    with pytest.raises(ValueError) as err:
+        config.get_device()
+    assert "$FA_STUDY_DEVICE" in str(err.value) and "'cuda:0'" in str(err.value)
 
 
-def _tiny_training_run(seed: int) -> torch.Tensor:
-    g = config.seed_everything(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    x = torch.randn(64, 8, generator=g)
-    y = torch.randint(0, 3, (64,), generator=g)
-    for _ in range(20):
-        idx = torch.randperm(64)[:16]  # global RNG, seeded by seed_everything
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_index_beyond_the_gpus_present_is_a_clear_error():
+    assert config.get_device("cuda").type == "cuda"
+    n = torch.cuda.device_count()
+    with pytest.raises(ValueError, match=rf"has {n} CUDA device.*'cuda:0'"):
+        config.get_device(f"cuda:{n}")
 
 
-def test_seed_everything_bitwise_reproducible_on_cpu():
-    a, b = _tiny_training_run(3), _tiny_training_run(3)
-    assert torch.equal(a, b)
-    assert not torch.equal(a, _tiny_training_run(4))
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="checks the error without MPS")
+def test_mps_requested_without_mps_is_a_clear_error(monkeypatch):
+    with pytest.raises(ValueError) as err:
+        config.get_device("mps")
+    msg = str(err.value)
+    assert "device 'mps'" in msg and "MPS" in msg and "not available" in msg and "'cpu'" in msg
+    monkeypatch.setenv("FA_STUDY_DEVICE", "mps")
+    with pytest.raises(ValueError, match=r"\$FA_STUDY_DEVICE"):
+        config.get_device()
 
 
-def test_seed_must_be_integer():
-    with pytest.raises(ValueError, match="seed"):
-        config.seed_everything(1.5)
+@pytest.mark.parametrize("bad", ["tpu", "gpu0", "xla"])
+def test_bad_device_variable_names_the_variable(monkeypatch, bad):
+    monkeypatch.setenv("FA_STUDY_DEVICE", bad)
+    with pytest.raises(ValueError) as err:
+        config.get_device()
+    msg = str(err.value)
+    assert "$FA_STUDY_DEVICE" in msg and repr(bad) in msg and "allowed values" in msg
+
+
+def test_bad_device_argument_is_not_blamed_on_the_variable(monkeypatch):
+    monkeypatch.setenv("FA_STUDY_DEVICE", "cpu")
+    for bad, needle in ((123, "device must be a string or torch.device, got 123"),
+                        (3.5, "got 3.5"), ("gpu0", "unknown device 'gpu0'")):
+        with pytest.raises(ValueError) as err:
+            config.get_device(bad)
+        assert needle in str(err.value) and "FA_STUDY_DEVICE" not in str(err.value)
+        assert "allowed values: 'cpu', 'cuda', 'cuda:N', 'mps'" in str(err.value)
+    assert config.get_device(torch.device("cpu")) == torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------- locations
+
+def test_data_roots_search_path(monkeypatch, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    monkeypatch.setenv("FA_STUDY_DATA", os.pathsep.join([str(a), "", str(b), str(a)]))
+    monkeypatch.delenv("FA_STUDY_DATA_KNOWN", raising=False)
+    known = [Path(p).resolve() for p in config.KNOWN_DATA_ROOTS]
+    assert known[0] == Path("/usr/share/datasets/fashion-mnist") and known[1] == Path("data").resolve()
+    assert config.data_roots() == [a, b] + known  # in order, empty entries and repeats dropped
+    assert config.data_roots(known=False) == [a, b]
+    monkeypatch.setenv("FA_STUDY_DATA_KNOWN", "0")
+    assert config.data_roots() == [a, b]
+    # root= (one path, a list, or an os.pathsep string) replaces $FA_STUDY_DATA
+    assert config.data_roots(b) == [b]
+    assert config.data_roots([str(b), a]) == [b, a]
+    assert config.data_roots(f"{b}{os.pathsep}{a}") == [b, a]
+    # the compatible name: the first root
+    assert config.data_dir() == a and config.data_dir(b) == b
+    monkeypatch.delenv("FA_STUDY_DATA")
+    assert config.data_roots() == [] and config.data_dir() == Path("data").resolve()
+    for bad in (3, [a, 4], {"x": 1}):
+        with pytest.raises(ValueError, match="root must be a path"):
+            config.data_roots(bad)
+
+
+def test_tensor_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("FA_STUDY_TENSOR_CACHE", raising=False)
+    monkeypatch.setenv("FA_STUDY_CACHE", str(tmp_path / "results"))
+    assert config.tensor_cache_dir() == tmp_path / "results" / "tensors"
+    monkeypatch.delenv("FA_STUDY_CACHE")
+    assert config.tensor_cache_dir() == Path(".fa_study_cache/tensors").resolve()
+    monkeypatch.setenv("FA_STUDY_TENSOR_CACHE", str(tmp_path / "t"))
+    assert config.tensor_cache_dir() == tmp_path / "t"
