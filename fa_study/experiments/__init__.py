@@ -6,10 +6,11 @@ each and whose ``for_profile`` gives the ``quick`` / ``default`` / ``paper`` set
 field and the ``data_source`` as columns), and a ``*_view`` function that runs it and draws
 the study's figures and results table. The view is what a notebook cell and a widget panel
 both call. Shared machinery (on-disk caching of every unit of work, joblib dispatch) is in
-:mod:`fa_study.experiments.core`; see its docstring for running sweeps on a cluster.
+:mod:`fa_study.cache`, re-exported by :mod:`fa_study.experiments.core`; see their docstrings
+for the cache's format and for running sweeps on a cluster.
 """
-from .core import (StudyResult, cached, clear_cache, code_fingerprint, config_columns, memory,  # noqa: F401
-                   profile_config, run_units, sources_note)
+from .core import (CacheStats, StudyResult, clear_cache, code_fingerprint, config_columns,  # noqa: F401
+                   profile_config, run_units, sources_note, spec_key)
 from .ra_study import RAStudy, ra_summary, ra_view, run_ra  # noqa: F401
 from .audit import AuditResults, AuditStudy, AuditUnit, audit_unit, run_audit, run_audit_units  # noqa: F401
 from .feedback_tour import FeedbackTour, converter_demo, run_tour, tour_view  # noqa: F401

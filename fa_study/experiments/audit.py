@@ -185,7 +185,7 @@ def run_audit_units(units: list[AuditUnit], *, callback: Callable | None = None,
     frozen-blocks accuracy of its (architecture, dataset, width, depth) over seeds."""
     from ..protocol import verdict_from_flags
 
-    outs, hits = run_units(audit_unit, units, callback=callback, n_jobs=n_jobs, progress=progress)
+    outs, stats = run_units(audit_unit, units, callback=callback, n_jobs=n_jobs, progress=progress)
     for o, u in zip(outs, units):
         for key in ("history", "run", "layers", "null"):
             if len(o[key]) and "arch_name" not in o[key]:
@@ -213,7 +213,7 @@ def run_audit_units(units: list[AuditUnit], *, callback: Callable | None = None,
     runs["verdict"] = verdicts
     reports = [_with_d3(o.get("report"), r.frozen_acc, d3, d3_margin_pp)
                for o, r, d3 in zip(outs, runs.itertuples(), d3s)]
-    return AuditResults(history, runs, layers, null, hits, len(units), reports=reports)
+    return AuditResults(history, runs, layers, null, stats.hits, len(units), reports=reports)
 
 
 def _with_d3(rep, frozen_acc: float, d3: bool | None, d3_margin_pp: float):

@@ -385,9 +385,9 @@ def run_tour(study: FeedbackTour | None = None, *, profile: str | None = None,
     """
     study = dataclasses.replace(study, **overrides) if study else FeedbackTour.for_profile(profile, **overrides)
     units = [study.unit(a, s) for s in study.seeds for a in study.arms]
-    frames, hits = run_units(_tour_unit, units, callback=callback, n_jobs=n_jobs, progress=progress)
+    frames, stats = run_units(_tour_unit, units, callback=callback, n_jobs=n_jobs, progress=progress)
     df = pd.concat(frames, ignore_index=True)
-    df.attrs["from_cache"] = hits
+    df.attrs["from_cache"] = stats.hits
     df.attrs["units"] = len(units)
     return df
 

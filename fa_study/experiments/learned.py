@@ -213,12 +213,12 @@ def run_learned(study: LearnedStudy | None = None, *, profile: str | None = None
     """
     study = dataclasses.replace(study, **overrides) if study else LearnedStudy.for_profile(profile, **overrides)
     units = study.units()
-    frames, hits = run_units(_learned_unit, units, callback=callback, n_jobs=n_jobs, progress=progress)
+    frames, stats = run_units(_learned_unit, units, callback=callback, n_jobs=n_jobs, progress=progress)
     df = pd.concat(frames, ignore_index=True)
     df["deep_cos"] = df[[f"cos_{l}" for l in range(study.num_blocks)]].mean(axis=1)
     fb = [f"fb_align_{l}" for l in range(study.num_blocks) if f"fb_align_{l}" in df.columns]
     df["deep_fb_align"] = df[fb].mean(axis=1) if fb else math.nan
-    df.attrs["from_cache"] = hits
+    df.attrs["from_cache"] = stats.hits
     df.attrs["units"] = len(units)
     return df
 

@@ -91,9 +91,9 @@ def run_ra(study: RAStudy | None = None, *, profile: str | None = None, callback
     """
     study = dataclasses.replace(study, **overrides) if study else RAStudy.for_profile(profile, **overrides)
     units = [study.unit(a, s) for s in study.seeds for a in study.arms]
-    frames, hits = run_units(_ra_unit, units, callback=callback, n_jobs=n_jobs, progress=progress)
+    frames, stats = run_units(_ra_unit, units, callback=callback, n_jobs=n_jobs, progress=progress)
     df = pd.concat(frames, ignore_index=True)
-    df.attrs["from_cache"] = hits
+    df.attrs["from_cache"] = stats.hits
     df.attrs["units"] = len(units)
     return df
 
