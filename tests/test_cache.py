@@ -1,0 +1,559 @@
+"""The results cache: data on disk, never code; every fault written here and survived."""
+import dataclasses
+import json
+import math
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fa_study import cache as fc
+from fa_study.cache import (
+    CacheStats,
+    CacheWarning,
+    ResultsCache,
+    clear_cache,
+    code_fingerprint,
+    run_units,
+    spec_json,
+    spec_key,
+    unit_name,
+)
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Inner:
+    a: float = 0.5
+    tag: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    i: int = 0
+    lr: float = 1e-4
+    arms: tuple = ("bp", "fa")
+    inner: Inner = Inner()
+    opts: dict | None = None
+
+
+CALLS: list = []
+
+
+def _objects(values) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def rich_frame(i: int) -> pd.DataFrame:
+    """Every column type the studies' results use."""
+    return pd.DataFrame({
+        "i": np.arange(3, dtype="int64") + i,
+        "x": [0.1 + 0.2, -0.0, 5e-324],  # exact bits, signed zero, a subnormal
+        "y": [math.nan, math.inf, -math.inf],
+        "arm": ["bp", "fa", "dfa"],  # str dtype
+        "arm_or_none": ["bp", None, "fa"],
+        "n": pd.array([1, None, 3], dtype="Int64"),
+        "ok": [True, False, True],
+        "maybe": pd.array([True, None, False], dtype="boolean"),
+        "d1": _objects([True, False, None]),  # True/False/None in one column
+        "mixed": _objects([1, "two", 3.5]),
+        "cells": _objects([(1, 2), [3.0], {"k": None}]),
+        "cat": pd.Categorical(["a", "b", "a"]),
+    }, index=pd.Index([10, 20, 30], name="row"))
+
+
+def unit(spec: Spec, fingerprint: str, callback=None) -> dict:
+    CALLS.append(spec)
+    df = rich_frame(spec.i)
+    df.attrs["note"] = "attrs are not stored"
+    return {"history": df, "empty": pd.DataFrame(), "acc": 0.1 * spec.i, "nan": math.nan,
+            "flags": {"d1": None, "d2": True, "draws": [1, 2.5, None], "pair": (1, "a")},
+            "fingerprint": fingerprint}
+
+
+def frame_unit(spec: Spec, fingerprint: str, callback=None) -> pd.DataFrame:
+    CALLS.append(spec)
+    return pd.DataFrame({"i": [spec.i], "v": [spec.lr]})
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    CALLS.clear()
+    yield
+    CALLS.clear()
+
+
+def assert_payload_equal(a, b):
+    if isinstance(a, pd.DataFrame):
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+        return
+    assert list(a) == list(b)
+    for k in a:
+        if isinstance(a[k], pd.DataFrame):
+            pd.testing.assert_frame_equal(a[k], b[k], check_exact=True)
+        else:
+            assert json.dumps(a[k], allow_nan=True) == json.dumps(b[k], allow_nan=True) and \
+                type(a[k]) is type(b[k]), k
+
+
+def entry(root: Path, fn, spec) -> Path:
+    return root / "results" / unit_name(fn) / spec_key(spec)
+
+
+# ------------------------------------------------------------------------------ keys
+
+def test_spec_key_is_canonical_and_tells_types_apart():
+    assert spec_key(Spec(lr=1e-4)) == spec_key(Spec(lr=0.0001)) == spec_key(Spec())
+    assert spec_key(Spec(lr=0.1 + 0.2)) != spec_key(Spec(lr=0.3))  # floats written exactly
+    assert spec_key(Spec(i=1)) != spec_key(Spec(i=True))
+    assert spec_key(Spec(lr=1)) != spec_key(Spec(lr=1.0))
+    assert spec_key(Spec(opts={"a": 1, "b": 2})) == spec_key(Spec(opts={"b": 2, "a": 1}))
+    assert spec_key(Spec(inner=Inner(tag="x"))) != spec_key(Spec())
+    assert spec_key(Spec(i=np.int64(3))) == spec_key(Spec(i=3))
+    text = spec_json(Spec())
+    assert json.loads(text)["__class__"] == "Spec" and '"lr":0.0001' in text
+    assert len(spec_key(Spec())) == 64
+    assert spec_key(Spec(lr=math.nan)) == spec_key(Spec(lr=float("nan")))
+
+
+def test_spec_key_refuses_what_is_not_a_frozen_spec():
+    @dataclasses.dataclass
+    class Mutable:
+        a: int = 1
+
+    with pytest.raises(TypeError, match="frozen"):
+        spec_key(Mutable())
+    with pytest.raises(TypeError, match="frozen dataclass"):
+        spec_key({"i": 1})
+    with pytest.raises(TypeError, match=r"Spec\.arms.*list"):
+        spec_key(Spec(arms=["bp"]))
+    with pytest.raises(TypeError, match="non-str keys"):
+        spec_key(Spec(opts={1: 2}))
+
+
+# ------------------------------------------------------------------------------ round trip
+
+def test_payloads_round_trip_exactly_and_the_entry_holds_only_data(cache):
+    specs = [Spec(i=0), Spec(i=1)]
+    first, stats = run_units(unit, specs)
+    assert isinstance(stats, CacheStats)
+    assert (stats.hits, stats.computed, stats.recomputed, stats.notes) == (0, 2, 0, [])
+    again, stats = run_units(unit, specs)
+    assert (stats.hits, stats.computed, stats.recomputed) == (2, 0, 0) and len(CALLS) == 2
+    assert str(stats) == "2/2 from the cache"
+    for a, b in zip(first, again):
+        assert_payload_equal(a, b)
+        assert b["history"].attrs == {}  # documented: .attrs are not stored
+        assert [type(v) for v in b["history"]["d1"]] == [bool, bool, type(None)]
+        assert list(b["history"]["cells"]) == [(1, 2), [3.0], {"k": None}]
+        assert b["flags"]["pair"] == (1, "a")
+        assert str(b["history"]["n"].dtype) == "Int64" and b["history"]["d1"].dtype == object
+        assert np.signbit(b["history"]["x"].iloc[1]) and b["history"]["x"].iloc[0] == 0.1 + 0.2
+        assert list(b["history"]["mixed"]) == [1, "two", 3.5] and type(b["history"]["mixed"].iloc[2]) is float
+        assert list(b["history"].index) == [10, 20, 30] and b["history"].index.name == "row"
+    d = entry(cache, unit, specs[1])
+    files = sorted(p.name for p in d.iterdir())
+    assert files == ["frame-0.parquet", "frame-1.parquet", "manifest.json", "values.json"]
+    man = json.loads((d / "manifest.json").read_text())
+    assert man["spec"] == spec_json(specs[1]) and man["spec_sha256"] == d.name
+    assert man["fingerprint"] == code_fingerprint() and man["fa_study_version"]
+    assert man["created"].endswith("+00:00") and man["unit"] == unit_name(unit)
+    import hashlib
+
+    for name, info in man["files"].items():
+        data = (d / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == info["sha256"] and len(data) == info["bytes"]
+        assert not data.startswith(b"\x80")  # nothing pickled
+    assert (d / "frame-0.parquet").read_bytes()[:4] == b"PAR1"
+
+
+def test_a_frame_payload_is_one_parquet_file(cache):
+    frames, _ = run_units(frame_unit, [Spec(i=4)])
+    assert sorted(p.name for p in entry(cache, frame_unit, Spec(i=4)).iterdir()) == \
+        ["frame-0.parquet", "manifest.json"]
+    back, stats = run_units(frame_unit, [Spec(i=4)])
+    assert stats.hits == 1
+    pd.testing.assert_frame_equal(frames[0], back[0], check_exact=True)
+
+
+def test_loading_never_unpickles(cache, monkeypatch):
+    run_units(unit, [Spec(i=2)])
+
+    def refuse(*a, **k):
+        raise AssertionError("the cache unpickled something")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    import joblib
+
+    monkeypatch.setattr(joblib, "load", refuse)
+    out, stats = run_units(unit, [Spec(i=2)])
+    assert stats.hits == 1 and out[0]["acc"] == 0.2
+
+
+def test_identical_specs_are_computed_once_and_progress_follows_each_unit(cache):
+    seen = []
+    out, stats = run_units(frame_unit, [Spec(i=1), Spec(i=2), Spec(i=1)],
+                           progress=lambda *a: seen.append(a))
+    assert len(CALLS) == 2 and stats.computed == 3 and stats.total == 3
+    assert [s[0] for s in seen] == [1, 2, 3] and all(s[1] == 3 and s[2] is False for s in seen)
+    assert out[0] is not out[2]
+    pd.testing.assert_frame_equal(out[0], out[2])
+    seen.clear()
+    run_units(frame_unit, [Spec(i=1), Spec(i=3)], progress=lambda *a: seen.append(a))
+    assert seen == [(1, 2, True), (2, 2, False)]
+
+
+def test_parallel_units_are_written_by_the_workers(cache):
+    from joblib import parallel_backend
+
+    specs = [Spec(i=i) for i in range(4)]
+    seen = []
+    with parallel_backend("threading"):
+        out, stats = run_units(frame_unit, specs, n_jobs=2, progress=lambda *a: seen.append(a))
+    assert stats.computed == 4 and len(seen) == 4 and [s[0] for s in seen] == [1, 2, 3, 4]
+    assert [int(o["i"].iloc[0]) for o in out] == [0, 1, 2, 3]  # in spec order
+    assert len(ResultsCache().entries(unit_name(frame_unit))) == 4
+    _, stats = run_units(frame_unit, specs, n_jobs=2)
+    assert stats.hits == 4 and len(CALLS) == 4
+
+
+def test_a_payload_that_cannot_be_stored_is_returned_with_a_note(cache):
+    def odd_unit(spec, fingerprint, callback=None):
+        return {"frame": pd.DataFrame({"a": [1]}), "report": object()}
+
+    out, stats = run_units(odd_unit, [Spec()])
+    assert "report" in out[0] and stats.computed == 1
+    assert len(stats.notes) == 1 and "not cached" in stats.notes[0] and "'report'" in stats.notes[0]
+    assert not ResultsCache().entries(unit_name(odd_unit))
+
+    def multi_unit(spec, fingerprint, callback=None):
+        return pd.DataFrame([[1, 2]], columns=pd.MultiIndex.from_tuples([("a", "b"), ("a", "c")]))
+
+    out, stats = run_units(multi_unit, [Spec()])
+    assert out[0].shape == (1, 2) and "not cached" in stats.notes[0]
+
+
+# ------------------------------------------------------------------------------ faults
+
+class Planted:
+    """Unpickling this writes ``marker``: proof that something executed a pickle."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_an_old_joblib_pickle_is_never_executed(cache, tmp_path):
+    marker = tmp_path / "EXECUTED"
+    old = cache / "joblib" / "fa_study" / "experiments" / "core" / "unit" / "0123abcd"
+    old.mkdir(parents=True)
+    (old / "output.pkl").write_bytes(pickle.dumps(Planted(marker)))
+    with pytest.warns(CacheWarning, match="joblib.*never unpickled"):
+        _, stats = run_units(frame_unit, [Spec(i=1)])
+    assert stats.computed == 1 and not marker.exists()
+    clear_cache()  # forgets the old cache too
+    assert not (cache / "joblib").exists()
+
+
+def test_a_pickle_dropped_into_the_cache_is_ignored_with_a_warning(cache, tmp_path):
+    marker = tmp_path / "EXECUTED"
+    run_units(frame_unit, [Spec(i=1), Spec(i=2)])
+    d = entry(cache, frame_unit, Spec(i=1))
+    (d / "result.pkl").write_bytes(pickle.dumps(Planted(marker)))
+    (d / "no_suffix").write_bytes(pickle.dumps(Planted(marker)))
+    (cache / "results" / "stray.pkl").write_bytes(pickle.dumps(Planted(marker)))
+    # and a pickle in place of a payload file (its sha256 no longer matches)
+    d2 = entry(cache, frame_unit, Spec(i=2))
+    (d2 / "frame-0.parquet").write_bytes(pickle.dumps(Planted(marker)))
+    with pytest.warns(CacheWarning, match="pickle") as record:
+        out, stats = run_units(frame_unit, [Spec(i=1), Spec(i=2)])
+    msgs = "\n".join(str(w.message) for w in record)
+    assert "result.pkl" in msgs and "no_suffix" in msgs and "stray.pkl" in msgs and "frame-0.parquet" in msgs
+    assert not marker.exists()
+    assert stats.hits == 1 and stats.recomputed == 1  # the intact entry is served, the other redone
+    assert "truncated" in stats.notes[0] or "altered" in stats.notes[0]
+    assert list(out[1]["i"]) == [2]
+
+
+def _damage_and_rerun(cache, damage):
+    first, _ = run_units(unit, [Spec(i=3), Spec(i=4)])
+    damage(entry(cache, unit, Spec(i=3)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # bad entries are notes, never console output
+        out, stats = run_units(unit, [Spec(i=3), Spec(i=4)])
+    assert (stats.hits, stats.computed, stats.recomputed) == (1, 0, 1)
+    assert len(stats.notes) == 1 and stats.notes[0].startswith("unit Spec(i=3): ")
+    assert stats.notes[0].endswith(", recomputed")
+    assert len(CALLS) == 3
+    for a, b in zip(first, out):
+        assert_payload_equal(a, b)
+    _, again = run_units(unit, [Spec(i=3), Spec(i=4)])  # the replaced entry is valid
+    assert again.hits == 2 and not again.notes
+    return stats.notes[0]
+
+
+def test_a_truncated_payload_is_recomputed(cache):
+    def truncate(d):
+        p = d / "frame-0.parquet"
+        p.write_bytes(p.read_bytes()[:100])
+
+    assert "truncated" in _damage_and_rerun(cache, truncate)
+
+
+def test_an_altered_payload_is_recomputed(cache):
+    def alter(d):
+        p = d / "frame-0.parquet"
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        p.write_bytes(bytes(data))
+
+    assert "sha256" in _damage_and_rerun(cache, alter)
+
+
+def test_altered_json_values_are_recomputed(cache):
+    def alter(d):
+        p = d / "values.json"
+        p.write_text(p.read_text().replace("0.30000000000000004", "0.99999999999999999"))
+
+    assert "altered" in _damage_and_rerun(cache, alter)
+
+
+def test_a_manifest_that_is_not_json_is_recomputed(cache):
+    def garble(d):
+        (d / "manifest.json").write_bytes(b"{\"format\": \"fa_study.results/1\", \x00\xff")
+
+    assert "not JSON" in _damage_and_rerun(cache, garble)
+
+
+def test_a_missing_payload_file_or_manifest_is_recomputed(cache):
+    assert "lacks" in _damage_and_rerun(cache, lambda d: (d / "values.json").unlink())
+    CALLS.clear()
+    clear_cache()
+    assert "no manifest" in _damage_and_rerun(cache, lambda d: (d / "manifest.json").unlink())
+
+
+def test_an_entry_of_another_run_is_detected_through_its_spec(cache):
+    def swap(d):  # a valid entry of Spec(i=4) copied to Spec(i=3)'s place
+        shutil.rmtree(d)
+        shutil.copytree(d.parent / spec_key(Spec(i=4)), d)
+
+    assert "another run" in _damage_and_rerun(cache, swap)
+
+
+def test_a_manifest_naming_files_outside_the_entry_is_refused(cache):
+    def escape(d):
+        man = json.loads((d / "manifest.json").read_text())
+        man["files"]["../../../../etc/passwd"] = {"sha256": "0" * 64, "bytes": 1}
+        (d / "manifest.json").write_text(json.dumps(man))
+
+    assert "malformed" in _damage_and_rerun(cache, escape)
+
+
+def test_an_entry_written_by_other_code_is_not_served(cache):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fc, "code_fingerprint", lambda: "0.0.0+otherc0de")
+        run_units(frame_unit, [Spec(i=1), Spec(i=2)])
+    assert json.loads((entry(cache, frame_unit, Spec(i=1)) / "manifest.json").read_text())[
+        "fingerprint"] == "0.0.0+otherc0de"
+    _, stats = run_units(frame_unit, [Spec(i=1), Spec(i=2)])
+    # counted as computed (the normal result of editing the code), not as a damaged entry
+    assert (stats.hits, stats.computed, stats.recomputed) == (0, 2, 0) and len(CALLS) == 4
+    assert len(stats.notes) == 1 and "other code" in stats.notes[0]
+    assert json.loads((entry(cache, frame_unit, Spec(i=1)) / "manifest.json").read_text())[
+        "fingerprint"] == code_fingerprint()
+    assert run_units(frame_unit, [Spec(i=1), Spec(i=2)])[1].hits == 2
+
+
+def test_a_cache_path_that_is_a_file_falls_back_to_memory(tmp_path, monkeypatch):
+    path = tmp_path / "not_a_dir"
+    path.write_text("I am a file")
+    monkeypatch.setenv("FA_STUDY_CACHE", str(path))
+    with pytest.warns(CacheWarning, match=rf"FA_STUDY_CACHE={path}.*in memory"):
+        out, stats = run_units(frame_unit, [Spec(i=7)])
+    assert stats.computed == 1 and "FA_STUDY_CACHE" in stats.notes[0] and str(path) in stats.notes[0]
+    back, stats = run_units(frame_unit, [Spec(i=7)])  # served from memory in this process
+    assert stats.hits == 1 and len(CALLS) == 1 and "in memory" in stats.notes[0]
+    pd.testing.assert_frame_equal(out[0], back[0])
+    back[0].loc[0, "i"] = 99  # a served copy, not the cache's own
+    assert int(run_units(frame_unit, [Spec(i=7)])[0][0]["i"].iloc[0]) == 7
+    assert path.read_text() == "I am a file"
+    clear_cache()
+    assert run_units(frame_unit, [Spec(i=7)])[1].computed == 1
+
+
+READ_ONLY_SCRIPT = r"""
+import json, sys, warnings
+import pandas as pd
+sys.path.insert(0, {tests!r})
+from test_cache import Spec, frame_unit
+from fa_study.cache import CacheWarning, run_units
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    out1, s1 = run_units(frame_unit, [Spec(i=1), Spec(i=2)])
+out2, s2 = run_units(frame_unit, [Spec(i=1), Spec(i=2)])
+print(json.dumps({{"warnings": [str(x.message) for x in w if x.category is CacheWarning],
+                  "s1": [s1.hits, s1.computed, s1.notes], "s2": [s2.hits, s2.computed],
+                  "v": [int(o["i"].iloc[0]) for o in out2]}}))
+"""
+
+
+def _drop_root_file_powers():
+    """In a child about to exec: give up the capabilities that let root write into read-only
+    directories (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER), so that permissions bind."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2, 3):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def test_a_read_only_cache_serves_what_it_has_and_keeps_new_results_in_memory(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    monkeypatch.setenv("FA_STUDY_CACHE", str(root))
+    run_units(frame_unit, [Spec(i=1)])  # one entry on disk before the cache turns read-only
+    modes = {p: p.stat().st_mode for p in [root, *root.rglob("*")]}
+    for p in modes:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    try:
+        env = dict(os.environ, FA_STUDY_CACHE=str(root), PYTHONPATH=str(ROOT))
+        code = READ_ONLY_SCRIPT.format(tests=str(HERE))
+        try:
+            proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(ROOT), text=True,
+                                  capture_output=True, timeout=300, check=False,
+                                  preexec_fn=_drop_root_file_powers if os.geteuid() == 0 else None)
+        except subprocess.SubprocessError as exc:
+            pytest.skip(f"cannot make a read-only directory binding for root here: {exc}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert len(res["warnings"]) == 1
+        assert f"FA_STUDY_CACHE={root}" in res["warnings"][0] and "in memory" in res["warnings"][0]
+        hits, computed, notes = res["s1"]
+        assert (hits, computed) == (1, 1) and f"FA_STUDY_CACHE={root}" in notes[0]
+        assert res["s2"] == [2, 0] and res["v"] == [1, 2]
+        assert len(list((root / "results" / unit_name(frame_unit)).iterdir())) == 1  # nothing written
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
+
+
+CONCURRENT_SCRIPT = r"""
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from sweep_units import SlowSpec, slow_unit
+from fa_study.cache import run_units
+go = Path({go!r})
+deadline = time.time() + 120
+while not go.exists() and time.time() < deadline:
+    time.sleep(0.01)
+out, stats = run_units(slow_unit, [SlowSpec(5, {markers!r}, 1.0)])
+print(json.dumps({{"computed": stats.computed, "frame": out[0].to_dict("list")}}))
+"""
+
+
+def test_concurrent_writers_leave_one_valid_entry(cache, tmp_path):
+    sys.path.insert(0, str(HERE))
+    try:
+        from sweep_units import SlowSpec, slow_unit
+    finally:
+        sys.path.remove(str(HERE))
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    go = tmp_path / "go"
+    code = CONCURRENT_SCRIPT.format(tests=str(HERE), go=str(go), markers=str(markers))
+    env = dict(os.environ, FA_STUDY_CACHE=str(cache), PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=str(ROOT), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    try:
+        time.sleep(0.5)
+        go.touch()  # both start computing the same spec at (nearly) the same moment
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    res = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+    assert res[0]["frame"] == res[1]["frame"] == {"i": [5], "value": [25]}
+    assert len(list(markers.iterdir())) == 2 and [r["computed"] for r in res] == [1, 1]  # both wrote
+    unit_dir = cache / "results" / unit_name(slow_unit)
+    assert [p.name for p in unit_dir.iterdir()] == [spec_key(SlowSpec(5, str(markers), 1.0))]  # no temp left
+    out, stats = run_units(slow_unit, [SlowSpec(5, str(markers), 1.0)])
+    assert stats.hits == 1 and out[0].to_dict("list") == res[0]["frame"]
+
+
+def test_a_writer_that_loses_the_race_keeps_the_winners_entry(cache):
+    rc = ResultsCache()
+    text, fp, name = spec_json(Spec(i=1)), code_fingerprint(), unit_name(frame_unit)
+    payload = frame_unit(Spec(i=1), fp)
+    assert rc.store(name, text, fp, payload) == ""
+    final = entry(cache, frame_unit, Spec(i=1))
+    before = (final / "manifest.json").read_text()
+    assert rc.store(name, text, fp, payload) == ""  # os.replace refused: the valid entry stands
+    assert (final / "manifest.json").read_text() == before
+    assert [p.name for p in final.parent.iterdir()] == [final.name]
+    (final / "frame-0.parquet").write_bytes(b"junk")  # a bad entry is replaced
+    assert rc.store(name, text, fp, payload) == ""
+    assert rc.load(name, text, fp).status == "hit"
+    assert [p.name for p in final.parent.iterdir()] == [final.name]
+
+
+def test_clear_cache_forgets_everything(cache):
+    run_units(frame_unit, [Spec(i=1), Spec(i=2)])
+    assert len(ResultsCache().entries()) == 2
+    clear_cache()
+    assert ResultsCache().entries() == []
+    _, stats = run_units(frame_unit, [Spec(i=1), Spec(i=2)])
+    assert stats.computed == 2 and len(CALLS) == 4
+
+
+def test_code_fingerprint_is_version_plus_source_hash():
+    from fa_study import __version__
+
+    fp = code_fingerprint()
+    version, digest = fp.rsplit("+", 1)
+    assert version == __version__ and len(digest) == 12 and int(digest, 16) >= 0
+    from fa_study.experiments import core
+
+    assert core.code_fingerprint is code_fingerprint and core.run_units is run_units
+
+
+def test_one_cpu_thread_restores_the_setting():
+    import torch
+
+    from fa_study.cache import one_cpu_thread
+
+    before = torch.get_num_threads()
+    with one_cpu_thread("cpu"):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def test_a_worker_serves_a_unit_written_meanwhile_and_refuses_other_code(cache):
+    fp, text, name = code_fingerprint(), spec_json(Spec(i=5)), unit_name(frame_unit)
+    first = fc._compute_unit(frame_unit, Spec(i=5), fp, str(cache), name, text)
+    assert first[0] == text and first[2] == "stored" and len(CALLS) == 1
+    again = fc._compute_unit(frame_unit, Spec(i=5), fp, str(cache), name, text)  # e.g. a dask retry
+    assert again[2] == "hit" and len(CALLS) == 1
+    pd.testing.assert_frame_equal(first[1], again[1])
+    with pytest.raises(RuntimeError, match="other fa_study code"):
+        fc._compute_unit(frame_unit, Spec(i=5), "0.0.0+otherc0de", str(cache), name, text)
