@@ -3,10 +3,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from fa_study.feedback import LocalConv2d
+from fa_study.feedback import (
+    CONV_METHODS, LocalConv2d, LocalLinear, capture_output_error, initialize_dfa_targets,
+)
 
 D64 = torch.float64
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding=.same.:UserWarning")
@@ -101,7 +104,7 @@ def test_sign_sym_input_gradient_matches_formula():
     torch.testing.assert_close(gw, _grads(ref, x, go)[2], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["bp", "fa", "sign_sym", "kolen_pollack", "weight_mirror"])
+@pytest.mark.parametrize("method", CONV_METHODS)
 def test_gradcheck_weight_and_bias_gradients(method):
     _, loc = _pair(method, dict(kernel_size=3, stride=2, padding=1))
     x = torch.randn(2, 4, 5, 5, dtype=D64)
@@ -120,6 +123,144 @@ def test_gradcheck_input_gradient_with_b_equal_w(method):
     assert torch.autograd.gradcheck(loc, (x,))
 
 
-def test_conv_rejects_direct_rules():
-    with pytest.raises(ValueError, match="'dfa'.*allowed.*'bp'"):
-        LocalConv2d(2, 3, 3, method="dfa")
+@pytest.mark.parametrize("method", ["dfa_ungated", "dfa_block"])
+def test_conv_rejects_post_backward_direct_rules(method):
+    with pytest.raises(ValueError, match=f"'{method}'.*allowed.*'bp'.*'dfa'"):
+        LocalConv2d(2, 3, 3, method=method)
+
+
+def test_conv_sizes_are_checked():
+    with pytest.raises(ValueError, match="LocalConv2d in_channels must be an integer >= 1"):
+        LocalConv2d(0, 3, 3, method="fa")
+    with pytest.raises(ValueError, match="out_channels"):
+        LocalConv2d(2, 0, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# frsf / brsf: |M| * sign(W)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["frsf", "brsf"])
+@pytest.mark.parametrize("cfg", CONFIGS[:4])
+def test_sign_concordant_input_gradient_is_transposed_conv_with_abs_m_sign_w(cfg, method):
+    ref, loc = _pair(method, cfg)
+    x = torch.randn(2, 4, 9, 8, dtype=D64)
+    go = torch.randn_like(ref(x))
+    out, gx, gw, gb = _grads(loc, x, go)
+    B = loc.B_abs * torch.sign(loc.weight.detach())  # the draw this forward used
+    assert (loc.B_abs >= 0).all() and torch.equal(torch.sign(B), torch.sign(loc.weight.detach()))
+    expected = torch.nn.grad.conv2d_input(x.shape, B, go, ref.stride, ref.padding, ref.dilation,
+                                          ref.groups)
+    torch.testing.assert_close(gx, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, _grads(ref, x, go)[2], rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# dfa: the output error, broadcast over the output positions, transposed-convolved with B
+# --------------------------------------------------------------------------------------------
+
+def _explicit_dfa_input_grad(loc, cfg, x, B, e):
+    """autograd of <conv(pad(x), B), E> with E = e broadcast over the output positions: the
+    transposed convolution of E with B onto x's shape, padding handled as nn.Conv2d does."""
+    xv = x.detach().clone().requires_grad_(True)
+    padding, mode = cfg.get("padding", 0), cfg.get("padding_mode", "zeros")
+    stride, dilation = cfg.get("stride", 1), cfg.get("dilation", 1)
+    if mode != "zeros":
+        p = padding if isinstance(padding, tuple) else (padding, padding)
+        xin, padding = F.pad(xv, (p[1], p[1], p[0], p[0]), mode=mode), 0
+    else:
+        xin = xv
+    z = F.conv2d(xin, B, None, stride, padding, dilation)  # groups 1: e has no groups
+    E = e[:, :, None, None].expand_as(z)
+    (gx,) = torch.autograd.grad((z * E).sum(), xv)
+    return gx
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_dfa_conv_input_gradient_is_the_projected_output_error(cfg):
+    ref, loc = _pair("dfa", cfg)
+    initialize_dfa_targets(loc, 3, generator=torch.Generator().manual_seed(1))
+    assert loc.B_dfa.shape == (3, 4, *loc.kernel_size)
+    x = torch.randn(2, 4, 9, 8, dtype=D64, requires_grad=True)
+    head = nn.Linear(ref(x).flatten(1).shape[1], 3, dtype=D64)  # a plain head after the layer
+    h = loc(x)
+    out = head(h.flatten(1))
+    capture_output_error(loc, out)
+    r = torch.randn(2, 3, dtype=D64)
+    (out * r).sum().backward()  # so e = dL/d out = r
+    torch.testing.assert_close(x.grad, _explicit_dfa_input_grad(loc, cfg, x, loc.B_dfa, r),
+                               rtol=1e-11, atol=1e-11)
+    # weight and bias gradients are BP's from the grad_out the layer received
+    go = (r @ head.weight.detach()).reshape(h.shape)
+    _, _, gw_ref, gb_ref = _grads(ref, x.detach(), go)
+    torch.testing.assert_close(loc.weight.grad, gw_ref, rtol=1e-11, atol=1e-11)
+    if gb_ref is not None:
+        torch.testing.assert_close(loc.bias.grad, gb_ref, rtol=1e-11, atol=1e-11)
+
+
+def test_dfa_conv_unbatched_input():
+    _, loc = _pair("dfa", dict(kernel_size=3, padding=1))
+    initialize_dfa_targets(loc, 3)
+    x = torch.randn(4, 6, 6, dtype=D64, requires_grad=True)
+    out = loc(x).sum((1, 2))[:3]  # an (unbatched) output of size 3
+    capture_output_error(loc, out)
+    r = torch.randn(3, dtype=D64)
+    (out * r).sum().backward()
+    expected = _explicit_dfa_input_grad(loc, dict(padding=1), x[None], loc.B_dfa, r[None])[0]
+    torch.testing.assert_close(x.grad, expected, rtol=1e-11, atol=1e-11)
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = LocalConv2d(3, 4, 3, padding=1, method="dfa", dtype=D64)
+        self.c2 = LocalConv2d(4, 5, 3, stride=2, padding=1, method="dfa", dtype=D64)
+        self.head = LocalLinear(5 * 3 * 3, 4, method="dfa", dtype=D64)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.c2(torch.relu(self.c1(x)))).flatten(1))
+
+
+def test_dfa_conv_network_matches_the_gated_formula():
+    torch.manual_seed(0)
+    model = ConvNet()
+    initialize_dfa_targets(model, 4, generator=torch.Generator().manual_seed(2))
+    assert model.c2.B_dfa.shape == (4, 4, 3, 3) and model.head.B_dfa.shape == (4, 45)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 3, 6, 6, generator=g, dtype=D64)
+    y = torch.randint(0, 4, (3,), generator=g)
+    out = model(x)
+    capture_output_error(model, out)
+    F.cross_entropy(out, y).backward()
+
+    W1, W2 = model.c1.weight.detach(), model.c2.weight.detach()
+    a1 = F.conv2d(x, W1, model.c1.bias.detach(), 1, 1)
+    h1 = torch.relu(a1)
+    a2 = F.conv2d(h1, W2, model.c2.bias.detach(), 2, 1)
+    h2 = torch.relu(a2)
+    logits = h2.flatten(1) @ model.head.weight.detach().t() + model.head.bias.detach()
+    e = (torch.softmax(logits, -1) - F.one_hot(y, 4).to(D64)) / 3
+    # head: BP's gradient from e
+    torch.testing.assert_close(model.head.weight.grad, e.t() @ h2.flatten(1), rtol=1e-11, atol=1e-13)
+    # c2: grad_out = (e @ B_head) reshaped, gated by relu'
+    d2 = (e @ model.head.B_dfa).reshape(h2.shape) * (a2 > 0)
+    torch.testing.assert_close(model.c2.weight.grad,
+                               torch.nn.grad.conv2d_weight(h1, W2.shape, d2, 2, 1),
+                               rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(model.c2.bias.grad, d2.sum((0, 2, 3)), rtol=1e-11, atol=1e-13)
+    # c1: grad_out = transposed conv of e (broadcast over c2's output positions) with c2's B
+    E = e[:, :, None, None].expand(3, 4, *a2.shape[2:])
+    g1 = torch.nn.grad.conv2d_input(h1.shape, model.c2.B_dfa, E, 2, 1) * (a1 > 0)
+    torch.testing.assert_close(model.c1.weight.grad,
+                               torch.nn.grad.conv2d_weight(x, W1.shape, g1, 1, 1),
+                               rtol=1e-11, atol=1e-13)
+
+
+def test_dfa_conv_error_of_the_wrong_shape():
+    _, loc = _pair("dfa", dict(kernel_size=3))
+    initialize_dfa_targets(loc, 3)
+    x = torch.randn(2, 4, 6, 6, dtype=D64, requires_grad=True)
+    out = loc(x).mean((2, 3))[:, :3].repeat(2, 1)  # batch 4 != the layer's batch 2
+    capture_output_error(loc, out)
+    with pytest.raises(ValueError, match=r"\(batch, target_dim\) = \(2, 3\)"):
+        out.sum().backward()

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from fa_study.feedback import (
-    METHODS, LocalConv2d, LocalLinear, convert, feedback_step, needs_output_error,
+    METHODS, LocalConv2d, LocalLinear, capture_output_error, convert, feedback_step,
+    needs_output_error,
 )
 
 
@@ -85,26 +86,67 @@ def test_multihead_attention_is_left_on_bp_and_reported():
     assert model.attn.in_proj_weight.grad is not None
 
 
-def test_direct_rules_need_an_explicit_conv_method():
+@pytest.mark.parametrize("method", ["dfa_ungated", "dfa_block"])
+def test_linear_only_rules_need_an_explicit_conv_method(method):
     torch.manual_seed(0)
     model = Mixed()
-    with pytest.raises(ValueError, match="conv_method"):
-        convert(model, "dfa")
+    with pytest.raises(ValueError, match="conv_method=.*'bp'.*'dfa'"):
+        convert(model, method)
     assert type(model.fc) is nn.Linear  # a refused call changes nothing
-    model, report = convert(model, "dfa", conv_method="bp", dfa_target_dim=5)
-    assert model.conv.method == "bp" and model.fc.method == "dfa"
-    assert model.fc.B_dfa.shape == (16, 5)
+    model, report = convert(model, method, conv_method="bp",
+                            dfa_target_dim=5 if method == "dfa_ungated" else None)
+    assert model.conv.method == "bp" and model.fc.method == method
+    if method == "dfa_ungated":
+        assert model.fc.B_dfa.shape == (16, 5)
 
 
+def test_dfa_converts_convolutions_too():
+    torch.manual_seed(0)
+    model, report = convert(Mixed(), "dfa", dfa_target_dim=5,
+                            generator=torch.Generator().manual_seed(0))
+    assert model.conv.method == "dfa" and model.fc.method == "dfa"
+    assert model.conv.B_dfa.shape == (5, 3, 3, 3)  # (target_dim, C_in, kh, kw)
+    assert model.fc.B_dfa.shape == (5, 144) and model.head.B_dfa.shape == (5, 16)
+    assert model.conv._output_error is model.fc._output_error is model.head._output_error
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    out = model(x)
+    capture_output_error(model, out)
+    nn.functional.cross_entropy(out, torch.tensor([0, 3])).backward()
+    assert model.conv.weight.grad.abs().sum() > 0 and torch.isfinite(model.conv.weight.grad).all()
+    # the conv layer's input gradient is the projection of e through its B_dfa
+    e = (torch.softmax(out.detach(), -1) - nn.functional.one_hot(torch.tensor([0, 3]), 5)) / 2
+    E = e[:, :, None, None].expand(2, 5, 6, 6)
+    torch.testing.assert_close(x.grad, torch.nn.grad.conv2d_input(x.shape, model.conv.B_dfa, E,
+                                                                  padding=1))
+    # an explicit conv_method still wins
+    model, _ = convert(Mixed(), "dfa", conv_method="fa")
+    assert model.conv.method == "fa" and model.fc.method == "dfa"
+
+
+def test_switches_are_turned_off_for_conv_rules_without_them():
+    model, _ = convert(Mixed(), "fa", fa_grape=True)
+    assert model.conv.rule.fa_grape and model.fc.rule.fa_grape
+    model, _ = convert(Mixed(), "fa", conv_method="sign_sym", fa_grape=True, lr_b=0.3)
+    assert not model.conv.rule.fa_grape and model.fc.rule.fa_grape
+    assert model.conv.rule.lr_b == 0.3
+    with pytest.raises(ValueError, match="fa_grape=True is not an option of method 'frsf'"):
+        convert(Mixed(), "frsf", fa_grape=True)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")
 def test_bad_arguments_raise_value_error():
     with pytest.raises(ValueError, match="'hebb'.*allowed.*'bp'"):
         convert(nn.Linear(2, 2), "hebb")
-    with pytest.raises(ValueError, match="unknown feedback option.*lr_bb"):
+    with pytest.raises(ValueError, match="unknown feedback option.*lr_bb.*allowed options: init_std"):
         convert(nn.Linear(2, 2), "fa", lr_bb=0.1)
     with pytest.raises(ValueError, match="fa_init_mode"):
         convert(nn.Linear(2, 2), "fa", fa_init_mode="xavier")
-    with pytest.raises(ValueError, match="conv_method"):
-        convert(nn.Linear(2, 2), "fa", conv_method="dfa")
+    with pytest.raises(ValueError, match="lr_b must be a finite number >= 0, got inf"):
+        convert(nn.Linear(2, 2), "kolen_pollack", lr_b=float("inf"))
+    with pytest.raises(ValueError, match="unknown conv_method 'dfa_block'"):
+        convert(nn.Linear(2, 2), "fa", conv_method="dfa_block")
+    with pytest.raises(ValueError, match="in_features must be an integer >= 1"):
+        convert(nn.Sequential(nn.Linear(0, 2)), "fa")
 
 
 def test_root_module_shared_modules_and_subclasses():
@@ -160,20 +202,20 @@ def test_every_rule_trains_through_one_generic_loop(method):
     torch.manual_seed(0)
     x = torch.randn(64, 4)
     y = (x[:, 0] + x[:, 1] > 0).long()
-    model, _ = convert(TinyBlocks(), method, dfa_target_dim=2 if method == "dfa" else None,
+    model, _ = convert(TinyBlocks(), method,
+                       dfa_target_dim=2 if method in ("dfa", "dfa_ungated") else None,
                        dfa_block_dim=16 if method == "dfa_block" else None,
                        generator=torch.Generator().manual_seed(0))
+    assert needs_output_error(model) == (method in ("dfa", "dfa_ungated"))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     losses = []
-    need_e = needs_output_error(model)
     for _ in range(30):
         opt.zero_grad()
         out = model(x)
-        if need_e:
-            out.retain_grad()
+        capture_output_error(model, out)  # harmless for the rules that do not need it
         loss = nn.functional.cross_entropy(out, y)
         loss.backward()
-        feedback_step(model, e=out.grad if need_e else None)
+        feedback_step(model)
         opt.step()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))

@@ -1,17 +1,215 @@
-"""DFA and DFA-within-block updates against the explicit outer products."""
+"""DFA (Nøkland's, gated by f'), seed 000's ungated DFA and DFA-within-block, against the
+explicit formulas written out by hand."""
 import copy
 
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from fa_study.feedback import (
-    LocalLinear, apply_dfa_block_update, apply_dfa_update, feedback_step,
-    initialize_dfa_block_targets, initialize_dfa_targets, needs_output_error,
+    LocalLinear, apply_dfa_block_update, apply_dfa_update, bp_twin, capture_output_error,
+    feedback_step, has_feedback_step, initialize_dfa_block_targets, initialize_dfa_targets,
+    needs_output_error,
 )
 
 D64 = torch.float64
+ACTS = {"relu": (nn.ReLU, lambda a: (a > 0).to(a.dtype)),
+        "tanh": (nn.Tanh, lambda a: 1 - torch.tanh(a) ** 2)}
 
+
+def _ce_error(out, y):
+    """dL/d out of the mean cross-entropy, by hand: (softmax - onehot) / N."""
+    n = out.shape[0]
+    return (torch.softmax(out, -1) - F.one_hot(y, out.shape[-1]).to(out.dtype)) / n
+
+
+def _mlp(method, act, bias, d_in=6, h1=9, h2=7, k=4):
+    return nn.Sequential(LocalLinear(d_in, h1, bias=bias, method=method, dtype=D64), ACTS[act][0](),
+                         LocalLinear(h1, h2, bias=bias, method=method, dtype=D64), ACTS[act][0](),
+                         LocalLinear(h2, k, bias=bias, method=method, dtype=D64))
+
+
+def _data(n=5, d_in=6, k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d_in, generator=g, dtype=D64), torch.randint(0, k, (n,), generator=g)
+
+
+# --------------------------------------------------------------------------------------------
+# dfa: Nøkland's rule, input gradient e @ B_dfa, gated by f' through autograd
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_dfa_equals_the_published_gated_update(act, bias):
+    torch.manual_seed(0)
+    model = _mlp("dfa", act, bias)
+    assert needs_output_error(model) and not has_feedback_step(model)
+    kinds = initialize_dfa_targets(model, 4, generator=torch.Generator().manual_seed(1))
+    assert kinds == {"0": "random", "2": "random", "4": "random"}
+    assert [model[i].B_dfa.shape for i in (0, 2, 4)] == [(4, 6), (4, 9), (4, 7)]
+    x, y = _data()
+    x.requires_grad_(True)
+    out = model(x)
+    capture_output_error(model, out)
+    F.cross_entropy(out, y).backward()
+    assert feedback_step(model) == {}  # nothing left to do after the backward
+
+    # the published rule, written out
+    fprime = ACTS[act][1]
+    W1, W2, W3 = (model[i].weight.detach() for i in (0, 2, 4))
+    b1, b2, b3 = ((model[i].bias.detach() if bias else 0.0) for i in (0, 2, 4))
+    B1, B2, B3 = (model[i].B_dfa for i in (0, 2, 4))  # (K, in) of each layer
+    xd = x.detach()
+    a1 = xd @ W1.t() + b1
+    h1 = ACTS[act][0]()(a1)
+    a2 = h1 @ W2.t() + b2
+    h2 = ACTS[act][0]()(a2)
+    e = _ce_error(h2 @ W3.t() + b3, y)
+    d2 = (e @ B3) * fprime(a2)        # hidden layer 2: (e B_2^T) * f'(a_2), B_2 held by layer 3
+    d1 = (e @ B2) * fprime(a1)        # hidden layer 1: (e B_1^T) * f'(a_1), B_1 held by layer 2
+    expected = {4: (e.t() @ h2, e.sum(0)), 2: (d2.t() @ h1, d2.sum(0)), 0: (d1.t() @ xd, d1.sum(0))}
+    for i, (gw, gb) in expected.items():
+        torch.testing.assert_close(model[i].weight.grad, gw, rtol=1e-12, atol=1e-14)
+        if bias:
+            torch.testing.assert_close(model[i].bias.grad, gb, rtol=1e-12, atol=1e-14)
+    # the first layer's B carries the error to the data
+    torch.testing.assert_close(x.grad, e @ B1, rtol=1e-12, atol=1e-14)
+
+
+class TokenNet(nn.Module):
+    """(batch, T, d) -> two dfa layers per token -> mean over tokens -> dfa head."""
+
+    def __init__(self, act, bias, d=5, h=8, k=3):
+        super().__init__()
+        self.l1 = LocalLinear(d, h, bias=bias, method="dfa", dtype=D64)
+        self.l2 = LocalLinear(h, h, bias=bias, method="dfa", dtype=D64)
+        self.head = LocalLinear(h, k, bias=bias, method="dfa", dtype=D64)
+        self.act = ACTS[act][0]()
+
+    def forward(self, x):
+        return self.head(self.act(self.l2(self.act(self.l1(x)))).mean(1))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_dfa_with_token_inputs_broadcasts_the_error_over_tokens(act, bias):
+    torch.manual_seed(1)
+    model = TokenNet(act, bias)
+    initialize_dfa_targets(model, 3, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 6, 5, generator=g, dtype=D64)
+    y = torch.randint(0, 3, (4,), generator=g)
+    out = model(x)
+    capture_output_error(model, out)
+    F.cross_entropy(out, y).backward()
+
+    fprime, T = ACTS[act][1], x.shape[1]
+    W1, W2, W3 = model.l1.weight.detach(), model.l2.weight.detach(), model.head.weight.detach()
+    z = (lambda m: m.bias.detach() if bias else 0.0)
+    a1 = x @ W1.t() + z(model.l1)
+    h1 = model.act(a1)
+    a2 = h1 @ W2.t() + z(model.l2)
+    h2 = model.act(a2)
+    pooled = h2.mean(1)
+    e = _ce_error(pooled @ W3.t() + z(model.head), y)                          # (N, K)
+    d2 = (e @ model.head.B_dfa)[:, None, :] / T * fprime(a2)  # the mean's backward: 1/T per token
+    d1 = (e @ model.l2.B_dfa)[:, None, :] * fprime(a1)          # e @ B on every token
+    torch.testing.assert_close(model.head.weight.grad, e.t() @ pooled, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(model.l2.weight.grad, torch.einsum("nto,nti->oi", d2, h1),
+                               rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(model.l1.weight.grad, torch.einsum("nto,nti->oi", d1, x),
+                               rtol=1e-12, atol=1e-14)
+    if bias:
+        torch.testing.assert_close(model.l1.bias.grad, d1.sum((0, 1)), rtol=1e-12, atol=1e-14)
+
+
+def test_dfa_token_error_per_position_pairs_row_by_row():
+    # an LM-style error (batch, T, K) pairs with the input (batch, T, in) position by position
+    torch.manual_seed(0)
+    layer = LocalLinear(4, 3, method="dfa", dtype=D64)
+    initialize_dfa_targets(layer, 3)
+    x = torch.randn(2, 5, 4, dtype=D64, requires_grad=True)
+    out = layer(x)
+    capture_output_error(layer, out)
+    r = torch.randn(2, 5, 3, dtype=D64)
+    (out * r).sum().backward()
+    torch.testing.assert_close(x.grad, r @ layer.B_dfa, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(layer.weight.grad, r.reshape(-1, 3).t() @ x.detach().reshape(-1, 4))
+
+
+def test_dfa_misuse_is_a_clear_error():
+    torch.manual_seed(0)
+    model = _mlp("dfa", "relu", True)
+    x, y = _data()
+    out = model(x)
+    capture_output_error(model, out)
+    with pytest.raises(RuntimeError, match=r"initialize_dfa_targets\(model, target_dim\)"):
+        F.cross_entropy(out, y).backward()
+    initialize_dfa_targets(model, 4)
+    # no capture: the backward refuses rather than use no error, or a stale one
+    out = model(x)
+    with pytest.raises(RuntimeError, match=r"capture_output_error\(model, output\)"):
+        F.cross_entropy(out, y).backward()
+    out = model(x)
+    capture_output_error(model, out)
+    F.cross_entropy(out, y).backward()  # fine
+    out = model(x)  # the previous batch's error is stale for this forward
+    with pytest.raises(RuntimeError, match="capture_output_error"):
+        F.cross_entropy(out, y).backward()
+    # the error of the wrong size or shape
+    initialize_dfa_targets(model, 3)
+    out = model(x)
+    capture_output_error(model, out)
+    with pytest.raises(ValueError, match="target_dim=3"):
+        F.cross_entropy(out, y).backward()
+    layer = LocalLinear(4, 3, method="dfa")
+    initialize_dfa_targets(layer, 3)
+    z = layer(torch.randn(2, 7, 4, requires_grad=True)).transpose(0, 1)  # "output" (7, 2, 3)
+    capture_output_error(layer, z)
+    with pytest.raises(ValueError, match="does not match the layer input"):
+        z.sum().backward()
+
+
+def test_capture_output_error_records_dl_dout_and_is_harmless_elsewhere():
+    torch.manual_seed(0)
+    model = _mlp("dfa", "tanh", True)
+    initialize_dfa_targets(model, 4)
+    holder = model[0]._output_error
+    assert all(model[i]._output_error is holder for i in (2, 4))  # one holder, shared
+    x, y = _data()
+    out = model(x)
+    capture_output_error(model, out)
+    F.cross_entropy(out, y).backward()
+    torch.testing.assert_close(holder.error, _ce_error(out.detach(), y), rtol=1e-12, atol=1e-14)
+    # models without such layers: nothing to do
+    plain = nn.Sequential(LocalLinear(3, 2, method="fa"))
+    assert capture_output_error(plain, plain(torch.randn(2, 3))) is None
+    assert not needs_output_error(plain)
+    with torch.no_grad():
+        out = model(x)
+    with pytest.raises(ValueError, match="with gradients"):
+        capture_output_error(model, out)
+
+
+def test_dfa_copy_has_its_own_empty_holder():
+    torch.manual_seed(0)
+    model = _mlp("dfa", "relu", True)
+    initialize_dfa_targets(model, 4)
+    x, y = _data()
+    out = model(x)
+    capture_output_error(model, out)
+    F.cross_entropy(out, y).backward()
+    twin = copy.deepcopy(model)
+    h = twin[0]._output_error
+    assert h is not model[0]._output_error and h.error is None
+    assert twin[2]._output_error is h and twin[4]._output_error is h
+    assert torch.equal(twin[2].B_dfa, model[2].B_dfa)
+
+
+# --------------------------------------------------------------------------------------------
+# dfa_ungated: seed 000's post-backward overwrite
+# --------------------------------------------------------------------------------------------
 
 class Blocky(nn.Module):
     """embed -> two residual blocks (each returns its branch) -> head."""
@@ -39,26 +237,31 @@ def _record_inputs(model):
     return seen
 
 
-def _run(model, x, y):
+def _run(model, x, y, capture=False):
     out = model(x)
     out.retain_grad()
+    if capture:
+        capture_output_error(model, out)
     loss = nn.functional.cross_entropy(out, y)
     loss.backward()
     return out
 
 
-def test_dfa_update_equals_explicit_outer_product():
+@pytest.mark.parametrize("source", ["captured", "explicit"])
+def test_dfa_ungated_update_equals_explicit_outer_product(source):
     torch.manual_seed(0)
-    model = Blocky("dfa")
-    assert needs_output_error(model)
+    model = Blocky("dfa_ungated")
+    assert needs_output_error(model) and has_feedback_step(model)
     kinds = initialize_dfa_targets(model, 3, generator=torch.Generator().manual_seed(1))
     assert kinds == {"embed": "random", "blocks.0.0": "random", "blocks.0.2": "random",
                      "blocks.1.0": "random", "blocks.1.2": "random", "head": "identity"}
     inputs = _record_inputs(model)
     x, y = torch.randn(5, 6, dtype=D64), torch.tensor([0, 1, 2, 1, 0])
-    out = _run(model, x, y)
-    e = out.grad
-    assert feedback_step(model, e=e) == {"dfa": 6}
+    out = _run(model, x, y, capture=source == "captured")
+    e = _ce_error(out.detach(), y)
+    torch.testing.assert_close(out.grad, e)
+    counts = feedback_step(model) if source == "captured" else feedback_step(model, e=e)
+    assert counts == {"dfa_ungated": 6}
     for name, m in model.named_modules():
         if isinstance(m, LocalLinear):
             delta = e @ m.B_dfa.t()
@@ -68,21 +271,59 @@ def test_dfa_update_equals_explicit_outer_product():
     torch.testing.assert_close(model.head.weight.grad, e.t() @ inputs["head"], rtol=1e-12, atol=1e-12)
 
 
-def test_dfa_output_layer_choice():
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_gated_and_ungated_differ_on_a_hidden_layer_by_f_prime_only(act):
+    # Give the ungated hidden layer the very projection the gated rule uses for it
+    # (B_dfa = B^T of the layer above): the updates then differ exactly by the f' gating.
     torch.manual_seed(0)
-    model = Blocky("dfa")
+    gated = _mlp("dfa", act, True)
+    initialize_dfa_targets(gated, 4, generator=torch.Generator().manual_seed(5))
+    ungated = _mlp("dfa_ungated", act, True)
+    ungated.load_state_dict({k: v for k, v in gated.state_dict().items() if "B_dfa" not in k},
+                            strict=False)
+    initialize_dfa_targets(ungated, 4)
+    ungated[0].B_dfa = gated[2].B_dfa.t().clone()  # (h1, K)
+    x, y = _data()
+    for model in (gated, ungated):
+        out = model(x)
+        capture_output_error(model, out)
+        F.cross_entropy(out, y).backward()
+        feedback_step(model)
+    a1 = x @ gated[0].weight.detach().t() + gated[0].bias.detach()
+    with torch.no_grad():
+        e = _ce_error(gated(x), y)
+    delta = e @ gated[2].B_dfa
+    torch.testing.assert_close(ungated[0].weight.grad, delta.t() @ x, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gated[0].weight.grad, (delta * ACTS[act][1](a1)).t() @ x,
+                               rtol=1e-12, atol=1e-14)
+    gap = (gated[0].weight.grad - ungated[0].weight.grad).norm() / ungated[0].weight.grad.norm()
+    assert gap > 0.05
+    # the output layers agree: both get the BP gradient there
+    torch.testing.assert_close(gated[4].weight.grad, ungated[4].weight.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_dfa_ungated_output_layer_choice():
+    torch.manual_seed(0)
+    model = Blocky("dfa_ungated")
     assert set(initialize_dfa_targets(model, 3, output_layer=None).values()) == {"random"}
     assert initialize_dfa_targets(model, 3, output_layer="head")["head"] == "identity"
+    assert not model.head.has_random_feedback and model.embed.has_random_feedback
     with pytest.raises(ValueError, match="'nope'.*allowed.*'head'"):
         initialize_dfa_targets(model, 3, output_layer="nope")
     with pytest.raises(ValueError, match="target_dim"):
         initialize_dfa_targets(model, 3, output_layer="embed")
+    with pytest.raises(ValueError, match="target_dim must be an integer >= 1"):
+        initialize_dfa_targets(model, 0)
+    # a gated dfa model has no identity output layer to pick
+    gated = _mlp("dfa", "relu", True)
+    with pytest.raises(ValueError, match="not a 'dfa_ungated' layer"):
+        initialize_dfa_targets(gated, 4, output_layer="4")
 
 
-def test_dfa_with_token_inputs_and_per_sample_error():
+def test_dfa_ungated_with_token_inputs_and_per_sample_error():
     # x (batch, T, in) with e (batch, V): every token of a sample gets the sample's error.
     torch.manual_seed(0)
-    layer = LocalLinear(4, 5, method="dfa", dtype=D64)
+    layer = LocalLinear(4, 5, method="dfa_ungated", dtype=D64)
     initialize_dfa_targets(layer, 3)
     x = torch.randn(2, 7, 4, dtype=D64)
     layer(x).sum().backward()
@@ -94,8 +335,8 @@ def test_dfa_with_token_inputs_and_per_sample_error():
     torch.testing.assert_close(layer.bias.grad, 7 * delta.sum(0), rtol=1e-12, atol=1e-12)
 
 
-def test_dfa_rejects_mismatched_error_shapes():
-    layer = LocalLinear(4, 5, method="dfa")
+def test_dfa_ungated_rejects_mismatched_error_shapes():
+    layer = LocalLinear(4, 5, method="dfa_ungated")
     initialize_dfa_targets(layer, 3)
     layer(torch.randn(2, 7, 4)).sum().backward()
     with pytest.raises(ValueError, match="does not match"):
@@ -105,31 +346,40 @@ def test_dfa_rejects_mismatched_error_shapes():
         apply_dfa_update(layer, torch.randn(2, 4))
 
 
-def test_dfa_misuse_raises_runtime_error_naming_the_call():
+def test_dfa_ungated_misuse_raises_runtime_error_naming_the_call():
     torch.manual_seed(0)
-    model = Blocky("dfa")
+    model = Blocky("dfa_ungated")
     x, y = torch.randn(5, 6, dtype=D64), torch.tensor([0, 1, 2, 1, 0])
     out = _run(model, x, y)
     with pytest.raises(RuntimeError, match=r"initialize_dfa_targets\(model, target_dim\)"):
         apply_dfa_update(model, out.grad)
     initialize_dfa_targets(model, 3)
-    with pytest.raises(RuntimeError, match="pass e="):
+    with pytest.raises(RuntimeError, match="capture_output_error.*or pass e="):
         feedback_step(model)
     feedback_step(model, e=out.grad)
     with pytest.raises(RuntimeError, match="no cached input"):  # the cache is used once
         feedback_step(model, e=out.grad)
+    # a capture from an earlier batch is stale for a new forward
+    _run(model, x, y, capture=True)
+    feedback_step(model)
+    _run(model, x, y)
+    with pytest.raises(RuntimeError, match="capture_output_error"):
+        feedback_step(model)
 
+
+# --------------------------------------------------------------------------------------------
+# dfa_block
+# --------------------------------------------------------------------------------------------
 
 def test_dfa_block_uses_error_at_block_output():
     torch.manual_seed(0)
     model = Blocky("dfa_block")
-    bp = copy.deepcopy(model)
-    for m in bp.modules():
-        if isinstance(m, LocalLinear):
-            m.method = "bp"
+    bp = bp_twin(model)
+    assert all(m.method == "bp" for m in bp.modules() if isinstance(m, LocalLinear))
     assignment = initialize_dfa_block_targets(model, 8, generator=torch.Generator().manual_seed(2))
     assert assignment == {"embed": None, "blocks.0.0": 0, "blocks.0.2": 0, "blocks.1.0": 1,
                           "blocks.1.2": 1, "head": None}
+    assert not needs_output_error(model) and has_feedback_step(model)
     inputs = _record_inputs(model)
     # Reference block errors: retain the gradient at each block's output on the BP twin.
     outs = []

@@ -1,11 +1,13 @@
 """Learned feedback: GrAPE, Kolen-Pollack and weight mirrors move B toward W."""
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from fa_study.feedback import (
-    LocalConv2d, LocalLinear, feedback_step, grape_align_step, has_feedback_step,
-    kolen_pollack_step, weight_mirror_step,
+    LocalConv2d, LocalLinear, feedback_step, grape_step, has_feedback_step, kolen_pollack_step,
+    probe_jacobian, weight_mirror_step,
 )
 
 D64 = torch.float64
@@ -35,19 +37,93 @@ def test_grape_increases_cos_and_leaves_w_untouched():
         assert torch.equal(w, m.weight)
 
 
-def test_grape_step_matches_cosine_gradient_formula():
-    # One step equals gradient descent on 1 - cos(B, J_hat), checked against autograd.
+def _angle(a, b):
+    a, b = a.flatten().double(), b.flatten().double()
+    return math.acos(max(-1.0, min(1.0, float(a @ b / (a.norm() * b.norm())))))
+
+
+def test_grape_plain_step_is_gradient_descent_on_one_minus_cos():
+    # scale_free=False: the reference's step, checked against autograd of 1 - cos(B, T).
     torch.manual_seed(4)
-    W = torch.randn(5, 7, dtype=D64)
+    T = torch.randn(5, 7, dtype=D64)
     B = torch.randn(5, 7, dtype=D64)
-    p = torch.randn(16, 7, generator=torch.Generator().manual_seed(9), dtype=D64)
-    j_hat = (p @ W.t()).t() @ p / 16
     Bv = B.clone().requires_grad_(True)
-    loss = 1 - (Bv * j_hat).sum() / (Bv.norm() * j_hat.norm())
-    loss.backward()
+    cos = (Bv * T).sum() / (Bv.norm() * T.norm())
+    (1 - cos).backward()
     expected = B - 0.1 * Bv.grad
-    grape_align_step(B, W, lr_b=0.1, n_probe=16, generator=torch.Generator().manual_seed(9))
+    got = grape_step(B, T, 0.1, scale_free=False)
     torch.testing.assert_close(B, expected, rtol=1e-12, atol=1e-12)
+    assert isinstance(got, torch.Tensor) and got.dim() == 0
+    torch.testing.assert_close(got, cos.detach())  # the cosine *before* the step
+
+
+def test_grape_scale_free_step_matches_its_formula():
+    torch.manual_seed(5)
+    T = torch.randn(4, 3, 2, 2, dtype=D64)  # any shape: a conv kernel
+    B = torch.randn(4, 3, 2, 2, dtype=D64)
+    B0 = B.clone()
+    cos = float((B0 * T).sum() / (B0.norm() * T.norm()))
+    got = grape_step(B, T, 0.3)
+    expected = B0 + 0.3 * (B0.norm() / T.norm() * T - cos * B0)
+    torch.testing.assert_close(B, expected, rtol=1e-12, atol=1e-12)
+    assert got.dim() == 0 and got.item() == pytest.approx(cos, rel=1e-12)
+    # it equals the plain step with lr = rate |B|^2
+    B1 = B0.clone()
+    grape_step(B1, T, 0.3 * float(B0.norm()) ** 2, scale_free=False)
+    torch.testing.assert_close(B1, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_grape_scale_free_closes_the_fraction_rate_of_a_small_angle(scale):
+    g = torch.Generator().manual_seed(0)
+    T = torch.randn(6, 8, generator=g, dtype=D64)
+    u = torch.randn(6, 8, generator=g, dtype=D64)
+    u = u - (u * T).sum() / T.norm() ** 2 * T  # orthogonal to T
+    theta, rate = 0.01, 0.2
+    B = scale * (math.cos(theta) * T / T.norm() + math.sin(theta) * u / u.norm())
+    grape_step(B, T, rate)
+    assert _angle(B, T) / theta == pytest.approx(1 - rate, rel=1e-3)
+    # the plain step's effect depends on |B|: at |B| = 1e3 it barely moves
+    Bp = scale * (math.cos(theta) * T / T.norm() + math.sin(theta) * u / u.norm())
+    grape_step(Bp, T, rate, scale_free=False)
+    ratio = _angle(Bp, T) / theta
+    if scale == 1e3:
+        assert ratio > 0.999
+    elif scale == 1e-3:
+        assert abs(ratio - (1 - rate)) > 1.0  # overshoots: the step is far larger than B
+
+
+def test_grape_step_leaves_zero_b_unchanged():
+    B = torch.zeros(3, 4)
+    cos = grape_step(B, torch.randn(3, 4), 0.5)
+    assert torch.equal(B, torch.zeros(3, 4)) and cos.item() == 0.0
+    B = torch.randn(3, 4)
+    B0 = B.clone()
+    grape_step(B, torch.zeros(3, 4), 0.5, scale_free=False)
+    assert torch.equal(B, B0)
+    with pytest.raises(ValueError, match="rate must be a finite number >= 0"):
+        grape_step(B, B0, float("nan"))
+
+
+@pytest.mark.parametrize("scale_free", [True, False])
+def test_layer_grape_steps_toward_the_probed_jacobian(scale_free):
+    # The layer estimates J_hat = (p W^T)^T p / n from forward probes and calls grape_step.
+    torch.manual_seed(2)
+    layer = LocalLinear(7, 5, method="fa", fa_grape=True, lr_b=0.2, grape_n_probe=16,
+                        grape_scale_free=scale_free, dtype=D64)
+    W, B0 = layer.weight.detach().clone(), layer.B.clone()
+    p = torch.randn(16, 7, generator=torch.Generator().manual_seed(9), dtype=D64)
+    J = (p @ W.t()).t() @ p / 16
+    torch.testing.assert_close(probe_jacobian(W, 16, torch.Generator().manual_seed(9)), J)
+    assert feedback_step(nn.Sequential(layer), generator=torch.Generator().manual_seed(9)) == \
+        {"fa+grape": 1}
+    cos = float((B0 * J).sum() / (B0.norm() * J.norm()))
+    if scale_free:
+        expected = B0 + 0.2 * (B0.norm() / J.norm() * J - cos * B0)
+    else:
+        expected = B0 - 0.2 * (-J / (B0.norm() * J.norm()) + cos * B0 / B0.norm() ** 2)
+    torch.testing.assert_close(layer.B, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(layer.weight, W)
 
 
 def test_grape_on_conv_and_column_normalisation():
@@ -137,5 +213,7 @@ def test_plain_rules_have_no_post_backward_update():
     B = model[0].B.clone()
     assert feedback_step(model) == {}
     assert torch.equal(model[0].B, B)
-    with pytest.raises(ValueError, match="b_decay"):
+    with pytest.raises(ValueError, match=r"decay must be a finite number >= 0 and < 1.*got 1.5"):
         feedback_step(model, decay=1.5)
+    with pytest.raises(ValueError, match="lr_b must be a finite number >= 0.*inf"):
+        feedback_step(model, lr_b=float("inf"))

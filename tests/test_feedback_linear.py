@@ -6,7 +6,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fa_study.feedback import FA_INIT_MODES, METHODS, LocalLinear, init_feedback, sign_feedback
+from fa_study.feedback import (
+    CONV_METHODS, FA_INIT_MODES, METHODS, LocalLinear, init_feedback, sign_feedback,
+)
 
 D64 = torch.float64
 
@@ -30,8 +32,10 @@ def _grads(layer, x, go):
 
 
 def test_methods_tuple_lists_every_rule():
-    assert METHODS == ("bp", "fa", "sign_sym", "dfa", "dfa_block", "kolen_pollack",
-                       "weight_mirror")
+    assert METHODS == ("bp", "fa", "sign_sym", "frsf", "brsf", "dfa", "dfa_ungated",
+                       "dfa_block", "kolen_pollack", "weight_mirror")
+    assert CONV_METHODS == ("bp", "fa", "sign_sym", "frsf", "brsf", "dfa", "kolen_pollack",
+                            "weight_mirror")
     assert FA_INIT_MODES == ("gaussian", "orthogonal", "ortho_he", "sparse")
 
 
@@ -87,8 +91,7 @@ def test_sign_sym_feedback_matches_formula():
     torch.testing.assert_close(gw, go.t() @ x, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["bp", "fa", "sign_sym", "kolen_pollack", "weight_mirror",
-                                    "dfa", "dfa_block"])
+@pytest.mark.parametrize("method", METHODS)
 def test_gradcheck_weight_and_bias_gradients(method):
     # functional_call runs the module's own forward (and so its custom backward) with the
     # weight and bias that gradcheck perturbs; B stays random, so only W/b grads are exact.
@@ -165,24 +168,43 @@ def test_same_generator_seed_gives_same_b():
 
 
 def test_bad_method_and_init_mode_raise_value_error_listing_choices():
-    with pytest.raises(ValueError, match="'nope'.*'bp'.*'weight_mirror'"):
+    with pytest.raises(ValueError, match="'nope'.*'bp'.*'frsf'.*'dfa_ungated'.*'weight_mirror'"):
         LocalLinear(3, 2, method="nope")
     with pytest.raises(ValueError, match="'uniform'.*'gaussian'.*'sparse'"):
         LocalLinear(3, 2, method="fa", fa_init_mode="uniform")
-    with pytest.raises(ValueError, match="fa_grape"):
+    with pytest.raises(ValueError, match="fa_grape.*'sign_sym'.*needs method 'fa'"):
         LocalLinear(3, 2, method="sign_sym", fa_grape=True)
     with pytest.raises(ValueError, match="shape"):
         LocalLinear(3, 2, method="fa").set_feedback(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="'frsf' stores no B.*'fa'"):
+        LocalLinear(3, 2, method="frsf").set_feedback(torch.zeros(2, 3))
 
 
-def test_no_grad_forward_is_plain_and_caches_nothing():
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")
+@pytest.mark.parametrize("sizes, name", [((0, 3), "in_features"), ((3, 0), "out_features"),
+                                         ((2.0, 3), "in_features")])
+def test_zero_or_fractional_sizes_are_value_errors(sizes, name):
+    for method in ("bp", "fa", "frsf"):
+        with pytest.raises(ValueError, match=f"LocalLinear {name} must be an integer >= 1"):
+            LocalLinear(*sizes, method=method)
+    with pytest.raises(ValueError, match="in_features"):
+        LocalLinear.from_linear(nn.Linear(0, 3), "fa")
+
+
+@pytest.mark.parametrize("method", ["dfa", "dfa_ungated", "dfa_block", "brsf"])
+def test_no_grad_forward_is_plain_and_caches_or_draws_nothing(method):
     torch.manual_seed(0)
-    loc = LocalLinear(5, 3, method="dfa")
+    loc = LocalLinear(5, 3, method=method)
+    state = {k: v.clone() for k, v in loc.state_dict().items()}
     x = torch.randn(4, 5)
     with torch.no_grad():
         y = loc(x)
     assert loc._cached_input is None
+    assert all(torch.equal(v, state[k]) for k, v in loc.state_dict().items())  # brsf: no redraw
     torch.testing.assert_close(y, x @ loc.weight.t() + loc.bias)
+    # with gradients the post-backward rules cache their input
+    loc(x)
+    assert (loc._cached_input is not None) == (method in ("dfa_ungated", "dfa_block"))
 
 
 def test_autocast_bf16_gives_float32_gradients():
@@ -194,3 +216,40 @@ def test_autocast_bf16_gives_float32_gradients():
     out.float().sum().backward()
     assert loc.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
     torch.testing.assert_close(x.grad, torch.ones(3, 4) @ loc.B, atol=0.05, rtol=0.05)
+
+
+@pytest.fixture
+def float64_default():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+@pytest.mark.parametrize("mode", FA_INIT_MODES)
+def test_init_under_float64_default_dtype_matches_the_float32_draw(mode):
+    # The draws are float32 on the CPU whatever the default dtype: the same seed gives the same
+    # matrix (sparse crashed under float64: float64 zeros scattered with float32 signs).
+    ref = init_feedback((6, 40), mode, 0.1, sparse_k=3, generator=torch.Generator().manual_seed(2))
+    assert ref.dtype == torch.float32
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        B = init_feedback((6, 40), mode, 0.1, sparse_k=3, generator=torch.Generator().manual_seed(2))
+        assert B.dtype == torch.float64
+        torch.testing.assert_close(B, ref.double(), rtol=0, atol=0)
+        loc = LocalLinear(40, 6, method="fa", fa_init_mode=mode, fa_sparse_k=3, init_std=0.1,
+                          generator=torch.Generator().manual_seed(2))
+        assert loc.weight.dtype == torch.float64 and loc.B.dtype == torch.float64
+        torch.testing.assert_close(loc.B, ref.double(), rtol=0, atol=0)
+    finally:
+        torch.set_default_dtype(old)
+    assert torch.get_default_dtype() == old
+
+
+def test_sparse_rows_under_float64_default(float64_default):
+    B = init_feedback((8, 64), "sparse", 0.05, sparse_k=4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal((B != 0).sum(1), torch.full((8,), 4))
+    torch.testing.assert_close(B.norm(dim=1), torch.full((8,), math.sqrt(64) * 0.05))

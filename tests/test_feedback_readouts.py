@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from fa_study.feedback import (
-    LocalLinear, bp_twin, convert, feedback_alignment, update_alignment,
+    METHODS, LocalLinear, bp_twin, capture_output_error, convert, feedback_alignment,
+    feedback_step, local_layers, update_alignment,
 )
 
 
@@ -66,14 +67,74 @@ def test_readout_leaves_the_model_and_the_rng_untouched():
     assert table["cos_update_bp"].notna().all()
 
 
-def test_dfa_readout_uses_the_overwritten_gradient():
+@pytest.mark.parametrize("method", ["dfa", "dfa_ungated"])
+def test_dfa_readout_captures_the_output_error(method):
     torch.manual_seed(0)
     x, y = _data()
-    model, _ = convert(_mlp(), "dfa", dfa_target_dim=3)
+    model, _ = convert(_mlp(), method, dfa_target_dim=3)
     table = update_alignment(model, CE, x, y).set_index("layer")
-    assert table.loc["5", "cos_update_bp"] == pytest.approx(1.0, abs=1e-6)  # B_dfa = I there
+    # dfa: the output layer's grad_out is e itself; dfa_ungated: B_dfa = I there
+    assert table.loc["5", "cos_update_bp"] == pytest.approx(1.0, abs=1e-6)
     assert table.loc["0", "cos_update_bp"] < 0.99  # random direct projections differ from BP
     assert table["angle_BW_deg"].isna().all()  # direct feedback has no W-shaped B
+    assert table["norm_ratio_BW"].isna().all()
+    # the readout's rule pass is the training step: same update as a hand-run step on a copy
+    rule = copy.deepcopy(model)
+    out = rule(x)
+    capture_output_error(rule, out)
+    CE(out, y).backward()
+    feedback_step(rule)
+    cos0 = nn.functional.cosine_similarity(rule[0].weight.grad.flatten(),
+                                           _bp_grad(model, x, y, 0), dim=0)
+    assert table.loc["0", "cos_update_bp"] == pytest.approx(float(cos0), abs=1e-6)
+
+
+def _bp_grad(model, x, y, i):
+    twin = bp_twin(model)
+    CE(twin(x), y).backward()
+    return twin[i].weight.grad.flatten()
+
+
+class Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Tanh())])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head(h + self.blocks[0](h))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_readouts_work_for_every_rule(method):
+    torch.manual_seed(0)
+    x, y = _data()
+    model, _ = convert(Blocks(), method, generator=torch.Generator().manual_seed(1),
+                       dfa_target_dim=3 if method in ("dfa", "dfa_ungated") else None,
+                       dfa_block_dim=8 if method == "dfa_block" else None, fa_grape=method == "fa")
+    state = copy.deepcopy(model.state_dict())
+    table = update_alignment(model, CE, x, y)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k  # brsf's redraw and GrAPE ran on the copy
+    assert list(table["layer"]) == ["embed", "blocks.0.0", "head"]
+    assert table["cos_update_bp"].notna().all() and (table["update_norm"] > 0).all()
+    direct = method in ("dfa", "dfa_ungated", "dfa_block")
+    assert table["angle_BW_deg"].isna().all() == direct
+    assert table["angle_BW_deg"].notna().all() == (not direct)
+    if method == "bp":
+        assert table["cos_update_bp"].tolist() == pytest.approx([1.0] * 3, abs=1e-6)
+    # the BP twin is BP for every rule: the same outputs, BP's gradients
+    twin = bp_twin(model)
+    assert all(layer.method == "bp" for _, layer in local_layers(twin))
+    assert all(layer.method == method for _, layer in local_layers(model))
+    torch.testing.assert_close(twin(x), model(x))
+    ref = Blocks()
+    ref.load_state_dict({k: v for k, v in model.state_dict().items() if k in ref.state_dict()})
+    CE(twin(x), y).backward()
+    CE(ref(x), y).backward()
+    torch.testing.assert_close(twin.embed.weight.grad, ref.embed.weight.grad)
 
 
 def test_feedback_alignment_for_sign_sym_matches_formula():
@@ -84,6 +145,19 @@ def test_feedback_alignment_for_sign_sym_matches_formula():
     cos = (W.abs().sum() / (W.norm() * math.sqrt(W.numel()))).item()  # <sign(W), W> / norms
     assert table.loc[0, "angle_BW_deg"] == pytest.approx(math.degrees(math.acos(cos)), abs=1e-6)
     assert table.loc[0, "norm_ratio_BW"] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["frsf", "brsf"])
+def test_feedback_alignment_for_sign_concordant_matches_formula(method):
+    torch.manual_seed(0)
+    model, _ = convert(_mlp(), method)
+    table = feedback_alignment(model)
+    W = model[3].weight.detach().double()
+    B = model[3].B_abs.double() * torch.sign(W)
+    cos = float((B * W).sum() / (B.norm() * W.norm()))
+    assert cos > 0.5  # sign-concordant feedback points W's way
+    assert table.loc[1, "angle_BW_deg"] == pytest.approx(math.degrees(math.acos(cos)), abs=1e-6)
+    assert table.loc[1, "norm_ratio_BW"] == pytest.approx(float(B.norm() / W.norm()), abs=1e-6)
 
 
 def test_bp_twin_is_bp():

@@ -1,19 +1,17 @@
 """``convert``: put every ``nn.Linear`` / ``nn.Conv2d`` of a model on a local learning rule."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pandas as pd
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..config import check_choice
 from .base import LocalRuleMixin
 from .conv import LocalConv2d
-from .dfa import initialize_dfa_block_targets, initialize_dfa_targets
+from .dfa import initialize_dfa_block_targets, initialize_dfa_targets, share_output_error
 from .linear import LocalLinear
-from .options import CONV_METHODS, METHODS, make_options
+from .options import RuleOptions
+from .strategies import CONV_METHODS, METHODS, rule_class
 
 REPORT_COLUMNS = ("name", "type", "action", "method", "reason")
 MHA_REASON = ("nn.MultiheadAttention reads in_proj_weight and out_proj.weight functionally; a "
@@ -55,26 +53,32 @@ def convert(model: nn.Module, method: str, *, conv_method: str | None = None,
 
     method: one of :data:`METHODS`.
     conv_method: rule for the convolutions, one of :data:`CONV_METHODS`; default ``method``.
-        Required when ``method`` has no convolutional form (``dfa``, ``dfa_block``) and the
-        model has a Conv2d: pass ``conv_method="bp"`` to keep them on BP knowingly.
+        Required when ``method`` has no convolutional form (``dfa_ungated``, ``dfa_block``) and
+        the model has a Conv2d: pass ``conv_method="bp"`` to keep them on BP knowingly.
+        Switches the convolutions' rule cannot run (``fa_grape`` for a non-``fa`` conv rule)
+        are turned off for them.
     generator: CPU generator for every B drawn (default: the global RNG).
     dfa_target_dim / dfa_block_dim, blocks, dfa_output_layer: when given, call
         :func:`initialize_dfa_targets` (with ``output_layer=dfa_output_layer``) /
         :func:`initialize_dfa_block_targets` on the converted model.
     **rule_options: :class:`RuleOptions` fields (``init_std``, ``fa_init_mode``, ``fa_grape``,
-        ``lr_b``, ``b_decay``, ``mirror_sigma``, ...).
+        ``lr_b``, ``b_decay``, ``mirror_sigma``, ...); an unknown one is a ValueError listing
+        them.
+
+    The converted layers that need the output error (``dfa``, ``dfa_ungated``) share one
+    holder, filled by :func:`fa_study.feedback.capture_output_error`.
 
     report: a DataFrame with one row per converted layer, per module left alone and per other
     module holding parameters (``action`` = ``converted`` / ``skipped`` / ``kept_bp``), with
     columns ``name, type, action, method, reason``.
     """
-    check_choice("method", method, METHODS)
+    rule = rule_class(method, METHODS, "method")
     if conv_method is not None:
-        check_choice("conv_method", conv_method, CONV_METHODS)
-    options = make_options(rule_options)
-    options.validate(method)
-    conv_rule = conv_method or (method if method in CONV_METHODS else None)
-    conv_options = replace(options, fa_grape=options.fa_grape and conv_rule == "fa")
+        rule_class(conv_method, CONV_METHODS, "conv_method")
+    options = RuleOptions(**rule_options)
+    rule.check_options(options)
+    conv_rule = conv_method or (method if rule.has_conv_form else None)
+    conv_options = rule_class(conv_rule).restrict(options) if conv_rule is not None else None
 
     # Check before touching anything, so a refused call leaves the model as it was.
     if conv_rule is None and any(type(m) is nn.Conv2d for m in _visible_modules(model)):
@@ -131,6 +135,7 @@ def convert(model: nn.Module, method: str, *, conv_method: str | None = None,
     root = swap("", model)
     if root is not None:
         model = root
+    share_output_error(model)
     if dfa_target_dim is not None:
         initialize_dfa_targets(model, dfa_target_dim, generator=generator,
                                output_layer=dfa_output_layer)

@@ -1,10 +1,23 @@
-"""Direct feedback alignment helpers: feedback matrices, block-error taps, gradient overwrites.
+"""Direct feedback alignment: feedback matrices, the output-error capture, block-error taps.
 
-``dfa``: every ``LocalLinear(method="dfa")`` receives the output error ``e`` (``dL/d output``,
-``(..., target_dim)``) through its own random ``B_dfa`` ``(out, target_dim)``:
-``grad_W = (e B_dfa^T)^T x``; the output layer gets ``B_dfa = I`` (its BP gradient). Call :func:`initialize_dfa_targets` once, then after each
-``loss.backward()`` either :func:`apply_dfa_update` or the general
-:func:`fa_study.feedback.feedback_step` with ``e=``.
+``dfa`` (Nøkland 2016, as biotorch implements it): in the backward of every ``dfa`` layer the
+input gradient is ``e @ B_dfa`` (Linear; a transposed convolution for Conv2d), where ``e`` is
+``dL/d(model output)``; autograd applies ``f'`` on the way to the layer below, whose update is
+the published ``((e B^T) * f'(a))^T x``. ``e`` must be known *during* the backward, so after the
+forward and before ``loss.backward()`` call :func:`capture_output_error`::
+
+    out = model(x)
+    capture_output_error(model, out)          # records dL/d(out) before any layer's backward
+    loss_fn(out, y).backward()
+
+Call :func:`initialize_dfa_targets` once (or ``convert(..., dfa_target_dim=...)``) to draw the
+matrices ``B_dfa`` ``(target_dim, in_features)`` (conv: ``(target_dim, C_in, kh, kw)``).
+
+``dfa_ungated`` (seed 000): the layer's backward is BP's; after it, :func:`apply_dfa_update` or
+:func:`fa_study.feedback.feedback_step` overwrites the weight gradient with
+``(e B_dfa^T)^T x`` (``B_dfa`` ``(out, target_dim)``), not gated by any ``f'``; the output layer
+gets ``B_dfa = I`` by default. It reads ``e`` from :func:`capture_output_error` too, or from an
+explicit ``feedback_step(model, e=...)``.
 
 ``dfa_block``: every ``LocalLinear(method="dfa_block")`` inside block ``l`` receives the error
 at that block's output (whatever gradient reached it: BP's, or a block-level rule's credit
@@ -14,78 +27,118 @@ block that records the gradient at its output during ``loss.backward()``, so
 ``feedback_step(model)`` needs no argument; :func:`apply_dfa_block_update` takes an explicit
 error instead.
 
-A layer called several times in one forward keeps only its last input (and a block only its
-last output's gradient).
+A layer called several times in one forward keeps only its last input for the post-backward
+rules (and a block only its last output's gradient).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from ..config import check_float, check_int
 from .base import LocalRuleMixin
-
-DFA_INIT_STD = 0.02  # the reference's scale for the direct feedback matrices
-
-
-def _layers(model: nn.Module, method: str) -> list[LocalRuleMixin]:
-    return [m for m in model.modules() if isinstance(m, LocalRuleMixin) and m.method == method]
+from .strategies import DFA_INIT_STD, DFABlock, OutputError, UngatedDFA
 
 
-def _draw(rows: int, cols: int, init_std: float, generator: torch.Generator | None,
-          like: torch.Tensor) -> torch.Tensor:
-    # Drawn on the CPU so one seed gives the same matrices on every device.
-    return (torch.randn(rows, cols, generator=generator) * init_std).to(like.device, like.dtype)
+def _layers(model: nn.Module, kind: type) -> list[LocalRuleMixin]:
+    return [m for m in model.modules()
+            if isinstance(m, LocalRuleMixin) and isinstance(m.strategy, kind)]
+
+
+def _error_layers(model: nn.Module) -> list[tuple[str, LocalRuleMixin]]:
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, LocalRuleMixin) and m.strategy.needs_output_error]
+
+
+def share_output_error(model: nn.Module) -> OutputError | None:
+    """Give every layer of ``model`` that needs the output error one shared holder."""
+    layers = _error_layers(model)
+    if not layers:
+        return None
+    holder = OutputError()
+    for _, layer in layers:
+        layer._output_error = holder
+    return holder
+
+
+def capture_output_error(model: nn.Module, output: torch.Tensor):
+    """Record ``dL/d output`` for the model's layers that need it (``dfa``, ``dfa_ungated``).
+
+    Call after the forward and before ``loss.backward()``: a tensor hook on ``output`` stores
+    its gradient in the holder shared by those layers before any of their backwards runs (the
+    gradient of a tensor is complete before the function that produced it runs backward).
+    Each layer accepts only an error captured after its own forward, so a forgotten call is a
+    RuntimeError in the backward, never a stale error. Harmless for models without such
+    layers (it does nothing and returns None); otherwise returns the hook's handle.
+    """
+    layers = _error_layers(model)
+    if not layers:
+        return None
+    if not isinstance(output, torch.Tensor) or not output.requires_grad:
+        raise ValueError("capture_output_error needs the model's output tensor with gradients "
+                         "(the forward must run with gradients enabled)")
+    holders = list({id(m._output_error): m._output_error for _, m in layers}.values())
+    stamps = [(h, h.new_capture()) for h in holders]
+
+    def record(grad: torch.Tensor) -> None:
+        for h, k in stamps:
+            h.record(k, grad)
+
+    return output.register_hook(record)
 
 
 @torch.no_grad()
-def initialize_dfa_targets(model: nn.Module, target_dim: int, init_std: float = DFA_INIT_STD,
+def initialize_dfa_targets(model: nn.Module, target_dim: int,
+                           init_std: float | None = DFA_INIT_STD,
                            generator: torch.Generator | None = None,
                            output_layer: str | None = "auto") -> dict[str, str]:
-    """Give every ``dfa`` layer a ``B_dfa ~ N(0, init_std^2)`` of shape ``(out, target_dim)``.
+    """Draw the direct feedback matrices ``B_dfa ~ N(0, init_std^2)`` of every ``dfa`` and
+    ``dfa_ungated`` layer, for an output error of size ``target_dim``.
 
-    output_layer: the layer that produces the model's output receives the error itself
-        (``B_dfa = I``, so its update is its exact BP gradient), as in Nokland's DFA; a random
-        mixing of the error there can point its update uphill. ``"auto"`` picks the last
-        ``dfa`` layer in registration order whose ``out_features == target_dim``; a module name
-        picks that layer; ``None`` gives every layer a random matrix (the reference code).
+    * ``dfa``: ``B_dfa`` ``(target_dim, in_features)`` (conv: ``(target_dim, C_in, kh, kw)``),
+      carrying the error to the layer's *input*. The output layer needs no special matrix (its
+      weight gradient is BP's already); ``output_layer`` concerns only ``dfa_ungated``.
+    * ``dfa_ungated``: ``B_dfa`` ``(out, target_dim)``. ``output_layer``: the layer that
+      produces the model's output receives the error itself (``B_dfa = I``, so its update is its
+      exact BP gradient), as in Nøkland's DFA; a random mixing of the error there can point its
+      update uphill. ``"auto"`` picks the last ``dfa_ungated`` layer in registration order whose
+      ``out_features == target_dim``; a module name picks that layer; ``None`` gives every layer
+      a random matrix (the reference code).
 
-    Call once after building the model and moving it to its device. Returns
-    ``{layer name: "identity" or "random"}``.
+    ``init_std``: default the reference's 0.02; ``None``: the RMS of each layer's weight.
+    Draws are float32 on the CPU from ``generator`` (moved to the layers' devices). Call once
+    after building the model and moving it to its device; the layers then share one
+    output-error holder. Returns ``{layer name: "identity" or "random"}``.
     """
-    if target_dim < 1:
-        raise ValueError(f"target_dim must be >= 1, got {target_dim!r}")
+    check_int("target_dim", target_dim, 1)
+    check_float("init_std", init_std, 0.0, low_open=True, none_ok=True,
+                none_means="the RMS of each layer's weight")
     named = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, LocalRuleMixin) and m.method == "dfa"]
+             if isinstance(m, LocalRuleMixin) and m.strategy.takes_target]
+    ungated = [(n, m) for n, m in named if isinstance(m.strategy, UngatedDFA)]
     if output_layer == "auto":
-        fits = [n for n, m in named if m.out_features == target_dim]
+        fits = [n for n, m in ungated if m.out_features == target_dim]
         output_layer = fits[-1] if fits else None
     elif output_layer is not None:
-        names = [n for n, _ in named]
+        names = [n for n, _ in ungated]
         if output_layer not in names:
-            raise ValueError(f"output_layer {output_layer!r} is not a 'dfa' layer of the model; "
-                             f"allowed values: 'auto', None, {', '.join(map(repr, names))}")
-    kinds: dict[str, str] = {}
-    for name, layer in named:
-        if name == output_layer:
-            if layer.out_features != target_dim:
-                raise ValueError(f"output_layer {name!r} has {layer.out_features} outputs, "
-                                 f"not target_dim={target_dim}")
-            layer.B_dfa = torch.eye(target_dim, device=layer.weight.device,
-                                    dtype=layer.weight.dtype)
-            kinds[name] = "identity"
-        else:
-            layer.B_dfa = _draw(layer.out_features, target_dim, init_std, generator,
-                                layer.weight)
-            kinds[name] = "random"
+            raise ValueError(f"output_layer {output_layer!r} is not a 'dfa_ungated' layer of the "
+                             f"model; allowed values: 'auto', None"
+                             f"{''.join(', ' + repr(n) for n in names)}")
+    kinds = {name: layer.strategy.init_target(layer, target_dim, init_std, generator,
+                                              identity=name == output_layer)
+             for name, layer in named}
+    share_output_error(model)
     return kinds
 
 
 def apply_dfa_update(model: nn.Module, e: torch.Tensor) -> int:
-    """Overwrite every ``dfa`` layer's weight/bias gradient with its projection of ``e``
-    ``(..., target_dim)``. Call after ``loss.backward()``; returns the number of layers."""
-    layers = _layers(model, "dfa")
+    """Overwrite every ``dfa_ungated`` layer's weight/bias gradient with its projection of
+    ``e`` ``(..., target_dim)``. Call after ``loss.backward()``; returns the number of layers.
+    (``dfa`` layers need nothing after the backward.)"""
+    layers = _layers(model, UngatedDFA)
     for layer in layers:
-        layer.dfa_compute_grad(e)
+        layer.strategy.apply(layer, e)
     return len(layers)
 
 
@@ -129,8 +182,8 @@ def initialize_dfa_block_targets(model: nn.Module, d_block: int, blocks=None,
     the BP gradient of its ordinary backward. Returns ``{layer name: block index or None}``.
     Calling it again replaces the matrices and the taps.
     """
-    if d_block < 1:
-        raise ValueError(f"d_block must be >= 1, got {d_block!r}")
+    check_int("d_block", d_block, 1)
+    init_std = check_float("init_std", init_std, 0.0, low_open=True)
     if blocks is None:
         blocks = getattr(model, "blocks", None)
         if blocks is None:
@@ -141,19 +194,16 @@ def initialize_dfa_block_targets(model: nn.Module, d_block: int, blocks=None,
         _remove_taps(block)
         tap = BlockErrorTap(i)
         block.register_forward_hook(tap)
-        for m in block.modules():
-            if isinstance(m, LocalRuleMixin) and m.method == "dfa_block":
-                m._block_tap = tap
-                owner[id(m)] = i
+        for m in _layers(block, DFABlock):
+            m._block_tap = tap
+            owner[id(m)] = i
     assignment: dict[str, int | None] = {}
     for name, m in model.named_modules():
-        if isinstance(m, LocalRuleMixin) and m.method == "dfa_block":
-            m._dfa_block_assigned = True
-            if id(m) in owner:
-                m.B_dfa_block = _draw(m.out_features, d_block, init_std, generator, m.weight)
-            else:
+        if isinstance(m, LocalRuleMixin) and isinstance(m.strategy, DFABlock):
+            if id(m) not in owner:
                 m._block_tap = None
-                m.B_dfa_block = None
+            m.strategy.init_block_target(m, d_block if id(m) in owner else None, init_std,
+                                         generator)
             assignment[name] = owner.get(id(m))
     return assignment
 
@@ -162,9 +212,9 @@ def apply_dfa_block_update(block: nn.Module, block_output_error: torch.Tensor) -
     """Overwrite the gradients of every ``dfa_block`` layer in ``block`` from an explicit block
     output error ``(..., d_block)``: ``grad_W = (err B_dfa_block^T)^T x / N``. Returns the
     number of layers."""
-    layers = _layers(block, "dfa_block")
+    layers = _layers(block, DFABlock)
     for layer in layers:
-        layer.dfa_block_compute_grad(block_output_error)
+        layer.strategy.apply(layer, block_output_error)
     return len(layers)
 
 

@@ -2,7 +2,9 @@
 
 All draws happen on the CPU in float32 from ``generator`` (the global CPU generator when
 ``None``) and are then moved to the requested device and dtype, so one seed gives the same B
-on every device and in every precision.
+on every device, in every precision and whatever torch's default dtype is (every tensor made
+here names its dtype: under ``torch.set_default_dtype(torch.float64)`` an unnamed one would
+be float64 and draw a different stream, or clash with a float32 one).
 """
 from __future__ import annotations
 
@@ -13,24 +15,27 @@ import torch
 from ..config import check_choice
 from .options import FA_INIT_MODES
 
+F32 = torch.float32
+
 
 def haar_orthogonal(rows: int, cols: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """A Haar-distributed (semi-)orthogonal ``(rows, cols)`` matrix: orthonormal rows when
     ``rows <= cols``, orthonormal columns otherwise (the convention of ``nn.init.orthogonal_``)."""
     tall = rows >= cols
-    g = torch.randn((rows, cols) if tall else (cols, rows), generator=generator)
+    g = torch.randn((rows, cols) if tall else (cols, rows), generator=generator, dtype=F32)
     q, r = torch.linalg.qr(g, mode="reduced")
     # The sign fix makes the distribution Haar rather than biased by QR's convention.
-    q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(()))
+    d = torch.diagonal(r)
+    q = q * torch.sign(d).where(d != 0, torch.ones((), dtype=F32))
     return q if tall else q.t()
 
 
 def sparse_signs(rows: int, cols: int, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """``(rows, cols)`` with exactly ``k`` entries of +-1 per row at random columns, zeros elsewhere."""
     # argsort of iid uniforms gives an independent random permutation per row, without a loop.
-    idx = torch.rand(rows, cols, generator=generator).argsort(dim=1)[:, :k]
-    signs = torch.randint(0, 2, (rows, k), generator=generator).float() * 2 - 1
-    return torch.zeros(rows, cols).scatter_(1, idx, signs)
+    idx = torch.rand(rows, cols, generator=generator, dtype=F32).argsort(dim=1)[:, :k]
+    signs = torch.randint(0, 2, (rows, k), generator=generator).to(F32) * 2 - 1
+    return torch.zeros(rows, cols, dtype=F32).scatter_(1, idx, signs)
 
 
 def init_feedback(
@@ -53,12 +58,14 @@ def init_feedback(
       ignores ``init_std``).
     * ``sparse``: ``k`` entries of +-1 per row (default ``k = max(1, fan_in // 16)``), times
       ``init_std * sqrt(fan_in / k)`` so row norms equal the Gaussian B's expected row norm.
+
+    The draw is float32 on the CPU; the result has ``dtype`` (default: torch's default dtype).
     """
     check_choice("fa_init_mode", mode, FA_INIT_MODES)
     out = int(shape[0])
     fan_in = math.prod(int(s) for s in shape[1:])
     if mode == "gaussian":
-        b = torch.randn(out, fan_in, generator=generator) * init_std
+        b = torch.randn(out, fan_in, generator=generator, dtype=F32) * init_std
     elif mode == "orthogonal":
         b = haar_orthogonal(out, fan_in, generator) * (math.sqrt(fan_in) * init_std)
     elif mode == "ortho_he":
@@ -68,7 +75,8 @@ def init_feedback(
         if not 1 <= k <= fan_in:
             raise ValueError(f"fa_sparse_k must lie in [1, fan_in={fan_in}], got {k}")
         b = sparse_signs(out, fan_in, k, generator) * (init_std * math.sqrt(fan_in / k))
-    return b.reshape(tuple(shape)).to(device=device, dtype=dtype)
+    return b.reshape(tuple(shape)).to(device=device,
+                                      dtype=torch.get_default_dtype() if dtype is None else dtype)
 
 
 def weight_rms(weight: torch.Tensor) -> float:

@@ -1,4 +1,4 @@
-"""Updates of a learned feedback matrix B: Kolen-Pollack, weight mirror, GrAPE.
+"""Updates of a learned feedback matrix B: Kolen-Pollack, weight mirror, GrAPE (one step).
 
 Each function updates ``B`` in place from quantities a synapse could see locally, never from a
 transposed read of W in a backward pass. ``B`` and ``W`` have the same shape (``(out, in)``, or
@@ -9,6 +9,8 @@ None of them synchronises with the host.
 from __future__ import annotations
 
 import torch
+
+from ..config import check_float
 
 
 @torch.no_grad()
@@ -52,30 +54,49 @@ def weight_mirror_step(B: torch.Tensor, weight: torch.Tensor, lr_b: float, decay
 
 
 @torch.no_grad()
-def grape_align_step(B: torch.Tensor, weight: torch.Tensor, lr_b: float = 0.01, n_probe: int = 32,
-                     normalize_columns: bool = False,
-                     generator: torch.Generator | None = None) -> None:
-    """GrAPE (Caillon et al.): move B toward the forward-probed Jacobian by cosine alignment.
+def probe_jacobian(weight: torch.Tensor, n_probe: int = 32,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """GrAPE's forward-probed Jacobian estimate of a linear map, W's ``(out, fan_in)`` view.
 
-    With probes ``p ~ N(0, I)`` ``(n_probe, fan_in)``, JVPs ``g = p W^T`` (forward only) give
-    ``J_hat = g^T p / n_probe`` (-> W). B takes one gradient step on ``1 - cos(B, J_hat)``:
-    ``grad = -J_hat / (|B||J_hat|) + cos * B / |B|^2``. ``normalize_columns`` rescales every
-    column of B to unit norm afterwards (the paper's Eq. 6; off by default because a per-layer
-    FA backward needs B to match W's magnitude too). A zero B or J_hat leaves B unchanged.
+    With probes ``p ~ N(0, I)`` ``(n_probe, fan_in)`` and their JVPs ``g = p W^T`` (a forward
+    pass: no transposed read of W), ``J_hat = g^T p / n_probe``, whose expectation is W. The
+    probes come from ``generator`` (on its own device, then moved to W's).
     """
     w2 = weight.detach().reshape(weight.shape[0], -1)
     gen_device = generator.device if generator is not None else w2.device
     p = torch.randn(n_probe, w2.shape[1], generator=generator, device=gen_device, dtype=w2.dtype)
     p = p.to(w2.device)
-    j_hat = ((p @ w2.t()).t() @ p) / n_probe
-    B2 = B.view(B.shape[0], -1)
-    b_norm = B2.norm()
-    j_norm = j_hat.norm()
-    ok = (b_norm > 1e-8) & (j_norm > 1e-8)
+    return (p @ w2.t()).t() @ p / n_probe
+
+
+@torch.no_grad()
+def grape_step(B: torch.Tensor, target: torch.Tensor, rate: float, *,
+               scale_free: bool = True) -> torch.Tensor:
+    """One GrAPE step on ``1 - cos(B, T)`` in place; returns ``cos(B, T)`` *before* the step.
+
+    ``target`` T has B's number of elements (it is viewed as B's shape). With
+    ``grad = d(1 - cos)/dB = -T / (|B||T|) + cos B / |B|^2`` (Frobenius norms):
+
+    * ``scale_free=True`` (default): ``B <- B - rate |B|^2 grad = B + rate (|B|/|T| T - cos B)``.
+      The cosine is scale-free, so its gradient shrinks as ``1/|B|``; this learning rate makes
+      ``rate`` the fraction of a small angle closed per step, whatever the size of B or T.
+    * ``scale_free=False``: the reference's plain step ``B <- B - rate grad``, whose effect
+      depends on ``|B|``.
+
+    A zero B or T leaves B unchanged (and the returned cosine is 0). The cosine is a 0-d
+    tensor on B's device: nothing synchronises with the host.
+    """
+    rate = check_float("rate", rate, 0.0)
+    B2 = B.view(-1)
+    t = target.detach().reshape(-1).to(device=B.device, dtype=B.dtype)
+    if t.numel() != B2.numel():
+        raise ValueError(f"target has {t.numel()} elements but B {tuple(B.shape)} has {B2.numel()}")
+    b_norm, t_norm = B2.norm(), t.norm()
+    ok = (b_norm > 1e-12) & (t_norm > 1e-12)
     b_safe = torch.where(ok, b_norm, torch.ones_like(b_norm))
-    j_safe = torch.where(ok, j_norm, torch.ones_like(j_norm))
-    cos = (B2 * j_hat).sum() / (b_safe * j_safe)
-    grad = -j_hat / (b_safe * j_safe) + cos * B2 / b_safe ** 2
-    B2.sub_(torch.where(ok, grad, torch.zeros_like(grad)).to(B.dtype), alpha=lr_b)
-    if normalize_columns:
-        B2.div_(B2.norm(dim=0, keepdim=True).clamp_min(1e-8))
+    t_safe = torch.where(ok, t_norm, torch.ones_like(t_norm))
+    cos = torch.where(ok, (B2 @ t) / (b_safe * t_safe), torch.zeros_like(b_norm))
+    grad = -t / (b_safe * t_safe) + cos * B2 / b_safe ** 2
+    lr = rate * b_safe ** 2 if scale_free else torch.full_like(b_norm, float(rate))
+    B2.sub_(torch.where(ok, lr * grad, torch.zeros_like(grad)))
+    return cos

@@ -18,7 +18,9 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .dfa import capture_output_error
 from .step import feedback_step, local_layers, needs_output_error
+from .strategies import Backprop
 
 _NAN = float("nan")
 
@@ -52,15 +54,16 @@ def bp_twin(model: nn.Module) -> nn.Module:
     the same network trained by backpropagation."""
     twin = copy.deepcopy(model)
     for _, layer in local_layers(twin):
-        layer.method = "bp"
+        layer.strategy = Backprop(Backprop.restrict(layer.rule))
     twin.zero_grad(set_to_none=True)
     return twin
 
 
 def feedback_alignment(model: nn.Module) -> pd.DataFrame:
     """Per local layer: ``angle_BW_deg`` (angle between the feedback matrix and W, degrees) and
-    ``norm_ratio_BW`` (``||B||_F / ||W||_F``); NaN for the direct rules, whose feedback
-    matrices do not have W's shape."""
+    ``norm_ratio_BW`` (``||B||_F / ||W||_F``), B being :meth:`feedback_matrix` (for ``brsf`` the
+    latest draw); NaN for the direct rules (``dfa``, ``dfa_ungated``, ``dfa_block``), whose
+    feedback does not pass through a W-shaped matrix."""
     layers = local_layers(model)
     coss, ratios = [], []
     for _, layer in layers:
@@ -84,10 +87,11 @@ def update_alignment(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Te
     """Cosine between each local layer's applied weight update and BP's gradient on ``(x, y)``.
 
     ``loss_fn(model(x), y)`` must return a scalar. The rule runs on a deep copy (forward,
-    backward, :func:`feedback_step` with ``e`` taken from the output's gradient and
-    ``**step_kwargs``); BP runs on :func:`bp_twin`. Both passes see the same random state
-    (dropout masks), the global RNG is left as it was, and ``model`` is not modified (neither
-    its weights, its B, nor its ``.grad``).
+    :func:`capture_output_error` when a layer needs the output error, backward,
+    :func:`feedback_step` with ``**step_kwargs``); BP runs on :func:`bp_twin`. Both passes see
+    the same random state (dropout masks), the global RNG is left as it was, and ``model`` is
+    not modified (neither its weights, its B, nor its ``.grad``; a ``brsf`` redraw happens on
+    the copy).
 
     Columns: ``layer, type, method, cos_update_bp`` (1 = the rule applies BP's direction),
     ``update_norm, bp_grad_norm, angle_BW_deg, norm_ratio_BW`` (the latter two as in
@@ -101,11 +105,10 @@ def update_alignment(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Te
         cpu_state = torch.get_rng_state()
         cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
         out = rule(x)
-        need_e = needs_output_error(rule)
-        if need_e:
-            out.retain_grad()
+        if needs_output_error(rule):
+            capture_output_error(rule, out)
         loss_fn(out, y).backward()
-        feedback_step(rule, e=out.grad if need_e else None, **step_kwargs)
+        feedback_step(rule, **step_kwargs)
         torch.set_rng_state(cpu_state)
         for d, s in zip(devices, cuda_states):
             torch.cuda.set_rng_state(s, d)

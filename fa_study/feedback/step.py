@@ -8,7 +8,7 @@ from torch import nn
 
 from .base import LocalRuleMixin
 from .dfa import clear_block_errors
-from .options import check_decay
+from .options import check_decay, check_lr_b
 
 
 def local_layers(model: nn.Module) -> list[tuple[str, LocalRuleMixin]]:
@@ -17,17 +17,16 @@ def local_layers(model: nn.Module) -> list[tuple[str, LocalRuleMixin]]:
 
 
 def needs_output_error(model: nn.Module) -> bool:
-    """Whether :func:`feedback_step` needs ``e=`` (the model has a ``dfa`` layer)."""
-    return any(m.method == "dfa" for _, m in local_layers(model))
+    """Whether a layer of ``model`` needs the output error (``dfa``, ``dfa_ungated``): then
+    call :func:`fa_study.feedback.capture_output_error` after each forward, before the
+    backward (calling it anyway is harmless)."""
+    return any(m.strategy.needs_output_error for _, m in local_layers(model))
 
 
 def has_feedback_step(model: nn.Module) -> bool:
     """Whether any layer of ``model`` has a post-backward update (a trainer may skip the call
     otherwise; calling it anyway is harmless)."""
-    return any(
-        m.method in ("dfa", "dfa_block", "kolen_pollack", "weight_mirror")
-        or (m.method == "fa" and m.rule.fa_grape)
-        for _, m in local_layers(model))
+    return any(m.strategy.has_step for _, m in local_layers(model))
 
 
 @torch.no_grad()
@@ -37,24 +36,28 @@ def feedback_step(model: nn.Module, *, e: torch.Tensor | None = None, lr_b: floa
     """Apply every local layer's post-backward update. Call after ``loss.backward()`` and
     before ``optimizer.step()``, whatever the rules are::
 
-        out = model(x); out.retain_grad()          # retain_grad only needed for 'dfa'
+        out = model(x)
+        capture_output_error(model, out)        # does nothing unless a layer needs e
         loss = loss_fn(out, y); loss.backward()
-        feedback_step(model, e=out.grad)           # e may be None when no layer runs 'dfa'
+        feedback_step(model)
         optimizer.step(); optimizer.zero_grad()
 
-    * ``dfa``: weight/bias gradients overwritten with the projection of ``e`` ``(..., target_dim)``;
+    * ``dfa_ungated``: weight/bias gradients overwritten with the projection of the output
+      error (the captured one, or ``e`` ``(..., target_dim)`` when given);
     * ``dfa_block``: the same from the error recorded at the layer's block output;
     * ``kolen_pollack``, ``weight_mirror``, ``fa`` + GrAPE: B updated;
-    * ``bp``, ``fa``, ``sign_sym``: nothing to do.
+    * ``bp``, ``fa``, ``sign_sym``, ``frsf``, ``brsf``, ``dfa``: nothing to do (``dfa``'s
+      work happens in the backward).
 
     ``lr_b`` / ``decay`` override every layer's ``rule.lr_b`` / ``rule.b_decay`` for this call;
     ``generator`` drives the noise of the weight mirror and GrAPE (it must live on the model's
     device). Returns how many layers each rule updated, e.g. ``{"kolen_pollack": 3}``.
     """
-    check_decay(decay)
+    lr_b = check_lr_b(lr_b)
+    decay = check_decay(decay, "decay")
     counts: Counter[str] = Counter()
     for _, layer in local_layers(model):
-        if layer.feedback_step(e=e, lr_b=lr_b, decay=decay, generator=generator):
-            counts[layer.method + ("+grape" if layer.method == "fa" else "")] += 1
+        if layer.strategy.step(layer, e=e, lr_b=lr_b, decay=decay, generator=generator):
+            counts[layer.strategy.label] += 1
     clear_block_errors(model)
     return dict(counts)
