@@ -410,6 +410,7 @@ class BlockLocal(Method):
     """
 
     family = "block"
+    uses_bp_grads: ClassVar[bool] = False  # signals read ctx.bp_grads: computed before the forward
 
     def signals(self, model: BlockModel, ctx: CreditContext) -> list[torch.Tensor]:
         """``[a_0 .. a_L]``: each ``(batch, d)`` (broadcast over positions) or shaped like ``h_l``."""
@@ -430,12 +431,17 @@ class BlockLocal(Method):
         self.check_model(model)
         check_batch(x, y)
         self._zero_grads(model)
+        # the BP reference restores BatchNorm's running statistics in place: it must run before
+        # the forward whose graph the surrogates' backward still needs
+        bp_grads = CreditContext(model, x, y, [], None, None).bp_grads if self.uses_bp_grads else None
         h0, branches, hiddens = local_forward(model, x)
         z = model.pool(hiddens[-1]).detach().requires_grad_(True)
         logits = model.classify(z)
         loss = F.cross_entropy(logits, y)
         loss.backward()  # the head's gradients and a_top = dCE/d pool(h_L)
         ctx = CreditContext(model, x, y, hiddens, logits.detach(), z.grad.detach())
+        if bp_grads is not None:
+            ctx.__dict__["bp_grads"] = bp_grads
         a = self.signals(model, ctx)
         backward_local(model, [h0] + branches, a, self._penalties(model))
         self.learn(model, ctx)

@@ -230,6 +230,7 @@ class Oracle(BlockLocal):
     family = "block"
     summary = "block-local training with the exact BP gradient as credit (a ceiling)"
     takes_penalty = True
+    uses_bp_grads = True
     OPTIONS = {"penalty": PENALTY}
     LABELS = {"penalty": "λ"}
 

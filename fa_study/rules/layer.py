@@ -104,13 +104,13 @@ class LayerRule(Method):
         """What the converted model's backward delivers at every ``h_l`` (for a fresh copy, on a
         copy of the model with its random feedback redrawn)."""
         from .. import feedback
-        from ..protocol import _buffers_preserved
+        from ..protocol import buffers_preserved
 
         self._require_ready("credit")
         if self._fresh_seed is not None:
             model = self._redrawn_copy(model)
         check_batch(x, y)
-        with torch.enable_grad(), _buffers_preserved(model):
+        with torch.enable_grad(), buffers_preserved(model):
             h = model.embed(x)
             if not h.requires_grad:
                 h = h.detach().requires_grad_(True)
@@ -183,7 +183,7 @@ class BatchRandomSign(LayerRule):
 class LayerGrAPE(LayerRule):
     name = "layer_grape"
     summary = "per-layer FA whose B aligns to W's forward-probed Jacobian (GrAPE)"
-    layer_rule = "grape"
+    layer_rule = "fa"  # FA layers whose B is moved by GrAPE after every backward
     has_random_feedback = True
     learns_feedback = True
     OPTIONS = {
@@ -195,8 +195,8 @@ class LayerGrAPE(LayerRule):
     LABELS = {"lr_b": "η"}
 
     def convert_options(self, train_cfg):
-        return {"lr_b": self.lr_b, "grape_n_probe": self.n_probe, "grape_scale_free": self.scale_free,
-                "grape_normalize_columns": self.normalize_columns}
+        return {"fa_grape": True, "lr_b": self.lr_b, "grape_n_probe": self.n_probe,
+                "grape_scale_free": self.scale_free, "grape_normalize_columns": self.normalize_columns}
 
 
 def matched_step(train_cfg) -> tuple[float, float]:
@@ -282,7 +282,6 @@ class LayerDFA(LayerRule):
     needs_targets = True
     OPTIONS = {
         "gated": Option(True, boolean, "gate by f' of the next nonlinearity (False: seed 000's ungated form)"),
-        "init_std": Option(None, positive_or_none, "std of the direct feedback matrices (None: the package's default)"),
     }
     LABELS = {"gated": "gated"}
 
@@ -290,13 +289,18 @@ class LayerDFA(LayerRule):
     def layer_rule(self) -> str:  # type: ignore[override]
         return "dfa" if self.gated else "dfa_ungated"
 
-    def convert_options(self, train_cfg):
-        return {} if self.init_std is None else {"dfa_init_std": self.init_std}
-
 
 class LayerDFABlock(LayerRule):
+    """DFA inside each block: every Linear of block l gets the error at the block's output
+    projected through its own random matrix. Convolutions (ViTMini's patch embedding) stay on BP;
+    SmallResNet, all convolutions, is refused. The credit at the block boundaries is the ordinary
+    backward's (the projections act inside the blocks), so redrawing the matrices does not change
+    it: the fresh-feedback null does not apply."""
+
     name = "layer_dfa_block"
     summary = "DFA inside each block from the error at the block's output"
     layer_rule = "dfa_block"
-    archs = ("resmlp", "vit", "mlp")  # Linear-only: SmallResNet's convolutions have no block form
-    has_random_feedback = True
+    archs = ("resmlp", "vit", "mlp")
+
+    def convert_options(self, train_cfg):
+        return {"conv_method": "bp"}

@@ -294,10 +294,10 @@ class GrAPEFA(FA):
 # Stiefel-subspace DFA
 # --------------------------------------------------------------------------------------------
 
-def _rank(name: str, value) -> int:
+def _rank(name: str, value) -> int | None:
     from ..config import check_int
 
-    return check_int(name, value, 1)
+    return check_int(name, value, 1, none_ok=True, none_means="the number of classes")
 
 
 class StiefelDFA(BlockLocal):
@@ -319,7 +319,7 @@ class StiefelDFA(BlockLocal):
     learns_feedback = True
     OPTIONS = {
         "penalty": PENALTY,
-        "rank": Option(10, _rank, "r, the compressed error's dimension (at most the number of classes)"),
+        "rank": Option(None, _rank, "r, the compressed error's dimension (None: the number of classes)"),
         "eta_B": Option(0.1, nonnegative, "scale-free Riemannian step of U_l"),
         "probe": Option("node", choice(*PROBES), "g_hat: node perturbation, or 'bp' (the weight-transporting oracle)"),
         "sigma": Option(0.05, positive, "relative node-perturbation scale"),
@@ -338,11 +338,13 @@ class StiefelDFA(BlockLocal):
 
     def setup(self, model, num_classes, generator, *, train_cfg=None):
         self.check_arch(model.arch)
-        if self.rank > num_classes:
+        rank = int(num_classes) if self.rank is None else self.rank
+        if rank > num_classes:
             raise ValueError(f"rank must be at most the number of classes ({num_classes}): the "
-                             f"compressor C maps the {num_classes}-dim error to r dims; got rank={self.rank}")
-        if self.rank > model.width:
-            raise ValueError(f"rank must be at most the width d={model.width}, got rank={self.rank}")
+                             f"compressor C maps the {num_classes}-dim error to r dims; got rank={rank}")
+        if rank > model.width:
+            raise ValueError(f"rank must be at most the width d={model.width}, got rank={rank}")
+        self._rank = rank
         self._dims = (model.width, int(num_classes), model.num_blocks)
         self.feedback = self._draw(generator, model_device(model))
         self._step_seed = draw_seed(generator)
@@ -352,7 +354,7 @@ class StiefelDFA(BlockLocal):
 
     def _draw(self, generator: torch.Generator, device) -> StiefelFeedback:
         d, classes, num_blocks = self._dims
-        return StiefelFeedback(classes, [d] * (num_blocks + 1), self.rank, alpha_init=self.alpha_init,
+        return StiefelFeedback(classes, [d] * (num_blocks + 1), self._rank, alpha_init=self.alpha_init,
                                generator=generator, device=device)
 
     def fresh(self, generator):

@@ -375,7 +375,8 @@ class RARule(Method):
     def setup(self, model, num_classes, generator, *, train_cfg=None):
         self.check_arch(model.arch)
         self._dims, self._gain = list(model.dims), model.gain
-        self._lr_b = self.lr_b if self.lr_b is not None else (train_cfg.lr if train_cfg is not None else 0.05)
+        lr_b = getattr(self, "lr_b", None)
+        self._lr_b = lr_b if lr_b is not None else (train_cfg.lr if train_cfg is not None else 0.05)
         self._device = model.matrices()[0].device
         self._dtype = model.matrices()[0].dtype
         self.B = self.draw(generator)
