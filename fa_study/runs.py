@@ -135,11 +135,15 @@ class RunSpec:
     train: TrainConfig = TrainConfig()
     seed: int = 42  # model init, feedback draw, batch order (train.seed follows it)
     read: ReadSpec = ReadSpec()
+    rule_code: str = ""  # derived: a hash of the rule's source when it is not the package's own
 
     def __post_init__(self):
         from .rules import get_rule
 
         cls = get_rule(self.rule)
+        # A rule written in a notebook is not part of the package's code fingerprint: its own
+        # source enters the key, so editing it recomputes its runs instead of serving stale ones.
+        object.__setattr__(self, "rule_code", rule_source_hash(cls))
         opts = cls.check_options(dict(_sorted_options(self.options)))
         # only the options given explicitly or differing from the default enter the key
         given = dict(_sorted_options(self.options))
@@ -175,6 +179,21 @@ class RunSpec:
         """What a frozen-blocks baseline must share with this run to be its D3 reference: model,
         data and training settings (seed aside)."""
         return (self.model, self.data, dataclasses.replace(self.train, seed=0))
+
+
+def rule_source_hash(cls) -> str:
+    """``""`` for the package's rules; else a hash of the class's source (its qualified name when
+    the source cannot be read)."""
+    if cls.__module__.split(".")[0] == "fa_study":
+        return ""
+    import hashlib
+    import inspect
+
+    try:
+        text = inspect.getsource(cls)
+    except (OSError, TypeError):
+        text = f"{cls.__module__}.{cls.__qualname__}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------
