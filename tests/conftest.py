@@ -9,6 +9,25 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(min(int(os.environ.get("OMP_NUM_THREADS", "2")), torch.get_num_threads()))
 
 
+@pytest.fixture(scope="session")
+def _standin_roots(tmp_path_factory):
+    return tmp_path_factory.mktemp("no_real_data"), tmp_path_factory.mktemp("tensor_cache")
+
+
+@pytest.fixture(autouse=True)
+def standin_data(monkeypatch, _standin_roots):
+    """Unit tests see no real dataset: an empty data root, the known roots left out, one tensor
+    cache for the session. They then check the documented stand-ins, whatever the machine holds
+    (CI puts the real MNIST on FA_STUDY_DATA for the notebooks). Tests of the real files pass
+    their roots explicitly. The environment is restored after each test, so the notebooks that
+    nbval runs in this process see the caller's data path."""
+    empty, tensors = _standin_roots
+    monkeypatch.setenv("FA_STUDY_DATA", str(empty))
+    monkeypatch.setenv("FA_STUDY_DATA_KNOWN", "0")
+    monkeypatch.setenv("FA_STUDY_TENSOR_CACHE", str(tensors))
+    monkeypatch.setenv("FA_STUDY_OFFLINE", "1")
+
+
 @pytest.fixture
 def fresh_data_state(monkeypatch, tmp_path):
     """An empty data directory as the only data root (the known roots left out), its own

@@ -494,7 +494,11 @@ def test_concurrent_writers_leave_one_valid_entry(cache, tmp_path):
         assert p.returncode == 0, err[-3000:]
     res = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
     assert res[0]["frame"] == res[1]["frame"] == {"i": [5], "value": [25]}
-    assert len(list(markers.iterdir())) == 2 and [r["computed"] for r in res] == [1, 1]  # both wrote
+    # Usually both compute and both write; on a loaded machine one may start after the other
+    # published and be served instead. Either way: every computation left its marker, at least
+    # one computed, and one valid entry remains.
+    computed = [r["computed"] for r in res]
+    assert sum(computed) >= 1 and len(list(markers.iterdir())) == sum(computed)
     unit_dir = cache / "results" / unit_name(slow_unit)
     assert [p.name for p in unit_dir.iterdir()] == [spec_key(SlowSpec(5, str(markers), 1.0))]  # no temp left
     out, stats = run_units(slow_unit, [SlowSpec(5, str(markers), 1.0)])

@@ -13,7 +13,8 @@ import torchvision
 
 from fa_study import config, data
 
-SHARED_MNIST = Path("/work/shared/datasets")
+# the shared folder beside the checkout (../shared/datasets), as CI and the developers' machines have it
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 # class counts of real MNIST, from /work/shared/datasets/README.md
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
