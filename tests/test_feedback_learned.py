@@ -64,13 +64,15 @@ def test_grape_scale_free_step_matches_its_formula():
     B0 = B.clone()
     cos = float((B0 * T).sum() / (B0.norm() * T.norm()))
     got = grape_step(B, T, 0.3)
-    expected = B0 + 0.3 * (B0.norm() / T.norm() * T - cos * B0)
+    step = B0 + 0.3 * (B0.norm() / T.norm() * T - cos * B0)
+    expected = step * (B0.norm() / step.norm())  # a rotation: B keeps its norm
     torch.testing.assert_close(B, expected, rtol=1e-12, atol=1e-12)
+    assert B.norm().item() == pytest.approx(B0.norm().item(), rel=1e-12)
     assert got.dim() == 0 and got.item() == pytest.approx(cos, rel=1e-12)
-    # it equals the plain step with lr = rate |B|^2
+    # before the rescaling it is the plain step with lr = rate |B|^2
     B1 = B0.clone()
     grape_step(B1, T, 0.3 * float(B0.norm()) ** 2, scale_free=False)
-    torch.testing.assert_close(B1, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(B1, step, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
@@ -120,6 +122,7 @@ def test_layer_grape_steps_toward_the_probed_jacobian(scale_free):
     cos = float((B0 * J).sum() / (B0.norm() * J.norm()))
     if scale_free:
         expected = B0 + 0.2 * (B0.norm() / J.norm() * J - cos * B0)
+        expected = expected * (B0.norm() / expected.norm())
     else:
         expected = B0 - 0.2 * (-J / (B0.norm() * J.norm()) + cos * B0 / B0.norm() ** 2)
     torch.testing.assert_close(layer.B, expected, rtol=1e-12, atol=1e-12)
@@ -217,3 +220,15 @@ def test_plain_rules_have_no_post_backward_update():
         feedback_step(model, decay=1.5)
     with pytest.raises(ValueError, match="lr_b must be a finite number >= 0.*inf"):
         feedback_step(model, lr_b=float("inf"))
+
+
+def test_scale_free_grape_keeps_the_feedback_norm_under_noisy_targets():
+    """Steps toward noisy targets add a component orthogonal to B; without the rescaling |B|
+    grows as (1 + rate^2)^(steps/2) (threefold in 1,000 steps at rate 0.05, which blew up
+    notebook 00's GrAPE runs). The step is a rotation: |B| stays where it was drawn."""
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(16, 16, generator=g, dtype=D64)
+    n0 = float(B.norm())
+    for _ in range(1000):
+        grape_step(B, torch.randn(16, 16, generator=g, dtype=D64), 0.05)
+    assert float(B.norm()) == pytest.approx(n0, rel=1e-9)

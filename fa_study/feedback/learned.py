@@ -77,9 +77,14 @@ def grape_step(B: torch.Tensor, target: torch.Tensor, rate: float, *,
     ``target`` T has B's number of elements (it is viewed as B's shape). With
     ``grad = d(1 - cos)/dB = -T / (|B||T|) + cos B / |B|^2`` (Frobenius norms):
 
-    * ``scale_free=True`` (default): ``B <- B - rate |B|^2 grad = B + rate (|B|/|T| T - cos B)``.
-      The cosine is scale-free, so its gradient shrinks as ``1/|B|``; this learning rate makes
-      ``rate`` the fraction of a small angle closed per step, whatever the size of B or T.
+    * ``scale_free=True`` (default): ``B' = B - rate |B|^2 grad = B + rate (|B|/|T| T - cos B)``,
+      then rescaled to B's norm: ``B <- |B| B' / |B'|``, a pure rotation toward T. The cosine is
+      scale-free, so its gradient shrinks as ``1/|B|``; this learning rate makes ``rate`` the
+      fraction of a small angle closed per step, whatever the size of B or T. The rescaling keeps
+      the feedback's magnitude where it was drawn: without it every step toward a noisy target
+      (GrAPE's rank-n_probe estimate) adds a component orthogonal to B and |B| grows as
+      ``(1 + rate^2)^(steps/2)`` -- threefold in a thousand steps at rate 0.05, until the backward
+      blows up (seen in notebook 00's default runs).
     * ``scale_free=False``: the reference's plain step ``B <- B - rate grad``, whose effect
       depends on ``|B|``.
 
@@ -99,4 +104,6 @@ def grape_step(B: torch.Tensor, target: torch.Tensor, rate: float, *,
     grad = -t / (b_safe * t_safe) + cos * B2 / b_safe ** 2
     lr = rate * b_safe ** 2 if scale_free else torch.full_like(b_norm, float(rate))
     B2.sub_(torch.where(ok, lr * grad, torch.zeros_like(grad)))
+    if scale_free:
+        B2.mul_(torch.where(ok, b_norm / B2.norm().clamp_min(1e-30), torch.ones_like(b_norm)))
     return cos
