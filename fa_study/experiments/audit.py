@@ -85,6 +85,12 @@ class AuditStudy(Study):
         "paper": dict(epochs=100, n_train=None, n_test=None, seeds=(42, 123, 456),
                       archs=("resmlp", "resmlp_d512_L2", "vit", "resnet"), augment=True, null_draws=20),
     }
+    # Fashion-MNIST: the whole split when the real files are there (60,000 images)
+    CROSS_CHECK = {
+        "quick": dict(epochs=3, n_train=4000, n_test=1000, archs=("resmlp",), seeds=(42,)),
+        "default": dict(epochs=3, n_train=None, n_test=None, archs=("resmlp",), seeds=(42,), null_draws=10),
+        "paper": dict(epochs=30, n_train=None, n_test=None, augment=False),
+    }
     CONTROLS = {
         "rules": "rules", "archs": AUDIT_MODELS, "seeds": "seeds", "dataset": DATASETS,
         "penalty": (0.0, 0.05, 0.001), "epochs": (1, 100, 1), "lr": ("log", 1e-4, 1e-2),

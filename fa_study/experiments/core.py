@@ -37,6 +37,9 @@ class Study:
 
     PROFILES: dict = {}
     CONTROLS: dict = {}
+    # profile -> settings of the real-data cross-check (the same study on real Fashion-MNIST,
+    # where CIFAR is only the synthetic stand-in); see cross_check()
+    CROSS_CHECK: dict = {}
 
     @classmethod
     def rule_choices(cls) -> tuple[str, ...]:
@@ -53,6 +56,14 @@ class Study:
     def specs(self) -> list:
         """Every run of the study, as :class:`fa_study.runs.RunSpec` s."""
         raise NotImplementedError
+
+    def cross_check(self, profile: str | None = None):
+        """The same study on real Fashion-MNIST (1x28x28, 10 classes) with the profile's
+        cross-check settings (:attr:`CROSS_CHECK`): the real-data check of notebooks 02-05, whose
+        CIFAR is only a synthetic stand-in offline. Offline without Fashion-MNIST it runs on that
+        dataset's stand-in, and its results say so (``data_source``)."""
+        overrides = dict(self.CROSS_CHECK.get(get_profile(profile), {}))
+        return dataclasses.replace(self, dataset="fashion_mnist", **overrides)
 
     def run(self, *, callback: Callable | None = None, n_jobs: int = 1,
             progress: Callable | None = None) -> Results:

