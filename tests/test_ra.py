@@ -616,6 +616,10 @@ def test_training_rejects_bad_inputs(toy):
         train(_mlp(), build_rule("ra_comb"), train_ds, test_ds, {"optimizer": "sgd"})
     with pytest.raises(ValueError, match="fa_study.rules.Method"):
         train(_mlp(), "ra_comb", train_ds, test_ds, _cfg())
+    # RAConfig's training fields are the trainer's now
+    for bad in ({"log_every": 0}, {"lr": 0.0}, {"batch_size": -4}, {"epochs": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            _cfg(**bad)
     with pytest.raises(ValueError, match="cannot train a 'resmlp' model"):
         from fa_study.models import build_model
         torch.manual_seed(0)
