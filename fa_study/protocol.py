@@ -302,9 +302,14 @@ def audit(model: nn.Module, x_eval: torch.Tensor, y_eval: torch.Tensor, *,
 def decide_d3(test_acc: float, frozen_acc: float | None, d3_margin_pp: float = D3_MARGIN_PP
               ) -> tuple[float | None, bool | None]:
     """D3, decided here only: ``(depth margin test_acc - frozen_acc, fires)``; ``(None, None)``
-    (not evaluated) without a frozen-blocks accuracy (None or NaN)."""
+    (not evaluated) without a frozen-blocks accuracy (None or NaN). Accuracies are fractions in
+    [0, 1]: a percentage (35.0) is refused, as by :func:`audit`, instead of silently firing D3."""
     if frozen_acc is None or not math.isfinite(float(frozen_acc)):
         return None, None
+    for name, value in (("frozen_acc", frozen_acc), ("test_acc", test_acc)):
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{name} is an accuracy in [0, 1], got {value!r} "
+                             "(pass a fraction, not a percentage)")
     margin = float(test_acc) - float(frozen_acc)
     return margin, bool(margin < d3_margin_pp / 100.0)
 

@@ -1,16 +1,23 @@
-"""The block models: every architecture honours the block interface, and each block computes the
-reference's formula."""
+"""The block models: every architecture honours the block interface, accepts images and flat
+inputs, and each block computes the reference's formula; named variants resolve and display."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fa_study.models import ARCHS, DEFAULTS, BlockModel, ResidualMLP, SmallResNet, ViTMini, build_model
+from fa_study.models import (ARCHS, AUDIT_ARCHS, DEFAULTS, MLP, MODEL_NAMES, VARIANTS, BlockModel, MatrixMLP,
+                             ResidualMLP, SmallResNet, ViTMini, build_model, display_name, resolve)
+from fa_study.rules import ra
 
 SHAPE = (3, 8, 8)
 CLASSES = 5
 SIZES = {"resmlp": dict(d=16, num_blocks=3), "vit": dict(d=16, num_blocks=2, heads=2),
-         "resnet": dict(d=6, num_blocks=2)}
+         "resnet": dict(d=6, num_blocks=2), "mlp": dict(d=16, num_blocks=2),
+         "matrix_mlp": dict(d=16, num_blocks=2)}
+CLASSES_OF = {"resmlp": ResidualMLP, "vit": ViTMini, "resnet": SmallResNet, "mlp": MLP,
+              "matrix_mlp": MatrixMLP}
 
 
 def _model(arch: str, seed: int = 0, **kw) -> BlockModel:
@@ -24,7 +31,7 @@ def _x(n: int = 6, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(seed))
 
 
-HIDDEN_SHAPES = {"resmlp": (16,), "vit": (1 + 4, 16), "resnet": (6, 8, 8)}
+HIDDEN_SHAPES = {"resmlp": (16,), "vit": (1 + 4, 16), "resnet": (6, 8, 8), "mlp": (16,), "matrix_mlp": (16,)}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -63,6 +70,8 @@ def test_step_is_input_plus_branch(arch):
         assert torch.equal(h_next, model.step(l, h))
         assert torch.equal(f, model.branch(l, h))
         torch.testing.assert_close(h + f, h_next, rtol=0, atol=1e-6)
+        if arch in ("resnet", "mlp", "matrix_mlp"):  # no h + f form: the branch is the net change
+            assert torch.equal(f, h_next - h)
         h = h_next
 
 
@@ -72,7 +81,7 @@ def test_pool_and_broadcast(arch):
     h = model.embed(_x())
     pooled = model.pool(h)
     assert pooled.shape == (6, 16 if arch != "resnet" else 6)
-    if arch == "resmlp":
+    if arch in ("resmlp", "mlp", "matrix_mlp"):
         assert torch.equal(pooled, h)
     elif arch == "vit":
         assert torch.equal(pooled, h[:, 0])  # the cls token
@@ -81,7 +90,7 @@ def test_pool_and_broadcast(arch):
     a = torch.randn_like(pooled)
     b = model.broadcast(a, h)
     assert b.shape == h.shape
-    assert model.positions(h) == {"resmlp": 1, "vit": 5, "resnet": 64}[arch]
+    assert model.positions(h) == {"resmlp": 1, "vit": 5, "resnet": 64, "mlp": 1, "matrix_mlp": 1}[arch]
     # every position carries the same (batch, d) signal
     flat = b.reshape(6, -1, model.width) if arch != "resnet" else b.flatten(2).transpose(1, 2)
     assert torch.equal(flat, a.unsqueeze(1).expand_as(flat))
@@ -107,13 +116,14 @@ def test_shallow_model_has_no_blocks(arch):
 
 
 def test_build_model_defaults_and_bad_names():
-    for arch, cls in (("resmlp", ResidualMLP), ("vit", ViTMini), ("resnet", SmallResNet)):
+    assert set(ARCHS) == set(CLASSES_OF) and set(AUDIT_ARCHS) == {"resmlp", "vit", "resnet"}
+    for arch, cls in CLASSES_OF.items():
         m = build_model(arch)
         assert isinstance(m, cls)
         assert (m.width, m.num_blocks) == (DEFAULTS[arch]["d"], DEFAULTS[arch]["num_blocks"])
         assert m.arch == arch
     assert (DEFAULTS["resmlp"]["d"], DEFAULTS["vit"]["d"], DEFAULTS["resnet"]["d"]) == (256, 128, 64)
-    with pytest.raises(ValueError, match="'resmlp', 'vit', 'resnet'"):
+    with pytest.raises(ValueError, match="'resmlp', 'vit', 'resnet', 'mlp', 'matrix_mlp', 'resmlp_d512_L2'"):
         build_model("mlp-mixer")
     with pytest.raises(ValueError, match="num_blocks"):
         build_model("resmlp", num_blocks=-1)
@@ -123,6 +133,14 @@ def test_build_model_defaults_and_bad_names():
         build_model("vit", d=10, heads=4)
     with pytest.raises(ValueError, match="patch_size"):
         build_model("vit", input_shape=(3, 30, 30))
+    with pytest.raises(ValueError, match="activation"):
+        build_model("mlp", activation="softplus")
+    with pytest.raises(ValueError, match="activation"):
+        build_model("matrix_mlp", activation="gelu")  # RA's activations only
+    with pytest.raises(ValueError, match="ln"):
+        build_model("matrix_mlp", ln="yes")
+    with pytest.raises(ValueError, match="num_blocks"):
+        build_model("matrix_mlp", num_blocks=-1)
 
 
 def test_resmlp_block_is_the_reference_formula():
@@ -181,3 +199,81 @@ def test_resnet_block_is_the_reference_formula():
     expected = model.out_head(h.mean(dim=(2, 3)))
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
     assert isinstance(model.blocks[0].bn1, nn.BatchNorm2d)
+
+
+# ---------------------------------------------------------------------------- MNIST shape, flat inputs
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_architecture_takes_mnist_images_and_flat_inputs(arch):
+    torch.manual_seed(0)
+    sizes = dict(SIZES[arch])
+    model = build_model(arch, input_shape=(1, 28, 28), num_classes=10, **sizes).eval()
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    logits, hiddens = model(x, return_hidden=True)
+    assert logits.shape == (3, 10) and torch.isfinite(logits).all()
+    assert torch.equal(model(x.reshape(3, 784)), logits)
+    if arch == "vit":  # 4x4 patches of a 28x28 image: 49 patches and the cls token
+        assert hiddens[0].shape == (3, 50, 16)
+    with pytest.raises(ValueError, match="expects inputs shaped"):
+        model(torch.randn(3, 3, 28, 28))
+
+
+# ---------------------------------------------------------------------------- MLP and MatrixMLP
+
+def test_mlp_is_the_reference_formula():
+    model = _model("mlp", activation="tanh").eval()
+    x = _x()
+    h = torch.tanh(F.linear(x.reshape(6, -1), model.embed_layer.linear.weight, model.embed_layer.linear.bias))
+    for blk in model.blocks:
+        h = torch.tanh(F.linear(h, blk.linear.weight, blk.linear.bias))  # no skip
+    expected = F.linear(h, model.out_head.weight, model.out_head.bias)
+    torch.testing.assert_close(model(x), expected)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == model.num_blocks + 2  # embed, blocks, head: the layer rules convert them all
+
+
+@pytest.mark.parametrize("activation", ra.ACTIVATIONS)
+@pytest.mark.parametrize("ln", [True, False])
+def test_matrix_mlp_is_ra_forward_of_its_matrices(activation, ln):
+    """MatrixMLP's hidden states are ra.forward's hidden activations and its logits ra.forward's,
+    given the same matrices: the rules' explicit formulas and the model are one network."""
+    model = _model("matrix_mlp", activation=activation, ln=ln).eval()
+    x = _x()
+    W = [w.detach() for w in model.matrices()]
+    assert [tuple(w.shape) for w in W] == [(16, 192), (16, 16), (16, 16), (CLASSES, 16)]
+    assert model.dims == [192, 16, 16, 16, CLASSES] == ra.make_dims(192, 16, 4, CLASSES)
+    acts, _ = ra.forward(x.reshape(6, -1), W, activation, ln)
+    logits, hiddens = model(x, return_hidden=True)
+    assert len(hiddens) == len(acts) - 2  # acts = [x, h_0 .. h_L, logits]
+    for h, a in zip(hiddens, acts[1:-1]):
+        torch.testing.assert_close(h, a)
+    torch.testing.assert_close(logits, acts[-1])
+    assert [n for n, _ in model.named_parameters()] == ["embed_layer.weight", "blocks.0.weight",
+                                                         "blocks.1.weight", "out_head.weight"]  # no biases
+
+
+@pytest.mark.parametrize("activation,gain", [("linear", 1.0), ("relu", math.sqrt(2.0))])
+def test_matrix_mlp_init_scale_is_gain_over_sqrt_fan_in(activation, gain):
+    torch.manual_seed(0)
+    model = MatrixMLP((1, 20, 20), 10, 300, 1, activation=activation)
+    assert model.gain == gain == ra.init_gain(activation)
+    for w in model.matrices():
+        assert w.std().item() == pytest.approx(gain / math.sqrt(w.shape[1]), rel=0.05)
+
+
+# ---------------------------------------------------------------------------- named variants
+
+def test_named_variants_resolve_build_and_display():
+    assert VARIANTS == {"resmlp_d512_L2": ("resmlp", 512, 2)}
+    assert set(MODEL_NAMES) == set(ARCHS) | set(VARIANTS)
+    assert resolve("resmlp_d512_L2") == ("resmlp", 512, 2)
+    assert resolve("resmlp") == ("resmlp", None, None) and resolve("vit", 32, 3) == ("vit", 32, 3)
+    with pytest.raises(ValueError, match="model.*'resmlp_d512_L2'"):
+        resolve("resmlp_d1024")
+    model = build_model("resmlp_d512_L2", input_shape=SHAPE, num_classes=CLASSES)
+    assert isinstance(model, ResidualMLP)
+    assert (model.arch, model.width, model.num_blocks) == ("resmlp", 512, 2)
+    assert display_name("resmlp", 512, 2) == "resmlp_d512_L2"
+    assert display_name(model.arch, model.width, model.num_blocks) == "resmlp_d512_L2"
+    assert display_name("resmlp", 256, 4) == "resmlp" and display_name("vit", 512, 2) == "vit"
+    assert display_name("resmlp", None, None) == "resmlp"

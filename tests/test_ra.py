@@ -1,4 +1,7 @@
-"""Tests of fa_study.ra against references: torch autograd, explicit formulas, hand-built matrices.
+"""Reciprocal alignment (fa_study.rules.ra): the formulas against references (torch autograd,
+explicit formulas, hand-built matrices), the RA rules trained on a MatrixMLP through the one
+trainer (fa_study.train.train) against a by-hand replay of the reference's SGD loop, and the
+validation of the rules' options and of fa_study.experiments.RAStudy.
 
 Autograd references for the feedback-alignment rules are built with two standard tricks:
 
@@ -20,7 +23,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fa_study import ra
+from fa_study import data
+from fa_study.models import MatrixMLP
+from fa_study.rules import RULES, build_rule, ra
+from fa_study.train import TrainConfig, train
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -244,26 +250,36 @@ def test_rev_gradient_in_general_is_fa_through_W_with_ln_derivative_ignored():
     assert not torch.allclose(grads[1], true[1], rtol=1e-2, atol=0)
 
 
-def test_b_grads_dispatches_and_mixes():
+def _rule_with(name: str, B, **options):
+    """An RA rule holding the feedback matrices ``B`` (its b_grads reads only ``self.B``)."""
+    rule = build_rule(name, **options)
+    rule.B = B
+    return rule
+
+
+def test_rules_b_grads_dispatch_and_mix():
+    """Each RA rule's B update is the formula it names; ra_comb mixes (1 - lam) rev + lam recon."""
     W, B, x, _ = small_problem(seed=8)
     acts, _ = ra.forward(x, W, "linear", ln=True)
     g_rev, l_rev = ra.b_grads_rev(acts, x, W, B)
     g_rec, l_rec = ra.b_grads_recon(acts, B)
-    for arm in ("bp", "fa"):
-        assert ra.b_grads(arm, acts, x, W, B) == (None, {"rev_loss": None, "recon_loss": None})
-    g, losses = ra.b_grads("ra_rev", acts, x, W, B, lam=0.9)  # lam only affects ra_comb
-    assert close(g, g_rev) and losses["recon_loss"] is None and torch.equal(losses["rev_loss"], l_rev)
-    g, losses = ra.b_grads("ra_recon", acts, x, W, B)
-    assert close(g, g_rec) and losses["rev_loss"] is None
-    g, losses = ra.b_grads("ra_comb", acts, x, W, B, lam=0.25)
+    assert _rule_with("ra_fa", B).b_grads(acts, x, W) == (None, None, None)  # B stays fixed
+    g, rev, recon = _rule_with("ra_rev", B).b_grads(acts, x, W)
+    assert close(g, g_rev) and recon is None and torch.equal(rev, l_rev)
+    g, _, _ = _rule_with("ra_rev", B, ln_b=False).b_grads(acts, x, W)  # the option reaches the formula
+    assert close(g, ra.b_grads_rev(acts, x, W, B, ln_b=False)[0])
+    assert not close(g, g_rev)
+    g, rev, recon = _rule_with("ra_recon", B).b_grads(acts, x, W)
+    assert close(g, g_rec) and rev is None and torch.equal(recon, l_rec)
+    g, rev, recon = _rule_with("ra_comb", B, lam=0.25).b_grads(acts, x, W)
     assert close(g, [0.75 * a + 0.25 * b for a, b in zip(g_rev, g_rec)])
-    assert torch.equal(losses["rev_loss"], l_rev) and torch.equal(losses["recon_loss"], l_rec)
-    g0, _ = ra.b_grads("ra_comb", acts, x, W, B, lam=0.0)
+    assert torch.equal(rev, l_rev) and torch.equal(recon, l_rec)
+    assert close(_rule_with("ra_comb", B).b_grads(acts, x, W)[0],  # default lam = 0.5
+                 [0.5 * a + 0.5 * b for a, b in zip(g_rev, g_rec)])
+    g0, _, _ = _rule_with("ra_comb", B, lam=0.0).b_grads(acts, x, W)
     assert all(torch.equal(a, b) for a, b in zip(g0, g_rev))
-    with pytest.raises(ValueError, match="lam"):
-        ra.b_grads("ra_comb", acts, x, W, B, lam=1.5)
-    with pytest.raises(ValueError, match="arm.*allowed"):
-        ra.b_grads("ra", acts, x, W, B)
+    g1, _, _ = _rule_with("ra_comb", B, lam=1.0).b_grads(acts, x, W)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g_rec))
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,129 +332,321 @@ def test_update_angles_between_fa_and_bp_updates():
 
 
 # --------------------------------------------------------------------------------------------
-# configuration
+# options of the rules and of the study (validation only: nothing is trained here)
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs,field", [
-    ({"arm": "dfa"}, "arm"), ({"activation": "gelu"}, "activation"), ({"depth": 1}, "depth"),
-    ({"depth": 2.5}, "depth"), ({"hidden": 0}, "hidden"), ({"lr": 0.0}, "lr"), ({"lr": -1.0}, "lr"),
-    ({"lr": float("nan")}, "lr"), ({"lr_b": 0.0}, "lr_b"), ({"epochs": 0}, "epochs"),
-    ({"batch_size": -4}, "batch_size"), ({"lam": -0.1}, "lam"), ({"lam": 1.01}, "lam"),
-    ({"log_every": 0}, "log_every"), ({"ln": "yes"}, "ln"), ({"n_train": 0}, "n_train"),
-    ({"seed": 1.5}, "seed"),
+@pytest.mark.parametrize("name,options,field", [
+    ("ra_comb", {"lam": 1.5}, "lam"), ("ra_comb", {"lam": -0.1}, "lam"), ("ra_comb", {"lam": 1.01}, "lam"),
+    ("ra_comb", {"lam": math.nan}, "lam"), ("ra_comb", {"lam": "0.5"}, "lam"),
+    ("ra_rev", {"lr_b": 0.0}, "lr_b"), ("ra_rev", {"lr_b": -1.0}, "lr_b"),
+    ("ra_recon", {"lr_b": math.inf}, "lr_b"), ("ra_comb", {"lr_b": math.nan}, "lr_b"),
+    ("ra_rev", {"ln_b": "yes"}, "ln_b"), ("ra_comb", {"ln_b": 1}, "ln_b"),
 ])
-def test_config_rejects_bad_values_naming_the_field(kwargs, field):
+def test_rule_options_reject_bad_values_naming_the_option(name, options, field):
+    with pytest.raises(ValueError, match=field):
+        build_rule(name, **options)
+
+
+def test_rule_options_belong_to_the_rule_that_takes_them():
+    """lam only exists for ra_comb, ln_b only where the reverse task runs, and the fixed-B
+    control takes no option at all (its B is never trained)."""
+    with pytest.raises(ValueError, match="rule 'ra_rev' has no option 'lam'"):
+        build_rule("ra_rev", lam=0.9)
+    with pytest.raises(ValueError, match="rule 'ra_recon' has no option 'ln_b'"):
+        build_rule("ra_recon", ln_b=False)
+    with pytest.raises(ValueError, match="rule 'ra_fa' has no option 'lr_b'"):
+        build_rule("ra_fa", lr_b=0.1)
+    assert set(RULES["ra_comb"].OPTIONS) == {"lr_b", "ln_b", "lam"}
+    assert not RULES["ra_fa"].learns_feedback and RULES["ra_comb"].learns_feedback
+    assert all(RULES[n].has_random_feedback and RULES[n].archs == ("matrix_mlp",)
+               for n in ("ra_fa", "ra_rev", "ra_recon", "ra_comb"))
+
+
+def test_rule_option_defaults_and_coercion():
+    rule = build_rule("ra_comb")
+    assert rule.options() == {"lr_b": None, "ln_b": True, "lam": 0.5}  # lr_b None: the trainer's lr
+    rule = build_rule("ra_comb", lr_b=np.float32(0.5), lam=1)
+    assert type(rule.lr_b) is float and rule.lr_b == 0.5 and type(rule.lam) is float and rule.lam == 1.0
+    assert rule.label() == "ra_comb lr_b=0.5 λ=1"
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"rules": ("dfa",)}, "rule"), ({"rules": ()}, "rules"), ({"activation": "gelu"}, "activation"),
+    ({"depth": 1}, "depth"), ({"depth": 2.5}, "depth"), ({"hidden": 0}, "hidden"), ({"lr": 0.0}, "lr"),
+    ({"lr": -1.0}, "lr"), ({"lr": float("nan")}, "lr"), ({"lr_b": 0.0}, "lr_b"), ({"epochs": 0}, "epochs"),
+    ({"batch_size": -4}, "batch_size"), ({"lam": -0.1}, "lam"), ({"lam": 1.01}, "lam"), ({"ln": "yes"}, "ln"),
+    ({"n_train": 0}, "n_train"), ({"n_test": 0}, "n_test"), ({"seeds": (1.5,)}, "seeds"),
+    ({"seeds": (1, 1)}, "seeds"), ({"dataset": "cifar10"}, "dataset"),
+])
+def test_study_rejects_bad_values_naming_the_field(kwargs, field):
+    from fa_study.experiments import RAStudy
+
     with pytest.raises(ValueError, match=field) as info:
-        ra.RAConfig(**kwargs)
-    if field in ("arm", "activation"):  # enumerated: the message lists what is allowed
-        allowed = ra.ARMS if field == "arm" else ra.ACTIVATIONS
+        RAStudy(**kwargs)
+    if field in ("rule", "activation"):  # enumerated: the message lists what is allowed
+        allowed = ("bp", "ra_fa", "ra_rev", "ra_recon", "ra_comb") if field == "rule" else ra.ACTIVATIONS
         assert all(repr(a) in str(info.value) for a in allowed)
 
 
-def test_config_defaults_and_coercion():
-    cfg = ra.RAConfig()
-    assert (cfg.depth, cfg.hidden, cfg.activation, cfg.ln, cfg.lr) == (4, 256, "linear", True, 0.05)
-    assert cfg.lr_b_effective == 0.05
-    cfg = ra.RAConfig(lr=1, lr_b=np.float32(0.5), depth=np.int64(3), lam=1)
-    assert isinstance(cfg.lr, float) and cfg.lr_b_effective == 0.5
-    assert type(cfg.depth) is int and cfg.lam == 1.0
+def test_study_defaults_and_its_runs():
+    """RAStudy's runs are MatrixMLP runs with plain SGD (no momentum, no decay, constant step),
+    the RA read-outs on, and each rule given only the options it takes."""
+    from fa_study.experiments import RAStudy
+
+    study = RAStudy()
+    assert (study.depth, study.hidden, study.activation, study.ln, study.lr, study.lr_b, study.lam) == \
+        (4, 256, "linear", True, 0.05, 0.01, 0.5)
     with pytest.raises(Exception):
-        cfg.lr = 0.1  # frozen
+        study.lr = 0.1  # frozen
+    study = RAStudy(rules=("bp", "ra_fa", "ra_rev", "ra_comb"), depth=3, hidden=32, lam=0.3)
+    specs = {s.rule: s for s in study.specs()}
+    assert dict(specs["ra_comb"].options) == {"lr_b": 0.01, "lam": 0.3}
+    assert dict(specs["ra_rev"].options) == {"lr_b": 0.01}
+    assert dict(specs["ra_fa"].options) == {} and dict(specs["bp"].options) == {}
+    for spec in specs.values():
+        assert (spec.model.arch, spec.model.d, spec.model.num_blocks) == ("matrix_mlp", 32, 1)
+        assert dict(spec.model.options) == {"activation": "linear", "ln": True}
+        t = spec.train
+        assert (t.optimizer, t.momentum, t.weight_decay, t.schedule, t.lr) == \
+            ("sgd", 0.0, 0.0, "constant", 0.05)
+        assert t.feedback_quality and t.seed == 42
 
 
 # --------------------------------------------------------------------------------------------
-# training
+# training through fa_study.train.train
 # --------------------------------------------------------------------------------------------
 
-def blobs(seed: int, n: int, d: int = 20, k: int = 4):
-    """Gaussian clusters: linearly separable enough that every arm can learn them."""
+IMAGE = (1, 4, 5)  # 20 features, seen by MatrixMLP as a 1x4x5 image
+CLASSES = 4
+
+
+def blobs(seed: int, n: int, d: int = 20, k: int = CLASSES):
+    """Gaussian clusters: linearly separable enough that every rule can learn them."""
     g = torch.Generator().manual_seed(seed)
     centers = 2.0 * torch.randn(k, d, generator=torch.Generator().manual_seed(99))
     y = torch.randint(0, k, (n,), generator=g)
     return centers[y] + torch.randn(n, d, generator=g), y
 
 
+def _dataset(split, x, y, shape=IMAGE, classes=CLASSES):
+    return data.Dataset("blobs", split, x.reshape(x.shape[0], *shape), y, "synthetic", classes,
+                        (0.0,), (1.0,))
+
+
 @pytest.fixture(scope="module")
 def toy():
-    return (*blobs(1, 256), *blobs(2, 128))
+    return _dataset("train", *blobs(1, 256)), _dataset("test", *blobs(2, 128))
 
 
-def small_cfg(**kw):
-    base = dict(arm="ra_comb", depth=3, hidden=16, epochs=3, batch_size=32, lr=0.05, lr_b=0.002,
-                log_every=4, seed=0)
+def _mlp(seed: int = 0, d: int = 16, num_blocks: int = 1, **kw) -> MatrixMLP:
+    """MatrixMLP 20 -> d -> ... -> 4 with ``num_blocks + 2`` matrices (the reference's depth)."""
+    torch.manual_seed(seed)
+    return MatrixMLP(IMAGE, CLASSES, d, num_blocks, **kw)
+
+
+def _cfg(**kw) -> TrainConfig:
+    """Plain SGD as the reference: no momentum, no decay, constant step."""
+    base = dict(epochs=3, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.0, weight_decay=0.0,
+                schedule="constant", eval_batch=128, log_every=4, seed=0, feedback_quality=True)
     base.update(kw)
-    return ra.RAConfig(**base)
+    return TrainConfig(**base)
 
 
-def test_train_log_is_tidy_and_complete(toy):
-    records = []
-    cfg = small_cfg(n_test=100)
-    log = ra.train_ra(cfg, *toy, callback=records.append)
-    assert list(log["epoch"]) == [0, 1, 2, 3] and list(log["step"]) == [0, 8, 16, 24]
-    layer_cols = [f"{p}_{l}" for p in ("align", "angle") for l in range(3)]
-    layer_cols += [f"update_angle_{l}" for l in range(2)]
-    for col in ["arm", "epoch", "step", "test_acc", "train_loss", "rev_loss", "recon_loss",
-                "status", "diverged_epoch", *layer_cols, "depth", "hidden", "activation", "ln",
-                "lr", "lr_b", "lam", "epochs", "batch_size", "seed", "log_every", "n_train", "n_test"]:
-        assert col in log.columns, col
-    assert "update_angle_2" not in log.columns
-    assert (log["status"] == "ok").all() and log["diverged_epoch"].isna().all()
-    assert (log["n_train"] == 256).all() and (log["n_test"] == 100).all()
-    assert math.isnan(log["train_loss"][0]) and log["train_loss"][1:].notna().all()
-    assert log[["rev_loss", "recon_loss"]][1:].notna().all().all()
-    assert log["test_acc"].iloc[-1] > 0.8  # qualitative: separable blobs are learned
-    assert [r["step"] for r in records] == [4, 8, 12, 16, 20, 24]
-    assert set(records[0]) >= {"step", "loss", "alignment", "epoch"} and len(records[0]["alignment"]) == 3
-    bp = ra.train_ra(small_cfg(arm="bp"), *toy)
-    assert bp["rev_loss"].isna().all() and bp["recon_loss"].isna().all()
-    assert bp["align_0"].iloc[-1] == pytest.approx(bp["align_0"].iloc[0], rel=0.2)  # B is never trained
+def test_history_is_tidy_and_complete(toy):
+    model, rule = _mlp(), build_rule("ra_comb", lr_b=0.002)
+    hist = train(model, rule, *toy, _cfg())
+    assert list(hist["epoch"]) == [0, 1, 2, 3] and (hist["status"] == "ok").all()
+    assert hist["diverged_epoch"].isna().all() and hist.attrs["status"] == "ok"
+    layer_cols = [f"{p}_{l}" for p in ("align", "angle") for l in range(3)]  # every matrix
+    layer_cols += [f"update_angle_{l}" for l in range(2)]  # the hidden matrices only
+    for col in ["epoch", "train_loss", "train_acc", "test_acc", "rev_loss", "recon_loss", "status",
+                "diverged_epoch", *layer_cols, "cos_0", "g_norm_1", "rule", "lr_b", "ln_b", "lam", "arch",
+                "num_blocks", "optimizer", "lr", "epochs", "batch_size", "seed"]:
+        assert col in hist.columns, col
+    assert "update_angle_2" not in hist.columns and "align_3" not in hist.columns
+    assert hist[layer_cols].notna().all().all()
+    # rev_loss / recon_loss are means over an epoch's steps: none before training
+    assert hist[["rev_loss", "recon_loss"]].iloc[0].isna().all()
+    assert hist[["rev_loss", "recon_loss"]].iloc[1:].notna().all().all()
+    assert (hist["rule"] == "ra_comb").all() and (hist["arch"] == "matrix_mlp").all()
+    assert (hist["lam"] == 0.5).all() and (hist["lr_b"] == 0.002).all()
+    assert hist["test_acc"].iloc[-1] > 0.8  # qualitative: separable blobs are learned
+    # ra_fa computes neither B loss; its B never moves
+    model, fixed = _mlp(), build_rule("ra_fa")
+    fixed.setup(model, CLASSES, torch.Generator().manual_seed(0))
+    B0 = [b.clone() for b in fixed.B]
+    hist = train(model, fixed, *toy, _cfg())
+    assert hist[["rev_loss", "recon_loss"]].isna().all().all()
+    assert all(torch.equal(a, b) for a, b in zip(B0, fixed.B))
 
 
-def test_train_epoch_loss_is_the_sample_weighted_mean(toy):
-    """With 256 samples in batches of 100 (100, 100, 56), train_loss is the mean over samples."""
-    x, y, tx, ty = toy
-    cfg = small_cfg(arm="bp", epochs=1, batch_size=100, log_every=100)
-    log, mats = ra.train_ra(cfg, x, y, tx, ty, return_weights=True)
+def test_read_outs_are_the_formulas_on_the_eval_batch(toy):
+    """align_l / angle_l / update_angle_l of the last epoch are ra.alignment / angles /
+    update_angles of the trained W and B on the eval batch."""
+    train_ds, test_ds = toy
+    model, rule = _mlp(), build_rule("ra_rev", lr_b=0.01)
+    hist = train(model, rule, train_ds, test_ds, _cfg(epochs=2, eval_batch=64))
+    W = [w.detach() for w in model.matrices()]
+    acts, pre = ra.forward(test_ds.x[:64].reshape(64, -1), W, "linear", True)
+    _, grad_top = ra.output_grad(acts[-1], test_ds.y[:64])
+    last = hist.iloc[-1]
+    for prefix, vals in (("align", ra.alignment(W, rule.B)), ("angle", ra.angles(W, rule.B)),
+                         ("update_angle", ra.update_angles(acts, pre, grad_top, W, rule.B))):
+        assert [last[f"{prefix}_{l}"] for l in range(len(vals))] == pytest.approx(vals, rel=1e-6, abs=1e-6)
+    assert last["align_0"] < hist["align_0"].iloc[0]  # the reverse task pulls B towards W^T
+
+
+def _replay(train_ds, cfg, W, B, rule_name, lr_b, activation="linear", ln=True, ln_b=True, lam=0.5):
+    """The reference's loop by hand: per batch, W -= lr * w_grads(...) and B -= lr_b * b_grads(...)
+    from the same snapshot of W and B; returns per-epoch (sample-weighted) mean losses."""
     from fa_study.data import BatchIterator
-    W, B = ra.init_mats(ra.make_dims(20, 16, 3, 4), 0, device="cpu")
-    total = 0.0
-    for xb, yb in BatchIterator(x, y, 100, seed=0):  # replay the same batches
-        acts, pre = ra.forward(xb, W, "linear", True)
-        loss, gt = ra.output_grad(acts[-1], yb)
-        total += loss.item() * len(yb)
-        for w, g in zip(W, ra.w_grads(acts, pre, gt, W, B, True)):
-            w.sub_(0.05 * g)
-    assert log["train_loss"].iloc[1] == pytest.approx(total / 256, rel=1e-6)
-    assert all(torch.equal(a, b) for a, b in zip(W, mats["W"]))
+
+    batches = BatchIterator.from_dataset(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    epochs = []
+    for _ in range(cfg.epochs):
+        sums, n = torch.zeros(3, dtype=torch.float64), 0
+        for xb, yb in batches:
+            xb = xb.reshape(xb.shape[0], -1)
+            acts, pre = ra.forward(xb, W, activation, ln)
+            loss, grad_top = ra.output_grad(acts[-1], yb)
+            g_w = ra.w_grads(acts, pre, grad_top, W, B, use_bp=rule_name == "bp", activation=activation)
+            g_b, rev, recon = None, math.nan, math.nan
+            if rule_name in ("ra_rev", "ra_comb"):
+                g_b, rev = ra.b_grads_rev(acts, xb, W, B, ln_b=ln_b)
+            if rule_name in ("ra_recon", "ra_comb"):
+                g_rec, recon = ra.b_grads_recon(acts, B)
+                g_b = g_rec if g_b is None else [(1 - lam) * a + lam * b for a, b in zip(g_b, g_rec)]
+            for w, g in zip(W, g_w):
+                w.sub_(cfg.lr * g)
+            if g_b is not None:
+                for b, g in zip(B, g_b):
+                    b.sub_(lr_b * g)
+            sums += torch.tensor([float(loss), float(rev), float(recon)], dtype=torch.float64) * len(yb)
+            n += len(yb)
+        epochs.append((sums / n).tolist())
+    return epochs
 
 
-def test_same_seed_gives_identical_logs(toy):
-    a = ra.train_ra(small_cfg(), *toy)
-    b = ra.train_ra(small_cfg(), *toy)
+@pytest.mark.parametrize("rule_name,options,ln", [
+    ("ra_comb", {"lr_b": 0.05, "lam": 0.3}, True), ("ra_rev", {"ln_b": False}, True),
+    ("ra_recon", {"lr_b": 0.02}, True), ("ra_fa", {}, True), ("ra_comb", {"lr_b": 0.03}, False),
+    ("bp", {}, False),  # without LayerNorm the reference's BP arm is the exact gradient: bp's
+])
+def test_sgd_steps_replay_the_reference_loop(toy, rule_name, options, ln):
+    """256 samples in batches of 100 (100, 100, 56): train_loss (and rev_loss / recon_loss) are
+    the sample-weighted means of the epoch's steps, and the trained W and B equal the reference's
+    ``W -= lr * w_grads(...)``, ``B -= lr_b * b_grads(...)`` replayed by hand (float64; torch's SGD
+    may round differently). ``lr_b`` None means the trainer's lr."""
+    train_ds, test_ds = (data.Dataset(d.name, d.split, d.x.double(), d.y, d.source, d.num_classes,
+                                      d.mean, d.std) for d in toy)
+    cfg = _cfg(epochs=2, batch_size=100, log_every=100, seed=3, lr=0.04)
+    model = _mlp(activation="tanh", ln=ln).double()
+    rule = build_rule(rule_name, **options)
+    rule.setup(model, CLASSES, torch.Generator().manual_seed(5), train_cfg=cfg)
+    W = [w.detach().clone() for w in model.matrices()]
+    B = [b.clone() for b in getattr(rule, "B", [])]
+    hist = train(model, rule, train_ds, test_ds, cfg)
+    lr_b = options.get("lr_b") or cfg.lr
+    expected = _replay(train_ds, cfg, W, B, rule_name, lr_b, activation="tanh", ln=ln,
+                       ln_b=options.get("ln_b", True), lam=options.get("lam", 0.5))
+    for epoch, (loss, rev, recon) in enumerate(expected, start=1):
+        row = hist[hist["epoch"] == epoch].iloc[0]
+        assert row["train_loss"] == pytest.approx(loss, rel=1e-6)
+        if rule_name != "bp":
+            assert row["rev_loss"] == pytest.approx(rev, rel=1e-9, nan_ok=True)
+            assert row["recon_loss"] == pytest.approx(recon, rel=1e-9, nan_ok=True)
+    for w, ref in zip(model.matrices(), W):
+        torch.testing.assert_close(w.detach(), ref, rtol=1e-10, atol=1e-12)
+    if rule_name != "bp":
+        for b, ref in zip(rule.B, B):
+            torch.testing.assert_close(b, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_one_step_updates_b_from_the_snapshot_of_this_forward():
+    """One fill_grads: W's .grad is the FA update of this batch's forward and B has moved by
+    lr_b * b_grads of the same W, B and activations (as the reference), before any W step."""
+    model = _mlp(d=9).double()
+    g = torch.Generator().manual_seed(12)
+    x, y = torch.randn(16, 20, generator=g, dtype=DT), torch.randint(0, CLASSES, (16,), generator=g)
+    rule = build_rule("ra_comb", lr_b=0.1, lam=0.4)
+    rule.setup(model, CLASSES, torch.Generator().manual_seed(0))
+    W = [w.detach().clone() for w in model.matrices()]
+    B = [b.clone() for b in rule.B]
+    acts, pre = ra.forward(x, W, "linear", True)
+    _, grad_top = ra.output_grad(acts[-1], y)
+    loss, logits = rule.fill_grads(model, x.reshape(-1, *IMAGE), y)
+    assert torch.equal(logits, acts[-1]) and loss.item() == pytest.approx(F.cross_entropy(acts[-1], y).item())
+    assert all(torch.equal(w, w0) for w, w0 in zip(model.matrices(), W))  # the optimizer steps W
+    for p, g_w in zip(model.matrices(), ra.w_grads(acts, pre, grad_top, W, B, False)):
+        torch.testing.assert_close(p.grad, g_w, rtol=1e-12, atol=1e-14)
+    g_rev, _ = ra.b_grads_rev(acts, x, W, B)
+    g_rec, _ = ra.b_grads_recon(acts, B)
+    for b, b0, gr, gc in zip(rule.B, B, g_rev, g_rec):
+        torch.testing.assert_close(b, b0 - 0.1 * (0.6 * gr + 0.4 * gc), rtol=1e-12, atol=1e-14)
+    # the rule's credit at h_0 .. h_L is the FA error carried down through B (LayerNorm as identity)
+    _, signals = ra.w_grads(acts, pre, grad_top, W, rule.B, False, return_signals=True)
+    assert all(torch.equal(a, s) for a, s in zip(rule.credit(model, x, y), signals))
+
+
+def test_same_seed_gives_identical_histories(toy):
+    a = train(_mlp(), build_rule("ra_comb", lr_b=0.002), *toy, _cfg())
+    b = train(_mlp(), build_rule("ra_comb", lr_b=0.002), *toy, _cfg())
     pd.testing.assert_frame_equal(a, b, check_exact=True)
-    c = ra.train_ra(small_cfg(seed=1), *toy)
+    c = train(_mlp(), build_rule("ra_comb", lr_b=0.002), *toy, _cfg(seed=1))  # another B and batch order
     assert not np.array_equal(a["align_0"].to_numpy(), c["align_0"].to_numpy())
 
 
 def test_divergence_is_reported_not_raised(toy):
-    calls = []
-    cfg = small_cfg(arm="ra_rev", lr=1.0, lr_b=50.0, epochs=3, log_every=2)
-    log = ra.train_ra(cfg, *toy, callback=calls.append)
-    assert (log["status"] == "diverged").all()
-    last = log.iloc[-1]
-    assert last["diverged_epoch"] == last["epoch"] == 1 and len(log) == 2
-    assert last["step"] < 8  # stopped at a check inside the first epoch (8 steps), not at its end
-    assert all(math.isfinite(r["loss"]) for r in calls)  # no callback carries a non-finite loss
-    assert not np.isfinite([last["train_loss"], last["rev_loss"]]).all()
-    for col in ("test_acc", "align_0", "update_angle_1"):
-        assert col in log.columns
+    steps = []
+    hist = train(_mlp(), build_rule("ra_rev", lr_b=50.0), *toy, _cfg(lr=1.0, log_every=2),
+                 callback=lambda step, record: steps.append(step), callback_every=1)
+    assert list(hist["epoch"]) == [0, 1] and list(hist["status"]) == ["ok", "diverged"]
+    assert (hist["diverged_epoch"] == 1).all() and hist.attrs["status"] == "diverged"
+    assert "not finite" in hist["diverged_reason"].iloc[-1]
+    assert max(steps) < 8  # stopped at a check inside the first epoch (8 steps), not at its end
+    last = hist.iloc[-1]
+    assert math.isnan(last["test_acc"]) and not math.isfinite(last["train_loss"])
+    for col in ("align_0", "update_angle_1", "rev_loss"):
+        assert col in hist.columns and math.isnan(last[col])
 
 
-def test_train_rejects_bad_inputs(toy):
-    x, y, tx, ty = toy
-    with pytest.raises(ValueError, match="flat"):
-        ra.train_ra(small_cfg(), x.view(256, 4, 5), y, tx, ty)
-    with pytest.raises(ValueError, match="RAConfig"):
-        ra.train_ra({"arm": "bp"}, x, y, tx, ty)
+def test_training_rejects_bad_inputs(toy):
+    train_ds, test_ds = toy
+    with pytest.raises(ValueError, match="TrainConfig"):
+        train(_mlp(), build_rule("ra_comb"), train_ds, test_ds, {"optimizer": "sgd"})
+    with pytest.raises(ValueError, match="fa_study.rules.Method"):
+        train(_mlp(), "ra_comb", train_ds, test_ds, _cfg())
+    # RAConfig's training fields are the trainer's now
+    for bad in ({"log_every": 0}, {"lr": 0.0}, {"batch_size": -4}, {"epochs": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            _cfg(**bad)
+    with pytest.raises(ValueError, match="cannot train a 'resmlp' model"):
+        from fa_study.models import build_model
+        torch.manual_seed(0)
+        train(build_model("resmlp", input_shape=IMAGE, num_classes=CLASSES, d=8, num_blocks=1),
+              build_rule("ra_comb"), train_ds, test_ds, _cfg())
+    x, y = blobs(3, 64, d=12)
+    wrong = _dataset("train", x, y, shape=(1, 3, 4))
+    with pytest.raises(ValueError, match="expects inputs shaped"):  # 12 features for a 20-feature model
+        train(_mlp(), build_rule("ra_comb"), wrong, wrong, _cfg())
+    five = _dataset("train", *blobs(3, 64, k=5), classes=5)
+    with pytest.raises(ValueError, match="5 classes"):
+        train(_mlp(), build_rule("ra_comb"), five, five, _cfg())
+    with pytest.raises(RuntimeError, match="setup"):
+        build_rule("ra_comb").fill_grads(_mlp(), train_ds.x[:4], train_ds.y[:4])
+    rule = build_rule("ra_comb")
+    rule.setup(_mlp(d=8), CLASSES, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="set up for"):  # B drawn for another model's widths
+        train(_mlp(d=16), rule, train_ds, test_ds, _cfg())
     with pytest.raises(ValueError, match="activation"):
-        ra.forward(x, [torch.zeros(3, 20)], "softplus", True)
+        ra.forward(train_ds.x.reshape(256, -1), [torch.zeros(3, 20)], "softplus", True)
+
+
+def test_small_images_train_without_augmentation():
+    """A 1x3x4 image is smaller than the default crop pad (4): unaugmented batches never pad,
+    so the trainer must not refuse it (it did: the pad was checked against every image)."""
+    x, y = blobs(3, 64, d=12)
+    ds = _dataset("train", x, y, shape=(1, 3, 4))
+    torch.manual_seed(0)
+    hist = train(MatrixMLP((1, 3, 4), CLASSES, 8, 1), build_rule("ra_recon"), ds, ds, _cfg(epochs=1))
+    assert list(hist["status"]) == ["ok", "ok"]

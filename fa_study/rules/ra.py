@@ -403,6 +403,13 @@ class RARule(Method):
         """``(updates of B or None, rev_loss or None, recon_loss or None)`` for one batch."""
         return None, None, None
 
+    def check_model(self, model) -> None:
+        """Raise when ``model``'s widths are not those the feedback matrices were drawn for."""
+        self._require_ready("fill_grads")
+        if list(model.dims) != self._dims:
+            raise ValueError(f"{self.name} was set up for widths {self._dims} but the model has "
+                             f"{list(model.dims)}; call setup again")
+
     # ---- the two jobs --------------------------------------------------------------------
 
     def _forward(self, model, x, y):
@@ -412,7 +419,7 @@ class RARule(Method):
         return W, acts, pre, loss, grad_top
 
     def fill_grads(self, model, x, y):
-        self._require_ready("fill_grads")
+        self.check_model(model)
         check_batch(x, y)
         with torch.no_grad():
             W, acts, pre, loss, grad_top = self._forward(model, x, y)
@@ -431,6 +438,7 @@ class RARule(Method):
     def credit(self, model, x, y):
         """The FA errors carried down to ``h_0 .. h_L`` through B (LayerNorm as identity)."""
         self._require_ready("credit")
+        self.check_model(model)
         with torch.no_grad():
             W, acts, pre, _, grad_top = self._forward(model, x, y)
             _, signals = w_grads(acts, pre, grad_top, W, self.B, False, model.activation, return_signals=True)
@@ -441,8 +449,8 @@ class RARule(Method):
     def state(self):
         """``rev_loss`` and ``recon_loss``: sample-weighted means over the steps since the last
         call (NaN when the rule does not compute them); one host sync."""
-        if self._sums is None:
-            return {}
+        if self._sums is None:  # no step yet (epoch 0): the columns exist from the first row
+            return {"rev_loss": math.nan, "recon_loss": math.nan}
         rev, recon, n = self._sums.tolist()
         self._sums = None
         return {"rev_loss": rev / n, "recon_loss": recon / n}
