@@ -20,7 +20,7 @@ from fa_study.protocol import audit, bp_reference, direction_quality, fresh_feed
 from fa_study.rules import RULES, build_rule
 from fa_study.train import TrainConfig, train
 
-ARCHS = ("resmlp", "vit", "resnet")
+ARCHS = ("resmlp", "vit", "resnet", "mlp", "matrix_mlp")
 SHAPE = (3, 8, 8)
 EXPECTED = {"bp", "frozen", "shallow", "fa", "dfa", "oracle", "grape_fa", "stiefel_dfa", "layer_fa",
             "sign_sym", "frsf", "brsf", "layer_grape", "kolen_pollack", "weight_mirror", "layer_dfa",
@@ -183,3 +183,20 @@ def test_protocol_reference_of_a_converted_model_is_the_unconverted_networks_gra
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-9)
     dq = direction_quality(model, rule, x, y)
     assert list(dq["g_norm_median"]) == pytest.approx([float(g.norm(dim=-1).median()) for g in ref], rel=1e-5)
+
+
+def test_the_readmes_rule_table_says_what_the_classes_say():
+    """README's rule x architecture table: one row per registered rule, ✓ where the class
+    supports the architecture (so the table cannot go stale)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    archs = ("resmlp", "vit", "resnet", "mlp", "matrix_mlp")
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 + len(archs) and cells[0].startswith("`") and cells[0].strip("`") in RULES:
+            rows[cells[0].strip("`")] = cells[3:]
+    assert set(rows) == set(RULES)
+    for name, marks in rows.items():
+        assert marks == ["✓" if RULES[name].supports(a) else "✗" for a in archs], name
