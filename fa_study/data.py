@@ -340,7 +340,8 @@ class BatchIterator:
         seed = check_int("seed", seed)
         if augment and x.dim() != 4:
             raise ValueError(f"augment=True needs images (N, C, H, W); got shape {tuple(x.shape)}")
-        pad = _check_pad(pad, tuple(x.shape[2:]) if x.dim() == 4 else None)
+        # the image size bounds the padding only when crops are taken (small images train unaugmented)
+        pad = _check_pad(pad, tuple(x.shape[2:]) if augment and x.dim() == 4 else None)
         self.x, self.y = x, y
         self.batch_size = batch_size
         self.shuffle, self.drop_last = shuffle, drop_last
