@@ -437,7 +437,8 @@ def test_rms_normalise_is_per_sample_over_every_non_batch_entry():
     a = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
     a[1] *= 1e3
     n = rms_normalise(a)
-    torch.testing.assert_close(n.pow(2).mean(dim=(1, 2)), torch.ones(3, dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(n.pow(2).mean(dim=(1, 2)), torch.ones(3, dtype=torch.float64),
+                               rtol=1e-5, atol=0)
     flat = rms_normalise(a.reshape(3, -1))
     torch.testing.assert_close(flat, _rms_normalised(a.reshape(3, -1)))
     assert torch.equal(rms_normalise(torch.zeros(2, 3)), torch.zeros(2, 3))  # the floor: no NaN

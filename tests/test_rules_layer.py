@@ -86,7 +86,8 @@ def test_layer_rule_is_autograd_plus_the_feedback_step(name, opts):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14, msg=n)
     for (n, a), b in zip(ours.named_buffers(), ref.buffers()):  # B, B_dfa, B_abs, ...
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=n)
-    assert [m.method for _, m in feedback.local_layers(ours)] == [m.method for _, m in feedback.local_layers(ref)]
+    methods = [[m.method for _, m in feedback.local_layers(net)] for net in (ours, ref)]
+    assert methods[0] == methods[1]
 
 
 def _gelu_prime(z):
@@ -199,8 +200,8 @@ def test_layer_rule_options_names_and_refusals():
         build_rule("layer_fa").setup(build_model("matrix_mlp", input_shape=SHAPE, num_classes=CLASSES, d=8),
                                      CLASSES, torch.Generator())
     with pytest.raises(ValueError, match="cannot train a 'resnet' model"):
-        build_rule("layer_dfa_block").setup(build_model("resnet", input_shape=SHAPE, num_classes=CLASSES, d=4),
-                                            CLASSES, torch.Generator())
+        resnet = build_model("resnet", input_shape=SHAPE, num_classes=CLASSES, d=4)
+        build_rule("layer_dfa_block").setup(resnet, CLASSES, torch.Generator())
 
 
 def test_a_model_converted_by_the_caller_keeps_its_own_layers():
@@ -221,7 +222,8 @@ def test_kolen_pollack_matches_the_step_of_the_trainers_optimizer():
     adamw = TrainConfig(lr=2e-3, weight_decay=0.05)
     model = _model()
     build_rule("kolen_pollack").setup(model, CLASSES, torch.Generator(), train_cfg=adamw)
-    (lr_b, decay), = {(m.strategy.options.lr_b, m.strategy.options.b_decay) for _, m in feedback.local_layers(model)}
+    (lr_b, decay), = {(m.strategy.options.lr_b, m.strategy.options.b_decay)
+                      for _, m in feedback.local_layers(model)}
     assert lr_b == pytest.approx(2e-3) and decay == pytest.approx(2e-3 * 0.05)
     model = _model()
     build_rule("kolen_pollack", lr_b=0.3, b_decay=0.1).setup(model, CLASSES, torch.Generator(), train_cfg=sgd)

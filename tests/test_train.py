@@ -95,8 +95,8 @@ def test_history_columns_and_diagnostics_match_their_definitions():
     per_layer = [f"{p}_{l}" for l in range(L + 1) for p in ("h_norm", "g_norm", "cos")]
     for col in ["epoch", "train_loss", "train_acc", "test_acc", "status", "diverged_epoch", "diverged_reason",
                 "rule", "penalty", "arch", "d", "num_blocks", "dataset", "data_source", "optimizer", "lr",
-                "momentum", "weight_decay", "schedule", "grad_clip", "batch_size", "epochs", "seed", "max_loss",
-                "log_every", "feedback_quality"] + per_layer:
+                "momentum", "weight_decay", "schedule", "grad_clip", "batch_size", "epochs", "seed",
+                "max_loss", "log_every", "feedback_quality"] + per_layer:
         assert col in hist.columns, col
     assert (hist["rule"] == "dfa").all() and (hist["optimizer"] == "adamw").all()
     assert (hist["data_source"] == "toy-teacher").all() and (hist["penalty"] == 0.01).all()
@@ -167,7 +167,8 @@ def test_sgd_with_momentum_and_constant_schedule_is_the_hand_written_update():
     # momentum matters: without it the second step differs
     plain, rule = _build("bp")
     plain = plain.double()
-    train(plain, rule, data, _toy(8, "test", 4, dtype=torch.float64), TrainConfig(**{**cfg.to_dict(), "momentum": 0.0}))
+    train(plain, rule, data, _toy(8, "test", 4, dtype=torch.float64),
+          TrainConfig(**{**cfg.to_dict(), "momentum": 0.0}))
     assert not torch.allclose(plain.out_head.weight, model.out_head.weight)
 
 
@@ -203,7 +204,8 @@ def test_clip_block_gradients_clips_each_block_alone():
     scale = 1.0 / torch.cat([g.flatten() for g in expected[0]]).norm()
     for p, g in zip(blocks[0].parameters(), expected[0]):  # same direction, shorter
         torch.testing.assert_close(p.grad, g * scale, rtol=1e-5, atol=0)
-    assert all(torch.equal(p.grad, g) for p, g in zip(blocks[1].parameters(), expected[1]))  # small: untouched
+    # small: untouched
+    assert all(torch.equal(p.grad, g) for p, g in zip(blocks[1].parameters(), expected[1]))
     assert all(torch.equal(p.grad, g) for p, g in zip(head.parameters(), expected[2]))  # not a block
 
 
@@ -304,7 +306,8 @@ def test_a_finite_loss_above_max_loss_is_a_blow_up():
 def test_max_loss_is_configurable():
     """lr=100: the loss leaps above 1e4 for a step, then recovers; max_loss decides."""
     strict = _resnet_run(100.0)
-    assert strict.attrs["status"] == "diverged" and "above max_loss=1000" in strict["diverged_reason"].iloc[-1]
+    assert strict.attrs["status"] == "diverged"
+    assert "above max_loss=1000" in strict["diverged_reason"].iloc[-1]
     lenient = _resnet_run(100.0, max_loss=1e6)
     assert lenient.attrs["status"] == "ok" and (lenient["status"] == "ok").all()
     assert (lenient["diverged_reason"] == "").all() and lenient["diverged_epoch"].isna().all()
@@ -465,8 +468,8 @@ def test_bad_data_and_misuse_are_refused_before_training():
     negative.y[0] = -1
     _refused(model, rule, TRAIN, negative, CFG, r"test_ds has labels in \[-1, 3\], outside \[0, 4\)")
     five = _toy(96, "train", 1, classes=5)
-    _refused(model, rule, five, TEST, CFG, "train_ds has 5 classes but the model was built for num_classes=4; "
-                                           "build it with num_classes=5")
+    _refused(model, rule, five, TEST, CFG,
+             "train_ds has 5 classes but the model was built for num_classes=4; build it with num_classes=5")
     empty = Dataset("toy", "train", TRAIN.x[:0], TRAIN.y[:0], "toy-teacher", CLASSES, (0.0,) * 3, (1.0,) * 3)
     _refused(model, rule, empty, TEST, CFG, r"train_ds is empty \(0 samples\)")
     _refused(model, rule, TRAIN, TEST, CFG, "probe_every must be an integer >= 1, got 0",
