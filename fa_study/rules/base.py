@@ -192,6 +192,14 @@ def model_device(model: nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 when it has none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
 def check_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int | None = None) -> None:
     """A non-empty batch whose labels are int64 in [0, num_classes)."""
     if x.shape[0] == 0:

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import (BlockLocal, CreditContext, Method, Option, check_batch, model_device,
-                   nonnegative)
+                   model_dtype, nonnegative)
 
 PENALTY = Option(0.0, nonnegative, "weight λ of the residual-branch penalty λ·||f_l(h_l)||²")
 
@@ -120,6 +120,7 @@ class RandomFeedbackRule(BlockLocal):
         self.B: list[torch.Tensor] = []
         self._dims: tuple[int, int, int] | None = None  # (d, C, L)
         self._device: torch.device | None = None
+        self._dtype: torch.dtype = torch.float32
 
     def draw(self, generator: torch.Generator) -> list[torch.Tensor]:
         """Fresh feedback matrices for the set-up shapes ``self._dims`` (CPU draws)."""
@@ -129,13 +130,15 @@ class RandomFeedbackRule(BlockLocal):
         self.check_arch(model.arch)
         self._dims = (model.width, int(num_classes), model.num_blocks)
         self._device = model_device(model)
-        self.B = [b.to(self._device) for b in self.draw(generator)]
+        # drawn as float32 on the CPU (the same draws for every model), held in the model's dtype
+        self._dtype = model_dtype(model)
+        self.B = [b.to(self._device, self._dtype) for b in self.draw(generator)]
         super().setup(model, num_classes, generator, train_cfg=train_cfg)
 
     def fresh(self, generator):
         self._require_ready("fresh")
         new = copy.copy(self)
-        new.B = [b.to(self._device) for b in self.draw(generator)]
+        new.B = [b.to(self._device, self._dtype) for b in self.draw(generator)]
         return new
 
     def check_model(self, model):

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from ..feedback import StiefelFeedback, grape_step
 from ..models.base import BlockModel
 from .base import (BlockLocal, CreditContext, Option, choice, device_generator, draw_seed,
-                   fraction, fraction_open, model_device, nonnegative, positive,
+                   fraction, fraction_open, model_device, model_dtype, nonnegative, positive,
                    positive_int_or_none)
 from .block import FA, PENALTY
 
@@ -346,6 +346,7 @@ class StiefelDFA(BlockLocal):
             raise ValueError(f"rank must be at most the width d={model.width}, got rank={rank}")
         self._rank = rank
         self._dims = (model.width, int(num_classes), model.num_blocks)
+        self._dtype = model_dtype(model)
         self.feedback = self._draw(generator, model_device(model))
         self._step_seed = draw_seed(generator)
         self._gen = None
@@ -354,8 +355,9 @@ class StiefelDFA(BlockLocal):
 
     def _draw(self, generator: torch.Generator, device) -> StiefelFeedback:
         d, classes, num_blocks = self._dims
+        # drawn as float32 (the same draws for every model), held in the model's dtype
         return StiefelFeedback(classes, [d] * (num_blocks + 1), self._rank, alpha_init=self.alpha_init,
-                               generator=generator, device=device)
+                               generator=generator, device=device).to(self._dtype)
 
     def fresh(self, generator):
         self._require_ready("fresh")

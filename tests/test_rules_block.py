@@ -1,5 +1,7 @@
-"""Learning rules: each rule's gradients against an explicit formula or a hand-written autograd of
-the reference's separate local losses; credit signals against their definitions."""
+"""Block rules of ``fa_study.rules`` (bp, frozen, shallow, fa, dfa, oracle): each rule's
+gradients against an explicit formula or a hand-written autograd of the reference's separate
+local losses; credit signals against their definitions; the shared surrogate helpers of
+``fa_study.rules.base``."""
 import math
 
 import pytest
@@ -7,9 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fa_study.methods import (BP, DFA, FA, METHODS, Frozen, Method, Shallow, bp_gradients,
-                              build_method, output_error)
-from fa_study.models import ARCHS, build_model
+from fa_study.models import AUDIT_ARCHS, build_model
+from fa_study.protocol import bp_reference
+from fa_study.rules import (BP, DFA, FA, RULES, Frozen, Method, Oracle, Shallow, backward_local,
+                            build_rule, local_forward, local_surrogate, output_error,
+                            rms_normalise, surrogate_output_grads)
 
 SHAPE = (3, 4, 4)
 CLASSES = 5
@@ -33,7 +37,8 @@ def _batch(seed: int = 1):
 
 def _setup(method: Method, model, seed: int = 3) -> Method:
     method.setup(model, CLASSES, torch.Generator().manual_seed(seed))
-    method.B = [b.double() for b in getattr(method, "B", [])]
+    if getattr(method, "B", None):
+        method.B = [b.double() for b in method.B]
     return method
 
 
@@ -42,6 +47,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 
 def _rms_normalised(a):
+    """Per-sample rms over the feature axis (the reference's (batch, d) signals)."""
     return a / (a.pow(2).mean(-1, keepdim=True).sqrt() + 1e-6)
 
 
@@ -50,7 +56,8 @@ def _reference_local_grads(model, x, y, signals, penalty):
 
     ``signals[0]`` trains the embedding, ``signals[l + 1]`` block l; every loss is
     ``mean over batch and positions of <f, a/rms(a)>`` plus ``penalty * ||f||^2`` likewise.
-    Returns the parameter gradients of the blocks and the embedding by name.
+    ``signals`` are ``(batch, d)``. Returns the parameter gradients of the blocks and the
+    embedding by name.
     """
     with torch.no_grad():
         _, hiddens = model(x, return_hidden=True)
@@ -75,11 +82,21 @@ def _reference_local_grads(model, x, y, signals, penalty):
     return out
 
 
+def _head_grads(model, x, y):
+    """The head's gradients: cross-entropy on a detached h_L."""
+    with torch.no_grad():
+        _, hiddens = model(x, return_hidden=True)
+    head = model.head_parameters()
+    named = {id(p): n for n, p in model.named_parameters()}
+    grads = torch.autograd.grad(F.cross_entropy(model.readout(hiddens[-1]), y), head)
+    return {named[id(p)]: g for p, g in zip(head, grads)}
+
+
 # --------------------------------------------------------------------------------------------
 # DFA
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", AUDIT_ARCHS)
 @pytest.mark.parametrize("penalty", [0.0, 0.05])
 def test_dfa_gradients_equal_the_reference_local_losses(arch, penalty):
     model = _model(arch).eval()  # eval: BatchNorm uses the same statistics in both computations
@@ -93,13 +110,7 @@ def test_dfa_gradients_equal_the_reference_local_losses(arch, penalty):
         e = torch.softmax(ref_logits, -1) - F.one_hot(y, CLASSES).double()
     signals = [e @ dfa.B[0].t()] + [e @ b.t() for b in dfa.B]
     expected = _reference_local_grads(model, x, y, signals, penalty)
-    # the head: cross-entropy on a detached h_L
-    with torch.no_grad():
-        _, hiddens = model(x, return_hidden=True)
-    head = model.head_parameters()
-    named = {id(p): n for n, p in model.named_parameters()}
-    for p, g in zip(head, torch.autograd.grad(F.cross_entropy(model.readout(hiddens[-1]), y), head)):
-        expected[named[id(p)]] = g
+    expected.update(_head_grads(model, x, y))
 
     assert set(ours) == set(expected) == {n for n, _ in model.named_parameters()}
     for name in expected:
@@ -134,7 +145,7 @@ def test_dfa_second_linear_gradient_is_the_explicit_formula():
             torch.testing.assert_close(grads[lam][l][1] - grads[0.0][l][1], 2 * lam * f.mean(0))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", AUDIT_ARCHS)
 def test_dfa_credit_is_error_times_feedback(arch):
     model = _model(arch).eval()
     x, y = _batch()
@@ -143,11 +154,15 @@ def test_dfa_credit_is_error_times_feedback(arch):
     with torch.no_grad():
         logits, hiddens = model(x, return_hidden=True)
     e = output_error(logits, y)
+    torch.testing.assert_close(e, torch.softmax(logits, -1) - F.one_hot(y, CLASSES).double())
     assert len(credit) == model.num_blocks + 1
     torch.testing.assert_close(credit[0], model.broadcast(e @ dfa.B[0].t(), hiddens[0]))
     for l in range(model.num_blocks):
         torch.testing.assert_close(credit[l + 1], model.broadcast(e @ dfa.B[l].t(), hiddens[l + 1]))
     assert all(c.shape == h.shape for c, h in zip(credit, hiddens))
+    # feedback_matrices() is the matrix M_l with a_l = e M_l^T at every hidden state
+    for a, M, h in zip(credit, dfa.feedback_matrices(), hiddens):
+        torch.testing.assert_close(a, model.broadcast(e @ M.t(), h))
 
 
 def test_dfa_feedback_shapes_and_scale():
@@ -164,7 +179,7 @@ def test_dfa_feedback_shapes_and_scale():
 # Block FA
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", AUDIT_ARCHS)
 def test_fa_gradients_equal_the_reference_local_losses(arch):
     model = _model(arch).eval()
     x, y = _batch()
@@ -187,6 +202,16 @@ def test_fa_gradients_equal_the_reference_local_losses(arch):
     assert set(ours) == set(expected)
     for name in expected:
         torch.testing.assert_close(ours[name], expected[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_fa_feedback_shapes_and_scale():
+    torch.manual_seed(0)
+    model = build_model("resmlp", input_shape=SHAPE, num_classes=10, d=64, num_blocks=3)
+    fa = FA()
+    fa.setup(model, 10, torch.Generator().manual_seed(0))
+    assert [tuple(b.shape) for b in fa.B] == [(64, 64)] * 3
+    std = torch.cat([b.flatten() for b in fa.B]).std().item()
+    assert abs(std - 1 / math.sqrt(64)) < 0.01  # entries ~ N(0, 1/d)
 
 
 def test_fa_pass_down_follows_feedback_replaced_or_changed_in_place():
@@ -224,7 +249,7 @@ def test_fa_with_true_jacobians_gives_the_bp_gradient():
     for l, blk in enumerate(model.blocks):  # the Jacobian of h + W2 W1 h
         torch.testing.assert_close(fa.B[l], torch.eye(6, dtype=torch.float64) + blk.w2.weight @ blk.w1.weight)
     credit = fa.credit(model, x, y)
-    _, grads, _ = bp_gradients(model, x, y)
+    _, grads, _ = bp_reference(model, x, y)
     for a, g in zip(credit, grads):
         cos = F.cosine_similarity(a, g, dim=-1, eps=1e-30)
         torch.testing.assert_close(cos, torch.ones_like(cos), rtol=0, atol=1e-10)
@@ -235,7 +260,7 @@ def test_fa_with_true_jacobians_gives_the_bp_gradient():
     assert cos_random < 0.9
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", AUDIT_ARCHS)
 def test_fa_credit_at_the_top_is_the_head_gradient(arch):
     model = _model(arch).eval()
     x, y = _batch()
@@ -249,10 +274,63 @@ def test_fa_credit_at_the_top_is_the_head_gradient(arch):
 
 
 # --------------------------------------------------------------------------------------------
+# Oracle: the block-local scheme driven by the exact gradient
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", AUDIT_ARCHS)
+def test_oracle_gradients_are_the_local_surrogates_of_the_bp_gradient(arch):
+    """Signals shaped like h (the BP gradient at every position) enter the surrogates as they
+    are: block l follows mean over batch and positions of <f_l, g_{l+1}/rms(g_{l+1})>, the
+    rms taken per sample over every non-batch entry."""
+    model = _model(arch).eval()
+    x, y = _batch()
+    oracle = _setup(Oracle(penalty=0.03), model)
+    oracle.fill_grads(model, x, y)
+    ours = _grads(model)
+
+    _, g, _ = bp_reference(model, x, y)
+    with torch.no_grad():
+        _, hiddens = model(x, return_hidden=True)
+    named = {id(p): n for n, p in model.named_parameters()}
+    expected = _head_grads(model, x, y)
+
+    def local(f, a, lam):
+        n = f.shape[0] * (f[0].numel() // model.width)  # batch * positions
+        a_n = a / (a.pow(2).flatten(1).mean(1).sqrt().reshape(-1, *[1] * (a.dim() - 1)) + 1e-6)
+        return ((f * a_n).sum() + lam * (f * f).sum()) / n
+
+    for l in range(model.num_blocks):
+        params = model.block_parameters(l)
+        loss = local(model.branch(l, hiddens[l]), g[l + 1], 0.03)
+        expected.update({named[id(p)]: gp for p, gp in zip(params, torch.autograd.grad(loss, params))})
+    params = model.embed_parameters()
+    loss = local(model.embed(x), g[0], 0.0)
+    expected.update({named[id(p)]: gp for p, gp in zip(params, torch.autograd.grad(loss, params))})
+    assert set(ours) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-9, atol=1e-12, msg=name)
+    for a, b in zip(oracle.credit(model, x, y), g):
+        torch.testing.assert_close(a, b)
+
+
+def test_oracle_reads_batchnorm_statistics_before_its_forward():
+    """In train mode the BP reference runs before the surrogates' forward and leaves the running
+    statistics as they were: one step moves them exactly as one plain forward does."""
+    model = _model("resnet").train()
+    twin = _model("resnet").train()
+    x, y = _batch()
+    _setup(Oracle(), model).fill_grads(model, x, y)
+    with torch.no_grad():
+        twin(x)
+    for (name, a), b in zip(model.named_buffers(), twin.buffers()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+# --------------------------------------------------------------------------------------------
 # BP and the baselines
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", AUDIT_ARCHS)
 def test_bp_gradients_and_credit_are_autograd(arch):
     model = _model(arch).eval()
     x, y = _batch()
@@ -289,7 +367,7 @@ def test_frozen_freezes_blocks_and_pins_batchnorm():
 
 
 def test_shallow_needs_a_model_without_blocks():
-    shallow = build_method("shallow")
+    shallow = build_rule("shallow")
     assert shallow.model_kwargs() == {"num_blocks": 0}
     with pytest.raises(ValueError, match="num_blocks=0"):
         shallow.setup(_model("resmlp"), CLASSES, torch.Generator())
@@ -308,18 +386,79 @@ def test_dfa_trains_a_model_without_blocks():
 
 
 # --------------------------------------------------------------------------------------------
+# The shared surrogate helpers of fa_study.rules.base
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", AUDIT_ARCHS)
+def test_closed_form_surrogate_grads_equal_autograd_of_local_surrogate(arch):
+    """surrogate_output_grads is d local_surrogate / d f, for (batch, d) signals and for signals
+    shaped like h, with and without the penalty; backward_local feeds them to one backward."""
+    model = _model(arch).eval()
+    x, _ = _batch()
+    g = torch.Generator().manual_seed(5)
+    h0, branches, hiddens = local_forward(model, x)
+    outputs = [h0] + branches
+    for shaped_like_h in (False, True):
+        signals = [torch.randn(h.shape if shaped_like_h else (h.shape[0], model.width), generator=g,
+                               dtype=h.dtype) for h in hiddens]
+        penalties = [0.0] + [0.07] * model.num_blocks
+        closed = surrogate_output_grads(model, outputs, signals, penalties)
+        for f, a, p, c in zip(outputs, signals, penalties, closed):
+            want, = torch.autograd.grad(local_surrogate(model, f, a, p), f, retain_graph=True)
+            torch.testing.assert_close(c, want, rtol=1e-10, atol=1e-13)
+    # backward_local: the parameter gradients of the summed surrogates, in one call
+    model.zero_grad()
+    backward_local(model, outputs, signals, penalties)
+    ours = _grads(model)
+    model.zero_grad()
+    h0, branches, _ = local_forward(model, x)
+    sum(local_surrogate(model, f, a, p) for f, a, p in zip([h0] + branches, signals, penalties)).backward()
+    for name, grad in _grads(model).items():
+        torch.testing.assert_close(ours[name], grad, rtol=1e-10, atol=1e-13, msg=name)
+
+
+def test_local_forward_detaches_every_block_input():
+    model = _model("resmlp")
+    x, _ = _batch()
+    h0, branches, hiddens = local_forward(model, x)
+    _, ref = model(x, return_hidden=True)
+    for h, r in zip(hiddens, ref):
+        torch.testing.assert_close(h, r)
+        assert not h.requires_grad
+    assert h0.requires_grad and all(f.requires_grad for f in branches)
+    # a branch's graph reaches its own block only
+    params = model.block_parameters(0) + model.embed_parameters()
+    grads = torch.autograd.grad(branches[1].sum(), params, allow_unused=True)
+    assert all(gr is None for gr in grads)
+
+
+def test_rms_normalise_is_per_sample_over_every_non_batch_entry():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    a[1] *= 1e3
+    n = rms_normalise(a)
+    torch.testing.assert_close(n.pow(2).mean(dim=(1, 2)), torch.ones(3, dtype=torch.float64),
+                               rtol=1e-5, atol=0)
+    flat = rms_normalise(a.reshape(3, -1))
+    torch.testing.assert_close(flat, _rms_normalised(a.reshape(3, -1)))
+    assert torch.equal(rms_normalise(torch.zeros(2, 3)), torch.zeros(2, 3))  # the floor: no NaN
+
+
+# --------------------------------------------------------------------------------------------
 # The interface
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["bp", "fa", "dfa"])
-def test_one_forward_per_step(name):
-    """fa and dfa reuse the single forward: every block and the embedding run exactly once."""
+@pytest.mark.parametrize("name,opts", [("bp", {}), ("fa", {}), ("dfa", {}), ("stiefel_dfa", {"eta_B": 0.0})])
+def test_one_forward_per_step(name, opts):
+    """fa and dfa (every BlockLocal rule whose feedback does not learn) reuse the single
+    forward: every block and the embedding run exactly once."""
     model = _model("resmlp")
     calls = []
     for i, blk in enumerate(model.blocks):
         blk.register_forward_hook(lambda *_, i=i: calls.append(i))
     model.embed_linear.register_forward_hook(lambda *_: calls.append("embed"))
-    method = _setup(build_method(name), model)
+    method = build_rule(name, **opts)
+    method.setup(model, CLASSES, torch.Generator().manual_seed(3))
     method.fill_grads(model, *_batch())
     assert calls == ["embed", 0, 1, 2]
 
@@ -332,10 +471,14 @@ def test_fresh_draws_new_feedback_with_the_same_options():
         other = method.fresh(torch.Generator().manual_seed(99))
         assert other.penalty == 0.01 and other.ready and type(other) is cls
         assert [b.shape for b in other.B] == [b.shape for b in before]
-        assert all(not torch.equal(a, b) for a, b in zip(other.B, before))
+        assert all(not torch.equal(a.double(), b) for a, b in zip(other.B, before))
         assert all(torch.equal(a, b) for a, b in zip(method.B, before))  # the original is untouched
         again = method.fresh(torch.Generator().manual_seed(99))
         assert all(torch.equal(a, b) for a, b in zip(other.B, again.B))  # seeded
+        # the fresh copy's credit uses its own feedback
+        x, y = _batch()
+        other.B = [b.double() for b in other.B]
+        assert not torch.allclose(other.credit(model, x, y)[0], method.credit(model, x, y)[0])
     assert isinstance(_setup(BP(), model).fresh(torch.Generator()), BP)
 
 
@@ -345,18 +488,26 @@ def test_misuse_and_bad_options():
         DFA().fill_grads(model, *_batch())
     with pytest.raises(RuntimeError, match="setup"):
         FA().fresh(torch.Generator())
-    with pytest.raises(ValueError, match="'bp', 'fa', 'dfa'"):
-        build_method("hebbian")
-    with pytest.raises(ValueError, match="no option 'penalty'"):
-        build_method("bp", penalty=0.1)
+    with pytest.raises(RuntimeError, match="setup"):
+        BP().fill_grads(model, *_batch())
+    with pytest.raises(ValueError, match="unknown rule 'hebbian'; allowed values: 'bp', 'frozen', "
+                                         "'shallow', 'fa', 'dfa'"):
+        build_rule("hebbian")
+    with pytest.raises(ValueError, match="rule 'bp' has no option 'penalty'; allowed options: none"):
+        build_rule("bp", penalty=0.1)
     with pytest.raises(ValueError, match="penalty"):
-        build_method("dfa", penalty=-1.0)
+        build_rule("dfa", penalty=-1.0)
     dfa = _setup(DFA(), model)
     with pytest.raises(ValueError, match="set up for"):
         dfa.fill_grads(_model("resmlp", num_blocks=2), *_batch())
-    assert set(METHODS) >= {"bp", "fa", "dfa", "frozen", "shallow"}
-    assert build_method("dfa", penalty=0.01).options() == {"penalty": 0.01}
-    assert isinstance(build_method("shallow"), Shallow)
+    with pytest.raises(ValueError, match="batch is empty"):
+        dfa.fill_grads(model, *[t[:0] for t in _batch()])
+    with pytest.raises(ValueError, match="labels y must be"):
+        dfa.fill_grads(model, _batch()[0], _batch()[1][:3])
+    assert {"bp", "fa", "dfa", "frozen", "shallow", "oracle"} <= set(RULES)
+    assert build_rule("dfa", penalty=0.01).options() == {"penalty": 0.01}
+    assert build_rule("fa").options() == {"penalty": 0.0}
+    assert isinstance(build_rule("shallow"), Shallow) and isinstance(build_rule("oracle"), Oracle)
 
 
 def test_param_groups_cover_every_trainable_parameter_once():
@@ -366,61 +517,3 @@ def test_param_groups_cover_every_trainable_parameter_once():
     assert [g["clip"] for g in groups] == [False, True, True, False]
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())
-
-
-# --------------------------------------------------------------------------------------------
-# Layer-level rules through the same interface
-# --------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("rule", ["fa", "kolen_pollack", "dfa"])
-def test_layer_rule_is_autograd_plus_the_feedback_step(rule):
-    from fa_study import feedback
-
-    x, y = _batch()
-    ours = _model("resmlp")
-    method = build_method("layer", rule=rule)
-    method.setup(ours, CLASSES, torch.Generator().manual_seed(4))
-    method.fill_grads(ours, x, y)
-
-    ref = _model("resmlp")  # the same weights, converted and stepped by hand
-    feedback.convert(ref, rule, generator=torch.Generator().manual_seed(4),
-                     dfa_target_dim=CLASSES if rule == "dfa" else None)
-    out = ref(x)
-    out.retain_grad()
-    F.cross_entropy(out, y).backward()
-    feedback.feedback_step(ref, e=out.grad)
-
-    assert len(feedback.local_layers(ours)) == 2 + 2 * ours.num_blocks  # embed, head, 2 per block
-    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, msg=name)
-    for (_, a), (_, b) in zip(feedback.local_layers(ours), feedback.local_layers(ref)):
-        for attr in ("B", "B_dfa"):
-            if getattr(a, attr) is not None:
-                torch.testing.assert_close(getattr(a, attr), getattr(b, attr))
-
-
-def test_layer_rule_credit_is_what_its_backward_delivers():
-    from fa_study import feedback
-
-    x, y = _batch()
-    model = _model("resmlp")
-    method = build_method("layer", rule="fa")
-    method.setup(model, CLASSES, torch.Generator().manual_seed(4))
-    credit = method.credit(model, x, y)
-    logits, hiddens = model(x, return_hidden=True)
-    expected = torch.autograd.grad(F.cross_entropy(logits, y), hiddens)
-    for a, g in zip(credit, expected):
-        torch.testing.assert_close(a, g)
-    _, true_grads, _ = bp_gradients(feedback.bp_twin(model), x, y)
-    assert not torch.allclose(credit[0], true_grads[0])  # FA's signal, not BP's
-    fresh = method.fresh(torch.Generator().manual_seed(5))
-    before = [layer.B.clone() for _, layer in feedback.local_layers(model)]
-    fresh_credit = fresh.credit(model, x, y)
-    assert not torch.allclose(fresh_credit[0], credit[0])  # newly drawn feedback
-    assert [c.shape for c in fresh_credit] == [h.shape for h in hiddens]
-    assert all(torch.equal(b, layer.B) for b, (_, layer) in zip(before, feedback.local_layers(model)))
-    assert method.options()["rule"] == "fa"
-    with pytest.raises(ValueError, match="layer rule"):
-        build_method("layer", rule="backprop")
-    with pytest.raises(ValueError, match="fa_init_mode"):
-        build_method("layer", rule="fa", fa_init_mode="uniform")
