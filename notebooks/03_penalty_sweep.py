@@ -35,7 +35,7 @@
 # with 20 freshly drawn ones. A training cosine far above the fresh ones means the network adapted
 # to *its* $B$.
 #
-# The mechanism lives in `fa_study` (the penalty in `fa_study.methods`, the audit in
+# The mechanism lives in `fa_study` (the penalty in `fa_study.rules`, the audit in
 # `fa_study.protocol`, the runs in `fa_study.experiments.penalty`); this notebook only calls it.
 
 # %% tags=["parameters"]

@@ -59,7 +59,7 @@
 # linear read-out of random features — the frozen baseline — stays far below BP). MNIST can be
 # chosen in the panel.
 #
-# All mechanism lives in `fa_study.learned_feedback` (the rules, tested against autograd and
+# All mechanism lives in `fa_study.rules.learned` (the rules, tested against autograd and
 # explicit formulas) and `fa_study.experiments.learned` (runs, caching, figures).
 
 # %% tags=["parameters"]
