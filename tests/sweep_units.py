@@ -77,3 +77,12 @@ def train_unit(spec: TrainSpec, fingerprint: str, callback=None) -> dict:
     param_sum = float(sum(p.detach().double().sum() for p in net.parameters()))
     _mark(spec.markers, "done", spec.i)
     return {"curve": curve, "param_sum": param_sum, "final_loss": losses[-1]}
+
+
+def study_sweep(n: int = 6):
+    """A study of ``n`` small runs (BP on the explicit-matrix MLP, one per seed, a second or two
+    each on one CPU thread), the same in every process that builds it."""
+    from fa_study.experiments import RAStudy
+
+    return RAStudy.for_profile("quick", rules=("bp",), seeds=tuple(range(n)), epochs=2, n_train=2000,
+                               n_test=500, hidden=64)

@@ -9,11 +9,13 @@ import pytest
 
 matplotlib.use("Agg")
 
+from study_helpers import assert_not_drawn, diverge  # noqa: E402
+
 from fa_study.experiments import core  # noqa: E402
-from fa_study.experiments.audit import (ARCH_VARIANTS, AUDIT_ARCHS, AuditResults, AuditStudy,  # noqa: E402
-                                        AuditUnit, _with_d3, arch_name, audit_view, run_audit,
-                                        verdict_table)
-from fa_study.protocol import verdict_from_flags  # noqa: E402
+from fa_study.experiments.audit import (AUDIT_MODELS, AuditStudy, audit_rules, audit_spec,  # noqa: E402
+                                        audit_view, run_audit, verdict_table)
+from fa_study.protocol import PROTOCOL_EVAL, verdict_from_flags  # noqa: E402
+from fa_study.runs import Results, RunSpec  # noqa: E402
 
 TINY = dict(rules=("bp", "dfa"), seeds=(0,), d=16, num_blocks=2, epochs=1, n_train=256, n_test=128,
             null_draws=2)
@@ -23,10 +25,13 @@ TINY = dict(rules=("bp", "dfa"), seeds=(0,), d=16, num_blocks=2, epochs=1, n_tra
 
 @pytest.mark.parametrize("field, value, message", [
     ("archs", ("resmlp_d1024",), "resmlp_d512_L2"),
-    ("rules", ("backprop",), "'bp', 'fa', 'dfa'"),
+    ("rules", ("backprop",), "unknown rule 'backprop'; allowed values: 'bp', 'frozen'"),
+    ("rules", ("ra_fa",), "rule 'ra_fa' cannot train a 'resmlp' model"),  # refused before training
+    ("rules", (), "rules must be a non-empty tuple"),
     ("dataset", "svhn", "cifar100"),
     ("seeds", (), "non-empty tuple"),
     ("seeds", (1.5,), "integers"),
+    ("seeds", (42, 42), "must not repeat a seed"),
     ("epochs", 0, "epochs must be an integer >= 1"),
     ("lr", -1e-3, "lr must be a finite number > 0"),
     ("penalty", float("nan"), "penalty"),
@@ -39,57 +44,76 @@ def test_config_rejects_bad_values_naming_field_and_allowed(field, value, messag
 
 
 def test_profiles_and_unknown_settings():
+    from fa_study.models import AUDIT_ARCHS, VARIANTS
+
     with pytest.raises(ValueError, match="unknown setting"):
         AuditStudy.for_profile("quick", epoch=3)
     paper = AuditStudy.for_profile("paper")
     # the reference's run_all.sh inventory
     assert paper.archs == ("resmlp", "resmlp_d512_L2", "vit", "resnet")
     assert paper.seeds == (42, 123, 456) and paper.epochs == 100 and paper.augment
-    assert paper.unit("dfa", "vit", 42).epochs == 60  # ViT: 60 of 100 epochs
-    assert len(paper.units()) == 4 * 3 * 4  # archs x seeds x (bp, fa, dfa, frozen)
-    assert set(AuditStudy.CONTROLS["archs"]) == set(AUDIT_ARCHS)
-    from fa_study.models import ARCHS
-
-    assert set(AUDIT_ARCHS) == set(ARCHS) | set(ARCH_VARIANTS)
+    assert paper.spec("dfa", "vit", 42).train.epochs == 60  # ViT: 60 of 100 epochs
+    assert paper.spec("dfa", "resnet", 42).train.epochs == 100
+    assert len(paper.specs()) == 4 * 3 * 4  # archs x seeds x (bp, fa, dfa, frozen)
+    # the panel offers the audit's models: the reference's architectures and the named variant
+    assert set(AuditStudy.CONTROLS["archs"]) == set(AUDIT_MODELS) == set(AUDIT_ARCHS) | set(VARIANTS)
 
 
 def test_named_variant_fixes_width_and_depth_and_keeps_its_name():
     study = AuditStudy.for_profile("quick", d=64, num_blocks=4)
-    u = study.unit("dfa", "resmlp_d512_L2", 1)
-    assert (u.arch, u.d, u.num_blocks) == ("resmlp", 512, 2)
-    assert arch_name(u) == "resmlp_d512_L2"
-    plain = study.unit("dfa", "resmlp", 1)
-    assert (plain.arch, plain.d, plain.num_blocks) == ("resmlp", 64, 4) and arch_name(plain) == "resmlp"
+    m = study.spec("dfa", "resmlp_d512_L2", 1).model
+    assert (m.arch, m.d, m.num_blocks, m.name) == ("resmlp", 512, 2, "resmlp_d512_L2")
+    plain = study.spec("dfa", "resmlp", 1).model
+    assert (plain.arch, plain.d, plain.num_blocks, plain.name) == ("resmlp", 64, 4, "resmlp")
     # the frozen baseline is added once per architecture and seed
-    methods = [v.method for v in dataclasses.replace(study, archs=("resmlp", "resmlp_d512_L2")).units()]
-    assert methods.count("frozen") == 2 * len(study.seeds)
+    rules = [s.rule for s in dataclasses.replace(study, archs=("resmlp", "resmlp_d512_L2")).specs()]
+    assert rules.count("frozen") == 2 * len(study.seeds)
+    given = dataclasses.replace(study, rules=("frozen", "bp")).specs()
+    assert [s.rule for s in given].count("frozen") == len(study.seeds)
 
 
-def test_audit_unit_defaults_are_unchanged():
-    # other studies (notebooks 03, 04) build AuditUnit directly
-    u = AuditUnit()
-    assert (u.method, u.arch, u.d, u.num_blocks, u.penalty, u.dataset, u.epochs, u.batch_size,
-            u.lr, u.seed, u.null_draws) == ("dfa", "resmlp", None, None, 0.0, "cifar10", 10, 128,
-                                            1e-3, 42, 0)
+def test_audit_spec_defaults_are_the_reference_run():
+    # notebooks 03 and 04 build their runs through audit_spec too: its defaults are 003's
+    s = audit_spec("dfa", "resmlp", 42)
+    assert isinstance(s, RunSpec) and (s.rule, s.options, s.seed) == ("dfa", (), 42)
+    assert (s.model.arch, s.model.d, s.model.num_blocks) == ("resmlp", 256, 4)
+    assert (s.data.dataset, s.data.n_train, s.data.n_test) == ("cifar10", None, None)
+    t = s.train
+    assert (t.epochs, t.batch_size, t.optimizer, t.lr, t.schedule, t.grad_clip, t.augment, t.seed) == \
+        (10, 128, "adamw", 1e-3, "cosine", None, False, 42)
+    assert t.eval_batch == PROTOCOL_EVAL
+    assert (s.read.audit, s.read.direction, s.read.null_draws) == (True, True, 0)
+    # the null only for rules with random feedback
+    assert audit_spec("dfa", "resmlp", 42, null_draws=5).read.null_draws == 5
+    assert audit_spec("bp", "resmlp", 42, null_draws=5).read.null_draws == 0
+    # the study's runs are audit_spec's, the penalty only for rules that take one
+    study = AuditStudy(rules=("bp", "dfa"), penalty=0.01, seeds=(42,), epochs=3)
+    assert study.spec("dfa", "resmlp", 42) == audit_spec("dfa", "resmlp", 42, options={"penalty": 0.01},
+                                                         epochs=3)
+    assert study.spec("bp", "resmlp", 42) == audit_spec("bp", "resmlp", 42, epochs=3)
+    assert study.spec("dfa", "resmlp", 42).label == "dfa λ=0.01"
 
 
 # ---------------------------------------------------------------------------- verdict table
 
-def _fake_results() -> AuditResults:
+def _fake_results() -> Results:
     """Two seeds of bp, dfa and frozen on one architecture, with known numbers."""
     rows = []
     for seed, (bp, dfa, frozen, d1) in enumerate([(0.80, 0.50, 0.60, True), (0.90, 0.64, 0.62, False)]):
-        for method, acc, growth in (("bp", bp, 1.1), ("dfa", dfa, 80.0 if d1 else 2.0), ("frozen", frozen, 1.0)):
-            rows.append(dict(method=method, arm=method, arch="resmlp", arch_name="resmlp", seed=seed,
-                             dataset="cifar10", d=None, num_blocks=None, status="ok", test_acc=acc,
+        for rule, acc, growth in (("bp", bp, 1.1), ("dfa", dfa, 80.0 if d1 else 2.0),
+                                  ("frozen", frozen, 1.0)):
+            rows.append(dict(rule=rule, arm=rule, arch="resmlp", model="resmlp", seed=seed, penalty=0.0,
+                             dataset="cifar10", d=256, num_blocks=4, status="ok", test_acc=acc,
                              max_growth=growth, g_L=1e-3, h_L=5.0, d1=growth > 50, d2=False,
                              data_source="synthetic"))
     runs = pd.DataFrame(rows)
     runs["frozen_acc"] = 0.61
     runs["depth_margin_pp"] = 100 * (runs["test_acc"] - 0.61)
-    runs["d3"] = [None if m == "frozen" else bool(v < 2) for m, v in zip(runs["method"], runs["depth_margin_pp"])]
+    runs["d3"] = [None if m == "frozen" else bool(v < 2)
+                  for m, v in zip(runs["rule"], runs["depth_margin_pp"])]
     runs["verdict"] = [verdict_from_flags(a, b, c) for a, b, c in zip(runs["d1"], runs["d2"], runs["d3"])]
-    return AuditResults(pd.DataFrame(), runs, pd.DataFrame(), pd.DataFrame())
+    empty = pd.DataFrame()
+    return Results([], empty, empty, runs, empty, empty)
 
 
 def test_verdict_table_rows_margins_and_mixed_verdicts():
@@ -98,7 +122,8 @@ def test_verdict_table_rows_margins_and_mixed_verdicts():
     t = verdict_table(_fake_results()).set_index("rule")
     assert list(t.index) == ["bp", "dfa", "frozen"] and (t["n"] == 2).all()
     half = st.t.ppf(0.975, 1) * np.std([0.80, 0.90], ddof=1) / math.sqrt(2)
-    assert t.loc["bp", "test_acc"] == pytest.approx(0.85) and t.loc["bp", "test_acc_ci"] == pytest.approx(half)
+    assert t.loc["bp", "test_acc"] == pytest.approx(0.85)
+    assert t.loc["bp", "test_acc_ci"] == pytest.approx(half)
     assert t.loc["bp", "test_acc_text"] == f"0.8500 ± {half:.4f}"
     assert t.loc["bp", "depth_margin_pp_text"].startswith("+24.0 ± ")
     assert t.loc["bp", "verdict"] == "PASS"
@@ -106,31 +131,25 @@ def test_verdict_table_rows_margins_and_mixed_verdicts():
     assert t.loc["dfa", "verdict"] == "FAIL(D1+D3) 1/2, PASS 1/2"
     assert t.loc["dfa", "d1_fired"] == "1/2" and t.loc["dfa", "d3_fired"] == "1/2"
     assert t.loc["frozen", "verdict"] == "baseline" and t.loc["frozen", "depth_margin_pp_text"] == "—"
+    assert t.loc["frozen", "d3_fired"] == "—" and (t["arch"] == "resmlp").all()
 
 
 def test_verdict_table_counts_diverged_runs():
     res = _fake_results()
-    i = res.runs.index[(res.runs["method"] == "dfa") & (res.runs["seed"] == 1)][0]
-    res.runs.loc[i, ["status", "verdict", "test_acc", "max_growth"]] = ["diverged", "DIVERGED", np.nan, np.nan]
+    i = res.runs.index[(res.runs["rule"] == "dfa") & (res.runs["seed"] == 1)][0]
+    cols = ["status", "verdict", "test_acc", "max_growth"]
+    res.runs.loc[i, cols] = ["diverged", "DIVERGED", np.nan, np.nan]
     t = verdict_table(res).set_index("rule")
     assert t.loc["dfa", "diverged"] == 1 and t.loc["dfa", "n"] == 2
     assert t.loc["dfa", "test_acc"] == pytest.approx(0.50)  # the mean of the finished run
+    assert t.loc["dfa", "d1_fired"] == "1/1"  # counted over the finished runs
     assert "DIVERGED 1/2" in t.loc["dfa", "verdict"]
 
 
-def test_with_d3_matches_the_protocol_audit():
-    import torch
-
-    from fa_study.models import build_model
-    from fa_study.protocol import audit
-
-    torch.manual_seed(0)
-    model = build_model("resmlp", d=8, num_blocks=2, input_shape=(3, 4, 4))
-    x, y = torch.randn(16, 3, 4, 4), torch.arange(16) % 10
-    for frozen in (0.05, 0.60):
-        direct = audit(model, x, y, test_acc=0.3, frozen_acc=frozen)
-        later = _with_d3(audit(model, x, y, test_acc=0.3), frozen, direct.d3, 2.0)
-        assert later == direct
+def test_verdict_table_of_no_runs_says_so():
+    empty = pd.DataFrame()
+    with pytest.raises(ValueError, match="no runs"):
+        verdict_table(Results([], empty, empty, empty, empty, empty))
 
 
 # ---------------------------------------------------------------------------- running
@@ -139,28 +158,32 @@ def test_run_audit_tidy_reports_and_per_architecture_baseline(cache):
     study = AuditStudy.for_profile("quick", archs=("resmlp", "resmlp_d512_L2"), **TINY)
     res = run_audit(study)
     runs = res.runs
-    assert res.units == 6 and res.from_cache == 0 and len(runs) == 6
-    assert {"arch_name", "data_source", "verdict", "frozen_acc", "depth_margin_pp", "max_growth",
+    assert isinstance(res, Results) and res.units == 6 and res.from_cache == 0 and len(runs) == 6
+    assert res.cache.computed == 6 and res.attrs["study"] is study
+    assert {"model", "rule", "arm", "data_source", "verdict", "frozen_acc", "depth_margin_pp", "max_growth",
             "g_L", "d1", "d2", "d3", "status", "test_acc"} <= set(runs.columns)
-    assert set(runs["data_source"]) == {"synthetic"}
-    assert set(runs["arch_name"]) == {"resmlp", "resmlp_d512_L2"}
-    assert set(res.history["arch_name"]) == set(res.layers["arch_name"]) == {"resmlp", "resmlp_d512_L2"}
+    assert set(runs["data_source"]) == {"synthetic"} and set(runs["status"]) == {"ok"}
+    assert set(runs["model"]) == {"resmlp", "resmlp_d512_L2"}
+    assert set(res.history["model"]) == set(res.layers["model"]) == {"resmlp", "resmlp_d512_L2"}
     for name in ("resmlp", "resmlp_d512_L2"):  # each architecture against its own frozen run
-        sub = runs[runs["arch_name"] == name]
-        frozen = sub.loc[sub["method"] == "frozen", "test_acc"].iloc[0]
+        sub = runs[runs["model"] == name]
+        frozen = sub.loc[sub["rule"] == "frozen", "test_acc"].iloc[0]
         assert np.allclose(sub["frozen_acc"], frozen)
     for r in runs.itertuples():
-        rep = res.report(r.arm, r.seed, r.arch_name)
+        rep = res.report(r.arm, r.seed, r.model)
         assert rep.verdict == r.verdict and rep.max_growth == pytest.approx(r.max_growth)
-        assert rep.d3 == (None if r.method == "frozen" else r.d3)
-        if r.method != "frozen":
+        assert rep.d3 == (None if r.rule == "frozen" else r.d3)
+        if r.rule != "frozen":
             assert rep.frozen_acc == pytest.approx(r.frozen_acc)
             assert rep.depth_margin == pytest.approx(r.depth_margin_pp / 100)
-    with pytest.raises(ValueError, match="pass arch="):
+    with pytest.raises(ValueError, match="pass model="):
         res.report("bp", 0)
     with pytest.raises(ValueError, match="no run"):
         res.report("fa", 0, "resmlp")
+    # the null only for the rule with random feedback, one row per run
     assert len(res.null) == 2 and set(res.null["arm"]) == {"dfa"}
+    # direction quality of every trained rule (not of the frozen baseline)
+    assert set(res.layers["arm"]) == {"bp", "dfa"}
     again = run_audit(study)
     assert again.from_cache == 6
     pd.testing.assert_frame_equal(again.runs, runs)
@@ -169,15 +192,28 @@ def test_run_audit_tidy_reports_and_per_architecture_baseline(cache):
 def test_audit_view_returns_runs_table_figures_and_the_results(cache):
     study = AuditStudy.for_profile("quick", **TINY)
     out = audit_view(study)
-    assert isinstance(out, core.StudyResult) and isinstance(out.extra, AuditResults)
+    assert isinstance(out, core.StudyResult) and isinstance(out.extra, Results)
     assert isinstance(out.results, pd.DataFrame) and out.results.equals(out.extra.runs)
     assert list(out.table["rule"]) == ["bp", "dfa", "frozen"]
     assert len(out.figures) == 3 and out.units == 3
-    assert any("stand-in" in n for n in out.notes)
+    assert any("stand-in" in n for n in out.notes) and out.cache_notes == []
     # norms are on log axes; the bar chart carries the frozen-baseline line
     norm_axes = out.figures[1].axes[:2]
     assert all(ax.get_yscale() == "log" for ax in norm_axes)
     assert any(line.get_linestyle() == "--" for line in out.figures[0].axes[0].lines)
+
+
+def test_audit_view_leaves_a_diverged_run_out_of_the_plots_and_counts_it(cache, monkeypatch):
+    diverge(monkeypatch, "dfa")
+    out = audit_view(AuditStudy.for_profile("quick", **TINY))
+    runs = out.extra.runs.set_index("arm")
+    assert runs["status"].to_dict() == {"bp": "ok", "dfa": "diverged", "frozen": "ok"}
+    assert runs.loc["dfa", "verdict"] == "DIVERGED" and out.extra.reports[1] is None
+    assert any(n.startswith("Diverged runs") and "dfa (seed 0)" in n for n in out.notes)
+    assert_not_drawn(out.figures, "dfa")
+    t = out.table.set_index("rule")
+    assert t.loc["dfa", "verdict"] == "DIVERGED" and t.loc["dfa", "diverged"] == 1
+    assert t.loc["bp", "diverged"] == 0 and t.loc["dfa", "test_acc_text"] == "n/a"
 
 
 # ---------------------------------------------------------------------------- panel
@@ -220,3 +256,62 @@ def test_panel_shows_bad_values_inside_its_output(cache):
     panel.run_button.click()
     assert isinstance(panel.last_error, ValueError)
     assert any("rules must be a non-empty tuple" in h for h in _html(panel))
+    assert panel.status.value.startswith("<span") and "error: ValueError" in panel.status.value
+
+
+def test_panel_status_line_names_a_cache_entry_that_was_recomputed(cache, monkeypatch, capsys):
+    from fa_study.widgets import ControlPanel
+
+    monkeypatch.setitem(AuditStudy.PROFILES, "quick", dict(TINY, rules=("bp",), null_draws=0))
+    panel = ControlPanel(AuditStudy, audit_view, profile="quick")
+    panel.run_button.click()
+    assert panel.last_error is None, panel.last_error
+    assert panel.last_result.units == 2 and "recomputed" not in panel.status.value
+    # damage one payload file of one entry: truncated to half its size
+    frames = sorted((cache / "results").glob("*/*/frame-0.parquet"))
+    assert len(frames) == 2
+    data = frames[0].read_bytes()
+    frames[0].write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    panel.run_button.click()
+    assert panel.last_error is None, panel.last_error
+    res = panel.last_result
+    assert res.from_cache == 1 and res.extra.cache.recomputed == 1
+    assert len(res.cache_notes) == 1 and "recomputed" in res.cache_notes[0]
+    status = panel.status.value
+    assert "1/2 runs from the cache" in status and "1 cache entry recomputed: unit RunSpec(" in status
+    printed = capsys.readouterr()
+    assert "recomputed" not in printed.out and "recomputed" not in printed.err  # not on the console
+    # the entry was replaced: the next run serves both
+    panel.run_button.click()
+    assert panel.last_result.from_cache == 2 and "recomputed" not in panel.status.value
+
+
+def test_rules_control_offers_a_rule_registered_at_runtime(request):
+    from fa_study import rules
+    from fa_study.experiments import FeedbackTour, LearnedStudy, RAStudy
+    from fa_study.widgets import ControlPanel
+
+    class MyDFA(rules.DFA):
+        name = "my_dfa"
+        summary = "block DFA under another name (a rule of the notebook's own)"
+
+    class MyLayerFA(rules.LayerFA):
+        name = "my_layer_fa"
+
+    for name in ("my_dfa", "my_layer_fa"):  # registered for this test only
+        request.addfinalizer(lambda name=name: rules.RULES.pop(name, None))
+    assert "my_dfa" not in audit_rules()
+    rules.register(MyDFA)
+    rules.register(MyLayerFA)
+    assert "my_dfa" in AuditStudy.rule_choices() and "my_dfa" in LearnedStudy.rule_choices()
+    assert "my_layer_fa" in FeedbackTour.rule_choices() and "my_layer_fa" in AuditStudy.rule_choices()
+    assert "my_dfa" not in FeedbackTour.rule_choices() and "my_dfa" not in RAStudy.rule_choices()
+    panel = ControlPanel(AuditStudy, audit_view, profile="quick")
+    assert "my_dfa" in panel.controls["rules"].options
+    panel.controls["rules"].value = ("bp", "my_dfa")
+    study = panel.study()
+    assert study.rules == ("bp", "my_dfa")
+    assert [s.label for s in study.specs()] == ["bp", "my_dfa", "frozen"] * 2
+    tour = ControlPanel(FeedbackTour, lambda *a, **k: None, profile="quick")
+    assert "my_layer_fa" in tour.controls["rules"].options

@@ -4,11 +4,14 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from study_helpers import assert_not_drawn, diverge
 
+from fa_study import runs as runs_mod
 from fa_study import widgets
 from fa_study.experiments.direction import (DirectionStudy, direction_readings,
                                             direction_view, reading_sentences, run_direction)
 from fa_study.experiments.penalty import PenaltyStudy
+from fa_study.runs import Results
 
 # tiny runs: 2 epochs of 384 synthetic-CIFAR images on a d=16 ResidualMLP
 TINY = dict(d=16, epochs=2, n_train=384, n_test=128, null_draws=3, seeds=(3,))
@@ -21,7 +24,7 @@ def test_study_rejects_bad_values_with_clear_errors():
         DirectionStudy(lam=0.0)  # the penalised arm needs a penalty
     with pytest.raises(ValueError, match="lam"):
         DirectionStudy(lam=float("nan"))
-    with pytest.raises(ValueError, match="'dfa', 'fa'"):
+    with pytest.raises(ValueError, match="'fa', 'dfa'"):
         DirectionStudy(rule="grape")
     with pytest.raises(ValueError, match="grad_clip"):
         DirectionStudy(grad_clip=-1.0)
@@ -29,20 +32,39 @@ def test_study_rejects_bad_values_with_clear_errors():
         DirectionStudy(read_layer=-1)
     with pytest.raises(ValueError, match="seeds"):
         DirectionStudy(seeds=("a",))
+    with pytest.raises(ValueError, match="must not repeat a seed"):
+        DirectionStudy(seeds=(1, 2, 1))
     with pytest.raises(ValueError, match="unknown setting"):
         DirectionStudy.for_profile("quick", lambda_=0.01)
     paper = DirectionStudy.for_profile("paper")
     assert (paper.epochs, paper.lam, paper.grad_clip) == (100, 1e-2, 1.0)  # 004's settings
+    assert DirectionStudy(**TINY).layer == 2 and DirectionStudy(read_layer=4, **TINY).layer == 4
 
 
-def test_units_pair_vanilla_and_penalised_and_match_notebook_03():
+def test_a_layer_the_model_lacks_is_refused_before_anything_trains(cache, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("a run was started")
+
+    monkeypatch.setattr(runs_mod, "execute", no_training)
+    with pytest.raises(ValueError, match=r"read_layer must be one of 0\.\.4 .*got 99"):
+        DirectionStudy(read_layer=99, **TINY)
+    with pytest.raises(ValueError, match=r"read_layer must be one of 0\.\.2"):
+        DirectionStudy(read_layer=3, **{**TINY, "num_blocks": 2})
+    with pytest.raises(ValueError, match="read_layer"):
+        direction_view(DirectionStudy.for_profile("quick", **TINY), read_layer=9)
+    assert not cache.exists() or not any(cache.rglob("manifest.json"))
+
+
+def test_specs_pair_vanilla_and_penalised_and_match_notebook_03():
     study = DirectionStudy(**TINY)
-    units = study.units()
-    assert [(u.method, u.penalty, u.grad_clip) for u in units] == [("dfa", 0.0, 1.0), ("dfa", 0.01, 1.0)]
-    assert study.arms() == ["dfa", "dfa λ=0.01"]
+    specs = study.specs()
+    assert [(s.rule, dict(s.options).get("penalty", 0.0), s.train.grad_clip) for s in specs] == \
+        [("dfa", 0.0, 1.0), ("dfa", 0.01, 1.0)]
+    assert study.arms() == ["dfa", "dfa λ=0.01"] == [s.label for s in specs]
+    assert all(s.read.null_draws == 3 for s in specs)
     # without clipping the runs are notebook 03's vanilla and λ = 1e-2 runs (shared cache entries)
     sweep = PenaltyStudy(lambdas=(0.0, 0.01), **TINY)
-    assert set(DirectionStudy(grad_clip=None, **TINY).units()) <= set(sweep.units())
+    assert set(DirectionStudy(grad_clip=None, **TINY).specs()) <= set(sweep.specs())
 
 
 # ---------------------------------------------------------------------------- reading
@@ -76,13 +98,15 @@ def test_readings_apply_the_preregistered_thresholds_to_the_seed_means():
 
 def test_run_direction_returns_tidy_per_layer_results(module_cache):
     res = run_direction(DirectionStudy.for_profile("quick", **TINY))
-    assert res.units == 2 and res.from_cache == 0
+    assert isinstance(res, Results) and res.units == 2 and res.from_cache == 0
     lay = res.layers
-    assert {"arm", "seed", "penalty", "layer", "cos_mean", "cos_std", "g_norm_median", "a_norm_median",
-            "reading"} <= set(lay.columns)
+    assert {"arm", "rule", "seed", "penalty", "layer", "cos_mean", "cos_std", "g_norm_median",
+            "a_norm_median", "reading"} <= set(lay.columns)
     assert sorted(set(lay["layer"])) == [0, 1, 2, 3, 4] and set(lay["arm"]) == {"dfa", "dfa λ=0.01"}
     assert (lay["g_norm_median"] > 0).all() and lay["cos_mean"].between(-1, 1).all()
     assert res.history["data_source"].notna().all() and "data_source" in res.runs
+    assert set(res.history["grad_clip"]) == {1.0}
+    assert set(res.null["arm"]) == {"dfa", "dfa λ=0.01"}
 
 
 def _mimes(output):
@@ -118,10 +142,26 @@ def test_panel_reads_new_settings_and_serves_a_repeat_from_the_cache(module_cach
     assert panel.last_result.from_cache == panel.last_result.units == 2
 
 
-def test_view_draws_one_figure_and_rejects_a_layer_the_model_lacks(module_cache):
+def test_view_draws_one_figure(module_cache):
     res = direction_view(DirectionStudy.for_profile("quick", **TINY))
-    assert res.units == 2
+    assert res.units == 2 and res.from_cache == 2  # the runs of test_run_direction
     assert len(res.figures) == 1 and len(res.figures[0].axes) == 3
     assert res.figures[0].axes[1].get_yscale() == "log" and res.figures[0].axes[2].get_yscale() == "log"
-    with pytest.raises(ValueError, match="read_layer"):
-        direction_view(DirectionStudy.for_profile("quick", read_layer=9, **TINY))
+    assert isinstance(res.audit, Results) and set(res.readings["arm"]) == {"dfa", "dfa λ=0.01"}
+
+
+def test_view_with_every_run_diverged_says_so(module_cache):
+    res = direction_view(DirectionStudy.for_profile("quick", lr=1e6, **TINY))
+    assert set(res.audit.runs["status"]) == {"diverged"}
+    assert res.figures == [] and res.table.empty and res.readings.empty
+    assert "No run finished: nothing to read." in res.notes
+    assert any(n.startswith("Diverged runs") and "dfa λ=0.01 (seed 3)" in n for n in res.notes)
+
+
+def test_view_leaves_a_diverged_run_out_of_the_plots(module_cache, monkeypatch):
+    diverge(monkeypatch, "dfa")
+    res = direction_view(DirectionStudy.for_profile("quick", **TINY))
+    assert res.audit.runs.set_index("arm")["status"].to_dict() == {"dfa": "diverged", "dfa λ=0.01": "ok"}
+    assert_not_drawn(res.figures, "dfa")
+    t = res.table.set_index("arm")
+    assert t.loc["dfa", "reading"] == "n/a" and t.loc["dfa λ=0.01", "reading"] != "n/a"

@@ -11,6 +11,7 @@ from scipy import stats as st
 matplotlib.use("Agg")
 
 from fa_study import experiments, plots, widgets  # noqa: E402
+from fa_study.runs import Results  # noqa: E402
 from fa_study.stats import aggregate, format_mean_ci, mean_ci  # noqa: E402
 
 
@@ -83,26 +84,80 @@ def test_live_plot_redraws_every_n_steps_and_is_silent_in_quick():
 def test_profile_config_rejects_unknown_settings():
     with pytest.raises(ValueError, match="unknown setting"):
         experiments.RAStudy.for_profile("quick", epoch=3)
-    with pytest.raises(ValueError, match="'bp', 'fa'"):
-        experiments.RAStudy.for_profile("quick", arms=("bp", "backprop"))
+    with pytest.raises(ValueError, match="unknown setting.*'rules'"):
+        experiments.RAStudy.for_profile("quick", arms=("bp", "ra_fa"))  # the old name of the field
+    with pytest.raises(ValueError, match="'bp', 'ra_fa', 'ra_rev'"):
+        experiments.RAStudy.for_profile("quick", rules=("bp", "backprop"))
+    with pytest.raises(ValueError, match="must not repeat a seed"):
+        experiments.RAStudy.for_profile("quick", seeds=(1, 1))
     with pytest.raises(ValueError, match="quick"):
         experiments.RAStudy.for_profile("fastest")
     assert experiments.RAStudy.for_profile("paper").seeds == (42, 123, 456)
+    assert set(experiments.RAStudy.rule_choices()) == {"bp", "ra_fa", "ra_rev", "ra_recon", "ra_comb"}
+
+
+def test_study_helpers_pick_last_rows_and_finished_runs():
+    from fa_study.experiments import finished, last_epoch, layer_long
+
+    df = pd.DataFrame({"model": "m", "arm": ["a", "a", "b", "b", "b"], "seed": 0, "epoch": [0, 1, 0, 1, 2],
+                       "status": ["ok", "diverged", "ok", "ok", "ok"], "h_0": [1.0, np.nan, 2.0, 3.0, 4.0],
+                       "h_1": [5.0, np.nan, 6.0, 7.0, 8.0]})
+    last = last_epoch(df)
+    assert list(zip(last["arm"], last["epoch"])) == [("a", 1), ("b", 2)]  # a diverged run: its NaN row
+    assert set(finished(df)["arm"]) == {"b"} and len(finished(df)) == 3
+    assert finished(df.drop(columns="status")).equals(df.drop(columns="status"))
+    long = layer_long(last, "h_")
+    assert list(zip(long["arm"], long["layer"], long["h_"])) == [("b", 0, 4.0), ("b", 1, 8.0)]
 
 
 def test_run_ra_is_tidy_and_cached(cache):
-    study = experiments.RAStudy.for_profile("quick", arms=("bp", "fa"), epochs=1, n_train=300, n_test=200,
+    study = experiments.RAStudy.for_profile("quick", rules=("bp", "ra_fa"), epochs=1, n_train=300, n_test=200,
                                              hidden=32)
     first = experiments.run_ra(study)
-    assert first.attrs["from_cache"] == 0 and first.attrs["units"] == 2
-    assert set(first["arm"]) == {"bp", "fa"} and set(first["epoch"]) == {0, 1}
-    assert {"data_source", "seed", "lr", "hidden", "test_acc", "align_0", "status"} <= set(first.columns)
+    assert isinstance(first, Results) and first.from_cache == 0 and first.units == 2
+    hist = first.history
+    assert set(hist["arm"]) == {"bp", "ra_fa"} and set(hist["epoch"]) == {0, 1}
+    assert {"data_source", "seed", "lr", "d", "rule", "test_acc", "align_0", "status"} <= set(hist.columns)
+    assert set(hist["d"]) == {32} and set(first.runs["model"]) == {"matrix_mlp"}
     again = experiments.run_ra(study)
-    assert again.attrs["from_cache"] == 2
-    pd.testing.assert_frame_equal(first, again)
+    assert again.from_cache == 2
+    pd.testing.assert_frame_equal(hist, again.history)
     # one changed setting reuses nothing for that setting but everything for the rest
-    more = experiments.run_ra(dataclasses.replace(study, arms=("bp", "fa", "ra_recon")))
-    assert more.attrs["from_cache"] == 2 and more.attrs["units"] == 3
+    more = experiments.run_ra(dataclasses.replace(study, rules=("bp", "ra_fa", "ra_recon")))
+    assert more.from_cache == 2 and more.units == 3
+    table = experiments.ra_summary(more.history)
+    three = dataclasses.replace(study, rules=("bp", "ra_fa", "ra_recon"))
+    assert list(table["arm"]) == [s.label for s in three.specs()]
+    assert (table["diverged"] == 0).all()
+
+
+def test_stability_map_keeps_the_row_of_a_run_that_diverged_early(cache):
+    study = experiments.RAStudy.for_profile("quick", rules=("bp", "ra_rev"), epochs=2, n_train=300,
+                                             n_test=200, hidden=32)
+    table = experiments.stability_map(study, lrs=(0.05, 1e4), lr_bs=(1e-3,))
+    assert list(zip(table["rule"], table["lr"], table["lr_b"])) == \
+        [("ra_rev", 0.05, 1e-3), ("ra_rev", 1e4, 1e-3)]
+    ok, bad = table.iloc[0], table.iloc[1]
+    assert ok["status"] == "ok" and math.isnan(ok["diverged_epoch"]) and np.isfinite(ok["mean_alignment"])
+    # diverged in epoch 1 of 2; the same label at the lower lr ran both epochs
+    assert bad["status"] == "diverged" and bad["diverged_epoch"] == 1.0 and math.isnan(bad["test_acc"])
+    fig = experiments.stability_figure(table)
+    assert "✗" in [t.get_text() for t in fig.axes[0].texts]
+
+
+def test_ra_view_leaves_a_diverged_run_out_of_the_plots(cache, monkeypatch):
+    from study_helpers import assert_not_drawn, diverge
+
+    diverge(monkeypatch, "ra_fa")
+    study = experiments.RAStudy.for_profile("quick", rules=("bp", "ra_fa", "ra_recon"), epochs=1, n_train=300,
+                                             n_test=200, hidden=32)
+    out = experiments.ra_view(study)
+    status = out.extra.runs.set_index("arm")["status"]
+    assert status["ra_fa"] == "diverged" and (status.drop("ra_fa") == "ok").all()
+    assert any(n.startswith("Diverged runs") and "ra_fa (seed 42)" in n for n in out.notes)
+    assert_not_drawn(out.figures, "ra_fa")
+    t = out.table.set_index("arm")
+    assert t.loc["ra_fa", "diverged"] == 1 and t.loc["ra_fa", "test_acc_text"] == "n/a"
 
 
 # ---------------------------------------------------------------------------- widgets
@@ -114,7 +169,8 @@ def _mimes(output):
 def test_controls_are_generated_from_the_config():
     panel = widgets.ControlPanel(experiments.RAStudy, experiments.ra_view, profile="quick")
     c = panel.controls
-    assert {"arms", "depth", "hidden", "activation", "ln", "lr", "lr_b", "lam", "epochs", "seeds"} <= set(c)
+    assert {"rules", "depth", "hidden", "activation", "ln", "lr", "lr_b", "lam", "epochs", "seeds"} <= set(c)
+    assert list(c["rules"].options) == list(experiments.RAStudy.rule_choices())
     sliders = [w for w in c.values() if hasattr(w, "continuous_update")]
     assert sliders and all(w.continuous_update is False for w in sliders)
     assert panel.study() == experiments.RAStudy.for_profile("quick")  # defaults = the baseline run
@@ -122,7 +178,7 @@ def test_controls_are_generated_from_the_config():
 
 def test_panel_run_renders_figure_and_table_and_second_run_is_cached(cache):
     panel = widgets.ControlPanel(experiments.RAStudy, experiments.ra_view, profile="quick")
-    panel.controls["arms"].value = ("bp", "fa")
+    panel.controls["rules"].value = ("bp", "ra_fa")
     panel.controls["epochs"].value = 1
     panel.controls["hidden"].value = 32
     panel.controls["seeds"].value = "3"
@@ -130,11 +186,11 @@ def test_panel_run_renders_figure_and_table_and_second_run_is_cached(cache):
     assert panel.last_error is None, panel.last_error
     res = panel.last_result
     assert res.config.epochs == 1 and res.config.hidden == 32 and res.config.seeds == (3,)
-    assert set(res.results["arm"]) == {"bp", "fa"} and set(res.results["seed"]) == {3}
+    assert set(res.results["arm"]) == {"bp", "ra_fa"} and set(res.results["seed"]) == {3}
     mimes = _mimes(panel.output)
     assert "image/png" in mimes and "text/html" in mimes
     html = [o["data"]["text/html"] for o in panel.output.outputs if "text/html" in o.get("data", {})]
-    assert any("fa" in h and "test_acc" in h for h in html)
+    assert any("ra_fa" in h and "test_acc" in h for h in html)
     assert res.from_cache == 0
     panel.run_button.click()
     assert panel.last_result.from_cache == panel.last_result.units == 2
@@ -149,3 +205,6 @@ def test_panel_shows_errors_inside_its_output(cache):
     texts = [o.get("text", "") + str(o.get("data", {}).get("text/html", "")) for o in panel.output.outputs]
     assert any("comma-separated integers" in t for t in texts)
     assert panel.run_button.disabled is False
+    panel.controls["seeds"].value = "4, 4"
+    panel.run_button.click()
+    assert isinstance(panel.last_error, ValueError) and "must not repeat a seed" in str(panel.last_error)

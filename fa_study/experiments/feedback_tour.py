@@ -213,6 +213,8 @@ def tour_summary(results: pd.DataFrame, order: list[str] | None = None) -> pd.Da
     last["cos_output"] = last[cos[-1]]
     last["angle_BW_used"] = last[ang[1:]].mean(axis=1) if len(ang) > 1 else math.nan
     cols = ["test_acc", "cos_hidden", "cos_output", "angle_BW_used"]
+    if "status" in last:  # a run that blew up has no value at the end (its last record is older)
+        last.loc[last["status"] != "ok", cols] = math.nan
     table = aggregate(last, "arm", cols)
     if order:
         rank = {a: i for i, a in enumerate(order)}

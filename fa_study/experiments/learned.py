@@ -23,7 +23,7 @@ from ..models import MODEL_NAMES
 from ..rules import RULES
 from ..runs import DataSpec, ModelSpec, ReadSpec, Results, RunSpec
 from ..train import TrainConfig
-from .core import Study, StudyResult, last_epoch, resolve_study
+from .core import Study, StudyResult, finished, last_epoch, resolve_study
 
 RULES_COMPARED: tuple[str, ...] = ("fa", "grape_fa", "dfa", "stiefel_dfa", "oracle")
 REFERENCES: tuple[str, ...] = ("bp", "frozen")  # run with every study: the accuracy references
@@ -173,8 +173,9 @@ def learned_view(study: LearnedStudy | None = None, *, profile: str | None = Non
     results = run_learned(study, callback=live, progress=progress)
     res = results.history
     sources = results.runs["data_source"].unique().tolist()
-    learners = res[res["rule"].map(lambda r: RULES[r].has_random_feedback)]
-    last = last_epoch(res)
+    ok = finished(res)  # diverged runs are left out of the plots (the table and notes name them)
+    learners = ok[ok["rule"].map(lambda r: RULES[r].has_random_feedback)] if len(ok) else ok
+    last = last_epoch(ok)
     figs = []
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
@@ -198,7 +199,7 @@ def learned_view(study: LearnedStudy | None = None, *, profile: str | None = Non
     figs.append(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(11.5, 3.8), gridspec_kw={"width_ratios": [1.4, 1]})
-    plots.plot_curves(res, "epoch", "test_acc", hue="arm", ax=axes[0], logy=False,
+    plots.plot_curves(ok, "epoch", "test_acc", hue="arm", ax=axes[0], logy=False,
                       title="test accuracy over training", ylabel="test accuracy")
     table = learned_summary(res)
     frozen = table.loc[table["arm"] == "frozen", "test_acc"]
@@ -212,7 +213,7 @@ def learned_view(study: LearnedStudy | None = None, *, profile: str | None = Non
     plt.close(fig)
     figs.append(fig)
 
-    st = res[res["arm"] == "stiefel_dfa"]
+    st = ok[ok["arm"] == "stiefel_dfa"] if len(ok) else ok
     if len(st) and any(c.startswith("alpha_") for c in st.columns):
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
         long = _per_layer(st, "rho_")

@@ -215,11 +215,12 @@ def arm_colours(specs: list[RunSpec]) -> dict[str, str]:
     from ..plots import PALETTE, colour
 
     spare = [PALETTE[2], PALETTE[4], PALETTE[5], PALETTE[7], PALETTE[6], PALETTE[1]]
-    penalty = {}
+    penalty, rule = {}, {}
     for s in specs:
         penalty.setdefault(s.label, float(dict(s.options).get("penalty", 0.0)))
+        rule.setdefault(s.label, s.rule)
     penalised = sorted((a for a, p in penalty.items() if p > 0), key=lambda a: -penalty[a])
-    fixed = {a: colour(a, i) for i, a in enumerate(penalty) if penalty[a] == 0}
+    fixed = {a: colour(rule[a], i) for i, a in enumerate(penalty) if penalty[a] == 0}
     fixed.update({a: spare[i % len(spare)] for i, a in enumerate(penalised)})
     return {a: fixed[a] for a in penalty}  # keep the specs' order for legends
 

@@ -194,7 +194,8 @@ def stability_map(study: RAStudy, lrs: tuple = (0.01, 0.05, 0.1), lr_bs: tuple =
     learning rates of W (``lrs``) and B (``lr_bs``): one row per (rule, lr, lr_b)."""
     specs = stability_specs(study, lrs, lr_bs, rules)
     res = run_specs(specs, progress=progress)
-    last = last_epoch(res.history)
+    # the runs of one rule share a label: told apart by lr too (one that diverged early keeps its row)
+    last = last_epoch(res.history, keys=("model", "arm", "seed", "lr"))
     rows = []
     for spec, run in zip(specs, res.runs.to_dict("records")):
         sub = last[(last["arm"] == spec.label) & (last["lr"] == spec.train.lr)] if len(last) else last
