@@ -84,6 +84,7 @@ def test_grape_step_is_the_scaled_gradient_step_and_turns_B_toward_the_target():
     Bv = B.clone().requires_grad_(True)
     grad, = torch.autograd.grad(1 - (Bv * T).sum() / (Bv.norm() * T.norm()), Bv)
     expected = B - 0.1 * B.norm() ** 2 * grad
+    expected = expected * (B.norm() / expected.norm())  # then rescaled: a rotation toward T
     before = _cos(B, T)
     returned = grape_step(B, T, 0.1)  # scale-free by default
     torch.testing.assert_close(B, expected)
