@@ -113,8 +113,9 @@ final.assign(status=status).round(3)
 # %% [markdown]
 # ### What the run shows
 #
-# These statements held for seeds 0, 1 and 2 in the `quick` and `default` profiles, on the real
-# MNIST and on the offline stand-in; the cells below check them on every execution.
+# These statements held for seeds 0, 1 and 2 in the `quick` profile (real MNIST and the offline
+# stand-in) and the `default` profile on the stand-in, and for seed 0 in the `default` profile on
+# the whole real MNIST; the cells below check them on every execution.
 #
 # * **BP is exact.** Cosine 1 on every layer: the read-out has no bias of its own.
 # * **Every rule gives the output layer BP's update.** The output layer's weight gradient needs
@@ -122,7 +123,8 @@ final.assign(status=status).round(3)
 #   gives the output layer the error itself). The rules differ only below the top.
 # * **Fixed random feedback: $W$ comes to $B$, not the other way round.** Under the four FA init
 #   modes the hidden layers' update cosine starts near 0 (a random direction) and ends clearly
-#   positive but far from 1 (0.2–0.7 in these runs). The angle between $B$ and $W$ falls only
+#   positive but far from 1 (a mean over the hidden layers of 0.15–0.6 in these runs; a single
+#   layer's cosine on the probe batch is noisier, from about 0 to 0.7). The angle between $B$ and $W$ falls only
 #   because $W$ moves: most at the output layer (to 55–75°), a little in the middle, and not at
 #   all in the first layer, whose $B$ carries no error anywhere.
 # * **Sign symmetry is nearly BP from the start.** The angle between $\operatorname{sign}(W)$ and
@@ -141,7 +143,8 @@ final.assign(status=status).round(3)
 #   the ungated forms (seed 000's, `gated=False` in the `default` profile) differ by the
 #   derivative of the ReLU that follows each layer.
 # * **Accuracy follows alignment only loosely.** On this easy task every rule learns; BP is
-#   ahead or level with the best.
+#   ahead or within a few points of the best (after the `quick` profile's 125 steps a learned
+#   feedback rule can be a point or two ahead of it).
 
 # %%
 # Claims of this section (checked on every execution, in every profile).
@@ -151,7 +154,7 @@ assert np.allclose(final[output], 1.0, atol=1e-5), final[output]       # every r
 # Fixed random B: hidden updates end positive (aligned) but clearly not BP's, having started
 # near a random direction; W moves towards B where B is used, and not where it is not.
 for arm in fixed_b:
-    assert (final.loc[arm, hidden] > 0.1).all() and (final.loc[arm, hidden] < 0.9).all(), arm
+    assert 0.1 < final.loc[arm, hidden].mean() < 0.9, arm
     assert final.loc[arm, hidden].mean() > start.loc[arm, hidden].mean() + 0.1, arm
     assert abs(final.loc[arm, angle_cols[0]] - 90) < 2, arm   # first layer: B unused, no alignment
     assert final.loc[arm, angle_cols[-1]] < 80, arm          # output layer: W came towards B
@@ -176,7 +179,7 @@ for arm in [a for a in order if rule_of[a] == "layer_dfa"]:
     assert (final.loc[arm, hidden] > 0.05).all() and (final.loc[arm, hidden] < 0.9).all(), arm
 # Every rule learns; BP is not behind.
 assert (final["test_acc"] > 0.6).all(), final["test_acc"]
-assert final.loc["bp", "test_acc"] >= final["test_acc"].max() - 0.02
+assert final.loc["bp", "test_acc"] >= final["test_acc"].max() - 0.03
 
 # %% [markdown]
 # ## The converter on a model you did not write

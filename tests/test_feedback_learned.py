@@ -232,3 +232,17 @@ def test_scale_free_grape_keeps_the_feedback_norm_under_noisy_targets():
     for _ in range(1000):
         grape_step(B, torch.randn(16, 16, generator=g, dtype=D64), 0.05)
     assert float(B.norm()) == pytest.approx(n0, rel=1e-9)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 2.0])
+def test_weight_mirror_default_decay_makes_w_its_fixed_point_for_any_sigma(sigma):
+    """The default decay is lr_b * sigma**2 (Akrout 2019): B* = W whatever sigma. A decay of
+    lr_b * sigma would give B* = sigma W (half or twice W here)."""
+    torch.manual_seed(0)
+    layer = LocalLinear(12, 8, method="weight_mirror", lr_b=0.05 / sigma ** 2, mirror_sigma=sigma,
+                        mirror_n=64)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(600):
+        feedback_step(nn.Sequential(layer), generator=g)
+    assert _cos(layer.B, layer.weight) > 0.97
+    assert 0.85 < float(layer.B.norm() / layer.weight.detach().norm()) < 1.15
