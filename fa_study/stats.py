@@ -23,20 +23,27 @@ def mean_ci(values, level: float = 0.95) -> tuple[float, float, float]:
 
 
 def aggregate(df: pd.DataFrame, by, columns, level: float = 0.95) -> pd.DataFrame:
-    """One row per group of ``by``: for each of ``columns`` its mean, CI half-width (``<c>_ci``),
-    the number of finite values (``n``) and a ``<c>_text`` column reading ``mean ± ci``."""
+    """One row per group of ``by``: for each of ``columns`` its mean over the finite values, CI
+    half-width (``<c>_ci``), a ``<c>_text`` column reading ``mean ± ci`` and the number of finite
+    values ``<c>_n``; ``n`` is the number of finite values of the first column (the quantity a
+    table leads with: a diverged run's NaN does not count), ``n_rows`` the group's rows."""
     by = [by] if isinstance(by, str) else list(by)
+    columns = list(columns)
     rows = []
     for key, sub in df.groupby(by, sort=False):
         key = key if isinstance(key, tuple) else (key,)
         row = dict(zip(by, key))
-        row["n"] = int(len(sub))
+        finite = {c: int(np.isfinite(pd.to_numeric(sub[c], errors="coerce").to_numpy(dtype=float)).sum())
+                  for c in columns}
+        row["n"] = finite[columns[0]] if columns else int(len(sub))
+        row["n_rows"] = int(len(sub))
         for c in columns:
             m, lo, hi = mean_ci(sub[c].to_numpy(dtype=float), level)
             half = (hi - lo) / 2 if math.isfinite(lo) else math.nan
             row[c] = m
             row[f"{c}_ci"] = half
             row[f"{c}_text"] = format_mean_ci(m, half)
+            row[f"{c}_n"] = finite[c]
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -208,3 +208,11 @@ def test_panel_shows_errors_inside_its_output(cache):
     panel.controls["seeds"].value = "4, 4"
     panel.run_button.click()
     assert isinstance(panel.last_error, ValueError) and "must not repeat a seed" in str(panel.last_error)
+
+
+def test_aggregate_counts_only_finite_rows_in_n():
+    df = pd.DataFrame({"arm": ["a", "a", "a"], "acc": [0.5, float("nan"), 0.7], "g": [1.0, 2.0, 3.0]})
+    t = aggregate(df, "arm", ["acc", "g"])
+    assert t.loc[0, "n"] == 2 and t.loc[0, "n_rows"] == 3  # the NaN (diverged) row is not counted
+    assert t.loc[0, "acc_n"] == 2 and t.loc[0, "g_n"] == 3
+    assert t.loc[0, "acc"] == pytest.approx(0.6) and t.loc[0, "g"] == pytest.approx(2.0)

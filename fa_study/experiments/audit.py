@@ -210,7 +210,7 @@ def verdict_table(results: Results) -> pd.DataFrame:
     out = pd.DataFrame(rows).rename(columns={"model": "arch", "arm": "rule"})
     text = [f"{c}_text" for c in cols]
     raw = [c for c in cols] + [f"{c}_ci" for c in cols]
-    return out[["arch", "rule", "n", *text, "d1_fired", "d2_fired", "d3_fired", "verdict", "diverged",
+    return out[["arch", "rule", "n", "n_rows", *text, "d1_fired", "d2_fired", "d3_fired", "verdict", "diverged",
                 "data_source", *raw]]
 
 
