@@ -137,8 +137,12 @@ def one_cpu_thread(device=None):
 # --------------------------------------------------------------------------------------------
 
 
-def _canon(value, path: str):
-    """``value`` as plain JSON data, every type told apart (dataclass, dict, tuple)."""
+_NOT_SCALAR = object()
+
+
+def _scalar(value):
+    """A JSON scalar (None, bool, str, int, float; numpy's as Python's), else ``_NOT_SCALAR``.
+    Floats are written by json with repr(): the shortest text that reads back exactly."""
     import numpy as np
 
     if value is None or isinstance(value, (bool, str)):
@@ -148,7 +152,15 @@ def _canon(value, path: str):
     if isinstance(value, (int, np.integer)):
         return int(value)
     if isinstance(value, (float, np.floating)):
-        return float(value)  # json writes repr(): the shortest text that reads back exactly
+        return float(value)
+    return _NOT_SCALAR
+
+
+def _canon(value, path: str):
+    """``value`` as plain JSON data, every type told apart (dataclass, dict, tuple)."""
+    out = _scalar(value)
+    if out is not _NOT_SCALAR:
+        return out
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         if not type(value).__dataclass_params__.frozen:
             raise TypeError(f"spec field {path} is a {type(value).__name__}, a dataclass that is "
@@ -219,16 +231,9 @@ class _Unstorable(Exception):
 
 def _enc(value, path: str):
     """A JSON value exactly as written; tuples tagged so that they come back as tuples."""
-    import numpy as np
-
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value)
+    out = _scalar(value)
+    if out is not _NOT_SCALAR:
+        return out
     if isinstance(value, tuple):
         return {"__tuple__": [_enc(v, f"{path}[{i}]") for i, v in enumerate(value)]}
     if isinstance(value, list):

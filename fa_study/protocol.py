@@ -143,9 +143,16 @@ def bp_reference(model: nn.Module, x: torch.Tensor,
     """
     from .feedback import bp_twin, local_layers
 
+    return hidden_gradients(bp_twin(model) if local_layers(model) else model, x, y)
+
+
+def hidden_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                     on_logits=None) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """``(hiddens, dCE/dh_l, logits)`` by autograd through the model *as it is* (for a converted
+    model: through its rules' own backward); ``on_logits(logits)`` is called before the backward
+    (a direct rule captures the output error there). BatchNorm statistics are restored; no
+    ``.grad`` is touched. :func:`bp_reference` is this on the plain-BP network."""
     _check_batch(x, y)
-    if local_layers(model):
-        model = bp_twin(model)
     with torch.enable_grad(), buffers_preserved(model):
         h = model.embed(x)
         if not h.requires_grad:  # embedding frozen (or no parameters): start the graph here
@@ -155,8 +162,9 @@ def bp_reference(model: nn.Module, x: torch.Tensor,
             h = model.step(l, h)
             hiddens.append(h)
         logits = model.readout(h)
-        loss = F.cross_entropy(logits, y)
-        grads = torch.autograd.grad(loss, hiddens)
+        if on_logits is not None:
+            on_logits(logits)
+        grads = torch.autograd.grad(F.cross_entropy(logits, y), hiddens)
     return ([t.detach() for t in hiddens], [g.detach() for g in grads], logits.detach())
 
 

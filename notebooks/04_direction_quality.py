@@ -36,7 +36,12 @@
 # Here $a_l$ is the signal the rule actually uses *at* $h_l$: the embedding ($h_0$) and block 0
 # (whose output is added into $h_1$) are driven by $e B_0^\top$, block $l$ writing into $h_{l+1}$
 # by $e B_l^\top$. (`004` paired $h_l$ with $B_l$, i.e. with the signal of the block that *reads*
-# $h_l$; the readings below are for the signal that writes it.)
+# $h_l$; the readings below are for the signal that writes it.) We keep this pairing because block
+# $l$'s surrogate $\langle f_l(h_l), a\rangle$ moves $f_l$, hence $h_{l+1}$: the gradient that
+# signal should follow is $\partial L/\partial h_{l+1}$, at the block's *output*. Measured `004`'s
+# way, every deep reading shifts one state down and the embedding's signal is compared twice; the
+# fresh-feedback null's deep layers ($h_1 \dots h_L$ here, `003`'s "layers $1 \dots L-1$") shift
+# the same way (`fa_study.protocol.fresh_feedback_null` documents it).
 
 # %% tags=["parameters"]
 PROFILE = None  # None: read FA_STUDY_PROFILE (quick / default / paper); papermill injects it here

@@ -31,7 +31,7 @@ from ..config import check_float, check_int
 from ..runs import ModelSpec, Results, RunSpec
 from ..stats import aggregate, format_mean_ci, mean_ci
 from .core import Study, StudyResult, resolve_study
-from .penalty import arm_colours, check_run_settings, study_spec
+from .penalty import FASHION_CHECK, arm_colours, check_run_settings, study_spec
 
 
 @dataclass(frozen=True)
@@ -60,11 +60,7 @@ class DirectionStudy(Study):
         "default": dict(epochs=10, n_train=10000, n_test=2000, seeds=(42, 123, 456)),
         "paper": dict(epochs=100, n_train=None, n_test=None, seeds=(42, 123, 456), augment=True),
     }
-    CROSS_CHECK = {
-        "quick": dict(epochs=3, n_train=4000, n_test=1000, seeds=(42,), null_draws=10),
-        "default": dict(epochs=3, n_train=None, n_test=None, seeds=(42,), null_draws=10),
-        "paper": dict(epochs=30, n_train=None, n_test=None, augment=False),
-    }
+    CROSS_CHECK = FASHION_CHECK  # notebook 03's
     CONTROLS = {"lam": ("log", 1e-4, 1e-1), "seeds": "seeds", "epochs": (1, 100, 1),
                 "grad_clip": (0.1, 5.0, 0.1)}
 

@@ -13,7 +13,6 @@ with the same settings is served from the cache. A BP run per seed gives the sca
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -30,6 +29,14 @@ from ..runs import Results, RunSpec
 from ..stats import aggregate, mean_ci
 from .audit import audit_spec
 from .core import Study, StudyResult, finished, resolve_study
+
+
+# Fashion-MNIST cross-check of notebooks 03 and 04: the whole split when the real files are there
+FASHION_CHECK = {
+    "quick": dict(epochs=3, n_train=4000, n_test=1000, seeds=(42,), null_draws=10),
+    "default": dict(epochs=3, n_train=None, n_test=None, seeds=(42,), null_draws=10),
+    "paper": dict(epochs=30, n_train=None, n_test=None, augment=False),
+}
 
 
 def penalised_rules() -> tuple[str, ...]:
@@ -127,11 +134,7 @@ class PenaltyStudy(Study):
         "paper": dict(epochs=30, n_train=None, n_test=None, seeds=(42, 123, 456), augment=True),
     }
     # the cross-check's vanilla DFA and BP runs are notebook 02's cross-check runs (same settings)
-    CROSS_CHECK = {
-        "quick": dict(epochs=3, n_train=4000, n_test=1000, seeds=(42,), null_draws=10),
-        "default": dict(epochs=3, n_train=None, n_test=None, seeds=(42,), null_draws=10),
-        "paper": dict(epochs=30, n_train=None, n_test=None, augment=False),
-    }
+    CROSS_CHECK = FASHION_CHECK
     CONTROLS = {"lambdas": "seeds",  # a comma-separated text box, parsed by parse_lambdas
                 "seeds": "seeds", "epochs": (1, 60, 1)}
 

@@ -36,6 +36,15 @@ def _resolve(weight: torch.Tensor, feedback: torch.Tensor | None) -> torch.Tenso
     return sign_feedback(weight) if feedback is None else feedback
 
 
+def _linear_param_grads(ctx, x: torch.Tensor, grad_out: torch.Tensor):
+    """BP's weight and bias gradients of ``y = x W^T + b`` (each only when needed)."""
+    need_w, need_b = ctx.needs_input_grad[1:3]
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_w = g2.t() @ x.reshape(-1, x.shape[-1]).to(grad_out.dtype) if need_w else None
+    grad_b = g2.sum(dim=0) if need_b and ctx.has_bias else None
+    return grad_w, grad_b
+
+
 class LinearFeedbackFn(Function):
     """``y = x W^T + b`` with ``grad_x = grad_y B``; x is ``(..., in)``, W and B ``(out, in)``."""
 
@@ -48,17 +57,8 @@ class LinearFeedbackFn(Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         x, weight, feedback = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = grad_w = grad_b = None
-        dt = grad_out.dtype
-        if need_x:
-            grad_x = grad_out @ _resolve(weight, feedback).to(dt)
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        if need_w:
-            grad_w = g2.t() @ x.reshape(-1, x.shape[-1]).to(dt)
-        if need_b and ctx.has_bias:
-            grad_b = g2.sum(dim=0)
-        return grad_x, grad_w, grad_b, None
+        grad_x = grad_out @ _resolve(weight, feedback).to(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        return (grad_x, *_linear_param_grads(ctx, x, grad_out), None)
 
 
 class Conv2dFeedbackFn(Function):
@@ -108,17 +108,8 @@ class LinearDirectFn(Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = grad_w = grad_b = None
-        dt = grad_out.dtype
-        if need_x:
-            grad_x = ctx.project(x, grad_out)
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        if need_w:
-            grad_w = g2.t() @ x.reshape(-1, x.shape[-1]).to(dt)
-        if need_b and ctx.has_bias:
-            grad_b = g2.sum(dim=0)
-        return grad_x, grad_w, grad_b, None
+        grad_x = ctx.project(x, grad_out) if ctx.needs_input_grad[0] else None
+        return (grad_x, *_linear_param_grads(ctx, x, grad_out), None)
 
 
 class Conv2dDirectFn(Function):

@@ -458,7 +458,22 @@ class BatchRandomSignConcordant(_SignConcordant):
         return super().forward(layer, x)
 
 
-class DirectFeedbackAlignment(LayerStrategy):
+class _FromOutputError(LayerStrategy):
+    """The rules driven by the model's output error ``e`` (captured by capture_output_error)
+    through a random ``B_dfa`` sized by the number of classes."""
+
+    buffers = ("B_dfa",)
+    needs_output_error = True
+    direct = True
+    takes_target = True
+
+    def setup(self, layer, generator):
+        super().setup(layer, generator)
+        layer._output_error = OutputError()
+        layer._dfa_init_std = DFA_INIT_STD
+
+
+class DirectFeedbackAlignment(_FromOutputError):
     """Nøkland's DFA (2016) as biotorch implements it, for Linear and Conv2d layers.
 
     In the layer's backward the input gradient is replaced by a projection of the output error
@@ -484,15 +499,6 @@ class DirectFeedbackAlignment(LayerStrategy):
     name = "dfa"
     summary = ("Nøkland's DFA: input gradient e @ B_dfa from the output error e, so the layer "
                "below gets ((e B^T) * f'(a))^T x; needs capture_output_error")
-    buffers = ("B_dfa",)
-    needs_output_error = True
-    direct = True
-    takes_target = True
-
-    def setup(self, layer, generator):
-        super().setup(layer, generator)
-        layer._output_error = OutputError()
-        layer._dfa_init_std = DFA_INIT_STD
 
     def has_random_feedback(self, layer):
         return layer.B_dfa is not None
@@ -536,7 +542,42 @@ class DirectFeedbackAlignment(LayerStrategy):
         return layer._direct_forward(x, error)
 
 
-class UngatedDFA(LayerStrategy):
+class _OverwriteAfterBackward(LayerStrategy):
+    """Rules that overwrite the weight gradient after an ordinary backward from a random matrix
+    (``matrix``, its std kept in the layer attribute ``std_attr``): the forward caches the input,
+    ``reset`` redraws the matrix at its std."""
+
+    matrix: str = ""
+    std_attr: str = ""
+
+    @torch.no_grad()
+    def reset(self, layer, generator=None, init_std=None):
+        if not self.has_random_feedback(layer):
+            return False
+        std = getattr(layer, self.std_attr) if init_std is None else init_std
+        setattr(layer, self.matrix, draw_gaussian(getattr(layer, self.matrix).shape, std, generator,
+                                                  layer.weight))
+        return True
+
+    def forward(self, layer, x):
+        layer._cache_input(x)
+        return layer._plain_forward(x)
+
+    def overwrite(self, layer, signal: torch.Tensor, what: str, dim_name: str, setup_call: str,
+                  call: str, *, mean: bool) -> None:
+        """Overwrite the weight/bias gradients with ``delta = signal M^T`` paired with the cached
+        input (summed, or averaged over rows when ``mean``)."""
+        M = getattr(layer, self.matrix)
+        if M is None:
+            raise RuntimeError(f"{self.name} feedback matrices do not exist yet: call {setup_call}")
+        if signal.shape[-1] != M.shape[1]:
+            raise ValueError(f"{what} has last dimension {signal.shape[-1]} but {self.matrix} was made "
+                             f"for {dim_name}={M.shape[1]}")
+        x, _ = layer._take_cached_input(call)
+        _write_projection_grads(layer, signal.detach().to(M.dtype) @ M.t(), x, mean=mean)
+
+
+class UngatedDFA(_OverwriteAfterBackward, _FromOutputError):
     """Seed 000's DFA: after the backward, the weight gradient is overwritten by
     ``(e B_dfa^T)^T x`` (``B_dfa`` ``(out, target_dim)``), ungated by any ``f'``; the layer's
     own backward is BP's, so layers upstream get BP gradients. Linear only."""
@@ -544,16 +585,11 @@ class UngatedDFA(LayerStrategy):
     name = "dfa_ungated"
     summary = ("seed 000's ungated DFA: weight gradient overwritten by (e B_dfa^T)^T x after "
                "the backward (Linear only)")
-    buffers = ("B_dfa",)
+    matrix, std_attr = "B_dfa", "_dfa_init_std"
     has_conv_form = False
-    needs_output_error = True
-    direct = True
-    takes_target = True
 
     def setup(self, layer, generator):
         super().setup(layer, generator)
-        layer._output_error = OutputError()
-        layer._dfa_init_std = DFA_INIT_STD
         layer._dfa_identity = False
 
     @property
@@ -581,31 +617,13 @@ class UngatedDFA(LayerStrategy):
                                     layer.weight)
         return "random"
 
-    @torch.no_grad()
-    def reset(self, layer, generator=None, init_std=None):
-        if not self.has_random_feedback(layer):
-            return False
-        std = layer._dfa_init_std if init_std is None else init_std
-        layer.B_dfa = draw_gaussian(layer.B_dfa.shape, std, generator, layer.weight)
-        return True
-
-    def forward(self, layer, x):
-        layer._cache_input(x)
-        return layer._plain_forward(x)
 
     @torch.no_grad()
     def apply(self, layer, e: torch.Tensor) -> None:
         """Overwrite grads with ``delta = e B_dfa^T``: ``grad_W = sum_n delta_n x_n^T``,
         ``grad_b = sum_n delta_n`` (a sum: ``e`` already carries the loss's batch mean)."""
-        if layer.B_dfa is None:
-            raise RuntimeError("DFA feedback matrices do not exist yet: call "
-                               "fa_study.feedback.initialize_dfa_targets(model, target_dim) first")
-        if e.shape[-1] != layer.B_dfa.shape[1]:
-            raise ValueError(f"e has last dimension {e.shape[-1]} but B_dfa was made for "
-                             f"target_dim={layer.B_dfa.shape[1]}")
-        x, _ = layer._take_cached_input("apply_dfa_update")
-        delta = e.detach().to(layer.B_dfa.dtype) @ layer.B_dfa.t()
-        _write_projection_grads(layer, delta, x, mean=False)
+        self.overwrite(layer, e, "e", "target_dim", "fa_study.feedback.initialize_dfa_targets(model, "
+                       "target_dim) first", "apply_dfa_update", mean=False)
 
     def step(self, layer, *, e, lr_b, decay, generator):
         if layer.B_dfa is None:
@@ -620,7 +638,7 @@ class UngatedDFA(LayerStrategy):
         return True
 
 
-class DFABlock(LayerStrategy):
+class DFABlock(_OverwriteAfterBackward):
     """DFA within a block: after the backward, the weight gradient is overwritten from the
     error at the output of the layer's block, ``delta = err B_dfa_block^T``, averaged over
     rows (``B_dfa_block`` ``(out, d_block)``). Linear only."""
@@ -628,6 +646,7 @@ class DFABlock(LayerStrategy):
     name = "dfa_block"
     summary = "weight gradient from the error at the block output (Linear only)"
     buffers = ("B_dfa_block",)
+    matrix, std_attr = "B_dfa_block", "_dfa_block_std"
     has_conv_form = False
 
     def setup(self, layer, generator):
@@ -654,31 +673,14 @@ class DFABlock(LayerStrategy):
                              draw_gaussian((layer.out_features, d_block), init_std, generator,
                                            layer.weight))
 
-    @torch.no_grad()
-    def reset(self, layer, generator=None, init_std=None):
-        if layer.B_dfa_block is None:
-            return False
-        std = layer._dfa_block_std if init_std is None else init_std
-        layer.B_dfa_block = draw_gaussian(layer.B_dfa_block.shape, std, generator, layer.weight)
-        return True
-
-    def forward(self, layer, x):
-        layer._cache_input(x)
-        return layer._plain_forward(x)
 
     @torch.no_grad()
     def apply(self, layer, block_error: torch.Tensor) -> None:
         """``delta = err B_dfa_block^T``; grads are batch means over the ``N`` rows of the error
         (the reference's normalisation): ``grad_W = delta^T x / N``."""
-        if layer.B_dfa_block is None:
-            raise RuntimeError("dfa_block feedback matrices do not exist yet: call "
-                               "fa_study.feedback.initialize_dfa_block_targets(model, d_block)")
-        if block_error.shape[-1] != layer.B_dfa_block.shape[1]:
-            raise ValueError(f"block error has last dimension {block_error.shape[-1]} but "
-                             f"B_dfa_block was made for d_block={layer.B_dfa_block.shape[1]}")
-        x, _ = layer._take_cached_input("apply_dfa_block_update")
-        delta = block_error.detach().to(layer.B_dfa_block.dtype) @ layer.B_dfa_block.t()
-        _write_projection_grads(layer, delta, x, mean=True)
+        self.overwrite(layer, block_error, "block error", "d_block",
+                       "fa_study.feedback.initialize_dfa_block_targets(model, d_block)",
+                       "apply_dfa_block_update", mean=True)
 
     def step(self, layer, *, e, lr_b, decay, generator):
         if not layer._dfa_block_assigned:

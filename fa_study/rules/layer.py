@@ -104,25 +104,14 @@ class LayerRule(Method):
         """What the converted model's backward delivers at every ``h_l`` (for a fresh copy, on a
         copy of the model with its random feedback redrawn)."""
         from .. import feedback
-        from ..protocol import buffers_preserved
+        from ..protocol import hidden_gradients
 
         self._require_ready("credit")
         if self._fresh_seed is not None:
             model = self._redrawn_copy(model)
-        check_batch(x, y)
-        with torch.enable_grad(), buffers_preserved(model):
-            h = model.embed(x)
-            if not h.requires_grad:
-                h = h.detach().requires_grad_(True)
-            hiddens = [h]
-            for l in range(model.num_blocks):
-                h = model.step(l, h)
-                hiddens.append(h)
-            logits = model.readout(h)
-            if feedback.needs_output_error(model):
-                feedback.capture_output_error(model, logits)
-            grads = torch.autograd.grad(F.cross_entropy(logits, y), hiddens)
-        return [g.detach() for g in grads]
+        capture = (lambda logits: feedback.capture_output_error(model, logits)) \
+            if feedback.needs_output_error(model) else None
+        return hidden_gradients(model, x, y, on_logits=capture)[1]
 
     def _redrawn_copy(self, model):
         from .. import feedback
@@ -159,25 +148,26 @@ class SignSymmetry(LayerRule):
     layer_rule = "sign_sym"
 
 
-class FixedRandomSign(LayerRule):
+class _SignConcordant(LayerRule):
+    """Sign-concordant feedback ``|M| ⊙ sign(W)`` with random magnitudes (Liao et al. 2016)."""
+
+    OPTIONS = {"init_std": INIT_STD}
+
+    def convert_options(self, train_cfg):
+        return {"init_std": self.init_std}
+
+
+class FixedRandomSign(_SignConcordant):
     name = "frsf"
     summary = "sign-concordant feedback |M|⊙sign(W), M fixed (Liao 2016)"
     layer_rule = "frsf"
     has_random_feedback = True
-    OPTIONS = {"init_std": INIT_STD}
-
-    def convert_options(self, train_cfg):
-        return {"init_std": self.init_std}
 
 
-class BatchRandomSign(LayerRule):
+class BatchRandomSign(_SignConcordant):
     name = "brsf"
     summary = "sign-concordant feedback |M_t|⊙sign(W), M redrawn every batch (Liao 2016)"
     layer_rule = "brsf"
-    OPTIONS = {"init_std": INIT_STD}
-
-    def convert_options(self, train_cfg):
-        return {"init_std": self.init_std}
 
 
 class LayerGrAPE(LayerRule):
