@@ -107,73 +107,62 @@ print(RULES["dfa_redrawn"], "registered;", len(RULES), "rules in the registry")
 # The audit study takes any registered rule by name. It trains each rule on ResidualMLP,
 # ViTMini and SmallResNet next to the frozen-blocks baseline, audits every trained network
 # (D1 scale stability, D2 reference validity, D3 depth utility), reads the direction quality
-# of every rule's credit and, for rules with random feedback, the fresh-feedback null.
+# of every rule's credit and, for rules with random feedback, the fresh-feedback null. Here the
+# networks and subsets are small (the `paper` profile runs the reference's sizes): this section
+# shows that the whole machinery takes the new rule on every architecture.
 
 # %%
-SETTINGS = {
-    "quick": dict(epochs=3, n_train=2000, n_test=1000, d=32, seeds=(42,), null_draws=5),
-    "default": dict(epochs=4, n_train=4000, n_test=1000, d=64, seeds=(42,), null_draws=10),
-    "paper": dict(epochs=100, n_train=None, n_test=None, seeds=(42, 123, 456), augment=True, null_draws=20),
-}[profile]
-byo = AuditStudy.for_profile(profile, rules=("bp", "dfa", "dfa_redrawn"), archs=("resmlp", "vit", "resnet"),
-                             **SETTINGS)
-result = audit_view(byo)
+SMALL = dict(epochs=1, n_train=256, n_test=256, d=16, seeds=(42,), null_draws=3)
+everywhere = AuditStudy.for_profile(profile, rules=("bp", "dfa", "dfa_redrawn"),
+                                    archs=("resmlp", "vit", "resnet"),
+                                    **({} if profile == "paper" else SMALL))
+result = audit_view(everywhere)
 result.show()
-
-# %% [markdown]
-# ### The direction-quality test and the fresh-feedback null on the new rule
-#
-# Per hidden state, the cosine between each rule's credit $a_l$ and the BP gradient $g_l$
-# (both summed over positions, 1,024 test samples), read with reference 004's pre-registered
-# thresholds; and the null: the deep-layer cosine of the trained network with *its* feedback
-# against freshly drawn feedback (a z-score far above 0 means the network adapted to the
-# feedback it was trained with).
 
 # %%
 res = result.extra
-for model_name, layers in res.layers.groupby("model", sort=False):
-    print(model_name)
-    print(direction_readings(layers)[["arm", "layer", "cos", "g_norm", "reading"]].to_string(index=False))
-null = res.null[["model", "arm", "training_deep_cos", "fresh_deep_mean", "fresh_deep_std", "z_score"]]
-null
-
-# %% [markdown]
-# ### What the runs show
-#
-# * **DFA adapts to its fixed feedback; redrawn feedback gives it nothing to adapt to.** The
-#   null's z-score of DFA is large on every architecture: the trained network's gradient lines
-#   up with *its* B far better than with any fresh B. The redrawn rule's network was trained
-#   with many B's, none of which it could align with for long, so its deep cosine with the last
-#   B stands far closer to a fresh draw.
-# * **The audit reads the new rule like any other**: its verdict, its layer profile of
-#   $\lVert h_l\rVert$, $\lVert g_l\rVert$ and $\cos(a_l, g_l)$, its accuracy against the frozen
-#   blocks, without a line of audit code here.
-
-# %%
-def dfa_z(model_name: str, arm: str) -> float:
-    sub = null[(null["model"] == model_name) & (null["arm"] == arm)]
-    return float(sub["z_score"].mean())
-
-
-checks = {m: (dfa_z(m, "dfa"), dfa_z(m, "dfa_redrawn")) for m in ("resmlp", "vit", "resnet")}
-for m, (z_dfa, z_new) in checks.items():
-    print(f"{m:7s} z(dfa) = {z_dfa:6.1f}   z(dfa_redrawn) = {z_new:6.1f}")
-# every rule trained, was audited and read on every architecture
 runs = res.runs
 assert set(runs["arm"]) == {"bp", "dfa", "dfa_redrawn", "frozen"}
 assert set(runs["model"]) == {"resmlp", "vit", "resnet"}
-assert (runs.loc[runs["arm"] == "dfa_redrawn", "status"] == "ok").all()
+assert (runs["status"] == "ok").all(), runs[["model", "arm", "status", "error"]]
 assert runs.loc[runs["arm"] == "dfa_redrawn", "verdict"].str.match(r"PASS|FAIL").all()
-assert set(res.layers["arm"]) >= {"dfa_redrawn"} and set(res.null["arm"]) == {"dfa", "dfa_redrawn"}
-# DFA's network is aligned with its own feedback on every architecture, far above fresh draws
-assert all(z_dfa > 3 for z_dfa, _ in checks.values())
-# redrawing the feedback removes most of that alignment
-assert all(z_new < z_dfa for z_dfa, z_new in checks.values())
+assert set(res.layers.loc[res.layers["arm"] == "dfa_redrawn", "model"]) == {"resmlp", "vit", "resnet"}
+assert set(res.null["arm"]) == {"dfa", "dfa_redrawn"} and len(res.null) == 6
+for model_name, layers in res.layers.groupby("model", sort=False):
+    print(model_name)
+    print(direction_readings(layers)[["arm", "layer", "cos", "g_norm", "reading"]].to_string(index=False))
+
+# %% [markdown]
+# ## Does redrawing the feedback matter?
+#
+# The audit of notebook 02 at this profile's settings (ResidualMLP; the BP, DFA and frozen runs
+# are notebook 02's, served from the cache), with the new rule added. The question is the
+# fresh-feedback null's: is the trained network aligned with *its* feedback — the deep-layer
+# cosine of its credit with BP, against freshly drawn feedback — or would any feedback do?
+#
+# * **DFA adapts to its fixed feedback**: its z-score stands far above fresh draws.
+# * **Redrawn feedback gives the network nothing stable to adapt to**: the redrawn rule's
+#   network was trained with a new B every 25 steps; its deep cosine with the last one stands
+#   far closer to a fresh draw.
+#
+# These held for seeds 42 and 1 in the `quick` profile and seed 42 in the `default` profile
+# (CIFAR's synthetic stand-in).
+
+# %%
+compare = audit_view(AuditStudy.for_profile(profile, rules=("bp", "dfa", "dfa_redrawn")))
+compare.show()
+null = compare.extra.null
+z = null.groupby("arm")["z_score"].mean()
+null[["model", "arm", "seed", "training_deep_cos", "fresh_deep_mean", "fresh_deep_std", "z_score"]]
+
+# %%
+assert (null.loc[null["arm"] == "dfa", "z_score"] > 3).all(), "DFA aligned with its own feedback"
+assert (null.set_index(["seed", "arm"])["z_score"].unstack()["dfa_redrawn"]
+        < null.set_index(["seed", "arm"])["z_score"].unstack()["dfa"]).all(), "redrawing removes most of it"
 
 # %%
 study.record("06_bring_your_own_rule", {
-    **{f"z_dfa_{m}": z for m, (z, _) in checks.items()},
-    **{f"z_dfa_redrawn_{m}": z for m, (_, z) in checks.items()},
+    "z_dfa": float(z["dfa"]), "z_dfa_redrawn": float(z["dfa_redrawn"]),
     "verdicts": dict(zip(runs["model"] + ":" + runs["arm"], runs["verdict"])),
 })
 
