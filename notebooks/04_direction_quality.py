@@ -162,8 +162,15 @@ readable_table(fashion.readings)[["arm", "layer", "cos", "g_norm", "a_norm", "re
 # On real Fashion-MNIST and on its stand-in (`quick` and `default`, seed 42), the reading is the
 # same as on CIFAR's stand-in: the penalised network's reference is healthy, its deep hidden
 # states read poor or mediocre ($|\cos| < 0.2$), only $h_0$ and $h_1$ (driven by $B_0$) align
-# better than every deep state, the penalty lowers the cosine at the read layer, and the
-# penalised network is still aligned with its own feedback far beyond fresh draws.
+# better than every deep state, and the penalised network is still aligned with its own feedback
+# far beyond fresh draws.
+#
+# One claim of the CIFAR section does **not** carry over, so it is not asserted here: *the penalty
+# lowers the cosine at the read layer*. At $h_2$ (seed 42) the penalised arm reads below vanilla on
+# the stand-in (`quick` 0.14 vs 0.15, `default` 0.09 vs 0.29) and on real data in `quick` (0.006 vs
+# 0.027), but not on real Fashion-MNIST in `default`, where both arms read poor (penalised 0.053,
+# vanilla 0.047). The penalty does not make the direction better anywhere; whether it makes it
+# worse depends on the data.
 
 # %%
 f_pen = f_lay[f_lay["arm"] == penalised]
@@ -171,8 +178,6 @@ f_deep = f_lay[f_lay["layer"] >= 2]
 assert (f_pen["g_norm_median"] > 1e-7).all()
 assert (f_deep.loc[f_deep["arm"] == penalised, "cos_mean"].abs() < 0.2).all()
 assert set(f_deep.loc[f_deep["arm"] == penalised, "reading"]) <= {"poor", "mediocre"}
-f_at = f_lay[f_lay["layer"] == L // 2].pivot(index="seed", columns="arm", values="cos_mean")
-assert (f_at[penalised] < f_at[vanilla]).all()
 f_top2 = f_lay[f_lay["layer"] <= 1].groupby(["arm", "seed"])["cos_mean"].min()
 f_deep_max = f_deep.assign(a=f_deep["cos_mean"].abs()).groupby(["arm", "seed"])["a"].max()
 assert (f_top2 > f_deep_max).all() and (f_top2 > 0.2).all()

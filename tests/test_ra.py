@@ -356,7 +356,10 @@ def test_rule_options_belong_to_the_rule_that_takes_them():
         build_rule("ra_recon", ln_b=False)
     with pytest.raises(ValueError, match="rule 'ra_fa' has no option 'lr_b'"):
         build_rule("ra_fa", lr_b=0.1)
-    assert set(RULES["ra_comb"].OPTIONS) == {"lr_b", "ln_b", "lam"}
+    assert set(RULES["ra_comb"].OPTIONS) == {"lr_b", "b_clip", "ln_b", "rev_feedback", "ln_derivative", "lam"}
+    assert set(RULES["ra_recon"].OPTIONS) == {"lr_b", "b_clip"}
+    with pytest.raises(ValueError, match="rule 'ra_recon' has no option 'rev_feedback'"):
+        build_rule("ra_recon", rev_feedback="forward_ln")
     assert not RULES["ra_fa"].learns_feedback and RULES["ra_comb"].learns_feedback
     assert all(RULES[n].has_random_feedback and RULES[n].archs == ("matrix_mlp",)
                for n in ("ra_fa", "ra_rev", "ra_recon", "ra_comb"))
@@ -364,7 +367,9 @@ def test_rule_options_belong_to_the_rule_that_takes_them():
 
 def test_rule_option_defaults_and_coercion():
     rule = build_rule("ra_comb")
-    assert rule.options() == {"lr_b": None, "ln_b": True, "lam": 0.5}  # lr_b None: the trainer's lr
+    # lr_b None: the trainer's lr; the stabilisation off: seed 001's reverse task
+    assert rule.options() == {"lr_b": None, "b_clip": None, "ln_b": True, "rev_feedback": "W",
+                              "ln_derivative": False, "lam": 0.5}
     rule = build_rule("ra_comb", lr_b=np.float32(0.5), lam=1)
     assert type(rule.lr_b) is float and rule.lr_b == 0.5 and type(rule.lam) is float and rule.lam == 1.0
     assert rule.label() == "ra_comb lr_b=0.5 λ=1"
@@ -395,13 +400,17 @@ def test_study_defaults_and_its_runs():
 
     study = RAStudy()
     assert (study.depth, study.hidden, study.activation, study.ln, study.lr, study.lr_b, study.lam) == \
-        (4, 256, "linear", True, 0.05, 0.01, 0.5)
+        (4, 256, "linear", True, 0.05, 1e-3, 0.5)
     with pytest.raises(Exception):
         study.lr = 0.1  # frozen
     study = RAStudy(rules=("bp", "ra_fa", "ra_rev", "ra_comb"), depth=3, hidden=32, lam=0.3)
     specs = {s.rule: s for s in study.specs()}
-    assert dict(specs["ra_comb"].options) == {"lr_b": 0.01, "lam": 0.3}
-    assert dict(specs["ra_rev"].options) == {"lr_b": 0.01}
+    assert dict(specs["ra_comb"].options) == {"lr_b": 1e-3, "lam": 0.3}
+    assert dict(specs["ra_rev"].options) == {"lr_b": 1e-3}
+    stab = {s.rule: s for s in study.stabilised().specs()}
+    assert dict(stab["ra_rev"].options) == {"lr_b": 1e-3, "rev_feedback": "forward_ln",
+                                            "ln_derivative": True, "b_clip": 0.01}
+    assert dict(stab["ra_fa"].options) == {}
     assert dict(specs["ra_fa"].options) == {} and dict(specs["bp"].options) == {}
     for spec in specs.values():
         assert (spec.model.arch, spec.model.d, spec.model.num_blocks) == ("matrix_mlp", 32, 1)
@@ -650,3 +659,75 @@ def test_small_images_train_without_augmentation():
     torch.manual_seed(0)
     hist = train(MatrixMLP((1, 3, 4), CLASSES, 8, 1), build_rule("ra_recon"), ds, ds, _cfg(epochs=1))
     assert list(hist["status"]) == ["ok", "ok"]
+
+
+# --------------------------------------------------------------------------------------------
+# the stabilisation of the reverse task (notebook 01)
+# --------------------------------------------------------------------------------------------
+
+def test_layer_norm_backward_is_autograds():
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(5, 7, generator=g, dtype=DT, requires_grad=True)
+    up = torch.randn(5, 7, generator=g, dtype=DT)
+    (ref,) = torch.autograd.grad((F.layer_norm(h, h.shape[-1:]) * up).sum(), h)
+    assert torch.allclose(ra.layer_norm_backward(h.detach(), up), ref, **TOL)
+
+
+def test_rev_with_the_ln_derivative_is_the_true_gradient_when_B_is_W_transpose():
+    """With the LayerNorm derivative on the B pathway and B = W^T, FA through W *is* BP through B:
+    the updates equal autograd of the reverse loss through the (LayerNorm'd) B pathway."""
+    W, _, x, y = small_problem(seed=4)
+    B = [w.T.clone() for w in W]
+    acts, _ = ra.forward(x, W, "linear", True)
+    ours, _ = ra.b_grads_rev(acts, x, W, B, ln_b=True, ln_derivative=True)
+    loss, Bv = rev_pathway(acts[-1], x, B, W, ln_b=True, feedback="bp", ln_grad="true")
+    ref = torch.autograd.grad(loss, Bv)
+    assert close(ours, ref)
+    plain, _ = ra.b_grads_rev(acts, x, W, B, ln_b=True)  # seed 001: LN derivative ignored
+    assert not close(plain[1:], ref[1:], rtol=1e-3, atol=0)
+
+
+def test_rev_forward_ln_scales_the_feedback_by_the_forward_layernorms_sigma():
+    W, B, x, y = small_problem(seed=6, activation="tanh")
+    acts, pre = ra.forward(x, W, "tanh", True)
+    z = [None] + [torch.tanh(p) for p in pre[1:]]
+    ours, _ = ra.b_grads_rev(acts, x, W, B, ln_b=False, forward_ln=z)
+    # by hand: eta_l = eta_{l-1} W[l-1]^T / sigma(z_l) per sample for the hidden layers
+    b = [None] * len(acts)
+    b[-1] = acts[-1]
+    for l in range(len(B), 0, -1):
+        b[l - 1] = b[l] @ B[l - 1].T
+    eta = (b[0] - x) / x.shape[0]
+    expected = []
+    for l in range(len(B)):
+        expected.append(eta.T @ b[l + 1])
+        eta = eta @ W[l].T
+        if l + 1 < len(B):
+            eta = eta / torch.sqrt(z[l + 1].var(-1, unbiased=False, keepdim=True) + 1e-5)
+    assert close(ours, expected)
+
+
+def test_b_clip_bounds_every_b_step_relative_to_b():
+    from fa_study.data import Dataset
+    from fa_study.models import build_model
+    from fa_study.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 4, 4)
+    ds = Dataset("toy", "train", x, torch.arange(64) % 3, "synthetic", 3, (0.0,), (1.0,))
+    model = build_model("matrix_mlp", input_shape=(1, 4, 4), num_classes=3, d=8, num_blocks=1)
+    rule = build_rule("ra_rev", lr_b=10.0, b_clip=0.01)
+    seen = []
+
+    def probe(step, model, rule):
+        seen.append(rule.trace(model))
+        return {}
+
+    train(model, rule, ds, ds, TrainConfig(epochs=1, batch_size=16, optimizer="sgd", lr=0.01, momentum=0.0,
+                                           weight_decay=0.0, schedule="constant", eval_batch=16),
+          probe=probe, probe_every=1)
+    steps = [t for t in seen if "dB_0" in t]
+    assert steps
+    for t in steps:  # the step is bounded by 1 % of B (of B before the step: allow the change)
+        for l in range(3):
+            assert t[f"dB_{l}"] <= 0.0101 * t[f"B_{l}"] * 1.01, (l, t)

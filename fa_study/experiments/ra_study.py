@@ -9,6 +9,7 @@ mean ``rev_loss`` / ``recon_loss`` of the epoch's steps.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -44,8 +45,11 @@ class RAStudy(Study):
     activation: str = "linear"  # the reference's pure linear model (LayerNorm between layers)
     ln: bool = True  # LayerNorm between hidden layers (the whitening RA-recon relies on)
     lr: float = 0.05  # SGD step for W, as the reference
-    lr_b: float = 0.01  # SGD step for B; the reference's lr_b = lr = 0.05 makes every RA rule diverge
+    lr_b: float = 1e-3  # SGD step for B (the reference's default is lr_b = lr)
     lam: float = 0.5  # ra_comb: weight of the reconstruction term (0 = reverse task only)
+    rev_feedback: str = "W"  # the reverse error's feedback: "W" (001) or "forward_ln" (stabilised)
+    ln_derivative_b: bool = False  # LayerNorm derivative on the B pathway (001: ignored; stabilised: on)
+    b_clip: float | None = None  # bound on each B step, ||dB|| <= b_clip ||B|| (001: none; stabilised: 0.01)
     epochs: int = 10  # passes over the training set
     batch_size: int = 128  # as the reference
     n_train: int | None = None  # training samples (None = the whole split)
@@ -53,7 +57,8 @@ class RAStudy(Study):
 
     # profile -> defaults; every profile names every field it changes
     PROFILES = {
-        "quick": dict(epochs=3, n_train=2000, n_test=1000, hidden=128, seeds=(42,)),
+        # ~90 steps at the reference's width: long enough for seed 001's reverse task to blow up
+        "quick": dict(epochs=3, n_train=4000, n_test=1000, seeds=(42,)),
         "default": dict(epochs=3, n_train=None, n_test=None, seeds=(42,)),
         "paper": dict(epochs=10, n_train=None, n_test=None, seeds=(42, 123, 456)),
     }
@@ -61,8 +66,17 @@ class RAStudy(Study):
     CONTROLS = {
         "rules": "rules", "activation": ACTIVATIONS, "depth": (2, 8, 1),
         "hidden": (16, 512, 16), "lr": ("log", 1e-3, 1.0), "lr_b": ("log", 1e-5, 1.0),
-        "lam": (0.0, 1.0, 0.05), "epochs": (1, 30, 1), "seeds": "seeds",
+        "lam": (0.0, 1.0, 0.05), "rev_feedback": ("W", "forward_ln"), "epochs": (1, 30, 1), "seeds": "seeds",
     }
+    # the stability map of notebook 01: learning rates of W (lrs) and of B (lr_bs), epochs per cell
+    MAP = {
+        "quick": dict(lrs=(0.05,), lr_bs=(1e-4, 1e-2), epochs=1),
+        "default": dict(lrs=(0.01, 0.05, 0.1), lr_bs=(1e-4, 1e-3, 1e-2), epochs=1),
+        "paper": dict(lrs=(0.01, 0.05, 0.1), lr_bs=(1e-5, 1e-4, 1e-3, 1e-2, 5e-2), epochs=2),
+    }
+    # study setting -> the option of the RA rules that take it
+    RULE_SETTINGS = {"lr_b": "lr_b", "lam": "lam", "rev_feedback": "rev_feedback",
+                     "ln_derivative_b": "ln_derivative", "b_clip": "b_clip"}
 
     @classmethod
     def rule_choices(cls) -> tuple[str, ...]:
@@ -88,12 +102,24 @@ class RAStudy(Study):
         check_float("lr", self.lr, 0.0, low_open=True)
         check_float("lr_b", self.lr_b, 0.0, low_open=True)
         check_float("lam (0 = reverse task only, 1 = reconstruction only)", self.lam, 0.0, 1.0)
+        check_float("b_clip", self.b_clip, 0.0, low_open=True, none_ok=True, none_means="unbounded")
         self.specs()
 
+    @property
+    def is_stabilised(self) -> bool:
+        """Whether any part of the reverse task's stabilisation is on."""
+        return self.rev_feedback != "W" or self.ln_derivative_b or self.b_clip is not None
+
+    def stabilised(self) -> "RAStudy":
+        """The same study with the reverse task stabilised (notebook 01's diagnosis): the reverse
+        error's feedback at the forward LayerNorm's scale, the LayerNorm derivative on the B
+        pathway, and every B step bounded by 1 % of B."""
+        return dataclasses.replace(self, rev_feedback="forward_ln", ln_derivative_b=True, b_clip=0.01)
+
     def rule_options(self, rule: str) -> dict:
-        """The study's settings the rule takes (``lr_b``, ``lam``), asked of its OPTIONS."""
+        """The study's settings the rule takes (:attr:`RULE_SETTINGS`), asked of its OPTIONS."""
         opts = RULES[rule].OPTIONS
-        return {k: getattr(self, k) for k in ("lr_b", "lam") if k in opts}
+        return {o: getattr(self, k) for k, o in self.RULE_SETTINGS.items() if o in opts}
 
     def spec(self, rule: str, seed: int, **overrides) -> RunSpec:
         lr = overrides.pop("lr", self.lr)
@@ -172,6 +198,33 @@ def ra_view(study: RAStudy | None = None, *, profile: str | None = None, live: C
 
 
 # --------------------------------------------------------------------------------------------
+# The per-step trace (why a rule diverges)
+# --------------------------------------------------------------------------------------------
+
+def trace_run(study: RAStudy, rule: str = "ra_rev", steps: int = 200, **options) -> pd.DataFrame:
+    """Train one rule of ``study`` (first seed) for at most ``steps`` steps and record, every
+    step, the rule's :meth:`fa_study.rules.ra.RARule.trace` (norms of every ``W_l``, ``B_l`` and of
+    the last B step ``dB_l``, the reverse error) with the training loss. Not cached (seconds)."""
+    from ..config import get_device, seed_everything
+    from ..train import train
+
+    check_int("steps", steps, 1)
+    spec = study.spec(rule, study.seeds[0], **options)
+    dev = get_device()
+    train_ds, test_ds = spec.data.load(dev)
+    n = min(len(train_ds), steps * spec.train.batch_size)
+    train_ds = train_ds.subset(n) if n < len(train_ds) else train_ds
+    seed_everything(spec.seed)
+    model = spec.model.build(train_ds.x.shape[1:], train_ds.num_classes).to(dev)
+    rule_obj = spec.rule_class(**dict(spec.options))
+    cfg = dataclasses.replace(spec.train, epochs=1, log_every=1, feedback_quality=False)
+    hist = train(model, rule_obj, train_ds, test_ds, cfg, probe=lambda step, m, r: r.trace(m), probe_every=1)
+    out = hist.attrs["probes"]
+    out["arm"], out["status"] = spec.label, hist["status"].iloc[-1]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # The stability map
 # --------------------------------------------------------------------------------------------
 
@@ -188,18 +241,26 @@ def stability_specs(study: RAStudy, lrs: tuple, lr_bs: tuple, rules: tuple | Non
             for r in rules for lr in lrs for lr_b in lr_bs]
 
 
-def stability_map(study: RAStudy, lrs: tuple = (0.01, 0.05, 0.1), lr_bs: tuple = (1e-5, 1e-4, 1e-3, 1e-2),
-                  rules: tuple | None = None, *, progress: Callable | None = None) -> pd.DataFrame:
+def stability_map(study: RAStudy, lrs: tuple | None = None, lr_bs: tuple | None = None,
+                  rules: tuple | None = None, *, profile: str | None = None,
+                  progress: Callable | None = None) -> pd.DataFrame:
     """Diverged, or the final test accuracy and mean alignment / angle, of every RA rule over the
-    learning rates of W (``lrs``) and B (``lr_bs``): one row per (rule, lr, lr_b)."""
-    specs = stability_specs(study, lrs, lr_bs, rules)
+    learning rates of W (``lrs``) and B (``lr_bs``): one row per (rule, lr, lr_b). ``None`` takes
+    the profile's grid and epochs (:attr:`RAStudy.MAP`)."""
+    from ..config import get_profile
+
+    grid = RAStudy.MAP[get_profile(profile)]
+    study = dataclasses.replace(study, epochs=grid["epochs"])
+    specs = stability_specs(study, grid["lrs"] if lrs is None else lrs, grid["lr_bs"] if lr_bs is None else lr_bs,
+                            rules)
     res = run_specs(specs, progress=progress)
     # the runs of one rule share a label: told apart by lr too (one that diverged early keeps its row)
     last = last_epoch(res.history, keys=("model", "arm", "seed", "lr"))
     rows = []
     for spec, run in zip(specs, res.runs.to_dict("records")):
         sub = last[(last["arm"] == spec.label) & (last["lr"] == spec.train.lr)] if len(last) else last
-        row = {"rule": spec.rule, "lr": spec.train.lr, "lr_b": float(dict(spec.options).get("lr_b", math.nan)),
+        row = {"rule": spec.rule, "stabilised": study.is_stabilised, "arm": spec.label, "lr": spec.train.lr,
+               "lr_b": float(dict(spec.options).get("lr_b", math.nan)),
                "status": run["status"], "diverged_epoch": math.nan, "test_acc": run["test_acc"],
                "mean_alignment": math.nan, "mean_angle_B_WT": math.nan}
         if len(sub):
@@ -213,11 +274,16 @@ def stability_map(study: RAStudy, lrs: tuple = (0.01, 0.05, 0.1), lr_bs: tuple =
 
 
 def stability_figure(table: pd.DataFrame):
-    """One heat map per rule: test accuracy over (lr, lr_b); diverged cells marked with ✗."""
-    rules = list(dict.fromkeys(table["rule"]))
-    fig, axes = plt.subplots(1, len(rules), figsize=(4.2 * len(rules), 3.4), squeeze=False)
-    for ax, rule in zip(axes[0], rules):
-        sub = table[table["rule"] == rule]
+    """One heat map per rule (and per setting, seed 001's and stabilised, when the table holds
+    both): test accuracy over (lr, lr_b); diverged cells marked with ✗."""
+    panels = list(dict.fromkeys(zip(table["rule"], table.get("stabilised", pd.Series(False, index=table.index)))))
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_axis_off()
+    for ax, (rule, stab) in zip(axes.flat, panels):
+        sub = table[(table["rule"] == rule) & (table.get("stabilised", False) == stab)]
         lrs, lr_bs = sorted(sub["lr"].unique()), sorted(sub["lr_b"].unique())
         grid = np.full((len(lrs), len(lr_bs)), np.nan)
         for r in sub.itertuples():
@@ -230,7 +296,8 @@ def stability_figure(table: pd.DataFrame):
                     color="white" if r.status != "ok" or r.test_acc < 0.5 else "black")
         ax.set_xticks(range(len(lr_bs)), [f"{v:g}" for v in lr_bs], fontsize=7)
         ax.set_yticks(range(len(lrs)), [f"{v:g}" for v in lrs], fontsize=7)
-        ax.set(xlabel="lr_b (B's step)", ylabel="lr (W's step)", title=f"{rule}: test accuracy (✗ diverged)")
+        ax.set(xlabel="lr_b (B's step)", ylabel="lr (W's step)",
+               title=f"{rule}{' (stabilised)' if stab else ' (seed 001)'}: accuracy, ✗ diverged")
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     plt.close(fig)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import check_choice, get_device
-from .base import Method, Option, boolean, check_batch, fraction, positive_or_none
+from .base import Method, Option, boolean, check_batch, choice, fraction, positive_or_none
 
 ACTIVATIONS: tuple[str, ...] = ("linear", "relu", "tanh")
 _ALIGN_EPS = 1e-9  # as in the reference: ||B - W^T|| / (||W|| + eps)
@@ -211,9 +211,21 @@ def w_grads(acts: list[torch.Tensor], pre: list[torch.Tensor | None], grad_top: 
     return (grads, signals) if return_signals else grads
 
 
+LN_EPS = 1e-5  # F.layer_norm's default
+
+
+def layer_norm_backward(h: torch.Tensor, g: torch.Tensor, eps: float = LN_EPS) -> torch.Tensor:
+    """The vector-Jacobian product of ``F.layer_norm`` (no affine) at the input ``h`` ``(n, d)``
+    with the upstream gradient ``g``: ``(g - mean(g) - y mean(g y)) / sigma``, ``y = LN(h)``."""
+    mu = h.mean(-1, keepdim=True)
+    inv = torch.rsqrt(h.var(-1, unbiased=False, keepdim=True) + eps)
+    y = (h - mu) * inv
+    return inv * (g - g.mean(-1, keepdim=True) - y * (g * y).mean(-1, keepdim=True))
+
+
 def b_grads_rev(acts: list[torch.Tensor], x: torch.Tensor, W: list[torch.Tensor],
-                B: list[torch.Tensor], ln_b: bool = True
-                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+                B: list[torch.Tensor], ln_b: bool = True, *, forward_ln: list[torch.Tensor] | None = None,
+                ln_derivative: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Reverse-task updates of every ``B[l]``: the B pathway reconstructs x from the logits.
 
     The B pathway runs top-down and is linear: ``b_L = acts[L]`` (the logits, a constant here),
@@ -236,15 +248,29 @@ def b_grads_rev(acts: list[torch.Tensor], x: torch.Tensor, W: list[torch.Tensor]
       and ``ln_b=False`` (for any forward activation: the B pathway is linear);
     * in general they are not the gradient of any loss -- that is the point of FA.
 
+    This is seed 001's reverse task, and it diverges for every ``lr_b > 0`` (notebook 01): the
+    recursion carries ``-x`` through the raw chain ``W_0ᵀ W_1ᵀ ...``, whose scale nothing bounds
+    (the forward LayerNorms make W's scale invisible to the loss), and the Hebbian update has no
+    fixed point. Two options stabilise it (both off by default, i.e. the reference):
+
+    * ``forward_ln``: the inputs of the forward pathway's LayerNorms, ``[None, z_1 .. z_{L-1}]``
+      (``z_l = act(pre_l)``); the feedback then carries the forward layer's linearised scale,
+      ``eta_l <- eta_l / sigma(z_l)`` per sample for the hidden layers;
+    * ``ln_derivative``: the LayerNorm derivative on the B pathway (``ln_b`` must be on): the error
+      at each normalised ``b_l`` is carried through LN's Jacobian at its input before it is used,
+      which makes the update exact when ``B[l] = W[l]ᵀ`` and orthogonal to ``B[l]`` for ``l >= 1``.
+
     Returns ``(grads, rev_loss)``; ``rev_loss`` is a 0-dim tensor (no host sync).
     """
     L = len(B)
     n = x.shape[0]
     b: list[torch.Tensor] = [None] * (L + 1)  # type: ignore[list-item]
+    pre_ln: list[torch.Tensor | None] = [None] * (L + 1)  # the input of b_l's LayerNorm
     b[L] = acts[L]
     for l in range(L, 0, -1):
         h = b[l] @ B[l - 1].T
         if ln_b and l > 1:
+            pre_ln[l - 1] = h
             h = F.layer_norm(h, h.shape[-1:])
         b[l - 1] = h
     err = b[0] - x
@@ -253,6 +279,11 @@ def b_grads_rev(acts: list[torch.Tensor], x: torch.Tensor, W: list[torch.Tensor]
     for l in range(L):
         grads[l] = eta.T @ b[l + 1]
         eta = eta @ W[l].T
+        if l + 1 < L:
+            if forward_ln is not None:
+                eta = eta * torch.rsqrt(forward_ln[l + 1].var(-1, unbiased=False, keepdim=True) + LN_EPS)
+            if ln_derivative and pre_ln[l + 1] is not None:
+                eta = layer_norm_backward(pre_ln[l + 1], eta)
     rev_loss = 0.5 * err.pow(2).sum(-1).mean()
     return grads, rev_loss
 
@@ -362,8 +393,10 @@ class RARule(Method):
     family = "ra"
     archs = ("matrix_mlp",)
     has_random_feedback = True
-    OPTIONS = {"lr_b": Option(None, positive_or_none, "B's SGD step (None: the trainer's lr)")}
-    LABELS = {"lr_b": "lr_b"}
+    OPTIONS = {"lr_b": Option(None, positive_or_none, "B's SGD step (None: the trainer's lr)"),
+               "b_clip": Option(None, positive_or_none,
+                                "bound on each B step: ||dB_l|| <= b_clip ||B_l|| (None: unbounded, as 001)")}
+    LABELS = {"lr_b": "lr_b", "b_clip": "clip"}
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -425,10 +458,18 @@ class RARule(Method):
             W, acts, pre, loss, grad_top = self._forward(model, x, y)
             for p, g in zip(model.matrices(), w_grads(acts, pre, grad_top, W, self.B, False, model.activation)):
                 p.grad = g
+            self._pre, self._model_ln, self._activation = pre, model.ln, model.activation
             g_b, rev, recon = self.b_grads(acts, acts[0], W)
             if g_b is not None:  # from the same snapshot of W and B as W's update, as the reference
-                for b, g in zip(self.B, g_b):
-                    b.sub_(self._lr_b * g)
+                steps = [self._lr_b * g for g in g_b]
+                clip = getattr(self, "b_clip", None)
+                if clip is not None:  # scaled on the device: no host sync
+                    steps = [u * torch.clamp(clip * b.norm() / u.norm().clamp_min(1e-30), max=1.0)
+                             for u, b in zip(steps, self.B)]
+                for b, u in zip(self.B, steps):
+                    b.sub_(u)
+                self._last_steps = torch.stack([u.norm() for u in steps])
+            self._last_rev = rev
             nan = torch.full((), math.nan, device=loss.device, dtype=loss.dtype)
             step = torch.stack([rev if rev is not None else nan, recon if recon is not None else nan,
                                 torch.ones_like(loss)]) * x.shape[0]
@@ -455,6 +496,24 @@ class RARule(Method):
         self._sums = None
         return {"rev_loss": rev / n, "recon_loss": recon / n}
 
+    def trace(self, model) -> dict[str, float]:
+        """Per-step read-outs for diagnosing divergence (one host sync): ``W_l`` and ``B_l``
+        (Frobenius norms), ``dB_l`` (the norm of the last B step) and ``rev_loss`` (the reverse
+        task's error on the last batch, for the rules that have one)."""
+        norms = [w.detach().norm() for w in model.matrices()] + [b.norm() for b in self.B]
+        steps = getattr(self, "_last_steps", None)
+        rev = getattr(self, "_last_rev", None)
+        extra = ([] if steps is None else list(steps)) + ([] if rev is None else [rev.detach()])
+        vals = torch.stack(norms + extra).tolist()
+        L = len(self.B)
+        out = {f"W_{l}": vals[l] for l in range(L)}
+        out.update({f"B_{l}": vals[L + l] for l in range(L)})
+        if steps is not None:
+            out.update({f"dB_{l}": vals[2 * L + l] for l in range(L)})
+        if rev is not None:
+            out["rev_loss"] = vals[-1]  # 0.5 * mean ||b_0 - x||^2 of the last step
+        return out
+
     def feedback_quality(self, model, x, y):
         """``align_l`` (||B_l - W_l^T|| / ||W_l||), ``angle_l`` (B_l vs W_l^T, degrees) for every
         matrix and ``update_angle_l`` (FA vs BP update of the hidden W_l, degrees) on ``x``, ``y``."""
@@ -474,15 +533,33 @@ class RAFixed(RARule):
     LABELS = {}
 
 
+REV_FEEDBACK: tuple[str, ...] = ("W", "forward_ln")
+
+
 class RAReverse(RARule):
+    """B by seed 001's reverse task (:func:`b_grads_rev`); ``rev_feedback="forward_ln"`` and
+    ``ln_derivative=True`` (with ``b_clip``) are the stabilisation notebook 01 derives."""
+
     name = "ra_rev"
     summary = "B by the reverse task: reconstruct x down the B pathway, W as its feedback"
     learns_feedback = True
     OPTIONS = {**RARule.OPTIONS,
-               "ln_b": Option(True, boolean, "LayerNorm on the B pathway (the reference: always)")}
+               "ln_b": Option(True, boolean, "LayerNorm on the B pathway (the reference: always)"),
+               "rev_feedback": Option("W", choice(*REV_FEEDBACK),
+                                      "the reverse error's feedback: W (001) or forward_ln (W at the forward "
+                                      "LayerNorm's scale)"),
+               "ln_derivative": Option(False, boolean, "LayerNorm derivative on the B pathway (001: ignored)")}
+    LABELS = {"lr_b": "lr_b", "rev_feedback": "fb", "ln_derivative": "lnd", "b_clip": "clip"}
+
+    def _rev(self, acts, x, W):
+        forward_ln = None
+        if self.rev_feedback == "forward_ln" and self._model_ln:
+            forward_ln = [None] + [apply_act(p, self._activation) for p in self._pre[1:]]
+        return b_grads_rev(acts, x, W, self.B, ln_b=self.ln_b, forward_ln=forward_ln,
+                           ln_derivative=self.ln_derivative)
 
     def b_grads(self, acts, x, W):
-        g, rev = b_grads_rev(acts, x, W, self.B, ln_b=self.ln_b)
+        g, rev = self._rev(acts, x, W)
         return g, rev, None
 
 
@@ -502,9 +579,10 @@ class RACombined(RARule):
     learns_feedback = True
     OPTIONS = {**RAReverse.OPTIONS,
                "lam": Option(0.5, _lam, "weight of the reconstruction term (0: reverse only, 1: reconstruction only)")}
-    LABELS = {"lr_b": "lr_b", "lam": "λ"}
+    LABELS = {**RAReverse.LABELS, "lam": "λ"}
+    _rev = RAReverse._rev
 
     def b_grads(self, acts, x, W):
-        g_rev, rev = b_grads_rev(acts, x, W, self.B, ln_b=self.ln_b)
+        g_rev, rev = self._rev(acts, x, W)
         g_rec, recon = b_grads_recon(acts, self.B)
         return [(1 - self.lam) * a + self.lam * b for a, b in zip(g_rev, g_rec)], rev, recon
