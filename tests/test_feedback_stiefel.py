@@ -117,7 +117,8 @@ def test_retraction_is_the_qr_factor_with_positive_diagonal_so_a_small_step_move
     # any point of St(10, 4): here the drawn U with two columns negated
     layer.U.mul_(torch.tensor([-1.0, 1.0, -1.0, 1.0], dtype=torch.float64))
     U0, alpha = layer.U.clone(), layer.alpha.clone()
-    g_hat, c = torch.randn(16, 10, generator=g, dtype=torch.float64), torch.randn(16, 4, generator=g, dtype=torch.float64)
+    g_hat = torch.randn(16, 10, generator=g, dtype=torch.float64)
+    c = torch.randn(16, 4, generator=g, dtype=torch.float64)
     layer.update(g_hat, c, eta=1e-4, tau=0.5, max_step_frob=None)
     ema = 0.5 * (g_hat.t() @ c / 16)  # the EMA started at zero
     sym = U0.t() @ ema
