@@ -430,3 +430,41 @@ def test_dfa_block_explicit_update_and_misuse():
         apply_dfa_block_update(model.blocks[0], torch.randn(5, 3, dtype=D64))
     with pytest.raises(ValueError, match="no .blocks"):
         initialize_dfa_block_targets(nn.Sequential(LocalLinear(2, 2, method="dfa_block")), 2)
+
+
+def test_dfa_ungated_auto_output_layer_is_the_last_layer_of_the_target_size():
+    """'auto' gives B_dfa = I to the layer that produces the output: the LAST dfa_ungated layer
+    whose out_features equal target_dim, not an earlier hidden layer of the same width."""
+    torch.manual_seed(0)
+    model = nn.Sequential(LocalLinear(6, 4, method="dfa_ungated", dtype=D64), nn.ReLU(),
+                          LocalLinear(4, 4, method="dfa_ungated", dtype=D64), nn.ReLU(),
+                          LocalLinear(4, 4, method="dfa_ungated", dtype=D64))
+    kinds = initialize_dfa_targets(model, 4, generator=torch.Generator().manual_seed(1))
+    assert kinds == {"0": "random", "2": "random", "4": "identity"}
+    torch.testing.assert_close(model[4].B_dfa, torch.eye(4, dtype=D64))
+
+
+def test_dfa_block_per_sample_error_on_tokens_is_the_error_repeated_over_positions():
+    """A (batch, d_block) block error for (batch, T, in) inputs: the gradients are the means over
+    all batch * T rows, exactly as if the error had been repeated along the tokens:
+    grad_W = sum_{n,t} delta_n x_{n,t}^T / (N T), grad_b = sum_{n,t} delta_n / (N T)."""
+    torch.manual_seed(0)
+    layer = LocalLinear(6, 5, method="dfa_block", dtype=D64)
+    model = nn.Module()
+    model.blocks = nn.ModuleList([nn.Sequential(layer)])
+    initialize_dfa_block_targets(model, 8, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(4, 3, 6, dtype=D64)
+    err = torch.randn(4, 8, dtype=D64)
+
+    def grads(block_error):
+        layer(x).sum().backward()  # caches the input
+        apply_dfa_block_update(model.blocks[0], block_error)
+        return layer.weight.grad.clone(), layer.bias.grad.clone()
+
+    gw, gb = grads(err)
+    gw_rep, gb_rep = grads(err[:, None, :].expand(4, 3, 8))
+    torch.testing.assert_close(gw, gw_rep, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gb, gb_rep, rtol=1e-12, atol=1e-14)
+    delta = err @ layer.B_dfa_block.t()  # (N, out)
+    torch.testing.assert_close(gw, torch.einsum("no,nti->oi", delta, x) / 12, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gb, 3 * delta.sum(0) / 12, rtol=1e-12, atol=1e-14)

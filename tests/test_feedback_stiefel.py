@@ -106,3 +106,25 @@ def test_delta_formula_and_bad_shapes():
         layer.update(torch.randn(3, 5), c)
     with pytest.raises(ValueError, match="local signals"):
         StiefelFeedback(4, [4, 4], rank=2).update([torch.randn(2, 4)], torch.randn(2, 2))
+
+
+def test_retraction_is_the_qr_factor_with_positive_diagonal_so_a_small_step_moves_u_little():
+    """U <- Q of U + eta alpha Delta = Q R with diag(R) > 0 (the sign fix): the retracted U is
+    continuous in the step, so a tiny step leaves U almost where it was (a raw QR factor may
+    flip the sign of whole columns)."""
+    g = torch.Generator().manual_seed(5)
+    layer = StiefelExpander(10, 4, alpha_init=0.7, generator=g, dtype=torch.float64)
+    # any point of St(10, 4): here the drawn U with two columns negated
+    layer.U.mul_(torch.tensor([-1.0, 1.0, -1.0, 1.0], dtype=torch.float64))
+    U0, alpha = layer.U.clone(), layer.alpha.clone()
+    g_hat = torch.randn(16, 10, generator=g, dtype=torch.float64)
+    c = torch.randn(16, 4, generator=g, dtype=torch.float64)
+    layer.update(g_hat, c, eta=1e-4, tau=0.5, max_step_frob=None)
+    ema = 0.5 * (g_hat.t() @ c / 16)  # the EMA started at zero
+    sym = U0.t() @ ema
+    M = U0 + 1e-4 * alpha * (ema - U0 @ (0.5 * (sym + sym.t())))
+    R = layer.U.t() @ M
+    torch.testing.assert_close(layer.U @ R, M, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.tril(R, -1), torch.zeros_like(R), rtol=0, atol=1e-12)
+    assert (torch.diagonal(R) > 0).all()
+    assert torch.linalg.norm(layer.U - U0) < 1e-3

@@ -345,6 +345,7 @@ def test_d3_not_evaluated_without_frozen_baseline_and_summary_says_so():
     (0.33, 0.30, 5.0, (0.03, True)),
     (0.20, 0.30, 2.0, (-0.10, True)),
     (0.90, 0.10, 0.0, (0.80, False)),
+    (0.75, 0.50, 25.0, (0.25, False)),  # exactly at frozen + margin: not below it, quiet
     (0.50, None, 2.0, (None, None)),
     (0.50, math.nan, 2.0, (None, None)),  # a frozen baseline that diverged: nothing to compare with
 ])
@@ -663,6 +664,45 @@ def test_fresh_feedback_null_matches_direction_quality_and_is_reproducible():
     again = protocol.fresh_feedback_null(model, method, x, y, n_draws=6,
                                          generator=torch.Generator().manual_seed(9))
     assert again == null
+
+
+def test_d1_and_d2_fire_strictly_beyond_their_thresholds():
+    """D1 fires when the growth EXCEEDS the threshold and D2 when ||g_L|| is BELOW the floor: a
+    statistic exactly at its threshold leaves both quiet (floats chosen so the equality is exact)."""
+    model = _model("resmlp")
+    x, y = _batch()
+    rep = protocol.audit(model, x, y)
+    at = protocol.audit(model, x, y, d1_threshold=rep.max_growth, d2_eps=rep.g_L, d2_factor=1.0)
+    assert at.d1_threshold == at.max_growth and at.d2_floor == at.g_L
+    assert not at.d1 and not at.d2 and at.verdict == "PASS"
+    below = protocol.audit(model, x, y, d1_threshold=rep.max_growth * (1 - 1e-9),
+                           d2_eps=rep.g_L * (1 + 1e-9), d2_factor=1.0)
+    assert below.d1 and below.d2 and below.verdict == "FAIL(D1+D2)"
+
+
+def test_read_direction_quality_default_is_layer_L_over_2_for_an_odd_number_of_states():
+    """L = 3 blocks (states 0..3): the default layer is L // 2 = 1."""
+    table = pd.DataFrame({"layer": [0, 1, 2, 3], "cos_mean": [0.9, 0.01, 0.5, 0.5],
+                          "g_norm_median": [1e-3] * 4, "a_norm_median": [1.0] * 4})
+    text = protocol.read_direction_quality(table)
+    assert text.startswith("layer 1:") and "POOR" in text
+
+
+def test_fresh_feedback_null_spread_is_the_sample_std_and_z_its_standardised_distance():
+    """fresh_deep_std is the ddof=1 standard deviation of the fresh draws' cosines, and
+    z_score = (training - fresh mean) / fresh std."""
+    model = _model("resmlp")
+    x, y = _batch()
+    method = StandInDFA()
+    method.setup(model, CLASSES, torch.Generator().manual_seed(2))
+    null = protocol.fresh_feedback_null(model, method, x, y, n_draws=5,
+                                        generator=torch.Generator().manual_seed(9))
+    fresh = torch.tensor(null["fresh_deep_cos"], dtype=torch.float64)
+    assert null["fresh_deep_mean"] == pytest.approx(float(fresh.mean()), abs=1e-12)
+    sample_std = math.sqrt(float(((fresh - fresh.mean()) ** 2).sum()) / (len(fresh) - 1))
+    assert null["fresh_deep_std"] == pytest.approx(sample_std, rel=1e-9)
+    assert null["z_score"] == pytest.approx(
+        (null["training_deep_cos"] - null["fresh_deep_mean"]) / sample_std, rel=1e-9)
 
 
 def test_fresh_feedback_null_separates_aligned_feedback_from_fresh_draws():

@@ -731,3 +731,33 @@ def test_b_clip_bounds_every_b_step_relative_to_b():
     for t in steps:  # the step is bounded by 1 % of B (of B before the step: allow the change)
         for l in range(3):
             assert t[f"dB_{l}"] <= 0.0101 * t[f"B_{l}"] * 1.01, (l, t)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_credit_with_B_equal_to_W_transpose_and_no_layernorm_is_the_bp_gradient(activation):
+    """Without LayerNorm and with B = W^T the FA errors carried down are BP's: the credit at
+    h_0 .. h_L (the hidden outputs, before the next layer's f') equals autograd's dL/dh_l."""
+    from fa_study.protocol import bp_reference
+
+    model = _mlp(d=9, num_blocks=2, activation=activation, ln=False).double()
+    rule = build_rule("ra_fa")
+    rule.setup(model, CLASSES, torch.Generator().manual_seed(0))
+    rule.B = [w.detach().t().clone() for w in model.matrices()]
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(16, *IMAGE, generator=g, dtype=DT), torch.randint(0, CLASSES, (16,), generator=g)
+    _, grads, _ = bp_reference(model, x, y)
+    credit = rule.credit(model, x, y)
+    assert len(credit) == len(grads) == model.num_blocks + 1
+    for a, ref in zip(credit, grads):
+        torch.testing.assert_close(a, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_rule_feedback_is_scaled_by_its_own_fan_in():
+    """The rule's B[l] (d_l, d_{l+1}) ~ N(0, gain^2 / d_{l+1}), as init_mats draws it."""
+    model = _mlp(d=64, num_blocks=1, activation="relu")  # widths 20 -> 64 -> 64 -> 4
+    rule = build_rule("ra_fa")
+    rule.setup(model, CLASSES, torch.Generator().manual_seed(0))
+    dims = list(model.dims)
+    assert [tuple(b.shape) for b in rule.B] == list(zip(dims[:-1], dims[1:]))
+    for b, d_out in zip(rule.B, dims[1:]):
+        assert float(b.std()) == pytest.approx(math.sqrt(2.0 / d_out), rel=0.15)

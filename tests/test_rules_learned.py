@@ -493,3 +493,51 @@ def test_the_rules_train_with_the_trainer_reproducibly(name, opts):
     # rule.state() is a column of every epoch after the first step
     for key, value in state.items():
         assert first[key].iloc[-1] == pytest.approx(value)
+
+
+def test_grape_fa_probes_each_block_at_its_own_input():
+    """align(): the step of B_l is GrAPE's toward J_hat_l = (1/n) sum_i (J_l(h_l,i) p_i) p_i^T,
+    block l's Jacobian taken at ITS input h_l (not at h_{l+1}), with per-sample Jacobians from
+    autograd; the returned cosine is cos(B_l, J_hat_l) before the step. A gelu model, so the
+    Jacobian depends on where it is taken."""
+    model = _model(d=6, num_blocks=3, dtype=torch.float64).eval()
+    method = GrAPEFA(eta_B=0.3, n_probe=5)
+    method.setup(model, CLASSES, torch.Generator().manual_seed(0))
+    x, _ = _batch(8, dtype=torch.float64)
+    with torch.no_grad():
+        _, hiddens = model(x, return_hidden=True)
+    before = [b.clone() for b in method.B]
+    cos = method.align(model, hiddens)
+    probes = torch.Generator().manual_seed(method._step_seed)  # the rule's own probe stream
+    for l, (b0, b1) in enumerate(zip(before, method.B)):
+        p = torch.randn(5, 6, generator=probes, dtype=torch.float64)
+        h = hiddens[l][:5]
+        full = torch.autograd.functional.jacobian(lambda t: model.step(l, t), h)  # (n, d, n, d)
+        J_hat = sum(full[i, :, i, :] @ p[i][:, None] @ p[i][None, :] for i in range(5)) / 5
+        assert float(cos[l]) == pytest.approx(_cos(b0, J_hat), abs=1e-9)
+        expected = b0.clone()
+        grape_step(expected, J_hat, 0.3)
+        torch.testing.assert_close(b1, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_direct_feedback_quality_is_the_cosine_with_the_gradient_error_cross_covariance():
+    """DFA's fb_align_l = cos(M_l, (1/n) sum_i g_i e_i^T) with M_l the matrix of a_l = e M_l^T
+    (B_0 for h_0 and h_1, B_l for h_{l+1}), e = softmax - onehot and g_i the per-sample
+    gradient of loss_i at h_l (autograd of the summed per-sample losses)."""
+    model = _model(d=6, num_blocks=2)
+    method = build_rule("dfa")
+    method.setup(model, CLASSES, torch.Generator().manual_seed(0))
+    x, y = _batch(16)
+    fq = method.feedback_quality(model, x, y)
+    model.eval()
+    h = model.embed(x)
+    hiddens = [h]
+    for l in range(model.num_blocks):
+        h = model.step(l, h)
+        hiddens.append(h)
+    logits = model.readout(h)
+    grads = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), hiddens)
+    e = torch.softmax(logits.detach(), -1) - F.one_hot(y, CLASSES).float()
+    M = [method.B[0], method.B[0], method.B[1]]
+    for l, g in enumerate(grads):
+        assert fq[f"fb_align_{l}"] == pytest.approx(_cos(M[l], g.t() @ e / 16), abs=1e-5)

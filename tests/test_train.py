@@ -326,6 +326,38 @@ def test_a_non_finite_loss_is_a_blow_up():
     assert math.isnan(hist["train_loss"].iloc[-1]) and int(hist["diverged_epoch"].iloc[0]) == 1
 
 
+def test_blow_up_fires_only_above_max_loss_or_on_a_non_finite_loss():
+    """The criterion is 'exceeds max_loss': a mean loss exactly at max_loss is not a blow-up."""
+    from fa_study.train import blow_up
+
+    assert blow_up(1e3, 1e3) == "" and blow_up(2.3, 1e3) == ""
+    assert blow_up(1e3 * (1 + 1e-9), 1e3).startswith("training loss ")
+    assert blow_up(math.inf, 1e3) == "training loss not finite (inf)"
+
+
+@pytest.mark.parametrize("key", ["h_norm_1", "g_norm_2"])
+def test_non_finite_eval_norms_are_a_blow_up(monkeypatch, key):
+    """A finite training loss but an overflowed hidden state or BP gradient on the eval batch:
+    the run is marked diverged at that epoch, naming the norm."""
+    from fa_study import train as train_module
+
+    real = train_module.layer_diagnostics
+    calls = []
+
+    def poisoned(model, rule, x, y):
+        out = real(model, rule, x, y)
+        calls.append(1)
+        if len(calls) > 1:  # after the first training epoch (epoch 0 is the initial model)
+            out[key] = math.inf
+        return out
+
+    monkeypatch.setattr(train_module, "layer_diagnostics", poisoned)
+    _, _, hist = _run("bp")
+    assert hist.attrs["status"] == "diverged" and list(hist["status"]) == ["ok", "diverged"]
+    assert hist["diverged_reason"].iloc[-1] == f"non-finite {key} on the eval batch"
+    assert int(hist["diverged_epoch"].iloc[0]) == 1
+
+
 # --------------------------------------------------------------------------------------------
 # Rule columns: state() and feedback_quality
 # --------------------------------------------------------------------------------------------
