@@ -381,7 +381,7 @@ def collect(specs: Sequence[RunSpec], payloads: Sequence[dict], cache=None) -> R
     frozen: dict[tuple, list[float]] = {}
     for spec, p in zip(specs, payloads):
         row = p["run"].iloc[0]
-        if spec.rule_class.name == "frozen" and row["status"] == "ok":
+        if spec.rule_class.is_d3_baseline and row["status"] == "ok":
             frozen.setdefault(spec.baseline_key(), []).append(float(row["test_acc"]))
     reports, frozen_acc, margins, d3s, verdicts = [], [], [], [], []
     for spec, p in zip(specs, payloads):

@@ -166,7 +166,8 @@ grid_table.round(3)
 # %%
 plain, stab = grid[~grid["stabilised"]], grid[grid["stabilised"]]
 assert (stab["status"] == "ok").all(), "the stabilised rules train everywhere on the map"
-assert (plain.loc[plain["rule"] == "ra_rev", "status"] != "ok").any(), "seed 001's reverse task diverges on the map"
+assert (plain.loc[plain["rule"] == "ra_rev", "status"] != "ok").any(), \
+    "seed 001's reverse task diverges on the map"
 
 # %% [markdown]
 # ## The stabilised rules
@@ -229,8 +230,8 @@ study.record("01_reciprocal_alignment_mnist", {
     **{f"test_acc[{a}]": float(final.loc[a, "test_acc"]) for a in final.index},
     **{f"status[{a}]": final.loc[a, "status"] for a in final.index},
     **{f"stabilised_test_acc[{a}]": float(stab_final.loc[a, "test_acc"]) for a in stab_final.index},
-    **{f"stabilised_angle_hidden[{a}]": float(stab_final.loc[a, hidden_angles].mean()) for a in stab_final.index
-       if a != "bp"},
+    **{f"stabilised_angle_hidden[{a}]": float(stab_final.loc[a, hidden_angles].mean())
+       for a in stab_final.index if a != "bp"},
     "map_trained_share_seed001": float((plain["status"] == "ok").mean()),
     "map_trained_share_stabilised": float((stab["status"] == "ok").mean()),
 })

@@ -13,7 +13,7 @@ import torch
 from fa_study import config, data, feedback, models, protocol, rules
 from fa_study.experiments import (AuditStudy, DirectionStudy, FeedbackTour, LearnedStudy, PenaltyStudy,
                                   RAStudy)
-from fa_study.runs import DataSpec, ModelSpec, ReadSpec, RunSpec
+from fa_study.runs import ModelSpec, ReadSpec, RunSpec
 from fa_study.train import TrainConfig, train
 
 
@@ -58,7 +58,6 @@ def _empty_batch():
 
 def _idx(tmp_path, kind):
     """A broken MNIST training file set written by the test; loading must name the file."""
-    import gzip
     import struct
 
     raw = tmp_path / "MNIST" / "raw"

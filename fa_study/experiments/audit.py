@@ -27,7 +27,7 @@ import pandas as pd
 from ..config import check_choice, check_float, check_int, check_seeds
 from ..data import DATASETS
 from ..protocol import D2_FLOOR, D3_MARGIN_PP, PROTOCOL_EVAL
-from ..rules import RULES, get_rule
+from ..rules import D3_BASELINE, RULES, get_rule
 from ..runs import DataSpec, ModelSpec, ReadSpec, Results, RunSpec
 from ..train import TrainConfig
 from .core import Study, StudyResult, finished, last_epoch, layer_long, resolve_study
@@ -141,7 +141,7 @@ class AuditStudy(Study):
                           null_draws=self.null_draws)
 
     def specs(self) -> list[RunSpec]:
-        rules = list(self.rules) + (["frozen"] if "frozen" not in self.rules else [])
+        rules = list(self.rules) + ([D3_BASELINE] if D3_BASELINE not in self.rules else [])
         return [self.spec(r, a, s) for a in self.archs for s in self.seeds for r in rules]
 
 
@@ -252,7 +252,7 @@ def audit_figures(results: Results) -> list:
     table = verdict_table(results)
     for ax, arch in zip(axes[0], archs):
         t = table[(table["arch"] == arch) & (table["verdict"] != "baseline")]
-        frozen = table.loc[(table["arch"] == arch) & (table["rule"] == "frozen"), "test_acc"]
+        frozen = table.loc[(table["arch"] == arch) & (table["rule"] == D3_BASELINE), "test_acc"]
         ref = float(frozen.iloc[0]) if len(frozen) else None
         plots.plot_bars(t.assign(test_acc_ci=t["test_acc_ci"].fillna(0.0)), "test_acc", group="rule",
                         ax=ax, err="test_acc_ci", reference=ref, reference_label="frozen blocks",

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import (check_choice, check_float, check_int, check_seeds, get_device, seed_everything,
                       stream_generator)
-from ..rules import RULES
+from ..rules import BP_REFERENCE, RULES
 from ..runs import DataSpec, ModelSpec, ReadSpec, Results, RunSpec
 from ..train import OPTIMIZERS, TrainConfig
 from .core import Study, StudyResult, last_epoch, one_cpu_thread, resolve_study
@@ -44,7 +44,7 @@ RULE_SETTINGS: dict[str, tuple[str, str]] = {
 
 def tour_rules() -> tuple[str, ...]:
     """BP and every registered rule that converts a plain MLP's layers."""
-    return ("bp",) + tuple(n for n, c in RULES.items() if c.family == "layer" and c.supports("mlp"))
+    return (BP_REFERENCE,) + tuple(n for n, c in RULES.items() if c.family == "layer" and c.supports("mlp"))
 
 
 @dataclass(frozen=True)

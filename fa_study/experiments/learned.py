@@ -20,7 +20,7 @@ import pandas as pd
 
 from ..config import check_choice, check_float, check_int, check_seeds
 from ..models import MODEL_NAMES
-from ..rules import RULES
+from ..rules import D3_BASELINE, RULES
 from ..runs import DataSpec, ModelSpec, ReadSpec, Results, RunSpec
 from ..train import TrainConfig
 from .core import Study, StudyResult, finished, last_epoch, resolve_study
@@ -202,7 +202,7 @@ def learned_view(study: LearnedStudy | None = None, *, profile: str | None = Non
     plots.plot_curves(ok, "epoch", "test_acc", hue="arm", ax=axes[0], logy=False,
                       title="test accuracy over training", ylabel="test accuracy")
     table = learned_summary(res)
-    frozen = table.loc[table["arm"] == "frozen", "test_acc"]
+    frozen = table.loc[table["arm"] == D3_BASELINE, "test_acc"]  # arms are rule names here
     plots.plot_bars(table, "test_acc", group="arm", err="test_acc_ci", ax=axes[1],
                     reference=float(frozen.iloc[0]) if len(frozen) else None,
                     reference_label="frozen blocks", ylabel="test accuracy",
@@ -213,15 +213,17 @@ def learned_view(study: LearnedStudy | None = None, *, profile: str | None = Non
     plt.close(fig)
     figs.append(fig)
 
-    st = ok[ok["arm"] == "stiefel_dfa"] if len(ok) else ok
-    if len(st) and any(c.startswith("alpha_") for c in st.columns):
+    gains = [c for c in ok.columns if c.startswith("alpha_")]  # recorded by rules with learned gains
+    st = ok.dropna(subset=gains, how="all") if gains else ok.iloc[:0]
+    if len(st):
+        who = ", ".join(st["arm"].unique())
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
         long = _per_layer(st, "rho_")
         plots.plot_curves(long, "epoch", "rho_", hue="layer", ax=axes[0], logy=False,
-                          title="stiefel_dfa: ρ_l = ⟨U_l, E[g_l cᵀ]⟩ / (‖·‖√r)", ylabel="ρ_l")
+                          title=f"{who}: ρ_l = ⟨U_l, E[g_l cᵀ]⟩ / (‖·‖√r)", ylabel="ρ_l")
         long = _per_layer(st, "alpha_")
         plots.plot_curves(long, "epoch", "alpha_", hue="layer", ax=axes[1], logy=True,
-                          title="stiefel_dfa: gains α_l", ylabel="α_l")
+                          title=f"{who}: gains α_l", ylabel="α_l")
         plots.annotate_source(fig, sources)
         fig.tight_layout(rect=(0, 0.05, 1, 1))
         plt.close(fig)

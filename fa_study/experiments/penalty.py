@@ -24,7 +24,7 @@ import pandas as pd
 from ..config import check_choice, check_float, check_int, check_seeds
 from ..data import DATASETS
 from ..protocol import D2_FLOOR
-from ..rules import RULES, get_rule
+from ..rules import BP_REFERENCE, RULES, get_rule
 from ..runs import Results, RunSpec
 from ..stats import aggregate, mean_ci
 from .audit import audit_spec
@@ -179,7 +179,7 @@ def penalty_runs(res: Results) -> pd.DataFrame:
     here) and, where a null was drawn, ``training_deep_cos``, ``fresh_deep_mean``,
     ``fresh_deep_std``, ``z_score``."""
     runs = res.runs.copy()
-    bp = runs.loc[runs["rule"] == "bp"].set_index("seed")["h_L"]
+    bp = runs.loc[runs["rule"] == BP_REFERENCE].set_index("seed")["h_L"]
     runs["h_L_vs_bp"] = runs["h_L"] / runs["seed"].map(bp).astype(float)
     cols = ["arm", "seed", "penalty", "rule", "status", "test_acc", "h_L", "h_L_vs_bp", "g_L",
             "max_growth", "d1", "d2", "verdict", "data_source"]
@@ -264,13 +264,13 @@ def _dose_panel(ax, runs: pd.DataFrame, colours: dict[str, str]) -> None:
     if not np.isfinite(runs["h_L"].to_numpy(dtype=float)).any():
         _no_data(ax, "no run finished: nothing to draw")
         return
-    rule = runs[runs["rule"] != "bp"].sort_values("penalty")
+    rule = runs[runs["rule"] != BP_REFERENCE].sort_values("penalty")
     stats = rule.groupby("penalty")["h_L"].apply(lambda s: mean_ci(s.to_numpy(dtype=float)))
     lams = stats.index.to_numpy(dtype=float)
     ax.plot(lams, [m for m, _, _ in stats], color="#555555", lw=1, zorder=1)
     for arm, sub in rule.groupby("arm", sort=False):
         ax.plot(sub["penalty"], sub["h_L"], "o", color=colours.get(arm, "#555555"), ms=5, label=arm)
-    bp = runs.loc[runs["rule"] == "bp", "h_L"].to_numpy(dtype=float)
+    bp = runs.loc[runs["rule"] == BP_REFERENCE, "h_L"].to_numpy(dtype=float)
     if np.isfinite(bp).any():
         ax.axhline(np.nanmean(bp), color=colours.get("bp", "#0072B2"), ls="--", lw=1.2, label="bp")
     positive = lams[lams > 0]

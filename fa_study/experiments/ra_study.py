@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import check_choice, check_float, check_int, check_seeds
-from ..rules import RULES
+from ..rules import BP_REFERENCE, RULES
 from ..rules.ra import ACTIVATIONS
 from ..runs import DataSpec, ModelSpec, ReadSpec, Results, RunSpec, run_specs
 from ..train import TrainConfig
@@ -30,7 +30,8 @@ RA_EVAL = 1024  # test samples the alignment and update-angle read-outs are take
 
 def ra_rules() -> tuple[str, ...]:
     """BP and the registered rules that train the explicit-matrix MLP."""
-    return ("bp",) + tuple(n for n, c in RULES.items() if c.archs is not None and "matrix_mlp" in c.archs)
+    return (BP_REFERENCE,) + tuple(n for n, c in RULES.items()
+                                   if c.archs is not None and "matrix_mlp" in c.archs)
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def ra_view(study: RAStudy | None = None, *, profile: str | None = None, live: C
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     if len(ok):
         plots.plot_curves(ok, "epoch", "test_acc", hue="arm", ax=axes[0], logy=False, title="test accuracy")
-        ra = ok[ok["rule"] != "bp"] if "align_0" in ok else ok.iloc[:0]
+        ra = ok[ok["rule"] != BP_REFERENCE] if "align_0" in ok else ok.iloc[:0]
         ra = ra.dropna(subset=["align_0"]) if len(ra) else ra
         if len(ra):
             plots.plot_layers(last_epoch(ra), "align_", hue="arm", ax=axes[1], logy=False,

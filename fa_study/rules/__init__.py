@@ -52,6 +52,12 @@ for _cls in (BP, Frozen, Shallow, FA, DFA, Oracle, GrAPEFA, StiefelDFA, LayerFA,
     register(_cls)
 
 
+# the names studies select result rows by: BP (the reference every rule is read against) and the
+# rule D3 compares accuracies with (the one class declaring ``is_d3_baseline``)
+BP_REFERENCE: str = BP.name
+D3_BASELINE: str = next(n for n, c in RULES.items() if c.is_d3_baseline)
+
+
 def get_rule(name: str) -> type[Method]:
     """The class registered as ``name`` (ValueError listing the registered names otherwise)."""
     check_choice("rule", name, tuple(RULES))
@@ -77,7 +83,7 @@ def rule_table(archs: tuple[str, ...] = ("resmlp", "vit", "resnet")) -> pd.DataF
     return pd.DataFrame(rows)
 
 
-__all__ = ["RULES", "register", "get_rule", "build_rule", "rule_table", "Method", "BlockLocal",
+__all__ = ["RULES", "BP_REFERENCE", "D3_BASELINE", "register", "get_rule", "build_rule", "rule_table", "Method", "BlockLocal",
            "CreditContext", "Option", "LayerRule", "RARule", "BP", "Frozen", "Shallow", "FA", "DFA",
            "Oracle", "GrAPEFA", "StiefelDFA", "local_forward", "backward_local", "local_surrogate",
            "surrogate_output_grads", "output_error", "rms_normalise"]

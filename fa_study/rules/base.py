@@ -237,6 +237,7 @@ class Method:
     has_random_feedback: ClassVar[bool] = False  # the fresh-feedback null applies
     learns_feedback: ClassVar[bool] = False  # its feedback changes during training
     is_baseline: ClassVar[bool] = False  # no credit of its own (frozen, shallow)
+    is_d3_baseline: ClassVar[bool] = False  # D3 compares every other rule's accuracy with this one's
     archs: ClassVar[tuple[str, ...] | None] = None  # architectures it trains; None: every block model
 
     def __init__(self, **options: Any) -> None:

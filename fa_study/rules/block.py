@@ -76,6 +76,7 @@ class Frozen(BP):
     family = "baseline"
     summary = "frozen random blocks; embedding and head by BP (D3's baseline)"
     is_baseline = True
+    is_d3_baseline = True
 
     def setup(self, model, num_classes, generator, *, train_cfg=None):
         for l in range(model.num_blocks):
