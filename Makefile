@@ -32,13 +32,20 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# Two notebooks at a time, each kernel with half the cores: the study's small models leave a
+# second thread mostly idle, so two kernels finish the set sooner. STUDY_JOBS=1 runs them in turn.
+STUDY_JOBS ?= 2
 study: setup
-	$(PY) -m fa_study.study --profile $(PROFILE) --out $(REPORTS)
+	$(PY) -m fa_study.study --profile $(PROFILE) --out $(REPORTS) --jobs $(STUDY_JOBS)
 
-# One torch thread: the test models are tiny, and on a busy 2-core machine a second thread made
-# them many times slower. Benchmarks and `make study` keep torch's default.
+# One torch thread per pytest worker and one worker per core (pytest-xdist): the test models are
+# tiny, and a second torch thread made them slower, while a second worker halves the wall time.
+# --dist loadscope keeps each test module, and each notebook's cells, in one worker, in order.
+# `make test TEST_WORKERS=0` runs everything in one process. Benchmarks and `make study` keep
+# torch's default threads.
+TEST_WORKERS ?= 2
 test: setup
-	FA_STUDY_PROFILE=quick OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider $(PYTEST_ARGS)
+	FA_STUDY_PROFILE=quick OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider -n $(TEST_WORKERS) --dist loadscope --durations=15 $(PYTEST_ARGS)
 
 # Unit tests only, without the notebooks.
 test-fast: setup

@@ -163,6 +163,10 @@ class RunSpec:
         if self.read.null_draws and not cls.has_random_feedback:
             raise ValueError(f"rule {self.rule!r} has no random feedback to redraw: the fresh-feedback "
                              f"null does not apply (null_draws must be 0, got {self.read.null_draws})")
+        if self.read.null_draws and not cls.null_applies(self.model.num_blocks):
+            raise ValueError(f"rule {self.rule!r} uses no random feedback on a model with num_blocks="
+                             f"{self.model.num_blocks}: the fresh-feedback null has nothing to redraw "
+                             f"(use num_blocks >= 1, or null_draws=0; got {self.read.null_draws})")
 
     @property
     def rule_class(self):

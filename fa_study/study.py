@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from .config import PROFILES, check_choice
@@ -99,6 +100,25 @@ def execute(nb_path: Path, out_dir: Path, profile: str, timeout: int | None = No
             "seconds": round(seconds, 1), "ipynb": str(out_nb), "html": str(html) if html else None}
 
 
+def _execute_reporting(nb: Path, out_dir: Path, profile: str, timeout: int | None) -> dict:
+    print(f"[study] executing {nb.name} (profile {profile}) ...", flush=True)
+    r = execute(nb, out_dir, profile, timeout)
+    print(f"[study]   {nb.stem}: {'ok' if r['ok'] else 'FAILED: ' + str(r['error'])} in {r['seconds']} s",
+          flush=True)
+    return r
+
+
+def _positive_int(name: str, value) -> int:
+    try:
+        number = int(str(value))
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"{name} (or $FA_STUDY_JOBS) must be a positive integer (notebooks executed at "
+                         f"once), got {value!r}")
+    return number
+
+
 def summarize(results: list[dict], out_dir: Path, profile: str) -> str:
     lines = [f"# fa_study report (profile: {profile})", ""]
     for r in results:
@@ -120,8 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--notebooks", default="notebooks", help="folder holding the notebooks")
     parser.add_argument("--only", nargs="*", default=None, help="run only notebooks whose name starts so")
     parser.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
+    parser.add_argument("--jobs", default=os.environ.get("FA_STUDY_JOBS", "1"),
+                        help="notebooks executed at once, each kernel with an equal share of the cores")
     args = parser.parse_args(argv)
     check_choice("profile", args.profile, PROFILES)
+    jobs = _positive_int("--jobs", args.jobs)
 
     nb_dir, out_dir = Path(args.notebooks).resolve(), Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -137,13 +160,19 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[REPORT_ENV] = str(out_dir)
     # the kernels draw inline whatever backend the calling shell chose
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
-    results = []
-    for nb in notebooks:
-        print(f"[study] executing {nb.name} (profile {args.profile}) ...", flush=True)
-        r = execute(nb, out_dir, args.profile, args.timeout)
-        print(f"[study]   {'ok' if r['ok'] else 'FAILED: ' + str(r['error'])} in {r['seconds']} s", flush=True)
-        results.append(r)
+    started = time.time()
+    if jobs == 1:
+        results = [_execute_reporting(nb, out_dir, args.profile, args.timeout) for nb in notebooks]
+    else:
+        # Small models use a second core poorly; two kernels with one thread each use both. A
+        # thread count the caller set (OMP_NUM_THREADS) is kept.
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+        with ProcessPoolExecutor(max_workers=min(jobs, len(notebooks))) as pool:
+            futures = [pool.submit(_execute_reporting, nb, out_dir, args.profile, args.timeout)
+                       for nb in notebooks]
+            results = [f.result() for f in futures]  # in notebook order, whatever finished first
     text = summarize(results, out_dir, args.profile)
+    text += f"\nWall time: {time.time() - started:.0f} s with {jobs} notebook(s) at a time.\n"
     (out_dir / "summary.md").write_text(text)
     print()
     print(text)

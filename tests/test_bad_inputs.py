@@ -122,6 +122,8 @@ CASES = {
     "rule_on_wrong_arch": (lambda: RunSpec(rule="ra_rev", model=ModelSpec("vit")), r"'ra_rev' cannot train a 'vit'"),
     "null_without_random_feedback": (lambda: RunSpec(rule="bp", read=ReadSpec(null_draws=5)),
                                      r"'bp' has no random feedback"),
+    "null_without_blocks": (lambda: RunSpec(rule="fa", model=ModelSpec("resmlp", num_blocks=0),
+                                            read=ReadSpec(null_draws=5)), r"'fa'.*num_blocks=0.*null_draws=0"),
     # training
     "lr_zero": (lambda: TrainConfig(lr=0), r"lr must be a finite number > 0, got 0"),
     "lr_inf": (lambda: TrainConfig(lr=math.inf), r"lr must be a finite number > 0, got inf"),
@@ -208,3 +210,11 @@ def test_the_table_covers_at_least_the_issues_classes():
               "device_mps_absent", "pad_negative", "pad_too_large", "empty_batch", "empty_training_set"}
     assert needed <= set(CASES)
     assert len(CASES) + 4 >= 53
+
+
+def test_an_audit_without_blocks_reads_the_null_only_where_feedback_is_used():
+    """num_blocks=0: block FA's B_l sit between blocks, so it has none and gets no null (as BP);
+    DFA's B_0 still carries the error to h_0, so its null stays."""
+    study = AuditStudy.for_profile("quick", num_blocks=0, rules=("bp", "fa", "dfa"), archs=("resmlp",))
+    draws = {s.rule: s.read.null_draws for s in study.specs()}  # frozen joins as D3's baseline
+    assert draws == {"bp": 0, "fa": 0, "dfa": study.null_draws, "frozen": 0} and study.null_draws > 0

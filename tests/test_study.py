@@ -2,6 +2,7 @@
 import json
 
 import nbformat
+import pytest
 
 from fa_study import study
 
@@ -15,8 +16,6 @@ def test_no_notebooks_still_succeeds(tmp_path, capsys):
 
 
 def test_bad_profile_is_rejected(tmp_path):
-    import pytest
-
     with pytest.raises(ValueError, match="'quick', 'default', 'paper'"):
         study.main(["--profile", "fastest", "--notebooks", str(tmp_path), "--out", str(tmp_path / "r")])
 
@@ -51,3 +50,27 @@ def test_a_failing_notebook_is_reported_and_the_exit_code_says_so(tmp_path):
     rc = study.main(["--profile", "quick", "--notebooks", str(folder), "--out", str(tmp_path / "r")])
     assert rc == 1
     assert "FAILED" in (tmp_path / "r" / "summary.md").read_text()
+
+
+def test_two_notebooks_at_once_report_in_notebook_order(tmp_path):
+    """--jobs 2: both notebooks run (one fails), the summary keeps their order, the exit code says so."""
+    folder = tmp_path / "nb"
+    folder.mkdir()
+    for name, source in [("01_ok", "from fa_study import study\nstudy.record('01_ok', {'x': 1.5})"),
+                         ("02_fail", "raise RuntimeError('boom')")]:
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_code_cell(source)]
+        nbformat.write(nb, str(folder / f"{name}.ipynb"))
+    rc = study.main(["--profile", "quick", "--notebooks", str(folder), "--out", str(tmp_path / "r"),
+                     "--jobs", "2"])
+    assert rc == 1
+    summary = (tmp_path / "r" / "summary.md").read_text()
+    assert summary.index("## 01_ok  (ok") < summary.index("## 02_fail  (FAILED")
+    assert "x: 1.5" in summary and "with 2 notebook(s) at a time" in summary
+
+
+@pytest.mark.parametrize("jobs", ["0", "two", "1.5"])
+def test_a_bad_job_count_is_refused_before_anything_runs(tmp_path, jobs):
+    with pytest.raises(ValueError, match="--jobs .*positive integer.*" + repr(jobs)):
+        study.main(["--profile", "quick", "--notebooks", str(tmp_path), "--out", str(tmp_path / "r"),
+                    "--jobs", jobs])

@@ -43,15 +43,16 @@ def audit_spec(rule: str, model: str, seed: int, *, options: dict | None = None,
     """The run of ``rule`` (with ``options``) on ``model`` (a name of :data:`AUDIT_MODELS` or any
     arch; a named variant fixes d and L) with ``seed``, trained as the reference (AdamW, cosine,
     batch 128) and read with the protocol's eval batches; the fresh-feedback null only for rules
-    with random feedback. The one place notebooks 02-05 build a run."""
-    cls = get_rule(rule)
+    with random feedback in use on that model (:meth:`Method.null_applies`). The one place
+    notebooks 02-05 build a run."""
+    cls, model_spec = get_rule(rule), ModelSpec(model, d, num_blocks)
     return RunSpec(rule=rule, options=options or {},
-                   model=ModelSpec(model, d, num_blocks),
+                   model=model_spec,
                    data=DataSpec(dataset, n_train, n_test),
                    train=TrainConfig(epochs=epochs, lr=lr, grad_clip=grad_clip, augment=augment,
                                      eval_batch=PROTOCOL_EVAL, seed=seed),
                    seed=seed,
-                   read=ReadSpec(null_draws=null_draws if cls.has_random_feedback else 0))
+                   read=ReadSpec(null_draws=null_draws if cls.null_applies(model_spec.num_blocks) else 0))
 
 
 def audit_rules() -> tuple[str, ...]:

@@ -249,6 +249,12 @@ class Method:
     # ---- class-level questions -----------------------------------------------------------
 
     @classmethod
+    def null_applies(cls, num_blocks: int) -> bool:
+        """Whether the fresh-feedback null can read this rule on a model with ``num_blocks``
+        blocks: it redraws the rule's random feedback, so some must be in use there."""
+        return cls.has_random_feedback
+
+    @classmethod
     def check_options(cls, options: dict[str, Any]) -> dict[str, Any]:
         """The full option dict (defaults filled in), or ValueError naming what is wrong."""
         unknown = sorted(set(options) - set(cls.OPTIONS))

@@ -156,6 +156,11 @@ class FA(RandomFeedbackRule):
     name = "fa"
     summary = "block FA: a_l = a_{l+1} B_l, fixed random B_l (d, d)"
 
+    @classmethod
+    def null_applies(cls, num_blocks: int) -> bool:
+        # the B_l sit between blocks: without blocks the error reaches h_0 exactly, through no B
+        return num_blocks >= 1
+
     def draw(self, generator):
         d, _, num_blocks = self._dims
         return [torch.randn(d, d, generator=generator) / math.sqrt(d) for _ in range(num_blocks)]
