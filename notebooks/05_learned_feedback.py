@@ -251,7 +251,9 @@ f_final.assign(deep_cos_during_training=f_during).round(3)
 # subspace and its credit beats DFA's, accuracy no worse; the oracle bounds the feedback rules
 # from above and BP bounds the oracle. What differs on real data: the frozen random blocks are a
 # strong baseline on Fashion-MNIST (a linear read-out of random features), and even the oracle
-# does not beat it with few epochs; FA, DFA and Stiefel-DFA stay below it as on CIFAR.
+# does not beat it with few epochs; FA and DFA stay below it as on CIFAR. Stiefel-DFA stayed
+# below it on the real images, but on the `default` stand-in it was above it (0.54 against
+# 0.46), so that is not claimed here.
 
 # %%
 assert f_final.loc["grape_fa", "deep_fb_align"] > 0.9 and abs(f_final.loc["fa", "deep_fb_align"]) < 0.1
@@ -264,7 +266,7 @@ assert f_final.loc["stiefel_dfa", "test_acc"] > f_final.loc["dfa", "test_acc"] -
 assert f_final.loc["bp", "test_acc"] >= f_final.loc["oracle", "test_acc"]
 local_rules = ["fa", "grape_fa", "dfa", "stiefel_dfa"]
 assert (f_final.loc["oracle", "test_acc"] > f_final.loc[local_rules, "test_acc"] + 0.05).all()
-for r in ("fa", "dfa", "stiefel_dfa"):
+for r in ("fa", "dfa"):
     assert f_final.loc[r, "test_acc"] < f_final.loc["frozen", "test_acc"], r
 
 # %% [markdown]
