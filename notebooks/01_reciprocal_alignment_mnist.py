@@ -50,8 +50,8 @@ PROFILE = None  # None: read FA_STUDY_PROFILE (quick / default / paper); papermi
 import pandas as pd
 
 from fa_study import config, plots, study
-from fa_study.experiments import RAStudy, ra_view
-from fa_study.experiments.ra_study import stability_figure, stability_map, trace_run
+from fa_study.experiments import RAStudy, ra_final, ra_view, stability_figure, stability_map, stability_tables
+from fa_study.experiments.ra_study import trace_run
 from fa_study.plots import figure_png
 from fa_study.widgets import ControlPanel
 
@@ -75,15 +75,7 @@ result = ra_view(baseline)
 result.show()
 
 # %%
-def summarise(res):
-    """Mean over seeds at the end of training, and each rule's status."""
-    last = res[res["epoch"] == res.groupby(["arm", "seed"])["epoch"].transform("max")]
-    status = res.groupby("rule")["status"].agg(lambda s: "ok" if (s == "ok").all() else "diverged")
-    cols = ["test_acc"] + [c for c in res.columns if c.startswith(("align_", "angle_", "update_angle_"))]
-    return last.groupby("rule")[cols].mean().assign(status=status)
-
-
-final = summarise(result.results)
+final = ra_final(result.results)
 align_cols = [c for c in final.columns if c.startswith("align_")]
 angle_cols = [c for c in final.columns if c.startswith("angle_")]
 upd_cols = [c for c in final.columns if c.startswith("update_angle_")]
@@ -156,9 +148,7 @@ grid = pd.concat([stability_map(baseline), stability_map(stabilised)], ignore_in
 figure_png(stability_figure(grid))
 
 # %%
-grid_table = grid.pivot_table(index=["rule", "stabilised", "lr"], columns="lr_b", values="test_acc")
-status_table = grid.assign(ok=grid["status"] == "ok").pivot_table(index=["rule", "stabilised"], values="ok",
-                                                                   aggfunc="mean")
+status_table, grid_table = stability_tables(grid)
 print("share of the map that trained:")
 print(status_table.round(2).to_string())
 grid_table.round(3)
@@ -178,7 +168,7 @@ assert (plain.loc[plain["rule"] == "ra_rev", "status"] != "ok").any(), \
 # %%
 stab_result = ra_view(stabilised)
 stab_result.show()
-stab_final = summarise(stab_result.results)
+stab_final = ra_final(stab_result.results)
 stab_final.round(3)
 
 # %% [markdown]

@@ -69,6 +69,7 @@ PROFILE = None  # None: read FA_STUDY_PROFILE (quick / default / paper); papermi
 import numpy as np
 
 from fa_study import config, plots, study
+from fa_study.experiments import last_epoch
 from fa_study.experiments.learned import LearnedStudy, learned_view
 from fa_study.widgets import ControlPanel
 
@@ -134,7 +135,7 @@ result.show()
 res = result.results
 L = baseline.num_blocks
 cos_cols = [f"cos_{l}" for l in range(L + 1)]
-last = res[res["epoch"] == res.groupby(["arm", "seed"])["epoch"].transform("max")]
+last = last_epoch(res)
 final = last.groupby("arm")[["test_acc", "deep_cos", "deep_fb_align", *cos_cols]].mean()
 during = res[res["epoch"] >= 1].groupby("arm")["deep_cos"].mean()  # averaged over training
 rho = last.loc[last["arm"] == "stiefel_dfa", [f"rho_{l}" for l in range(L + 1)]].mean()
@@ -236,7 +237,7 @@ fashion.show()
 f_res = fashion.results
 print("Fashion-MNIST source:", ", ".join(sorted(fashion.extra.runs["data_source"].unique())))
 assert (fashion.extra.runs["status"] == "ok").all(), "every cross-check run finished"
-f_last = f_res[f_res["epoch"] == f_res.groupby(["arm", "seed"])["epoch"].transform("max")]
+f_last = last_epoch(f_res)
 f_final = f_last.groupby("arm")[["test_acc", "deep_cos", "deep_fb_align", *cos_cols]].mean()
 f_during = f_res[f_res["epoch"] >= 1].groupby("arm")["deep_cos"].mean()
 f_rho = f_last.loc[f_last["arm"] == "stiefel_dfa", [f"rho_{l}" for l in range(L + 1)]].mean()

@@ -761,3 +761,48 @@ def test_rule_feedback_is_scaled_by_its_own_fan_in():
     assert [tuple(b.shape) for b in rule.B] == list(zip(dims[:-1], dims[1:]))
     for b, d_out in zip(rule.B, dims[1:]):
         assert float(b.std()) == pytest.approx(math.sqrt(2.0 / d_out), rel=0.15)
+
+
+def _ra_history():
+    """Two seeds of ra_fa (finished), ra_rev one finished and one diverged at epoch 2 (its NaN
+    row last), ra_comb one run that raised; one hidden layer's columns."""
+    rows = []
+    for seed, (acc1, acc2) in [(0, (0.5, 0.7)), (1, (0.6, 0.9))]:
+        for ep, acc in ((1, acc1), (2, acc2)):
+            rows.append(dict(model="matrix_mlp", rule="ra_fa", arm="ra_fa", seed=seed, epoch=ep, status="ok",
+                             test_acc=acc, align_0=1.0 / ep, angle_0=80.0 + ep, update_angle_0=50.0))
+    rows.append(dict(model="matrix_mlp", rule="ra_rev", arm="ra_rev", seed=0, epoch=1, status="ok",
+                     test_acc=0.4, align_0=2.0, angle_0=85.0, update_angle_0=60.0))
+    rows.append(dict(model="matrix_mlp", rule="ra_rev", arm="ra_rev", seed=0, epoch=2, status="diverged",
+                     test_acc=math.nan, align_0=math.nan, angle_0=math.nan, update_angle_0=math.nan))
+    rows.append(dict(model="matrix_mlp", rule="ra_rev", arm="ra_rev", seed=1, epoch=2, status="ok",
+                     test_acc=0.8, align_0=1.5, angle_0=84.0, update_angle_0=61.0))
+    rows.append(dict(model="matrix_mlp", rule="ra_comb", arm="ra_comb", seed=0, epoch=0, status="error",
+                     test_acc=math.nan, align_0=math.nan, angle_0=math.nan, update_angle_0=math.nan))
+    return pd.DataFrame(rows)
+
+
+def test_ra_final_means_the_last_epochs_and_keeps_the_worst_status():
+    from fa_study.experiments import ra_final
+
+    final = ra_final(_ra_history())
+    assert list(final.columns) == ["test_acc", "align_0", "angle_0", "update_angle_0", "status"]
+    assert final.loc["ra_fa", "test_acc"] == pytest.approx(0.8)  # (0.7 + 0.9) / 2, epoch 2 only
+    assert final.loc["ra_fa", "angle_0"] == pytest.approx(82.0) and final.loc["ra_fa", "status"] == "ok"
+    # the diverged run's last row is NaN: the mean is the finished seed's, its status "diverged"
+    assert final.loc["ra_rev", "test_acc"] == pytest.approx(0.8)
+    assert final.loc["ra_rev", "status"] == "diverged"
+    assert final.loc["ra_comb", "status"] == "error" and math.isnan(final.loc["ra_comb", "test_acc"])
+
+
+def test_stability_tables_share_trained_and_accuracy_with_diverged_cells_blank():
+    from fa_study.experiments import stability_tables
+
+    grid = pd.DataFrame(dict(rule=["ra_rev"] * 4, stabilised=[False, False, True, True],
+                             lr=[0.05, 0.05, 0.05, 0.05], lr_b=[1e-4, 1e-3, 1e-4, 1e-3],
+                             status=["ok", "diverged", "ok", "ok"], test_acc=[0.9, 0.1, 0.91, 0.92]))
+    share, acc = stability_tables(grid)
+    assert share.loc[("ra_rev", False), "ok"] == 0.5 and share.loc[("ra_rev", True), "ok"] == 1.0
+    assert acc.loc[("ra_rev", False, 0.05), 1e-4] == pytest.approx(0.9)
+    assert math.isnan(acc.loc[("ra_rev", False, 0.05), 1e-3])  # diverged: no accuracy shown
+    assert acc.loc[("ra_rev", True, 0.05), 1e-3] == pytest.approx(0.92)

@@ -530,12 +530,7 @@ def test_direct_feedback_quality_is_the_cosine_with_the_gradient_error_cross_cov
     x, y = _batch(16)
     fq = method.feedback_quality(model, x, y)
     model.eval()
-    h = model.embed(x)
-    hiddens = [h]
-    for l in range(model.num_blocks):
-        h = model.step(l, h)
-        hiddens.append(h)
-    logits = model.readout(h)
+    logits, hiddens = model(x, return_hidden=True)
     grads = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), hiddens)
     e = torch.softmax(logits.detach(), -1) - F.one_hot(y, CLASSES).float()
     M = [method.B[0], method.B[0], method.B[1]]

@@ -169,6 +169,18 @@ def ra_summary(history: pd.DataFrame) -> pd.DataFrame:
     return table[["arm", "n", "diverged"] + [f"{c}_text" for c in cols] + cols]
 
 
+def ra_final(history: pd.DataFrame) -> pd.DataFrame:
+    """Per rule (index), the mean over seeds at each run's last epoch of ``test_acc`` and the
+    per-layer ``align_l``, ``angle_l``, ``update_angle_l``, and ``status``: ``"ok"`` when every
+    run of the rule finished, else the first other status (``diverged``, ``error``) met. A
+    diverged run's last row is its NaN row, so its means are NaN, not those of its last good epoch."""
+    last = last_epoch(history)
+    cols = ["test_acc"] + [c for c in history.columns if c.startswith(("align_", "angle_", "update_angle_"))]
+    status = last.groupby("rule")["status"].agg(
+        lambda s: "ok" if (s == "ok").all() else next(v for v in s if v != "ok"))
+    return last.groupby("rule")[cols].mean().assign(status=status)
+
+
 def ra_view(study: RAStudy | None = None, *, profile: str | None = None, live: Callable | None = None,
             progress: Callable | None = None, **overrides) -> StudyResult:
     """Run the RA study and draw: test accuracy per epoch, per-layer alignment ||B−Wᵀ||/||W|| at
@@ -272,6 +284,18 @@ def stability_map(study: RAStudy, lrs: tuple | None = None, lr_bs: tuple | None 
                 row["mean_angle_B_WT"] = float(_mean_of(sub, "angle_").iloc[0])
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def stability_tables(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Two readings of a :func:`stability_map` table (or several concatenated): the share of
+    each (rule, stabilised) map's cells that trained (column ``ok``), and the test accuracy per
+    (rule, stabilised, lr) row and ``lr_b`` column (NaN where the run diverged)."""
+    table = table.assign(stabilised=table["stabilised"] if "stabilised" in table else False)
+    share = table.assign(ok=table["status"] == "ok").pivot_table(
+        index=["rule", "stabilised"], values="ok", aggfunc="mean")
+    acc = table.assign(test_acc=table["test_acc"].where(table["status"] == "ok")).pivot_table(
+        index=["rule", "stabilised", "lr"], columns="lr_b", values="test_acc", dropna=False)
+    return share, acc
 
 
 def stability_figure(table: pd.DataFrame):
