@@ -1,8 +1,8 @@
 """fa_study: audit biologically plausible learning rules against backpropagation.
 
-The mechanism lives here (models, feedback layers, learning rules, metrics, the audit
-protocol, experiments, plots and widgets); the numbered notebooks in ``notebooks/`` tell the
-story. See the README for the two commands (``make study``, ``make test``).
+The mechanism lives here (models, feedback layers, learning rules, every reading of a trained
+network in ``diagnostics``, experiments, plots and widgets); the numbered notebooks in
+``notebooks/`` tell the story. See the README for the two commands (``make study``, ``make test``).
 """
 from importlib.metadata import PackageNotFoundError, version as _version
 

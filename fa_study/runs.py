@@ -212,7 +212,7 @@ def execute(spec: RunSpec, fingerprint: str = "", callback: Callable | None = No
     state), ``null`` (one row), ``report`` (the audit report as a dict, D3 not yet decided).
     A run that raises is recorded with ``status="error"`` and the message.
     """
-    from .protocol import DIRECTION_EVAL, PROTOCOL_EVAL, audit, direction_quality, fresh_feedback_null
+    from .diagnostics import DIRECTION_EVAL, PROTOCOL_EVAL, audit, direction_quality, fresh_feedback_null
     from .train import train
 
     base = {"arm": spec.label, "rule": spec.rule, "seed": spec.seed,
@@ -262,7 +262,7 @@ def execute(spec: RunSpec, fingerprint: str = "", callback: Callable | None = No
         n_dq = min(DIRECTION_EVAL, len(test_ds))
         x_dq, y_dq = test_ds.x[:n_dq], test_ds.y[:n_dq]
         if spec.read.direction and not rule.is_baseline and model.num_blocks > 0:
-            layers = direction_quality(model, rule, x_dq, y_dq).assign(**{k: base[k] for k in (
+            layers = direction_quality(model, x_dq, y_dq, rule).assign(**{k: base[k] for k in (
                 "arm", "seed", "model", "penalty", "rule")})
         if spec.read.null_draws:
             nd = fresh_feedback_null(model, rule, x_dq, y_dq, n_draws=spec.read.null_draws,
@@ -277,14 +277,14 @@ def _alignment_probe(train_ds, test_ds, size: int):
     """The probe of notebook 00: per weight matrix, the cosine of the update the rule applies
     with BP's gradient on a fixed batch of training samples, the angle between the feedback
     matrix and W (layer-level rules), and the test accuracy."""
-    from .protocol import update_alignment
+    from .diagnostics import update_alignment
     from .train import evaluate
 
     n = min(size, len(train_ds))
     x, y = train_ds.x[:n], train_ds.y[:n]
 
     def probe(step: int, model, rule) -> dict:
-        table = update_alignment(model, rule, x, y)
+        table = update_alignment(model, x, y, rule)
         row = {"test_acc": evaluate(model, test_ds.x, test_ds.y)[1]}
         for i, r in enumerate(table.itertuples(index=False)):
             row[f"cos_{i}"], row[f"angle_{i}"], row[f"ratio_{i}"] = r.cos_update_bp, r.angle_BW_deg, r.norm_ratio_BW
@@ -302,7 +302,7 @@ class Results:
     """Tidy results of a list of runs: per epoch, per probe, per run, per layer, per null.
 
     ``runs`` has one row per run with ``status`` ("ok", "diverged", "error"), the audit's raw
-    values and, decided by :func:`fa_study.protocol.with_baseline`, ``frozen_acc``,
+    values and, decided by :func:`fa_study.diagnostics.with_baseline`, ``frozen_acc``,
     ``depth_margin_pp``, ``d3`` and ``verdict``. ``specs`` are the runs' specs (row order of
     ``runs``); ``cache`` the results cache's statistics (hits, recomputed, notes).
     """
@@ -330,7 +330,7 @@ class Results:
         return self.runs[self.runs["status"] == "ok"]
 
     def report(self, arm: str, seed: int, model: str | None = None):
-        """The protocol report (:class:`fa_study.protocol.AuditReport`, D3 decided) of the run of
+        """The protocol report (:class:`fa_study.diagnostics.AuditReport`, D3 decided) of the run of
         ``arm`` (a label such as ``"dfa"`` or ``"dfa λ=0.01"``), ``seed`` and, when the results
         hold several, ``model`` (e.g. ``"resmlp_d512_L2"``). ``print`` it for the reference's layout."""
         mask = (self.runs["arm"] == arm) & (self.runs["seed"] == seed)
@@ -379,7 +379,7 @@ def collect(specs: Sequence[RunSpec], payloads: Sequence[dict], cache=None) -> R
     """Gather the payloads of ``specs`` into :class:`Results`, deciding D3 of every run against
     the mean accuracy (over seeds) of the frozen-blocks runs with the same model, data and
     training settings (:meth:`RunSpec.baseline_key`)."""
-    from .protocol import report_from_dict, with_baseline
+    from .diagnostics import report_from_dict, with_baseline
 
     runs = _cat([p["run"] for p in payloads])
     frozen: dict[tuple, list[float]] = {}

@@ -13,8 +13,8 @@ History: one row per epoch, epoch 0 being the model before training. Columns::
     h_norm_0..h_norm_L   median ||pool(h_l)|| on the eval batch
     g_norm_0..g_norm_L   median ||pool(g_l)|| of the BP reference g_l = dCE/dh_l, always the
                          gradient of the network as plain BP computes it (for a model converted
-                         to layer-level rules: its BP twin; fa_study.protocol.bp_reference)
-    cos_0..cos_L         fa_study.protocol.credit_cosines: mean over the eval batch of
+                         to layer-level rules: its BP twin; fa_study.diagnostics.bp_reference)
+    cos_0..cos_L         fa_study.diagnostics.credit_cosines: mean over the eval batch of
                          cos(a_l, g_l), both summed over positions (a_l = rule.credit(...))
     <rule.state()>       e.g. probe_cos_<l> (grape_fa), alpha_<l> (stiefel_dfa), rev_loss (ra_*)
     <feedback quality>   rule.feedback_quality(...) per epoch when cfg.feedback_quality
@@ -319,18 +319,21 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return float(loss_sum) / n, float(correct) / n
 
 
-def layer_diagnostics(model: nn.Module, rule: Method, x: torch.Tensor, y: torch.Tensor
-                      ) -> dict[str, float]:
+def layer_diagnostics(model: nn.Module, rule: Method, x: torch.Tensor, y: torch.Tensor,
+                      hidden=None) -> dict[str, float]:
     """``h_norm_l``, ``g_norm_l`` and ``cos_l`` for l = 0..L on one batch, in eval mode (the
-    definitions of :func:`fa_study.protocol.bp_reference` and
-    :func:`fa_study.protocol.credit_cosines`)."""
-    from .protocol import bp_reference, credit_cosines, eval_mode, pooled_norms
+    definitions of :func:`fa_study.diagnostics.bp_reference` and
+    :func:`fa_study.diagnostics.credit_cosines`)."""
+    from .diagnostics import credit_cosines, eval_mode, hidden_gradients, prepare
+    from .diagnostics.signals import sync_modes
 
+    states, twin = prepare(model, x, hidden=hidden)
     with eval_mode(model):
-        hiddens, grads, _ = bp_reference(model, x, y)
-        credit = rule.credit(model, x, y)
-        h_norms, g_norms = pooled_norms(model, hiddens), pooled_norms(model, grads)
-        cos = credit_cosines(model, credit, grads)
+        sync_modes(model, twin.model)
+        hiddens, grads, _ = hidden_gradients(twin.model, x, y, states)
+        credit = rule.credit_at(model, x, y, states)
+        h_norms, g_norms = states.norms(hiddens), states.norms(grads)
+        cos = credit_cosines(states, credit, grads)
     out: dict[str, float] = {}
     for l, (h, g, c) in enumerate(zip(h_norms, g_norms, cos)):
         out[f"h_norm_{l}"], out[f"g_norm_{l}"], out[f"cos_{l}"] = h, g, c

@@ -45,7 +45,7 @@
 #
 # * **update cosine with BP**: the cosine between the weight update the rule applies on a fixed
 #   probe batch and BP's gradient for the same weights on the same batch (1 = BP's direction,
-#   0 = orthogonal, negative = uphill), from `fa_study.protocol.update_alignment`;
+#   0 = orthogonal, negative = uphill), from `fa_study.diagnostics.update_alignment`;
 # * **angle between $B_l$ and $W_l$** (0° = BP's backward; two independent random matrices are at
 #   90°; not defined for BP and DFA, which have no such $B$).
 #

@@ -43,7 +43,7 @@
 # (ResidualMLP d=256 L=4 and d=512 L=2, ViTMini for 60 epochs, SmallResNet; 3 seeds, 100 epochs,
 # crop + flip augmentation) and the CIFAR-100 appendix.
 #
-# All mechanism lives in `fa_study` (`rules`, `train`, `protocol`, `runs`, `experiments.audit`);
+# All mechanism lives in `fa_study` (`rules`, `train`, `diagnostics`, `runs`, `experiments.audit`);
 # this notebook only calls it. Offline, CIFAR is a synthetic stand-in; the last section repeats
 # the audit on real Fashion-MNIST as a real-data cross-check.
 
@@ -56,7 +56,7 @@ from IPython.display import display
 
 from fa_study import config, plots, study
 from fa_study.experiments.audit import AuditStudy, audit_view
-from fa_study.protocol import D3_MARGIN_PP, decide_d3, verdict_from_flags
+from fa_study.diagnostics import D3_MARGIN_PP, decide_d3, verdict_from_flags
 from fa_study.widgets import ControlPanel
 
 profile = config.get_profile(PROFILE)

@@ -36,7 +36,7 @@
 # to *its* $B$.
 #
 # The mechanism lives in `fa_study` (the penalty in `fa_study.rules`, the audit in
-# `fa_study.protocol`, the runs in `fa_study.experiments.penalty`); this notebook only calls it.
+# `fa_study.diagnostics`, the runs in `fa_study.experiments.penalty`); this notebook only calls it.
 
 # %% tags=["parameters"]
 PROFILE = None  # None: read FA_STUDY_PROFILE (quick / default / paper); papermill injects it here

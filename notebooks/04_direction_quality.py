@@ -27,7 +27,7 @@
 # $\cos(a_l, g_l)$ (floor $10^{-30}$, so a tiny $\lVert g\rVert$ still gives the true cosine) and
 # the magnitudes of both signals.
 #
-# **The pre-registered reading** (`fa_study.protocol.direction_reading`): if
+# **The pre-registered reading** (`fa_study.diagnostics.direction_reading`): if
 # $\lVert g\rVert \le 10^{-7}$ the reference is *unhealthy* and the cosine says nothing; otherwise
 # $|\cos| < 0.05$ is **poor**, $< 0.20$ **mediocre**, anything larger **reasonable**. The
 # prediction for the penalised network: poor, $|\cos| \approx 0.01$–$0.05$, read at the middle
@@ -41,7 +41,7 @@
 # signal should follow is $\partial L/\partial h_{l+1}$, at the block's *output*. Measured `004`'s
 # way, every deep reading shifts one state down and the embedding's signal is compared twice; the
 # fresh-feedback null's deep layers ($h_1 \dots h_L$ here, `003`'s "layers $1 \dots L-1$") shift
-# the same way (`fa_study.protocol.fresh_feedback_null` documents it).
+# the same way (`fa_study.diagnostics.fresh_feedback_null` documents it).
 
 # %% tags=["parameters"]
 PROFILE = None  # None: read FA_STUDY_PROFILE (quick / default / paper); papermill injects it here

@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from fa_study import config, data, feedback, models, protocol, rules
+from fa_study import config, data, feedback, models, rules
+from fa_study import diagnostics as protocol
 from fa_study.experiments import (AuditStudy, DirectionStudy, FeedbackTour, LearnedStudy, PenaltyStudy,
                                   RAStudy)
 from fa_study.runs import ModelSpec, ReadSpec, RunSpec

@@ -14,7 +14,7 @@ from study_helpers import assert_not_drawn, diverge  # noqa: E402
 from fa_study.experiments import core  # noqa: E402
 from fa_study.experiments.audit import (AUDIT_MODELS, AuditStudy, audit_rules, audit_spec,  # noqa: E402
                                         audit_view, run_audit, verdict_table)
-from fa_study.protocol import PROTOCOL_EVAL, verdict_from_flags  # noqa: E402
+from fa_study.diagnostics import PROTOCOL_EVAL, verdict_from_flags  # noqa: E402
 from fa_study.runs import Results, RunSpec  # noqa: E402
 
 TINY = dict(rules=("bp", "dfa"), seeds=(0,), d=16, num_blocks=2, epochs=1, n_train=256, n_test=128,

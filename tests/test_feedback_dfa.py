@@ -7,8 +7,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fa_study.diagnostics import bp_twin
+
 from fa_study.feedback import (
-    LocalLinear, apply_dfa_block_update, apply_dfa_update, bp_twin, capture_output_error,
+    LocalLinear, apply_dfa_block_update, apply_dfa_update, capture_output_error,
     feedback_step, has_feedback_step, initialize_dfa_block_targets, initialize_dfa_targets,
     needs_output_error,
 )
@@ -374,7 +376,7 @@ def test_dfa_ungated_misuse_raises_runtime_error_naming_the_call():
 def test_dfa_block_uses_error_at_block_output():
     torch.manual_seed(0)
     model = Blocky("dfa_block")
-    bp = bp_twin(model)
+    bp = bp_twin(model).model
     assert all(m.method == "bp" for m in bp.modules() if isinstance(m, LocalLinear))
     assignment = initialize_dfa_block_targets(model, 8, generator=torch.Generator().manual_seed(2))
     assert assignment == {"embed": None, "blocks.0.0": 0, "blocks.0.2": 0, "blocks.1.0": 1,

@@ -737,7 +737,7 @@ def test_b_clip_bounds_every_b_step_relative_to_b():
 def test_credit_with_B_equal_to_W_transpose_and_no_layernorm_is_the_bp_gradient(activation):
     """Without LayerNorm and with B = W^T the FA errors carried down are BP's: the credit at
     h_0 .. h_L (the hidden outputs, before the next layer's f') equals autograd's dL/dh_l."""
-    from fa_study.protocol import bp_reference
+    from fa_study.diagnostics import bp_reference
 
     model = _mlp(d=9, num_blocks=2, activation=activation, ln=False).double()
     rule = build_rule("ra_fa")

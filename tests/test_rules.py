@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fa_study import data, rules
 from fa_study.models import build_model
-from fa_study.protocol import audit, bp_reference, direction_quality, fresh_feedback_null
+from fa_study.diagnostics import audit, bp_reference, direction_quality, fresh_feedback_null
 from fa_study.rules import RULES, build_rule
 from fa_study.train import TrainConfig, train
 
@@ -126,7 +126,7 @@ def test_every_rule_trains_and_is_read_on_every_architecture_or_is_refused(name,
     rep = audit(model, x, y)
     assert len(rep.grad_norms) == model.num_blocks + 1 and math.isfinite(rep.g_L)
     if model.num_blocks:
-        dq = direction_quality(model, rule, x, y)
+        dq = direction_quality(model, x, y, rule)
         assert len(dq) == model.num_blocks + 1 and dq["cos_mean"].between(-1 - 1e-9, 1 + 1e-9).all()
     if cls.has_random_feedback:
         null = fresh_feedback_null(model, rule, x, y, n_draws=2)
@@ -181,7 +181,7 @@ def test_protocol_reference_of_a_converted_model_is_the_unconverted_networks_gra
     _, grads, _ = bp_reference(model, x, y)
     for g, r in zip(grads, ref):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-9)
-    dq = direction_quality(model, rule, x, y)
+    dq = direction_quality(model, x, y, rule)
     assert list(dq["g_norm_median"]) == pytest.approx([float(g.norm(dim=-1).median()) for g in ref], rel=1e-5)
 
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fa_study.models import AUDIT_ARCHS, build_model
-from fa_study.protocol import bp_reference
+from fa_study.diagnostics import bp_reference
 from fa_study.rules import (BP, DFA, FA, RULES, Frozen, Method, Oracle, Shallow, backward_local,
                             build_rule, local_forward, local_surrogate, output_error,
                             rms_normalise, surrogate_output_grads)

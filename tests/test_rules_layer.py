@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from fa_study import feedback
 from fa_study.models import build_model
-from fa_study.protocol import bp_reference
+from fa_study.diagnostics import bp_reference, bp_twin
 from fa_study.rules import RULES, build_rule
 from fa_study.rules.base import draw_seed
 from fa_study.train import TrainConfig
@@ -156,7 +156,7 @@ def test_layer_rule_credit_is_what_its_backward_delivers(name):
     for a, g in zip(credit, expected):
         torch.testing.assert_close(a, g)
     _, true_grads, _ = bp_reference(model, x, y)
-    for g, t in zip(true_grads, _hidden_grads(feedback.bp_twin(model), x, y)[0]):
+    for g, t in zip(true_grads, _hidden_grads(bp_twin(model).model, x, y)[0]):
         torch.testing.assert_close(g, t)  # the BP reference is the BP twin's gradient
     assert not torch.allclose(credit[0], true_grads[0])  # the rule's signal, not BP's
     assert not torch.allclose(credit[-1], true_grads[-1])  # the head is converted too

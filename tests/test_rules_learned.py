@@ -14,7 +14,7 @@ from fa_study.config import seed_everything
 from fa_study.data import Dataset
 from fa_study.feedback import grape_step
 from fa_study.models import build_model
-from fa_study.protocol import bp_reference
+from fa_study.diagnostics import bp_reference
 from fa_study.rules import FA, GrAPEFA, StiefelDFA, build_rule, rms_normalise
 from fa_study.rules.base import CreditContext
 from fa_study.rules.learned import (block_jvp, forward_mode_safe, jvp_jacobian_estimate,

@@ -175,7 +175,7 @@ def test_execute_records_a_run_that_raises_as_an_error():
 
 def _report(acc: float) -> dict:
     from fa_study.models import build_model
-    from fa_study.protocol import audit
+    from fa_study.diagnostics import audit
 
     torch.manual_seed(0)
     model = build_model("resmlp", d=8, num_blocks=1, input_shape=(3, 4, 4))
@@ -248,7 +248,7 @@ def test_collect_without_an_audit_reads_n_a():
 
 def test_with_baseline_decides_d3_exactly_as_the_audit_would():
     from fa_study.models import build_model
-    from fa_study.protocol import audit, report_from_dict, with_baseline
+    from fa_study.diagnostics import audit, report_from_dict, with_baseline
 
     torch.manual_seed(0)
     model = build_model("resmlp", d=8, num_blocks=2, input_shape=(3, 4, 4))

@@ -16,7 +16,7 @@ from fa_study import feedback
 from fa_study.config import seed_everything
 from fa_study.data import Dataset, load_pair
 from fa_study.models import build_model
-from fa_study.protocol import bp_reference, credit_cosines
+from fa_study.diagnostics import BlockStates, bp_reference, credit_cosines, feedback_angles
 from fa_study.rules import build_rule
 from fa_study.train import TrainConfig, clip_block_gradients, evaluate, train
 
@@ -122,11 +122,11 @@ def test_history_columns_and_diagnostics_match_their_definitions():
 def test_vit_cosines_are_read_summed_over_positions():
     model, rule, hist = _run("fa", arch="vit", cfg=_cfg(eval_batch=8))
     x, y = TEST.x[:8], TEST.y[:8]
-    from fa_study.protocol import eval_mode
+    from fa_study.diagnostics import eval_mode
 
     with eval_mode(model):
         _, grads, _ = bp_reference(model, x, y)
-        cos = credit_cosines(model, rule.credit(model, x, y), grads)
+        cos = credit_cosines(BlockStates(model), rule.credit(model, x, y), grads)
     assert [hist.iloc[-1][f"cos_{l}"] for l in range(3)] == pytest.approx(cos, abs=1e-9)
     assert hist.iloc[-1]["cos_2"] == pytest.approx(1.0, abs=1e-6)  # FA's top credit: the head's BP
 
@@ -439,7 +439,7 @@ def test_the_feedback_stream_is_independent_of_the_weights_stream(seed):
     seed_everything(seed)
     model = build_model("resmlp", input_shape=SHAPE, num_classes=CLASSES, d=64, num_blocks=2)
     train(model, build_rule("layer_fa"), TRAIN, TEST, TrainConfig(epochs=0, seed=seed, eval_batch=8))
-    angles = feedback.feedback_alignment(model)["angle_BW_deg"]
+    angles = feedback_angles(model)["angle_BW_deg"]
     assert len(angles) == 6 and (angles - 90).abs().max() < 8, list(angles)
 
 

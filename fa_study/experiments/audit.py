@@ -3,7 +3,7 @@
 Every run is a :class:`fa_study.runs.RunSpec` built by :func:`audit_spec` -- the one place
 notebooks 02-05 derive a run from their settings, so equal settings share a cache entry --
 trained by :func:`fa_study.train.train` and read by the protocol: the three diagnostics
-(:func:`fa_study.protocol.audit`; D3 decided by :func:`fa_study.protocol.with_baseline` against
+(:func:`fa_study.diagnostics.audit`; D3 decided by :func:`fa_study.diagnostics.with_baseline` against
 the frozen-blocks run of the same model, data and training), per-layer direction quality and,
 for rules with random feedback, the fresh-feedback null. :class:`AuditStudy` adds the frozen
 baseline to every architecture automatically.
@@ -26,7 +26,7 @@ import pandas as pd
 
 from ..config import check_choice, check_float, check_int, check_seeds
 from ..data import DATASETS
-from ..protocol import D2_FLOOR, D3_MARGIN_PP, PROTOCOL_EVAL
+from ..diagnostics import D2_FLOOR, D3_MARGIN_PP, PROTOCOL_EVAL
 from ..rules import D3_BASELINE, RULES, get_rule
 from ..runs import DataSpec, ModelSpec, ReadSpec, Results, RunSpec
 from ..train import TrainConfig

@@ -4,7 +4,7 @@ Reference ``004``: train the ResidualMLP with vanilla DFA and with the residual-
 (λ = 1e-2, both with each block's gradient clipped at 1.0), then on 1,024 test samples compare,
 per hidden state, the rule's credit signal ``a_l`` with the BP gradient ``g_l = dL/dh_l``: the
 per-sample cosine (floor 1e-30, so a tiny ``||g||`` still gives the true cosine) and the median
-magnitudes of both signals. Its pre-registered reading (:func:`fa_study.protocol.direction_reading`):
+magnitudes of both signals. Its pre-registered reading (:func:`fa_study.diagnostics.direction_reading`):
 the reference is *unhealthy* when ``||g|| <= 1e-7``; otherwise ``|cos| < 0.05`` is *poor*,
 ``< 0.20`` *mediocre*, anything above *reasonable*. 004 predicted poor (~0.01-0.05) for the
 penalised network: a second failure mode of DFA, separable from the scale blow-up.
@@ -112,7 +112,7 @@ def direction_readings(layers: pd.DataFrame, order: list[str] | None = None) -> 
     batch mean), the mean within-batch standard deviation, the mean median magnitudes ``||g||``
     and ``||a||``, the pre-registered reading of the seed means (``reading``) and how each seed
     read (``seed_readings``, e.g. ``"poor ×2, mediocre ×1"``)."""
-    from ..protocol import direction_reading
+    from ..diagnostics import direction_reading
 
     rows = []
     for (arm, layer), sub in layers.groupby(["arm", "layer"], sort=False):
@@ -133,9 +133,9 @@ def direction_readings(layers: pd.DataFrame, order: list[str] | None = None) -> 
 
 
 def reading_sentences(readings: pd.DataFrame, layer: int | None = None) -> dict[str, str]:
-    """Per arm, 004's verdict sentence (:func:`fa_study.protocol.read_direction_quality`) on the
+    """Per arm, 004's verdict sentence (:func:`fa_study.diagnostics.read_direction_quality`) on the
     seed means at ``layer`` (None: L // 2)."""
-    from ..protocol import read_direction_quality
+    from ..diagnostics import read_direction_quality
 
     out = {}
     for arm, sub in readings.groupby("arm", sort=False):
@@ -149,7 +149,7 @@ def direction_summary(res: Results, layer: int, order: list[str] | None = None) 
     the mean |cosine| over the deep hidden states h_2..h_L (h_0 and h_1 are both driven by the
     first feedback matrix, see notebook 04), ``||g||`` and ``||a||`` at ``layer``, the null's
     z-score; and the reading of the seed means at ``layer``."""
-    from ..protocol import direction_reading
+    from ..diagnostics import direction_reading
 
     lay = res.layers
     at = lay[lay["layer"] == layer].set_index(["arm", "seed"])
@@ -205,7 +205,7 @@ def direction_view(study: DirectionStudy | None = None, *, profile: str | None =
     the median magnitudes ``||g||`` and ``||a||`` on log scales; the table reads each arm at
     ``read_layer`` with 004's pre-registered thresholds, the notes state the verdict."""
     from .. import plots
-    from ..protocol import HEALTHY_G, MEDIOCRE_COS, POOR_COS
+    from ..diagnostics import HEALTHY_G, MEDIOCRE_COS, POOR_COS
 
     study = resolve_study(DirectionStudy, study, profile, overrides)
     res = study.run(callback=live, progress=progress)

@@ -4,7 +4,7 @@ Every layer-level rule of :mod:`fa_study.rules.layer` (and BP) trains the same M
 (``784 -> hidden -> ... -> 10``, :class:`fa_study.models.MLP`) on MNIST through the one
 trainer, with SGD and momentum. Every ``record_every`` steps a probe reads, per weight matrix,
 the cosine between the update the rule applies and BP's gradient on a fixed batch of training
-samples (:func:`fa_study.protocol.update_alignment`), the angle between the feedback matrix B
+samples (:func:`fa_study.diagnostics.update_alignment`), the angle between the feedback matrix B
 and W, and the test accuracy.
 
 The second half, :func:`converter_demo`, converts a model the reader did not write (a
@@ -21,7 +21,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import (check_choice, check_float, check_int, check_seeds, get_device, seed_everything,
@@ -375,7 +374,8 @@ def _convert_and_read(model_name: str, rule: str, seed: int, x: torch.Tensor, y:
                       changes: dict, report: pd.DataFrame | None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Build, convert and read one rule for :func:`converter_demo`; records the output change
     in ``changes`` and returns ``(report, per-layer alignment)`` (the first report kept)."""
-    from ..feedback import convert, update_alignment
+    from ..diagnostics import update_alignment
+    from ..feedback import convert
 
     seed_everything(seed)
     model = foreign_model(model_name).to(x.device)
@@ -386,7 +386,8 @@ def _convert_and_read(model_name: str, rule: str, seed: int, x: torch.Tensor, y:
     after = model(x)  # with gradients enabled: the rule's autograd Function runs the forward
     changes[rule] = float((after.detach() - before).abs().max())
     model.train()
-    ua = update_alignment(model, F.cross_entropy, x, y)
+    ua = update_alignment(model, x, y)
+    ua.insert(0, "layer", ua["param"].str.removesuffix(".weight"))
     ua.insert(0, "rule", rule)
     ua.insert(1, "index", range(len(ua)))
     return (rep if report is None else report), ua
@@ -400,7 +401,7 @@ def converter_demo(model_name: str = "resnet18", rules: tuple = ("bp", "fa", "si
     batch ``(batch_size, 3, 28, 28)`` (the digit repeated over three channels) in eval mode,
     convert it (:func:`fa_study.feedback.convert`), record the outputs again with gradients
     enabled (the rule's own forward), and read the per-layer cosine between the rule's update
-    and BP's gradient on that batch in train mode (:func:`fa_study.feedback.update_alignment`).
+    and BP's gradient on that batch in train mode (:func:`fa_study.diagnostics.update_alignment`).
     """
     from .. import data, plots
     from ..feedback import CONV_METHODS

@@ -23,7 +23,7 @@ import pandas as pd
 
 from ..config import check_choice, check_float, check_int, check_seeds
 from ..data import DATASETS
-from ..protocol import D2_FLOOR
+from ..diagnostics import D2_FLOOR
 from ..rules import BP_REFERENCE, RULES, get_rule
 from ..runs import Results, RunSpec
 from ..stats import aggregate, mean_ci

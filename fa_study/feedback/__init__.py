@@ -73,7 +73,6 @@ from .inits import init_feedback
 from .learned import grape_step, kolen_pollack_step, probe_jacobian, weight_mirror_step
 from .linear import LocalLinear
 from .options import FA_INIT_MODES, RuleOptions
-from .readouts import bp_twin, feedback_alignment, update_alignment
 from .step import feedback_step, has_feedback_step, local_layers, needs_output_error
 from .stiefel import StiefelExpander, StiefelFeedback, row_orthonormal
 from .strategies import CONV_METHODS, METHODS, RULES, LayerStrategy, make_strategy
@@ -89,6 +88,5 @@ __all__ = [
     "apply_dfa_block_update", "BlockErrorTap",
     "grape_step", "probe_jacobian", "kolen_pollack_step", "weight_mirror_step",
     "convert",
-    "feedback_alignment", "update_alignment", "bp_twin",
     "StiefelFeedback", "StiefelExpander", "row_orthonormal",
 ]

@@ -1,6 +1,6 @@
 """The block interface every model implements.
 
-Hidden-state indexing (shared by methods, trainer and protocol)::
+Hidden-state indexing (shared by methods, trainer and diagnostics)::
 
     h_0 = embed(x);   h_{l+1} = step(l, h_l)  for l = 0..L-1;   logits = readout(h_L)
 

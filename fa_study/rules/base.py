@@ -349,6 +349,13 @@ class Method:
         """The credit signals ``[a_0, ..., a_L]``, each shaped like ``h_l`` (detached)."""
         raise NotImplementedError
 
+    def credit_at(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, states) -> list[torch.Tensor]:
+        """The credit at the hidden states ``states`` reads (a
+        :class:`fa_study.diagnostics.HiddenStates`): what the diagnostics call. Default: the
+        block interface's :meth:`credit`; rules whose credit is the model's own backward (BP,
+        the layer rules) read it at any network's hidden states."""
+        return self.credit(model, x, y)
+
     # ---- parameters ----------------------------------------------------------------------
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
@@ -409,7 +416,7 @@ class CreditContext:
 
     @cached_property
     def bp_grads(self) -> list[torch.Tensor]:
-        from ..protocol import bp_reference
+        from ..diagnostics import bp_reference
 
         return bp_reference(self.model, self.x, self.y)[1]
 

@@ -54,9 +54,12 @@ class BP(Method):
         return loss.detach(), logits.detach()
 
     def credit(self, model, x, y):
-        from ..protocol import bp_reference
+        return self.credit_at(model, x, y, None)
 
-        return bp_reference(model, x, y)[1]
+    def credit_at(self, model, x, y, states):
+        from ..diagnostics import bp_reference
+
+        return bp_reference(model, x, y, hidden=states)[1]
 
 
 def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
@@ -229,7 +232,7 @@ class Oracle(BlockLocal):
     """Block-local training driven by the exact BP gradient: the ceiling of the local rules.
 
     Every block, the embedding and the head are trained exactly as by fa / dfa, with
-    ``a_l = g_l = dCE/dh_l`` from autograd (:func:`fa_study.protocol.bp_reference`, used at every
+    ``a_l = g_l = dCE/dh_l`` from autograd (:func:`fa_study.diagnostics.bp_reference`, used at every
     position of token and conv models). Its credit's cosine with BP is 1 by construction; its
     accuracy tells how much of the gap to BP is the local training scheme and not the direction
     of the credit.

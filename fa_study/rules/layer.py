@@ -7,7 +7,7 @@ is the rule's (a feedback strategy of :mod:`fa_study.feedback`), everything else
 captured for the direct rules) followed by the one post-backward call
 :func:`fa_study.feedback.feedback_step`. The credit at ``h_l`` is what the converted model's own
 backward delivers there: the signal the rule propagates. The BP reference of a converted model
-is its BP twin's (:func:`fa_study.protocol.bp_reference` switches every local layer to BP), so
+is its BP twin's (:func:`fa_study.diagnostics.bp_reference` switches every local layer to BP), so
 no diagnostic ever reads a rule's own signal as "BP".
 
 =================  ==========================================================================
@@ -101,17 +101,17 @@ class LayerRule(Method):
         return loss.detach(), logits.detach()
 
     def credit(self, model, x, y):
+        return self.credit_at(model, x, y, None)
+
+    def credit_at(self, model, x, y, states):
         """What the converted model's backward delivers at every ``h_l`` (for a fresh copy, on a
         copy of the model with its random feedback redrawn)."""
-        from .. import feedback
-        from ..protocol import hidden_gradients
+        from ..diagnostics import model_credit
 
         self._require_ready("credit")
         if self._fresh_seed is not None:
             model = self._redrawn_copy(model)
-        capture = (lambda logits: feedback.capture_output_error(model, logits)) \
-            if feedback.needs_output_error(model) else None
-        return hidden_gradients(model, x, y, on_logits=capture)[1]
+        return model_credit(model, x, y, hidden=states)
 
     def _redrawn_copy(self, model):
         from .. import feedback

@@ -186,7 +186,7 @@ def sum_positions(model: BlockModel, g: torch.Tensor) -> torch.Tensor:
 def per_sample_gradients(model: BlockModel, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
     """Exact ``d loss_i / d h_l`` ``(n, d)`` (summed over positions: the gradient along the
     broadcast direction) at every hidden state, by autograd: the oracle ``g_hat``."""
-    from ..protocol import bp_reference
+    from ..diagnostics import bp_reference
 
     _, grads, _ = bp_reference(model, x, y)
     # bp_reference differentiates the batch mean: the per-sample loss's gradient is n times it

@@ -1,4 +1,5 @@
-"""Alignment read-outs: B-W angles and the cosine of the applied update with BP's gradient."""
+"""Per-weight readings on converted models: B-W angles (feedback_angles) and the cosine of the
+applied update with BP's gradient (update_alignment), against hand-run steps and formulas."""
 import copy
 import math
 
@@ -6,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from fa_study.diagnostics import bp_twin, feedback_angles, update_alignment
 from fa_study.feedback import (
-    METHODS, LocalLinear, bp_twin, capture_output_error, convert, feedback_alignment,
-    feedback_step, local_layers, update_alignment,
+    METHODS, LocalLinear, capture_output_error, convert, feedback_step, local_layers,
 )
 
 
@@ -32,8 +33,8 @@ def test_bp_and_fa_with_b_equal_w_apply_bp_updates():
     for m in model:
         if isinstance(m, LocalLinear):
             m.set_feedback(m.weight)
-    table = update_alignment(model, CE, x, y)  # the same dropout mask in both passes
-    assert list(table["layer"]) == ["0", "3", "5"]
+    table = update_alignment(model, x, y)  # the same dropout mask in both passes
+    assert list(table["param"]) == ["0.weight", "3.weight", "5.weight"]
     assert table["cos_update_bp"].tolist() == pytest.approx([1.0] * 3, abs=1e-6)
     assert table["angle_BW_deg"].tolist() == pytest.approx([0.0] * 3, abs=0.1)
     assert table["norm_ratio_BW"].tolist() == pytest.approx([1.0] * 3, abs=1e-6)
@@ -45,10 +46,10 @@ def test_random_fa_is_exact_only_at_the_output_layer():
     torch.manual_seed(0)
     x, y = _data()
     model, _ = convert(_mlp(), "fa", generator=torch.Generator().manual_seed(1))
-    table = update_alignment(model, CE, x, y).set_index("layer")
+    table = update_alignment(model, x, y).set_index("param")
     # the last layer's gradient needs no feedback matrix, so it is BP's exactly
-    assert table.loc["5", "cos_update_bp"] == pytest.approx(1.0, abs=1e-6)
-    assert table.loc["0", "cos_update_bp"] < 0.9 and table.loc["3", "cos_update_bp"] < 0.9
+    assert table.loc["5.weight", "cos_update_bp"] == pytest.approx(1.0, abs=1e-6)
+    assert table.loc["0.weight", "cos_update_bp"] < 0.9 and table.loc["3.weight", "cos_update_bp"] < 0.9
     # an independent random B is nearly orthogonal to W
     assert (table["angle_BW_deg"] > 60).all()
 
@@ -59,7 +60,7 @@ def test_readout_leaves_the_model_and_the_rng_untouched():
     model, _ = convert(_mlp(dropout=0.2), "weight_mirror")
     state = copy.deepcopy(model.state_dict())
     rng = torch.get_rng_state()
-    table = update_alignment(model, CE, x, y, lr_b=0.5)
+    table = update_alignment(model, x, y)
     assert torch.equal(torch.get_rng_state(), rng)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
@@ -72,10 +73,10 @@ def test_dfa_readout_captures_the_output_error(method):
     torch.manual_seed(0)
     x, y = _data()
     model, _ = convert(_mlp(), method, dfa_target_dim=3)
-    table = update_alignment(model, CE, x, y).set_index("layer")
+    table = update_alignment(model, x, y).set_index("param")
     # dfa: the output layer's grad_out is e itself; dfa_ungated: B_dfa = I there
-    assert table.loc["5", "cos_update_bp"] == pytest.approx(1.0, abs=1e-6)
-    assert table.loc["0", "cos_update_bp"] < 0.99  # random direct projections differ from BP
+    assert table.loc["5.weight", "cos_update_bp"] == pytest.approx(1.0, abs=1e-6)
+    assert table.loc["0.weight", "cos_update_bp"] < 0.99  # random direct projections differ from BP
     assert table["angle_BW_deg"].isna().all()  # direct feedback has no W-shaped B
     assert table["norm_ratio_BW"].isna().all()
     # the readout's rule pass is the training step: same update as a hand-run step on a copy
@@ -86,11 +87,11 @@ def test_dfa_readout_captures_the_output_error(method):
     feedback_step(rule)
     cos0 = nn.functional.cosine_similarity(rule[0].weight.grad.flatten(),
                                            _bp_grad(model, x, y, 0), dim=0)
-    assert table.loc["0", "cos_update_bp"] == pytest.approx(float(cos0), abs=1e-6)
+    assert table.loc["0.weight", "cos_update_bp"] == pytest.approx(float(cos0), abs=1e-6)
 
 
 def _bp_grad(model, x, y, i):
-    twin = bp_twin(model)
+    twin = bp_twin(model).model
     CE(twin(x), y).backward()
     return twin[i].weight.grad.flatten()
 
@@ -115,10 +116,10 @@ def test_readouts_work_for_every_rule(method):
                        dfa_target_dim=3 if method in ("dfa", "dfa_ungated") else None,
                        dfa_block_dim=8 if method == "dfa_block" else None, fa_grape=method == "fa")
     state = copy.deepcopy(model.state_dict())
-    table = update_alignment(model, CE, x, y)
+    table = update_alignment(model, x, y)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k  # brsf's redraw and GrAPE ran on the copy
-    assert list(table["layer"]) == ["embed", "blocks.0.0", "head"]
+    assert list(table["param"]) == ["embed.weight", "blocks.0.0.weight", "head.weight"]
     assert table["cos_update_bp"].notna().all() and (table["update_norm"] > 0).all()
     direct = method in ("dfa", "dfa_ungated", "dfa_block")
     assert table["angle_BW_deg"].isna().all() == direct
@@ -126,8 +127,8 @@ def test_readouts_work_for_every_rule(method):
     if method == "bp":
         assert table["cos_update_bp"].tolist() == pytest.approx([1.0] * 3, abs=1e-6)
     # the BP twin is BP for every rule: the same outputs, BP's gradients
-    twin = bp_twin(model)
-    assert all(layer.method == "bp" for _, layer in local_layers(twin))
+    twin = bp_twin(model, x).model
+    assert not local_layers(twin) and twin is not model  # every local layer back on plain BP
     assert all(layer.method == method for _, layer in local_layers(model))
     torch.testing.assert_close(twin(x), model(x))
     ref = Blocks()
@@ -140,7 +141,7 @@ def test_readouts_work_for_every_rule(method):
 def test_feedback_alignment_for_sign_sym_matches_formula():
     torch.manual_seed(0)
     model, _ = convert(_mlp(), "sign_sym")
-    table = feedback_alignment(model)
+    table = feedback_angles(model)
     W = model[0].weight.detach().double()
     cos = (W.abs().sum() / (W.norm() * math.sqrt(W.numel()))).item()  # <sign(W), W> / norms
     assert table.loc[0, "angle_BW_deg"] == pytest.approx(math.degrees(math.acos(cos)), abs=1e-6)
@@ -151,7 +152,7 @@ def test_feedback_alignment_for_sign_sym_matches_formula():
 def test_feedback_alignment_for_sign_concordant_matches_formula(method):
     torch.manual_seed(0)
     model, _ = convert(_mlp(), method)
-    table = feedback_alignment(model)
+    table = feedback_angles(model)
     W = model[3].weight.detach().double()
     B = model[3].B_abs.double() * torch.sign(W)
     cos = float((B * W).sum() / (B.norm() * W.norm()))
@@ -163,8 +164,8 @@ def test_feedback_alignment_for_sign_concordant_matches_formula(method):
 def test_bp_twin_is_bp():
     torch.manual_seed(0)
     model, _ = convert(_mlp(), "fa")
-    twin = bp_twin(model)
-    assert all(m.method == "bp" for m in twin if isinstance(m, LocalLinear))
+    twin = bp_twin(model).model
+    assert all(type(m) is nn.Linear for m in twin if isinstance(m, nn.Linear))
     assert all(m.method == "fa" for m in model if isinstance(m, LocalLinear))
     x, _ = _data()
     assert torch.equal(twin(x), model(x))
@@ -184,9 +185,9 @@ def test_dfa_block_readout_with_taps_in_a_copy():
 
     x, y = _data()
     model, _ = convert(Net(), "dfa_block", dfa_block_dim=6)
-    table = update_alignment(model, CE, x, y).set_index("layer")
-    assert table.loc["head", "cos_update_bp"] == pytest.approx(1.0, abs=1e-6)
-    assert not math.isnan(table.loc["blocks.0.0", "cos_update_bp"])
+    table = update_alignment(model, x, y).set_index("param")
+    assert table.loc["head.weight", "cos_update_bp"] == pytest.approx(1.0, abs=1e-6)
+    assert not math.isnan(table.loc["blocks.0.0.weight", "cos_update_bp"])
     # the readout ran on copies: the original's tap recorded nothing, and a copy has its own
     # tap, shared by its block hook and its layer
     tap = next(iter(model.blocks[0]._forward_hooks.values()))
