@@ -17,9 +17,9 @@ from fa_study.models import build_model
 from fa_study.diagnostics import bp_reference
 from fa_study.rules import FA, GrAPEFA, StiefelDFA, build_rule, rms_normalise
 from fa_study.rules.base import CreditContext
-from fa_study.rules.learned import (block_jvp, forward_mode_safe, jvp_jacobian_estimate,
-                                    mean_block_jacobian, node_perturbation_grads,
-                                    per_sample_gradients)
+from fa_study.diagnostics.jacobians import (block_jvp, forward_mode_safe, jvp_jacobian_estimate,
+                                             mean_block_jacobian, per_sample_gradients)
+from fa_study.rules.learned import node_perturbation_grads
 from fa_study.train import TrainConfig, train
 
 SHAPE = (1, 2, 3)

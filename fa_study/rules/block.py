@@ -195,9 +195,9 @@ class FA(RandomFeedbackRule):
 
     def feedback_quality(self, model, x, y):
         """``fb_align_<l>`` = cos(B_l, J_l) with ``J_l`` the exact batch-mean Jacobian of block l."""
-        from .learned import block_feedback_quality
+        from ..diagnostics.jacobians import block_feedback_quality
 
-        return block_feedback_quality(self, model, x, y)
+        return block_feedback_quality(self.B, model, x, y)
 
 
 class DFA(RandomFeedbackRule):
@@ -223,9 +223,9 @@ class DFA(RandomFeedbackRule):
 
     def feedback_quality(self, model, x, y):
         """``fb_align_<l>`` = cos(M_l, E[g_l e^T]): the direction a linear feedback from e should take."""
-        from .learned import direct_feedback_quality
+        from ..diagnostics.jacobians import direct_feedback_quality
 
-        return direct_feedback_quality(self, model, x, y)
+        return direct_feedback_quality(self.feedback_matrices(), model, x, y)
 
 
 class Oracle(BlockLocal):

@@ -41,15 +41,16 @@ every architecture. Probing forwards never move BatchNorm running statistics.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..diagnostics import buffers_preserved, eval_mode
+from ..diagnostics.jacobians import (direct_feedback_quality, jvp_jacobian_estimate,
+                                     per_sample_gradients)
 from ..feedback import StiefelFeedback, grape_step
 from ..models.base import BlockModel
 from .base import (BlockLocal, CreditContext, Option, choice, device_generator, draw_seed,
@@ -63,74 +64,6 @@ PROBES: tuple[str, ...] = ("node", "bp")
 # --------------------------------------------------------------------------------------------
 # Pieces shared by both rules
 # --------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def preserved_buffers(model: nn.Module) -> Iterator[None]:
-    """Restore every buffer afterwards: probe forwards must not move BatchNorm running stats."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, v in saved:
-                b.copy_(v)
-
-
-@contextlib.contextmanager
-def forward_mode_safe(model: nn.Module) -> Iterator[None]:
-    """BatchNorm in eval mode, the math attention kernel and no MultiheadAttention fast path,
-    for ``torch.func.jvp`` through any block (each module's mode restored afterwards)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    bns = [(m, m.training) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    fast = torch.backends.mha.get_fastpath_enabled()
-    try:
-        for m, _ in bns:
-            m.training = False
-        torch.backends.mha.set_fastpath_enabled(False)
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
-        for m, was in bns:
-            m.training = was
-
-
-def block_jvp(model: BlockModel, l: int, h: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """``pool(J_l p)``: the change of ``pool(h_{l+1})`` when ``h_l`` moves along ``p``.
-
-    ``h`` is the block's input ``h_l``; ``p`` ``(n, d)`` is broadcast over positions (so the
-    probed map is the one a ``(batch, d)`` FA signal travels through). Forward mode only
-    (``torch.func.jvp`` through ``model.step(l, .)``); returns ``(n, d)``.
-    """
-    tangent = model.broadcast(p, h).contiguous()
-    with torch.no_grad(), forward_mode_safe(model):
-        _, jp = torch.func.jvp(lambda t: model.pool(model.step(l, t)), (h,), (tangent,))
-    return jp
-
-
-def jvp_jacobian_estimate(model: BlockModel, l: int, h: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """GrAPE's ``J_hat = (1/n) sum_i (J_l(h_i) p_i) p_i^T`` ``(d, d)`` from probes ``p`` ``(n, d)``
-    at the inputs ``h`` (``n`` samples); ``E_p[J_hat]`` is the batch-mean Jacobian (row = output)."""
-    jp = block_jvp(model, l, h, p)
-    return jp.t() @ p / p.shape[0]
-
-
-def mean_block_jacobian(model: BlockModel, l: int, h: torch.Tensor, chunk_rows: int = 8192) -> torch.Tensor:
-    """The exact batch-mean Jacobian ``(1/n) sum_i d pool(h_{l+1,i}) / d h_{l,i}`` ``(d, d)``
-    (rows: outputs) at the block inputs ``h`` (``n`` samples): one forward-mode pass per group
-    of basis directions, each over ``chunk_rows`` rows at most (a diagnostic)."""
-    d, n = model.width, h.shape[0]
-    eye = torch.eye(d, device=h.device, dtype=h.dtype)
-    per = max(1, chunk_rows // max(n, 1))
-    cols = []
-    for j0 in range(0, d, per):
-        k = min(per, d - j0)
-        hh = h.repeat(k, *([1] * (h.dim() - 1)))  # k copies of the batch
-        jp = block_jvp(model, l, hh, eye[j0:j0 + k].repeat_interleave(n, dim=0))
-        cols.append(jp.reshape(k, n, d).mean(dim=1))  # (k, d_out): column j of the Jacobian
-    return torch.cat(cols).t()
-
 
 @torch.no_grad()
 def node_perturbation_grads(model: BlockModel, h0: torch.Tensor, y: torch.Tensor, *,
@@ -170,68 +103,6 @@ def node_perturbation_grads(model: BlockModel, h0: torch.Tensor, y: torch.Tensor
     half = repeats * n
     dl = (losses[:half] - losses[half:]) / 2  # (repeats * n,)
     return [((dl / s).unsqueeze(1) * z).reshape(repeats, n, -1).mean(dim=0) for z, s in zip(noise, scales)]
-
-
-def sum_positions(model: BlockModel, g: torch.Tensor) -> torch.Tensor:
-    """``(batch, d)``: the gradient along a position-constant direction, i.e. the adjoint of
-    ``model.broadcast`` applied to ``g`` (the sum over positions; ``g`` itself for MLPs)."""
-    if g.dim() == 2:
-        return g
-    with torch.enable_grad():
-        v = torch.zeros(g.shape[0], model.width, device=g.device, dtype=g.dtype, requires_grad=True)
-        out, = torch.autograd.grad((model.broadcast(v, g) * g).sum(), v)
-    return out
-
-
-def per_sample_gradients(model: BlockModel, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-    """Exact ``d loss_i / d h_l`` ``(n, d)`` (summed over positions: the gradient along the
-    broadcast direction) at every hidden state, by autograd: the oracle ``g_hat``."""
-    from ..diagnostics import bp_reference
-
-    _, grads, _ = bp_reference(model, x, y)
-    # bp_reference differentiates the batch mean: the per-sample loss's gradient is n times it
-    return [sum_positions(model, g) * x.shape[0] for g in grads]
-
-
-def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
-    den = float(a.norm() * b.norm())
-    return float((a * b).sum()) / den if den > 0 else math.nan
-
-
-@contextlib.contextmanager
-def _reading(model: nn.Module) -> Iterator[None]:
-    was = model.training
-    model.eval()
-    try:
-        with preserved_buffers(model):
-            yield
-    finally:
-        model.train(was)
-
-
-def block_feedback_quality(rule: FA, model: BlockModel, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """``fb_align_<l>`` = cos(B_l, J_l) for l < L, ``J_l`` the exact batch-mean Jacobian of block l
-    (the matrix that would make FA's pass-down BP's). Eval mode; buffers left as they were."""
-    with _reading(model):
-        with torch.no_grad():
-            _, hiddens = model(x, return_hidden=True)
-        return {f"fb_align_{l}": _cos(B, mean_block_jacobian(model, l, hiddens[l]).to(B.dtype))
-                for l, B in enumerate(rule.B)}
-
-
-def direct_feedback_quality(rule, model: BlockModel, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """``fb_align_<l>`` = cos(M_l, E[g_l e^T]) for every hidden state, ``M_l`` the matrix that maps
-    the output error to ``a_l`` (``rule.feedback_matrices()``) and ``g_l`` the per-sample BP
-    gradient at ``h_l``: the direction a linear feedback from ``e`` should take."""
-    from .base import output_error
-
-    with _reading(model):
-        grads = per_sample_gradients(model, x, y)
-        with torch.no_grad():
-            e = output_error(model(x), y)
-        n = x.shape[0]
-        return {f"fb_align_{l}": _cos(M, (g.t() @ e / n).to(M.dtype))
-                for l, (M, g) in enumerate(zip(rule.feedback_matrices(), grads))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,7 +146,7 @@ class GrAPEFA(FA):
         device = hiddens[0].device
         self._gen = device_generator(self._step_seed, device, self._gen)
         cos = []
-        with preserved_buffers(model):
+        with buffers_preserved(model):
             for l, B in enumerate(self.B):
                 h = hiddens[l][:n]
                 p = torch.randn(n, B.shape[1], generator=self._gen, device=device, dtype=h.dtype)
@@ -383,11 +254,11 @@ class StiefelDFA(BlockLocal):
         with torch.no_grad():
             if self.probe == "node":
                 self._gen = device_generator(self._step_seed, x.device, self._gen)
-                with preserved_buffers(model):
+                with buffers_preserved(model):
                     g_hats = node_perturbation_grads(model, ctx.hiddens[0][:n], y[:n], sigma=self.sigma,
                                                      generator=self._gen)
             else:
-                with torch.enable_grad(), preserved_buffers(model):
+                with torch.enable_grad(), buffers_preserved(model):
                     g_hats = per_sample_gradients(model, x[:n], y[:n])
             self.update_feedback(g_hats, self.feedback.compress(ctx.e[:n]))
 
@@ -430,8 +301,8 @@ class StiefelDFA(BlockLocal):
         factor with equal singular values)."""
         from .base import output_error
 
-        out = direct_feedback_quality(self, model, x, y)
-        with _reading(model):
+        out = direct_feedback_quality(self.feedback_matrices(), model, x, y)
+        with eval_mode(model), buffers_preserved(model):
             grads = per_sample_gradients(model, x, y)
             with torch.no_grad():
                 c = self.feedback.compress(output_error(model(x), y))
