@@ -7,7 +7,9 @@ away, whichever backward the model runs. Two kinds exist:
 
 * :class:`BlockStates` for the package's own models (:class:`fa_study.models.BlockModel`): the
   states their ``forward(x, return_hidden=True)`` returns (``h_0 = embed(x)``,
-  ``h_{l+1} = step(l, h_l)``), pooled by the model's own ``pool``.
+  ``h_{l+1} = step(l, h_l)``), pooled by the model's own ``pool``. (A hook could not read them
+  all: ViTMini adds each block's skip and pools the class token outside any module, so its
+  ``h_L`` is never a module's input or output.)
 * :class:`HookedStates` for any other ``nn.Module``: forward (pre-)hooks on named modules,
   each tap reading a module's output (``"blocks.0"``) or input (``"out_ln:input"``).
 
