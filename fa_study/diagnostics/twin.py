@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .taps import _logits
+
 PLAIN_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 TWIN_RTOL = 1e-4  # the twin's logits must match the model's to this relative tolerance
 
@@ -116,7 +118,13 @@ def _unvouched(model: nn.Module, x: torch.Tensor) -> list[str]:
         handles.append(m.register_forward_hook(hook))
     try:
         with torch.enable_grad():
-            nodes = _custom_nodes(model(x.detach().requires_grad_(x.is_floating_point())))
+            out = model(x.detach().requires_grad_(x.is_floating_point()))
+            if not isinstance(out, torch.Tensor):
+                # This is the first forward most readings run: a forward returning a tuple was
+                # an AttributeError on ``tuple.grad_fn`` here; raise the readings' ValueError
+                # (a tensor of another shape is left to the reading, whose loss_fn may take it).
+                _logits(out, model)
+            nodes = _custom_nodes(out)
     finally:
         for h in handles:
             h.remove()
