@@ -2,12 +2,24 @@
 
 ``train(model, rule, train_ds, test_ds, cfg)`` trains ``model`` in place with any rule of
 :mod:`fa_study.rules` and one optimizer (AdamW or SGD with momentum) built from
-``rule.param_groups(model)``. The loop never synchronises with the host inside an epoch (loss
+``rule.param_groups(model)``. ``model`` is any classifier ``nn.Module`` (a batch to logits):
+the package's block models train with every rule; a network you wrote (a plain CNN, the
+reference's embed / blocks / out_ln / out_head layout, a torchvision model) trains with the
+rules that do not need blocks (``bp``, ``frozen`` and the layer rules, which convert its
+``nn.Linear`` / ``nn.Conv2d``); the others refuse it at setup, naming what it lacks.
+:func:`frozen_baseline` trains the frozen-blocks baseline D3 compares with for any network.
+
+The loop never synchronises with the host inside an epoch (loss
 and correct counts accumulate on the device and are read once per epoch), except every
 ``cfg.log_every`` steps for the divergence check and, when given, at the callback and probe
 steps.
 
-History: one row per epoch, epoch 0 being the model before training. Columns::
+History: one row per epoch, epoch 0 being the model before training. The per-layer columns
+are read at the hidden states ``h_0 .. h_L`` of :func:`fa_study.diagnostics.find_hidden_states`
+(found automatically for the package's models, ``blocks`` / ``layers`` containers and ResNet
+stages, or named with ``train(..., hidden=[...])``); for a network whose hidden states cannot be
+found they are left out, with a UserWarning and a line in ``history.attrs["notes"]``
+(``history.attrs["hidden_states"]`` says what was read). Columns::
 
     epoch, train_loss, train_acc, test_acc,
     h_norm_0..h_norm_L   median ||pool(h_l)|| on the eval batch
@@ -43,9 +55,11 @@ the same seed give identical frames on the CPU.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+import warnings
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
 import pandas as pd
@@ -106,159 +120,335 @@ Probe = Callable[[int, nn.Module, Method], dict]
 
 
 def check_data(model: nn.Module, train_ds: Dataset, test_ds: Dataset) -> None:
-    """Everything about the data that would otherwise fail mid-training, as a ValueError now."""
+    """Everything about the data that would otherwise fail mid-training, as a ValueError now.
+
+    The class count is the model's ``num_classes`` (the package's models). For a network without
+    one it is the data's: both datasets must have the same number of classes, and the network's
+    logits (one forward of two training samples in eval mode) one column per class.
+    """
     device = model_device(model)
     n_classes = getattr(model, "num_classes", None)
+    built = n_classes is not None
     for what, ds in (("train_ds", train_ds), ("test_ds", test_ds)):
         if len(ds) == 0:
             raise ValueError(f"{what} is empty (0 samples); nothing to train or evaluate on")
         if ds.x.device != device:
             raise ValueError(f"{what} is on {ds.x.device} but the model is on {device}; "
                              f"load the data with device={str(device)!r} or move it with .to()")
-        if n_classes is not None and ds.num_classes != n_classes:
-            raise ValueError(f"{what} has {ds.num_classes} classes but the model was built for "
-                             f"num_classes={n_classes}; build it with num_classes={ds.num_classes}")
+        if n_classes is None:  # a network without num_classes: the data's count
+            n_classes = ds.num_classes
+        if ds.num_classes != n_classes:
+            if built:
+                raise ValueError(f"{what} has {ds.num_classes} classes but the model was built for "
+                                 f"num_classes={n_classes}; build it with num_classes={ds.num_classes}")
+            raise ValueError(f"{what} has {ds.num_classes} classes but train_ds has {n_classes}; "
+                             "train and evaluate on datasets with the same classes")
         lo, hi = int(ds.y.min()), int(ds.y.max())
-        if lo < 0 or (n_classes is not None and hi >= n_classes):
-            raise ValueError(f"{what} has labels in [{lo}, {hi}], outside [0, {n_classes}) "
-                             f"(the model's num_classes)")
+        if lo < 0 or hi >= n_classes:
+            whose = "the model's num_classes" if built else "the datasets' num_classes"
+            raise ValueError(f"{what} has labels in [{lo}, {hi}], outside [0, {n_classes}) ({whose})")
+    if not built:
+        check_logits(model, train_ds.x[:2], n_classes)
+
+
+@torch.no_grad()
+def check_logits(model: nn.Module, x: torch.Tensor, n_classes: int) -> None:
+    """ValueError unless ``model`` maps ``x`` to logits ``(batch, n_classes)`` (one forward in
+    eval mode; every module's mode and every buffer as they were)."""
+    from .diagnostics import buffers_preserved, eval_mode
+
+    kind = type(model).__name__
+    with eval_mode(model), buffers_preserved(model):
+        out = model(x)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{kind} must map a batch to logits (batch, classes); its forward returned "
+                         f"{got}. Wrap it in a module whose forward returns the logits tensor")
+    if out.shape[1] != n_classes:
+        raise ValueError(f"{kind} maps a batch to logits with {out.shape[1]} columns but the data has "
+                         f"{n_classes} classes; give its last layer {n_classes} outputs")
 
 
 def train(model: nn.Module, rule: Method, train_ds: Dataset, test_ds: Dataset,
-          cfg: TrainConfig = TrainConfig(), *, progress: bool = False,
+          cfg: TrainConfig = TrainConfig(), *, hidden=None, pool="auto", progress: bool = False,
           callback: Callback | None = None, callback_every: int = 50,
           probe: Probe | None = None, probe_every: int = 0) -> pd.DataFrame:
     """Train ``model`` in place with ``rule``; return the per-epoch history (see module doc).
 
     Args:
-        model: a :class:`~fa_study.models.BlockModel` on the datasets' device.
+        model: any classifier ``nn.Module`` mapping a batch to logits ``(batch, classes)``, on
+            the datasets' device: a :class:`~fa_study.models.BlockModel` for every rule, any
+            other network for the rules that do not need blocks (``bp``, ``frozen`` and the
+            layer rules: ``not RULES[name].needs_blocks``; the others refuse it at setup).
         rule: the learning rule; set up here (from ``cfg.seed``) unless ``rule.ready``.
         train_ds, test_ds: in-memory datasets (``fa_study.data.load``).
         cfg: the training settings.
+        hidden, pool: where the hidden states ``h_0 .. h_L`` of the per-layer columns are
+            (:func:`fa_study.diagnostics.find_hidden_states`): found automatically for the
+            package's models, block containers named ``blocks`` / ``layers`` and ResNet stages;
+            otherwise name them, ``hidden=["features.2", "features.5", "fc1"]``. When they cannot
+            be found, training goes on without the columns (a UserWarning, and a line in
+            ``history.attrs["notes"]``). ``frozen`` freezes the modules between ``h_0`` and ``h_L``.
         progress: show a tqdm progress bar.
         callback: called as ``callback(step, record)`` every ``callback_every`` optimiser steps
             with ``record = {"epoch", "step", "train_loss", "train_acc", "lr"}`` (running means of
             the current epoch).
         probe, probe_every: see the module doc.
     """
+    _check_call(rule, cfg, pool, callback, callback_every, probe, probe_every)
+    check_data(model, train_ds, test_ds)
+    rule.check_trainable(model)
+    loop = _start(model, rule, train_ds, test_ds, cfg, hidden, pool)
+    loop.callback, loop.callback_every = callback, callback_every
+    loop.probe, loop.probe_every = probe, probe_every
+    constants = _config_columns(model, rule, train_ds, cfg)
+    _initial_row(loop)
+    loop.bar = _progress_bar(progress, loop.total_steps)
+    diverged_epoch, reason = None, ""
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            reason = _run_epoch(loop, epoch)
+            if reason:
+                diverged_epoch = epoch
+                break
+    finally:
+        loop.bar.close()
+        model.train()
+    return _history(loop, constants, diverged_epoch, reason)
+
+
+def frozen_baseline(model: nn.Module, train_ds: Dataset, test_ds: Dataset,
+                    cfg: TrainConfig = TrainConfig(), *, hidden=None, pool="auto") -> float:
+    """The frozen-blocks baseline D3 compares with, for any network: its test accuracy.
+
+    Trains a deep copy of ``model`` with the D3 baseline rule (``frozen``): the modules between
+    ``h_0`` and ``h_L`` (:meth:`fa_study.diagnostics.HiddenStates.block_modules`; found as
+    :func:`train` finds them, or between the states named with ``hidden=[...]``) keep their
+    initialisation (``requires_grad=False``, BatchNorm pinned to eval mode), everything else
+    trains by BP with the settings ``cfg``. ``model`` itself is not touched. A network whose
+    layers run a backward of their own (converted to a layer rule) is trained through its BP
+    twin (:func:`fa_study.diagnostics.bp_twin`), so the rest really trains by BP.
+
+    Pass the network **at initialisation**: the untrained network, or a copy taken before
+    training (``init = copy.deepcopy(model)`` before ``train(model, ...)``). A trained network
+    would give the accuracy of its trained blocks frozen, not of random ones::
+
+        init = copy.deepcopy(model)
+        train(model, rule, train_ds, test_ds, cfg)
+        report = audit(model, x, y, frozen_acc=frozen_baseline(init, train_ds, test_ds, cfg))
+
+    Returns the test accuracy in [0, 1] after ``cfg.epochs`` epochs; NaN when the baseline run
+    diverged (:func:`fa_study.diagnostics.decide_d3` then leaves D3 not evaluated).
+    """
+    from .diagnostics import bp_twin
+    from .rules import D3_BASELINE, get_rule
+
+    net = bp_twin(copy.deepcopy(model)).model
+    history = train(net, get_rule(D3_BASELINE)(), train_ds, test_ds, cfg, hidden=hidden, pool=pool)
+    return float(history["test_acc"].iloc[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# The steps of train()
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class _Loop:
+    """What one call of :func:`train` carries from step to step."""
+
+    model: nn.Module
+    rule: Method
+    cfg: TrainConfig
+    train_ds: Dataset
+    test_ds: Dataset
+    states: Any  # the HiddenStates of the per-layer columns; None: left out (see notes)
+    notes: list[str]
+    opt: torch.optim.Optimizer
+    sched: Any
+    clip_groups: list[list[nn.Parameter]]
+    batches: BatchIterator
+    x_eval: torch.Tensor
+    y_eval: torch.Tensor
+    device: torch.device
+    callback: Callback | None = None
+    callback_every: int = 50
+    probe: Probe | None = None
+    probe_every: int = 0
+    bar: Any = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
+    probes: list[dict[str, Any]] = field(default_factory=list)
+    step: int = 0
+    probe_sum: torch.Tensor | None = None
+    probe_count: int = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.batches)
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.steps_per_epoch
+
+
+def _check_call(rule, cfg, pool, callback, callback_every, probe, probe_every) -> None:
+    from .diagnostics.taps import POOLS
+
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     if not isinstance(rule, Method):
         raise ValueError(f"rule must be a fa_study.rules.Method (e.g. build_rule('dfa')), got "
                          f"{type(rule).__name__}")
+    if not (callable(pool) or (isinstance(pool, str) and pool in POOLS)):
+        raise ValueError(f"pool must be one of {', '.join(POOLS)} or a callable, got {pool!r}")
     if callback is not None:
         check_int("callback_every", callback_every, 1)
     if probe is not None:
         check_int("probe_every", probe_every, 1)
-    check_data(model, train_ds, test_ds)
-    device = model_device(model)
+
+
+def _find_states(model: nn.Module, x: torch.Tensor, hidden, pool):
+    """``(HiddenStates, "")``, or ``(None, why)`` when a network's hidden states cannot be found
+    automatically (states named with ``hidden`` that do not exist are an error)."""
+    from .diagnostics import find_hidden_states
+    from .models.base import BlockModel
+
+    if hidden is not None or isinstance(model, BlockModel):
+        return find_hidden_states(model, x, hidden=hidden, pool=pool), ""
+    try:
+        return find_hidden_states(model, x, pool=pool), ""
+    except ValueError as err:
+        return None, str(err)
+
+
+def _no_states_note(model: nn.Module, why: str) -> str:
+    note = (f"no per-layer columns (h_norm_l, g_norm_l, cos_l) for {type(model).__name__}; training "
+            f"went on without them. To record them, pass train(..., hidden=[...]). {why}")
+    warnings.warn(note, UserWarning, stacklevel=4)
+    return note
+
+
+def _start(model, rule, train_ds, test_ds, cfg, hidden, pool) -> _Loop:
+    """Find the hidden states, set the rule up, build the optimizer, schedule and batches."""
+    n_eval = min(cfg.eval_batch, len(test_ds))
+    x_eval, y_eval = test_ds.x[:n_eval], test_ds.y[:n_eval]
+    states, why = _find_states(model, x_eval, hidden, pool)
     if not rule.ready:
         # the feedback's own stream: never the one that initialised the weights (see stream_generator)
-        rule.setup(model, train_ds.num_classes, stream_generator(cfg.seed, "feedback"), train_cfg=cfg)
+        kw = {"hidden": states} if rule.takes_hidden_states else {}
+        rule.setup(model, train_ds.num_classes, stream_generator(cfg.seed, "feedback"), train_cfg=cfg, **kw)
+    notes = [_no_states_note(model, why)] if states is None else []
     opt = make_optimizer(rule.param_groups(model), cfg)
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
              if cfg.schedule == "cosine" else None)
     clip_groups = [g["params"] for g in opt.param_groups if g.get("clip")] if cfg.grad_clip else []
     batches = BatchIterator.from_dataset(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                          augment=cfg.augment)
-    n_eval = min(cfg.eval_batch, len(test_ds))
-    x_eval, y_eval = test_ds.x[:n_eval], test_ds.y[:n_eval]
-    constants = _config_columns(model, rule, train_ds, cfg)
+    return _Loop(model, rule, cfg, train_ds, test_ds, states, notes, opt, sched, clip_groups, batches,
+                 x_eval, y_eval, model_device(model))
 
-    rows: list[dict[str, Any]] = []
-    seconds: list[float] = []
-    cpu_seconds: list[float] = []
-    probes: list[dict[str, Any]] = []
+
+def _initial_row(loop: _Loop) -> None:
+    """Epoch 0: the initial model. Its train columns come from an evaluation pass over (part
+    of) the training set, since no training step has happened yet."""
     start, cpu_start = time.perf_counter(), time.process_time()
-    # epoch 0: the initial model; train columns from an evaluation pass over (part of) the
-    # training set, since no training step has happened yet
-    n_probe = min(len(train_ds), len(test_ds))
-    loss0, acc0 = evaluate(model, train_ds.x[:n_probe], train_ds.y[:n_probe])
-    rows.append(_epoch_row(0, loss0, acc0, model, rule, test_ds, x_eval, y_eval, cfg))
-    seconds.append(time.perf_counter() - start)
-    cpu_seconds.append(time.process_time() - cpu_start)
-    steps_per_epoch = len(batches)
-    total_steps = cfg.epochs * steps_per_epoch
-    probe_sum = torch.zeros((), device=device)
-    probe_count = 0
-    if probe is not None:
-        probes.append(_probe_row(probe, 0, 0.0, math.nan, model, rule))
+    n_probe = min(len(loop.train_ds), len(loop.test_ds))
+    loss0, acc0 = evaluate(loop.model, loop.train_ds.x[:n_probe], loop.train_ds.y[:n_probe])
+    loop.rows.append(_epoch_row(0, loss0, acc0, loop))
+    loop.seconds.append(time.perf_counter() - start)
+    loop.cpu_seconds.append(time.process_time() - cpu_start)
+    loop.probe_sum = torch.zeros((), device=loop.device)
+    if loop.probe is not None:
+        loop.probes.append(_probe_row(loop.probe, 0, 0.0, math.nan, loop.model, loop.rule))
 
-    bar = _progress_bar(progress, total_steps)
-    step, diverged_epoch, reason = 0, None, ""
-    try:
-        for epoch in range(1, cfg.epochs + 1):
-            start, cpu_start = time.perf_counter(), time.process_time()
-            model.train()
-            loss_sum = torch.zeros((), device=device)
-            since_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), dtype=torch.long, device=device)
-            seen = since = 0
-            for xb, yb in batches:
-                loss, logits = rule.fill_grads(model, xb, yb)
-                if clip_groups:
-                    clip_block_gradients(clip_groups, cfg.grad_clip)
-                opt.step()
-                step += 1
-                nb = yb.shape[0]
-                seen += nb
-                since += nb
-                weighted = loss.detach() * nb
-                loss_sum += weighted
-                since_sum += weighted
-                correct += (logits.argmax(dim=-1) == yb).sum()
-                bar.update(1)
-                if probe is not None:
-                    probe_sum += weighted
-                    probe_count += nb
-                    if step % probe_every == 0 or step == total_steps:
-                        mean = float(probe_sum) / probe_count
-                        probes.append(_probe_row(probe, step, step / steps_per_epoch, mean, model, rule))
-                        probe_sum, probe_count = torch.zeros((), device=device), 0
-                if callback is not None and step % callback_every == 0:
-                    callback(step, {"epoch": epoch, "step": step, "train_loss": float(loss_sum / seen),
-                                    "train_acc": float(correct) / seen, "lr": opt.param_groups[0]["lr"]})
-                if step % cfg.log_every == 0:
-                    reason = blow_up(float(since_sum) / since, cfg.max_loss)
-                    since_sum, since = torch.zeros((), device=device), 0
-                    if reason:
-                        break
-            if sched is not None:
-                sched.step()
-            train_loss = float(loss_sum / max(seen, 1))
-            train_acc = float(correct) / max(seen, 1)
-            if not reason and since:
-                reason = blow_up(float(since_sum) / since, cfg.max_loss)
-            if not reason:
-                reason = blow_up(train_loss, cfg.max_loss)
-            if not reason:
-                row = _epoch_row(epoch, train_loss, train_acc, model, rule, test_ds, x_eval, y_eval, cfg)
-                bad = [k for k in row if k.startswith(("h_norm_", "g_norm_")) and not math.isfinite(row[k])]
-                reason = f"non-finite {bad[0]} on the eval batch" if bad else ""
+
+def _run_epoch(loop: _Loop, epoch: int) -> str:
+    """One epoch and its history row; returns the blow-up reason (``""`` when fine)."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    train_loss, train_acc, reason = _train_steps(loop, epoch)
+    if loop.sched is not None:
+        loop.sched.step()
+    if not reason:
+        row = _epoch_row(epoch, train_loss, train_acc, loop)
+        bad = [k for k in row if k.startswith(("h_norm_", "g_norm_")) and not math.isfinite(row[k])]
+        reason = f"non-finite {bad[0]} on the eval batch" if bad else ""
+    loop.rows.append(_diverged_row(epoch, train_loss, train_acc, loop.rows[0], reason) if reason else row)
+    loop.seconds.append(time.perf_counter() - start)
+    loop.cpu_seconds.append(time.process_time() - cpu_start)
+    if not reason:
+        loop.bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_acc:.3f}",
+                             test=f"{row['test_acc']:.3f}", refresh=False)
+    return reason
+
+
+def _train_steps(loop: _Loop, epoch: int) -> tuple[float, float, str]:
+    """The optimiser steps of one epoch: ``(train_loss, train_acc, blow-up reason)``."""
+    model, cfg, device = loop.model, loop.cfg, loop.device
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    since_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = since = 0
+    reason = ""
+    for xb, yb in loop.batches:
+        loss, logits = loop.rule.fill_grads(model, xb, yb)
+        if loop.clip_groups:
+            clip_block_gradients(loop.clip_groups, cfg.grad_clip)
+        loop.opt.step()
+        loop.step += 1
+        nb = yb.shape[0]
+        seen += nb
+        since += nb
+        weighted = loss.detach() * nb
+        loss_sum += weighted
+        since_sum += weighted
+        correct += (logits.argmax(dim=-1) == yb).sum()
+        loop.bar.update(1)
+        _after_step(loop, epoch, weighted, nb, loss_sum, correct, seen)
+        if loop.step % cfg.log_every == 0:
+            reason = blow_up(float(since_sum) / since, cfg.max_loss)
+            since_sum, since = torch.zeros((), device=device), 0
             if reason:
-                diverged_epoch = epoch
-                rows.append(_diverged_row(epoch, train_loss, train_acc, rows[0], reason))
-                seconds.append(time.perf_counter() - start)
-                cpu_seconds.append(time.process_time() - cpu_start)
                 break
-            rows.append(row)
-            seconds.append(time.perf_counter() - start)
-            cpu_seconds.append(time.process_time() - cpu_start)
-            bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_acc:.3f}",
-                            test=f"{rows[-1]['test_acc']:.3f}", refresh=False)
-    finally:
-        bar.close()
-        model.train()
+    train_loss = float(loss_sum / max(seen, 1))
+    train_acc = float(correct) / max(seen, 1)
+    if not reason and since:
+        reason = blow_up(float(since_sum) / since, cfg.max_loss)
+    if not reason:
+        reason = blow_up(train_loss, cfg.max_loss)
+    return train_loss, train_acc, reason
 
-    history = pd.DataFrame(rows)
+
+def _after_step(loop: _Loop, epoch: int, weighted: torch.Tensor, nb: int, loss_sum: torch.Tensor,
+                correct: torch.Tensor, seen: int) -> None:
+    """The probe and the callback, when due after an optimiser step."""
+    step = loop.step
+    if loop.probe is not None:
+        loop.probe_sum += weighted
+        loop.probe_count += nb
+        if step % loop.probe_every == 0 or step == loop.total_steps:
+            mean = float(loop.probe_sum) / loop.probe_count
+            loop.probes.append(_probe_row(loop.probe, step, step / loop.steps_per_epoch, mean,
+                                          loop.model, loop.rule))
+            loop.probe_sum, loop.probe_count = torch.zeros((), device=loop.device), 0
+    if loop.callback is not None and step % loop.callback_every == 0:
+        loop.callback(step, {"epoch": epoch, "step": step, "train_loss": float(loss_sum / seen),
+                             "train_acc": float(correct) / seen, "lr": loop.opt.param_groups[0]["lr"]})
+
+
+def _history(loop: _Loop, constants: dict[str, Any], diverged_epoch: int | None, reason: str) -> pd.DataFrame:
+    history = pd.DataFrame(loop.rows)
     history["diverged_epoch"] = pd.array([diverged_epoch] * len(history), dtype="Int64")
     history["diverged_reason"] = reason if diverged_epoch is not None else ""
     for key, value in constants.items():
         history[key] = [value] * len(history)
     history.attrs["status"] = "diverged" if diverged_epoch is not None else "ok"
-    history.attrs["epoch_seconds"] = seconds
-    history.attrs["epoch_cpu_seconds"] = cpu_seconds
-    history.attrs["probes"] = pd.DataFrame(probes)
+    history.attrs["epoch_seconds"] = loop.seconds
+    history.attrs["epoch_cpu_seconds"] = loop.cpu_seconds
+    history.attrs["probes"] = pd.DataFrame(loop.probes)
+    history.attrs["hidden_states"] = loop.states.labels() if loop.states is not None else []
+    history.attrs["notes"] = list(loop.notes)
     return history
 
 
@@ -340,14 +530,15 @@ def layer_diagnostics(model: nn.Module, rule: Method, x: torch.Tensor, y: torch.
     return out
 
 
-def _epoch_row(epoch: int, train_loss: float, train_acc: float, model: nn.Module, rule: Method,
-               test_ds: Dataset, x_eval: torch.Tensor, y_eval: torch.Tensor, cfg: TrainConfig) -> dict[str, Any]:
-    _, test_acc = evaluate(model, test_ds.x, test_ds.y)
+def _epoch_row(epoch: int, train_loss: float, train_acc: float, loop: _Loop) -> dict[str, Any]:
+    model, rule = loop.model, loop.rule
+    _, test_acc = evaluate(model, loop.test_ds.x, loop.test_ds.y)
     row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "test_acc": test_acc}
-    row.update(layer_diagnostics(model, rule, x_eval, y_eval))
+    if loop.states is not None:
+        row.update(layer_diagnostics(model, rule, loop.x_eval, loop.y_eval, hidden=loop.states))
     row.update(rule.state())
-    if cfg.feedback_quality:
-        row.update(rule.feedback_quality(model, x_eval, y_eval))
+    if loop.cfg.feedback_quality:
+        row.update(rule.feedback_quality(model, loop.x_eval, loop.y_eval))
     row["status"] = "ok"
     return row
 

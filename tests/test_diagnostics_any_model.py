@@ -24,6 +24,7 @@ from fa_study.diagnostics import (
     bp_twin,
     direction_quality,
     feedback_angles,
+    find_hidden_states,
     update_alignment,
 )
 
@@ -865,3 +866,25 @@ def test_error_twin_whose_replaced_layer_is_not_the_plain_layer():
         audit(AddOneNet(), x, y, hidden=["fc1", "fc2"])
     with pytest.raises(ValueError, match=r"fc1 \(AddOne\)"):
         bp_twin(AddOneNet(), x)
+
+
+def test_named_hidden_states_freeze_every_module_that_runs_between_h0_and_hL():
+    """D3's frozen-hidden-modules baseline on a flat CNN named pool1/pool2/fc1: conv2 runs between
+    h_0 (pool1's output) and h_1, so it is frozen with fc1; conv1 (before h_0) and fc2 (after
+    h_L) train. Without an example batch only the named modules are known."""
+    from fa_study.data import Dataset
+    from fa_study.train import TrainConfig, frozen_baseline
+
+    model = PlainCNN()
+    x = torch.randn(4, 3, 8, 8)
+    states = find_hidden_states(model, x, hidden=CNN_HIDDEN)
+    assert states.blocks == ["conv2", "fc1"]
+    assert find_hidden_states(model, None, hidden=CNN_HIDDEN).blocks == ["pool2", "fc1"]
+    g = torch.Generator().manual_seed(0)
+    xs, ys = torch.randn(40, 3, 8, 8, generator=g), torch.randint(0, CLASSES, (40,), generator=g)
+    ds = Dataset("toy", "train", xs, ys, "synthetic", CLASSES, (0.0,) * 3, (1.0,) * 3)
+    before = copy.deepcopy(model.state_dict())
+    acc = frozen_baseline(model, ds, ds, TrainConfig(epochs=1, batch_size=8, eval_batch=8),
+                          hidden=CNN_HIDDEN)
+    assert 0.0 <= acc <= 1.0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # a copy trained

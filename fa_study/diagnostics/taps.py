@@ -315,6 +315,28 @@ def _block_taps(model: nn.Module, x: torch.Tensor, blocks: list[str], how: str) 
                      f"branch f(h) (whole update: {whole}); name the hidden states with hidden=[...]")
 
 
+def _modules_between(model: nn.Module, x: torch.Tensor, taps: Sequence[Tap]) -> list[str]:
+    """Names of the modules holding parameters or buffers of their own that run after ``h_0``
+    is produced and before ``h_L`` is (a flat CNN named ``pool1, pool2, fc1``: conv2, its
+    BatchNorm and fc1)."""
+    events = _probe(model, x)
+    kind = {"output": "out", "input": "in"}
+
+    def at(tap: Tap) -> int:
+        return next(i for i, (n, k, _) in enumerate(events) if n == tap.module and k == kind[tap.side])
+
+    start, stop = at(taps[0]), at(taps[-1])
+    owns = {n for n, m in model.named_modules()
+            if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))}
+    names = []
+    for i, (n, k, _) in enumerate(events):
+        if k == "in" and start < i and n in owns and n not in names:
+            end = next(j for j in range(i, len(events)) if events[j][0] == n and events[j][1] == "out")
+            if end <= stop:
+                names.append(n)
+    return names
+
+
 def _candidates_text(model: nn.Module, limit: int = 24) -> str:
     rows = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if n and n.count(".") < 2]
     more = f", ... ({len(rows) - limit} more)" if len(rows) > limit else ""
@@ -348,6 +370,8 @@ def find_hidden_states(model: nn.Module, x: torch.Tensor | None = None, *,
                              f"{hidden!r}; write hidden=[{hidden!r}, ...]")
         states = HookedStates(list(hidden), pool)
         states.check(model)
+        if x is not None:  # the modules that run between h_0 and h_L, not only the named ones
+            states.blocks = _modules_between(model, x[:2], states.taps)
         return states
     if isinstance(model, BlockModel):
         return BlockStates(model)

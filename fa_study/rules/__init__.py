@@ -11,6 +11,11 @@ Families (``RULES[name].family``): ``bp``; ``baseline`` (frozen, shallow); ``blo
 oracle); ``learned`` (grape_fa, stiefel_dfa); ``layer`` (the layer-level rules of
 :mod:`fa_study.feedback` on a converted model); ``ra`` (reciprocal alignment on
 :class:`fa_study.models.MatrixMLP`). :func:`rule_table` lists them with what each supports.
+
+Which rules train a network the package did not build is asked of the class
+(:attr:`Method.needs_blocks`, :meth:`Method.check_trainable`): bp, frozen and the layer rules
+(except layer_dfa_block) train any classifier ``nn.Module``; the block-local, learned-block and
+RA rules need the package's block interface (or MatrixMLP) and refuse other networks at setup.
 """
 from __future__ import annotations
 
@@ -71,13 +76,14 @@ def build_rule(name: str, **options) -> Method:
 
 def rule_table(archs: tuple[str, ...] = ("resmlp", "vit", "resnet")) -> pd.DataFrame:
     """One row per registered rule: family, summary, its options, the flags the package asks
-    of it, and whether it trains each of ``archs``."""
+    of it (``any_model``: it trains any classifier ``nn.Module``, not only the package's block
+    models), and whether it trains each of ``archs``."""
     rows = []
     for name, cls in RULES.items():
         row = {"rule": name, "family": cls.family, "summary": cls.summary,
                "options": ", ".join(cls.OPTIONS) or "-", "penalty": cls.takes_penalty,
                "random_feedback": cls.has_random_feedback, "learns_feedback": cls.learns_feedback,
-               "baseline": cls.is_baseline}
+               "baseline": cls.is_baseline, "any_model": not cls.needs_blocks}
         row.update({a: cls.supports(a) for a in archs})
         rows.append(row)
     return pd.DataFrame(rows)

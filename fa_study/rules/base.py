@@ -12,7 +12,10 @@ What distinguishes rules is asked of the rule class, never decided by comparing 
 :attr:`Method.OPTIONS` (the options it takes, with defaults and checks),
 :attr:`Method.takes_penalty`, :attr:`Method.has_random_feedback` (the fresh-feedback null
 applies), :attr:`Method.is_baseline` (frozen / shallow: no credit of its own, not judged by D3),
-:attr:`Method.learns_feedback`, :meth:`Method.supports` (the architectures it can train).
+:attr:`Method.learns_feedback`, :meth:`Method.supports` (the architectures it can train),
+:attr:`Method.needs_blocks` (False: it trains any classifier ``nn.Module``, not only the
+package's block models; :meth:`Method.check_trainable` refuses the others, naming what the
+model lacks and the rules that can train it).
 
 :class:`BlockLocal` writes ``fill_grads`` and ``credit`` once for every rule that trains each
 block by a local surrogate: a subclass supplies :meth:`BlockLocal.signals` (its credit
@@ -239,6 +242,15 @@ class Method:
     is_baseline: ClassVar[bool] = False  # no credit of its own (frozen, shallow)
     is_d3_baseline: ClassVar[bool] = False  # D3 compares every other rule's accuracy with this one's
     archs: ClassVar[tuple[str, ...] | None] = None  # architectures it trains; None: every block model
+    # Whether it needs the package's block interface (True: only fa_study.models.BlockModel, the
+    # conservative default for a rule written against it) or trains any classifier nn.Module
+    # (False: its training is the model's own forward and backward, e.g. BP and the layer rules).
+    needs_blocks: ClassVar[bool] = True
+    # what a model must offer this rule when needs_blocks, for the refusal's message
+    model_requirement: ClassVar[str] = ("the block interface (embed / step / readout) of "
+                                        "fa_study.models.BlockModel")
+    # setup() takes hidden= (the trainer's HiddenStates: frozen freezes the modules between h_0 and h_L)
+    takes_hidden_states: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         self._options = self.check_options(options)
@@ -280,6 +292,31 @@ class Method:
                              f"{', '.join(repr(a) for a in cls.archs)}")
 
     @classmethod
+    def trains(cls, model: nn.Module) -> bool:
+        """Whether this rule can train ``model``: a package model of an architecture it
+        :meth:`supports`, or any classifier ``nn.Module`` when it does not need blocks."""
+        if isinstance(model, BlockModel):
+            return cls.supports(model.arch)
+        return not cls.needs_blocks
+
+    @classmethod
+    def check_trainable(cls, model: nn.Module) -> None:
+        """ValueError unless this rule can train ``model``: for a network the package did not
+        build, one naming the rule, what the network lacks and the rules that train any
+        classifier; for a package model, :meth:`check_arch`."""
+        if isinstance(model, BlockModel):
+            cls.check_arch(model.arch)
+            return
+        if cls.needs_blocks:
+            from . import RULES
+
+            kind = type(model).__name__
+            able = ", ".join(n for n, c in RULES.items() if not c.needs_blocks)
+            raise ValueError(f"rule {cls.name!r} cannot train {kind}: it needs "
+                             f"{cls.model_requirement}, which {kind} does not have. Rules that "
+                             f"train any classifier nn.Module: {able}")
+
+    @classmethod
     def label_for(cls, options: dict[str, Any]) -> str:
         """A run's label: the name plus the options in :attr:`LABELS` that differ from their
         default, e.g. ``dfa λ=0.01``."""
@@ -301,8 +338,9 @@ class Method:
               train_cfg=None) -> None:
         """Create the feedback state for ``model`` (drawn from ``generator``). ``train_cfg``
         (the trainer's :class:`~fa_study.train.TrainConfig`) lets a rule match its feedback's
-        step to the optimizer's (Kolen-Pollack)."""
-        self.check_arch(getattr(model, "arch", type(model).__name__))
+        step to the optimizer's (Kolen-Pollack). Refuses (ValueError) a model the rule cannot
+        train (:meth:`check_trainable`)."""
+        self.check_trainable(model)
         self._ready = True
 
     def fresh(self, generator: torch.Generator) -> "Method":

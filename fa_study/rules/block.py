@@ -5,7 +5,8 @@ rule       what trains what
 =========  ======================================================================================
 bp         autograd of the mean cross-entropy through everything
 frozen     only embedding and head train (by BP through the random blocks); block parameters are
-           frozen and BatchNorm inside blocks stays in eval mode
+           frozen and BatchNorm inside blocks stays in eval mode. On any network: the blocks
+           are the modules between h_0 and h_L (fa_study.diagnostics.find_hidden_states)
 shallow    BP on a model built with ``num_blocks=0`` (see :meth:`Method.model_kwargs`)
 fa         block FA: ``a_L = dCE/d pool(h_L)`` through the head (the true head gradient), then
            ``a_l = a_{l+1} B_l`` with fixed random ``B_l`` ``(d, d)`` scaled ``1/sqrt(d)``
@@ -43,6 +44,7 @@ class BP(Method):
     name = "bp"
     family = "bp"
     summary = "backpropagation (autograd)"
+    needs_blocks = False  # autograd of the model's own forward: any classifier nn.Module
 
     def fill_grads(self, model, x, y):
         self._require_ready("fill_grads")
@@ -68,10 +70,13 @@ def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
 
 
 class Frozen(BP):
-    """Frozen random blocks: only the embedding and the head train (by BP through the blocks).
+    """Frozen random blocks: everything else trains by BP through them (D3's baseline).
 
-    :meth:`setup` sets ``requires_grad=False`` on every block parameter and pins BatchNorm
-    inside the blocks to eval mode, so ``model.train()`` can no longer update their running
+    The blocks are the modules between ``h_0`` and ``h_L``
+    (:meth:`fa_study.diagnostics.HiddenStates.block_modules`): a package model's ``blocks``, the
+    blocks found in a network of another layout, or those between the states named with
+    ``hidden=[...]``. :meth:`setup` sets ``requires_grad=False`` on their parameters and pins
+    BatchNorm inside them to eval mode, so ``model.train()`` can no longer update their running
     statistics: the blocks stay bit-identical to their initialisation.
     """
 
@@ -80,16 +85,42 @@ class Frozen(BP):
     summary = "frozen random blocks; embedding and head by BP (D3's baseline)"
     is_baseline = True
     is_d3_baseline = True
+    takes_hidden_states = True
 
-    def setup(self, model, num_classes, generator, *, train_cfg=None):
-        for l in range(model.num_blocks):
-            for p in model.block_parameters(l):
-                p.requires_grad_(False)
-        for m in model.blocks.modules():
+    def setup(self, model, num_classes, generator, *, train_cfg=None, hidden=None):
+        """``hidden``: where ``h_0 .. h_L`` are (a :class:`~fa_study.diagnostics.HiddenStates`
+        or module names, see :func:`~fa_study.diagnostics.find_hidden_states`); needed for a
+        network the package did not build (the trainer passes the states it found)."""
+        self.check_trainable(model)
+        freeze_modules(self.frozen_modules(model, hidden))
+        super().setup(model, num_classes, generator, train_cfg=train_cfg)
+
+    @staticmethod
+    def frozen_modules(model: nn.Module, hidden=None) -> list[nn.Module]:
+        """The modules between ``h_0`` and ``h_L`` of ``model`` (those this rule freezes)."""
+        from ..diagnostics import find_hidden_states
+        from ..models.base import BlockModel
+
+        if hidden is None and not isinstance(model, BlockModel):
+            raise ValueError(
+                f"rule 'frozen' freezes the modules between h_0 and h_L, and needs to know where "
+                f"the hidden states of {type(model).__name__} are: pass hidden=[...] (module names "
+                "whose outputs are h_0 .. h_L) to train() / frozen_baseline() / setup(); train() "
+                "finds them itself for block containers named 'blocks' / 'layers' and ResNet stages")
+        return find_hidden_states(model, None, hidden=hidden).block_modules(model)
+
+
+def freeze_modules(modules: list[nn.Module]) -> None:
+    """``requires_grad=False`` on every parameter of ``modules`` and their BatchNorm pinned to eval
+    mode (running statistics fixed even under ``model.train()``)."""
+    for block in modules:
+        for p in block.parameters():
+            p.requires_grad_(False)
+    for block in modules:
+        for m in block.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.train = types.MethodType(_stay_in_eval, m)
                 m.eval()
-        super().setup(model, num_classes, generator, train_cfg=train_cfg)
 
 
 class Shallow(BP):
@@ -99,11 +130,15 @@ class Shallow(BP):
     family = "baseline"
     summary = "no blocks at all; BP (a second baseline)"
     is_baseline = True
+    needs_blocks = True
+    model_requirement = ("a fa_study.models.BlockModel built with num_blocks=0 "
+                         "(build_model(arch, **rule.model_kwargs()))")
 
     def model_kwargs(self):
         return {"num_blocks": 0}
 
     def setup(self, model, num_classes, generator, *, train_cfg=None):
+        self.check_trainable(model)
         if model.num_blocks != 0:
             raise ValueError(f"the shallow baseline needs a model with num_blocks=0, got "
                              f"num_blocks={model.num_blocks}; build it with "
@@ -131,7 +166,7 @@ class RandomFeedbackRule(BlockLocal):
         raise NotImplementedError
 
     def setup(self, model, num_classes, generator, *, train_cfg=None):
-        self.check_arch(model.arch)
+        self.check_trainable(model)
         self._dims = (model.width, int(num_classes), model.num_blocks)
         self._device = model_device(model)
         # drawn as float32 on the CPU (the same draws for every model), held in the model's dtype

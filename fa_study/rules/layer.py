@@ -48,6 +48,7 @@ class LayerRule(Method):
 
     family = "layer"
     archs = LAYER_ARCHS
+    needs_blocks = False  # converts the nn.Linear / nn.Conv2d of any classifier nn.Module
     layer_rule: ClassVar[str] = ""
     needs_targets: ClassVar[bool] = False  # dfa: feedback matrices sized by the number of classes
 
@@ -58,7 +59,7 @@ class LayerRule(Method):
     def setup(self, model, num_classes, generator, *, train_cfg=None):
         from .. import feedback
 
-        self.check_arch(model.arch)
+        self.check_trainable(model)
         if not feedback.local_layers(model):
             kw = self.convert_options(train_cfg)
             if self.needs_targets:
@@ -291,6 +292,9 @@ class LayerDFABlock(LayerRule):
     summary = "DFA inside each block from the error at the block's output"
     layer_rule = "dfa_block"
     archs = ("resmlp", "vit", "mlp")
+    needs_blocks = True
+    model_requirement = ("blocks with a width d (the blocks and width of a fa_study.models."
+                         "BlockModel), whose outputs' error its projections read")
 
     def convert_options(self, train_cfg):
         return {"conv_method": "bp"}

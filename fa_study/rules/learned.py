@@ -208,7 +208,7 @@ class StiefelDFA(BlockLocal):
         self._last: list[dict[str, torch.Tensor]] = []
 
     def setup(self, model, num_classes, generator, *, train_cfg=None):
-        self.check_arch(model.arch)
+        self.check_trainable(model)
         rank = int(num_classes) if self.rank is None else self.rank
         if rank > num_classes:
             raise ValueError(f"rank must be at most the number of classes ({num_classes}): the "

@@ -392,6 +392,8 @@ class RARule(Method):
 
     family = "ra"
     archs = ("matrix_mlp",)
+    model_requirement = ("the explicit weight matrices of fa_study.models.MatrixMLP "
+                         "(build_model('matrix_mlp'))")
     has_random_feedback = True
     OPTIONS = {"lr_b": Option(None, positive_or_none, "B's SGD step (None: the trainer's lr)"),
                "b_clip": Option(None, positive_or_none,
@@ -406,7 +408,7 @@ class RARule(Method):
     # ---- life cycle ----------------------------------------------------------------------
 
     def setup(self, model, num_classes, generator, *, train_cfg=None):
-        self.check_arch(model.arch)
+        self.check_trainable(model)
         self._dims, self._gain = list(model.dims), model.gain
         lr_b = getattr(self, "lr_b", None)
         self._lr_b = lr_b if lr_b is not None else (train_cfg.lr if train_cfg is not None else 0.05)
