@@ -142,6 +142,38 @@ def plot_bars(table: pd.DataFrame, value: str, *, group: str, ax=None, err: str 
     return ax
 
 
+def plot_grouped_bars(frame: pd.DataFrame, x: str, y: str, *, hue: str, ax=None, logy: bool = False,
+                      reference: float | None = None, reference_label: str = "reference",
+                      reference_style: str = "--", xlabel: str | None = None,
+                      ylabel: str | None = None, title: str | None = None, tick_format: str = "{}"):
+    """Bars of ``y`` for each value of ``x`` (e.g. a layer), one bar per ``hue`` value side by
+    side (rule colours as everywhere), with an optional horizontal ``reference`` line (e.g. a
+    threshold; line style ``reference_style``). One row per (``x``, ``hue``): aggregate seeds
+    before. ``tick_format`` writes each ``x`` tick (``"h_{}"``). Rows with a missing ``y`` leave
+    their slot empty."""
+    ax = _axis(ax)
+    xs = sorted(frame[x].dropna().unique())
+    keys = list(dict.fromkeys(frame[hue]))
+    width = 0.8 / max(len(keys), 1)
+    for i, key in enumerate(keys):
+        sub = frame[frame[hue] == key].set_index(x)[y]
+        vals = np.array([float(sub.get(v, np.nan)) for v in xs])
+        pos = np.arange(len(xs)) + (i - (len(keys) - 1) / 2) * width
+        ax.bar(pos, vals, width=width, color=colour(key, i), label=str(key), alpha=0.9)
+    ax.set_xticks(range(len(xs)), [tick_format.format(v) for v in xs])
+    if logy:
+        ax.set_yscale("log")
+    if reference is not None and math.isfinite(reference):
+        ax.axhline(reference, color="k", ls=reference_style, lw=1, label=reference_label)
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel or y)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8, frameon=False)
+    ax.grid(alpha=0.3, axis="y")
+    return ax
+
+
 def annotate_source(fig_or_ax, source: str | Sequence[str]) -> None:
     """Write the data source under a figure, loudly when it is a stand-in."""
     fig = fig_or_ax.figure if hasattr(fig_or_ax, "figure") and not isinstance(fig_or_ax, plt.Figure) else fig_or_ax

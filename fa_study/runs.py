@@ -16,6 +16,7 @@ Bad settings are refused when the spec is built, before anything trains.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import traceback
@@ -29,9 +30,13 @@ from .config import check_bool, check_int, get_device, seed_everything
 from .train import TrainConfig
 
 STATUSES: tuple[str, ...] = ("ok", "diverged", "error")
+# Beyond the reference (not in the verdict): ||h_l|| of the trained network over ||h_l|| of the
+# same network at initialisation, on the same eval batch, at h_0, at h_L and the largest over
+# h_0..h_L (run columns; see execute()).
+INIT_RATIO_COLUMNS: tuple[str, ...] = ("h0_init_ratio", "hL_init_ratio", "max_init_ratio")
 # the audit's raw values of a run that was not audited (diverged, failed, or not asked for)
 _NO_AUDIT = {"max_growth": math.nan, "g_L": math.nan, "d1": None, "d2": None, "h_L": math.nan,
-             "h_0": math.nan}
+             "h_0": math.nan, **{k: math.nan for k in INIT_RATIO_COLUMNS}}
 
 
 def _sorted_options(options) -> tuple:
@@ -211,6 +216,16 @@ def execute(spec: RunSpec, fingerprint: str = "", callback: Callable | None = No
     row: status, test accuracy, the audit's raw values), ``layers`` (direction quality per hidden
     state), ``null`` (one row), ``report`` (the audit report as a dict, D3 not yet decided).
     A run that raises is recorded with ``status="error"`` and the message.
+
+    The audit's raw values in ``run``: ``max_growth`` (D1's statistic, the largest block-to-block
+    growth ``||h_{l+1}|| / ||h_l||``), ``d1``, ``g_L`` (D2's), ``d2``, ``h_0`` and ``h_L`` (median
+    ``||h_l||`` on the first :data:`~fa_study.diagnostics.PROTOCOL_EVAL` test samples), and,
+    **beyond the reference (not in the verdict)**, the growth since initialisation: a deep copy
+    of the model taken right after it is built, before training, is passed to
+    :func:`~fa_study.diagnostics.audit` as ``initial=``, and ``h0_init_ratio`` = ``||h_0|| /
+    ||h_0 at init||`` (the embedding's output, which no block-to-block ratio sees),
+    ``hL_init_ratio`` = the same at ``h_L``, ``max_init_ratio`` = the largest over ``h_0..h_L``
+    (``report["init_ratio"]`` holds every layer's). All NaN when the run was not audited.
     """
     from .diagnostics import DIRECTION_EVAL, PROTOCOL_EVAL, audit, direction_quality, fresh_feedback_null
     from .train import train
@@ -226,6 +241,8 @@ def execute(spec: RunSpec, fingerprint: str = "", callback: Callable | None = No
         seed_everything(spec.seed)
         rule = spec.rule_class(**dict(spec.options))
         model = spec.model.build(train_ds.x.shape[1:], train_ds.num_classes).to(dev)
+        # the network at initialisation, for the audit's growth-since-init reading
+        initial = copy.deepcopy(model) if spec.read.audit else None
         relay = None
         if callback is not None:
             def relay(step: int, record: dict) -> None:
@@ -255,10 +272,13 @@ def execute(spec: RunSpec, fingerprint: str = "", callback: Callable | None = No
     if last["status"] == "ok":
         if spec.read.audit:
             n = min(PROTOCOL_EVAL, len(test_ds))
-            rep = audit(model, test_ds.x[:n], test_ds.y[:n], test_acc=float(last["test_acc"]))
+            rep = audit(model, test_ds.x[:n], test_ds.y[:n], test_acc=float(last["test_acc"]),
+                        initial=initial)
             report = rep.to_dict()
             run.update(max_growth=rep.max_growth, g_L=rep.g_L, d1=rep.d1, d2=rep.d2,
-                       h_L=rep.hidden_norms[-1], h_0=rep.hidden_norms[0])
+                       h_L=rep.hidden_norms[-1], h_0=rep.hidden_norms[0],
+                       h0_init_ratio=rep.init_ratio[0], hL_init_ratio=rep.init_ratio[-1],
+                       max_init_ratio=rep.max_init_ratio)
         n_dq = min(DIRECTION_EVAL, len(test_ds))
         x_dq, y_dq = test_ds.x[:n_dq], test_ds.y[:n_dq]
         if spec.read.direction and not rule.is_baseline and model.num_blocks > 0:
@@ -302,8 +322,9 @@ class Results:
     """Tidy results of a list of runs: per epoch, per probe, per run, per layer, per null.
 
     ``runs`` has one row per run with ``status`` ("ok", "diverged", "error"), the audit's raw
-    values and, decided by :func:`fa_study.diagnostics.with_baseline`, ``frozen_acc``,
-    ``depth_margin_pp``, ``d3`` and ``verdict``. ``specs`` are the runs' specs (row order of
+    values (with, beyond the reference, :data:`INIT_RATIO_COLUMNS`: see :func:`execute`) and,
+    decided by :func:`fa_study.diagnostics.with_baseline`, ``frozen_acc``, ``depth_margin_pp``,
+    ``d3`` and ``verdict``. ``specs`` are the runs' specs (row order of
     ``runs``); ``cache`` the results cache's statistics (hits, recomputed, notes).
     """
 

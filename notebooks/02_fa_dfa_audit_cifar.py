@@ -32,6 +32,12 @@
 # code computes it; its README also names *Mode 1*, D1 and D2 together, the signature of a
 # blown-up stream whose reference gradient has collapsed).
 #
+# **Beyond the reference** (not in the verdict), every run also records how far each hidden
+# state grew since initialisation, $\lVert h_l\rVert / \lVert h_l^{\text{init}}\rVert$ for
+# $l = 0..L$ — the embedding's output $h_0$ included, which D1 never looks at (columns
+# `h0_init_ratio`, `hL_init_ratio`, `max_init_ratio`, shown next to D1's `max_growth`). The
+# section *What D1 cannot see* shows a run where this matters.
+#
 # We train BP, FA and DFA (block-level rules: each block is trained by a local surrogate driven
 # by a credit signal $a_l$; FA passes the error down through fixed random matrices $B_l$, DFA
 # projects the output error straight to every block) on the reference's pre-LayerNorm
@@ -55,7 +61,10 @@ import numpy as np
 from IPython.display import display
 
 from fa_study import config, plots, study
-from fa_study.experiments.audit import AuditStudy, audit_view
+import pandas as pd
+
+from fa_study.experiments.audit import (BEYOND_REFERENCE, AuditStudy, audit_view, blind_spot_view,
+                                        init_growth_table)
 from fa_study.diagnostics import D3_MARGIN_PP, decide_d3, verdict_from_flags
 from fa_study.widgets import ControlPanel
 
@@ -82,8 +91,10 @@ print(baseline)
 # 3. **training curves**: test accuracy, training loss, and $\lVert h_L\rVert$ per epoch.
 #
 # The table is the **verdict table**: one row per rule and architecture, `mean ± 95 % CI` over
-# seeds, the margin over the frozen baseline in percentage points, D1's max block growth, D2's
-# $\lVert g_L\rVert$, in how many runs each diagnostic fired, and the verdict(s).
+# seeds, the margin over the frozen baseline in percentage points, D1's max block growth (next
+# to it, beyond the reference and not in the verdict, the growth since initialisation at $h_0$
+# and the largest over $h_0..h_L$), D2's $\lVert g_L\rVert$, in how many runs each diagnostic
+# fired, and the verdict(s).
 
 # %%
 result = audit_view(baseline)
@@ -99,7 +110,9 @@ result.show()
 audit = result.extra  # fa_study.runs.Results
 runs = audit.runs
 cols = ["model", "arm", "seed", "status", "test_acc", "frozen_acc", "depth_margin_pp",
-        "max_growth", "d1", "g_L", "d2", "d3", "verdict", "data_source"]
+        "max_growth", "d1", "h0_init_ratio", "max_init_ratio", "g_L", "d2", "d3", "verdict",
+        "data_source"]
+print(BEYOND_REFERENCE)
 display(runs[cols].round(4))
 first = baseline.seeds[0]
 for arch in baseline.archs:
@@ -247,8 +260,8 @@ for r in f_ok.itertuples():
     assert fashion.extra.report(r.arm, r.seed, r.model).verdict == r.verdict
 f_acc = f_ok.set_index("rule")["test_acc"]
 f_h = f_ok.set_index("rule")["h_L"]
-f_runs[["arm", "test_acc", "frozen_acc", "depth_margin_pp", "max_growth", "g_L", "h_L", "verdict",
-        "data_source"]].round(6)
+f_runs[["arm", "test_acc", "frozen_acc", "depth_margin_pp", "max_growth", "max_init_ratio", "g_L",
+        "h_L", "verdict", "data_source"]].round(6)
 
 # %% [markdown]
 # ### What the cross-check shows
@@ -277,6 +290,111 @@ if f_real and profile == "default":
     dfa_row = f_ok.set_index("rule").loc["dfa"]
     assert dfa_row["d1"] and dfa_row["d2"], "Mode 1: D1 and D2 fire for DFA on the whole real set"
     assert f_ok.set_index("rule").loc["bp", "verdict"] == "PASS"
+
+# %% [markdown]
+# ## Beyond the reference: what D1 cannot see
+#
+# D1 compares *consecutive* hidden states: it fires when one block multiplies
+# $\lVert h\rVert$ by more than 50. Two kinds of growth escape it:
+#
+# * growth **before $h_0$**, in the embedding: $h_0$ is the first state D1 looks at, and it is
+#   never compared with anything;
+# * growth **spread over several blocks**, each below 50×.
+#
+# Every block of the ResidualMLP starts near the identity, so the growth of $h_L$ since
+# initialisation is, up to the blocks' small initial growth,
+# $$\frac{\lVert h_L\rVert}{\lVert h_L^{\text{init}}\rVert} \approx
+# \frac{\lVert h_0\rVert}{\lVert h_0^{\text{init}}\rVert}\;\prod_{l=1}^{L}
+# \frac{\lVert h_l\rVert}{\lVert h_{l-1}\rVert},$$
+# and D1 reads only the largest factor of the product. The reading **beyond the reference**
+# (not part of the verdict, which keeps the reference's definition) is the left-hand side, and
+# each $\lVert h_l\rVert / \lVert h_l^{\text{init}}\rVert$: the audit is given the same
+# network at initialisation (`audit(..., initial=...)`; every run keeps a copy of its model
+# before training).
+#
+# A small dedicated run shows it: BP and block DFA (with the frozen baseline for D3) on the
+# reference ResidualMLP (d = 256, L = 4), **12,000 Fashion-MNIST images, 3 epochs** — the same
+# run in every profile (about 7 s on one CPU core; three seeds in `paper`). Left: each
+# state's growth since initialisation (dotted: 1000×). Right: what D1 reads, the growth from
+# one state to the next (dashed: D1's threshold, 50×); both on one log scale. Ratios are
+# relative to **the same network at initialisation**; the table also gives $\lVert h_L\rVert$
+# relative to BP's (`hL_vs_bp`), `h0_share` (the part of $\log$ of the growth of $h_L$ that is
+# already at $h_0$) and `d1_share` (the part D1's statistic covers).
+
+# %%
+blind = blind_spot_view(baseline.blind_spot(profile))
+print(blind.config)
+blind.show()
+
+# %%
+bs = blind.table
+bs_real = bool((bs["data_source"] == "torchvision").all())
+print("Fashion-MNIST source:", ", ".join(sorted(bs["data_source"].unique())),
+      "(real)" if bs_real else "(stand-in)")
+for r in bs[bs["rule"] == "dfa"].itertuples():
+    print(f"DFA, seed {r.seed}: ||h_L|| ended {r.hL_init_ratio:,.0f}x its value at initialisation "
+          f"({r.hL_vs_bp:,.0f}x BP's); D1's largest block growth is {r.max_growth:.1f}x -> "
+          f"{'FIRES' if r.d1 else 'quiet'} (verdict {r.verdict}). The embedding's output h_0 grew "
+          f"{r.h0_init_ratio:.1f}x since initialisation ({100 * r.h0_share:.0f} % of the growth of "
+          f"h_L on a log scale), which no block-to-block ratio sees; D1's statistic covers "
+          f"{100 * r.d1_share:.0f} %." + (" D1 is blind to it." if r.d1_blind else ""))
+for r in bs[bs["rule"] != "dfa"].itertuples():
+    print(f"{r.arm}, seed {r.seed}: ||h_L|| ended {r.hL_init_ratio:.2f}x its value at initialisation; "
+          f"largest block growth {r.max_growth:.2f}x")
+# every FA and DFA run of this notebook: the growth since initialisation next to D1's statistic
+every = pd.concat([init_growth_table(r) for r in (audit, fashion.extra, blind.extra)],
+                  keys=["audit", "cross-check", "blind spot"], names=["study", None])
+every = every.reset_index(level=0)
+display(every[every["rule"].isin(["fa", "dfa"])][
+    ["study", "model", "arm", "seed", "max_growth", "d1", "h0_init_ratio", "hL_init_ratio",
+     "d1_blind", "verdict", "data_source"]].round(2))
+
+# %% [markdown]
+# ### What the blind-spot run shows
+#
+# The lines printed above are this execution's numbers. When we ran it (on one CPU core):
+#
+# * **On real Fashion-MNIST, D1 is blind to DFA's growth**: with seeds 0, 2, 3, 42, 123 and
+#   456, DFA's $\lVert h_L\rVert$ ended 1,600–2,500× its value at initialisation (about 1000×
+#   BP's) while its largest block growth was 18–23×, so D1 stayed quiet and the verdict reads
+#   `FAIL(D3)` only. About half of that growth (on a log scale) is already at $h_0$: the
+#   embedding's output grew about 50×, a factor no block-to-block ratio sees; the first block
+#   multiplies it by another ≈ 20×, and that is all D1 reads. With more data the first block's
+#   factor crosses the threshold (31–44× with 15,000 images, 65× with 20,000; the cross-check on
+#   the whole training set above fires D1): D1 catches the stream only once one block alone
+#   passes 50×, however large the stream already is.
+# * **On the stand-in, the same run fires D1**: there the growth sits in the first block
+#   (≈ 85–110×), and the embedding's output grows only ≈ 5×; the growth since initialisation
+#   (1,500–2,600×) and D1 agree. So the blind spot is a property of where the growth happens,
+#   which the data decide.
+# * **Growth spread over blocks escapes D1 too.** In the `default` profile's audit on the CIFAR
+#   stand-in (seed 42), FA's largest block growth is 37× (D1 quiet), yet its
+#   $\lVert h_L\rVert$ ended about 4,900× its initial value: $h_0$ grew 26×, the first block
+#   multiplied the stream by 37×, the next by 8× (the table above lists every FA and DFA run;
+#   `d1_blind` marks D1 quiet with more than 1000× since initialisation).
+# * **Everywhere** (every profile, real data and stand-ins, every seed we ran): in every DFA run
+#   of this notebook on the ResidualMLP, the growth since initialisation exceeds D1's statistic;
+#   in the blind-spot run BP's stream stays within a few times its initial size and DFA's
+#   embedding output grows more than BP's; and whenever D1 is blind to DFA's growth there, more
+#   of the growth sits at $h_0$, where D1 cannot look, than in the block D1 reads.
+#
+# The cell below checks these on every execution; the existence of the blind spot itself (D1
+# quiet, $\lVert h_L\rVert$ more than 1000× its initial value) is asserted on real data in the
+# `quick` and `default` profiles (the `paper` profile's three seeds were measured on a CPU only).
+
+# %%
+dfa_every = every[(every["rule"] == "dfa") & every["model"].str.startswith("resmlp")]
+assert len(dfa_every) and (dfa_every["max_init_ratio"] > dfa_every["max_growth"]).all(), \
+    "the growth since initialisation exceeds D1's statistic in every DFA run on the ResidualMLP"
+bs_dfa, bs_bp = (bs[bs["rule"] == rule].set_index("seed") for rule in ("dfa", "bp"))
+assert len(bs_dfa) == len(bs_bp) == len(blind.config.seeds), "every blind-spot run finished"
+assert (bs_bp["max_init_ratio"] < 10).all(), "BP's stream stays within a few times its initial size"
+assert (bs_dfa["h0_init_ratio"] > bs_bp["h0_init_ratio"]).all(), "DFA's embedding output grows more than BP's"
+for r in bs_dfa[bs_dfa["d1_blind"]].itertuples():
+    assert r.h0_init_ratio > r.max_growth, f"D1 blind: more growth at h_0 than in D1's block ({r})"
+if bs_real and profile in ("quick", "default"):
+    assert bs_dfa["d1_blind"].all() and (~bs_dfa["d1"].astype(bool)).all(), \
+        "real data: D1 quiet while DFA's ||h_L|| grew more than 1000x since initialisation"
 
 # %% [markdown]
 # ## Appendix: CIFAR-100
@@ -326,6 +444,7 @@ for row in table.itertuples():
     if row.rule != "frozen":
         key[f"margin_pp[{name}]"] = float(row.depth_margin_pp)
         key[f"max_growth[{name}]"] = float(row.max_growth)
+        key[f"beyond_ref_max_init_ratio[{name}]"] = float(row.max_init_ratio)
         key[f"g_L[{name}]"] = float(row.g_L)
 if len(audit.null):
     for (arch, arm), z in audit.null.groupby(["model", "arm"])["z_score"].mean().items():
@@ -334,4 +453,9 @@ for row in fashion.table.itertuples():
     key[f"fashion_test_acc[{row.rule}@{row.arch}]"] = float(row.test_acc)
     key[f"fashion_verdict[{row.rule}@{row.arch}]"] = row.verdict
 key["fashion_data_source"] = ", ".join(sorted(f_runs["data_source"].unique()))
+for r in bs[bs["rule"] == "dfa"].itertuples():  # beyond the reference: D1's blind spot
+    key[f"blind_spot_hL_init_ratio[dfa, seed {r.seed}]"] = float(r.hL_init_ratio)
+    key[f"blind_spot_max_growth[dfa, seed {r.seed}]"] = float(r.max_growth)
+    key[f"blind_spot_h0_init_ratio[dfa, seed {r.seed}]"] = float(r.h0_init_ratio)
+key["blind_spot_data_source"] = ", ".join(sorted(bs["data_source"].unique()))
 study.record("02_fa_dfa_audit_cifar", key)

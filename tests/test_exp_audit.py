@@ -6,14 +6,17 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 matplotlib.use("Agg")
 
 from study_helpers import assert_not_drawn, diverge  # noqa: E402
 
 from fa_study.experiments import core  # noqa: E402
-from fa_study.experiments.audit import (AUDIT_MODELS, AuditStudy, audit_rules, audit_spec,  # noqa: E402
-                                        audit_view, run_audit, verdict_table)
+from fa_study.experiments.audit import (AUDIT_MODELS, BEYOND_REFERENCE, AuditStudy,  # noqa: E402
+                                        audit_rules, audit_spec, audit_view, blind_spot_figure,
+                                        blind_spot_view, init_growth_layers, init_growth_table,
+                                        run_audit, verdict_table)
 from fa_study.diagnostics import PROTOCOL_EVAL, verdict_from_flags  # noqa: E402
 from fa_study.runs import Results, RunSpec  # noqa: E402
 
@@ -105,6 +108,8 @@ def _fake_results() -> Results:
             rows.append(dict(rule=rule, arm=rule, arch="resmlp", model="resmlp", seed=seed, penalty=0.0,
                              dataset="cifar10", d=256, num_blocks=4, status="ok", test_acc=acc,
                              max_growth=growth, g_L=1e-3, h_L=5.0, d1=growth > 50, d2=False,
+                             h0_init_ratio=3.0 if rule == "dfa" else 1.0,
+                             hL_init_ratio=3.0 * growth, max_init_ratio=3.0 * growth,
                              data_source="synthetic"))
     runs = pd.DataFrame(rows)
     runs["frozen_acc"] = 0.61
@@ -132,6 +137,16 @@ def test_verdict_table_rows_margins_and_mixed_verdicts():
     assert t.loc["dfa", "d1_fired"] == "1/2" and t.loc["dfa", "d3_fired"] == "1/2"
     assert t.loc["frozen", "verdict"] == "baseline" and t.loc["frozen", "depth_margin_pp_text"] == "—"
     assert t.loc["frozen", "d3_fired"] == "—" and (t["arch"] == "resmlp").all()
+    # beyond the reference, next to D1's statistic: the growth since initialisation
+    text = [c for c in t.columns if c.endswith("_text")]
+    i = text.index("max_growth_text")
+    assert text[i + 1:i + 3] == ["h0_init_ratio_text", "max_init_ratio_text"]
+    assert t.loc["dfa", "h0_init_ratio"] == pytest.approx(3.0)
+    assert t.loc["dfa", "max_init_ratio"] == pytest.approx(3.0 * (80.0 + 2.0) / 2)
+    # results without the columns (an older frame) read n/a there
+    old = _fake_results()
+    old.runs = old.runs.drop(columns=["h0_init_ratio", "hL_init_ratio", "max_init_ratio"])
+    assert (verdict_table(old)["max_init_ratio_text"] == "n/a").all()
 
 
 def test_verdict_table_counts_diverged_runs():
@@ -202,6 +217,107 @@ def test_audit_view_returns_runs_table_figures_and_the_results(cache):
     norm_axes = out.figures[1].axes[:2]
     assert all(ax.get_yscale() == "log" for ax in norm_axes)
     assert any(line.get_linestyle() == "--" for line in out.figures[0].axes[0].lines)
+
+
+def test_audit_view_labels_the_growth_since_init_as_beyond_the_reference(cache):
+    out = audit_view(AuditStudy.for_profile("quick", **TINY))
+    assert BEYOND_REFERENCE in out.notes and "not in the verdict" in BEYOND_REFERENCE
+    runs = out.extra.runs
+    assert runs[["h0_init_ratio", "hL_init_ratio", "max_init_ratio"]].notna().all().all()
+    for r in runs.itertuples():
+        rep = out.extra.report(r.arm, r.seed, r.model)
+        assert rep.init_ratio[0] == pytest.approx(r.h0_init_ratio)
+        assert max(rep.init_ratio) == pytest.approx(r.max_init_ratio)
+        assert "Beyond the reference (not in the verdict)" in str(rep)
+
+
+# ---------------------------------------------------------------------------- D1's blind spot
+
+def test_blind_spot_study_is_one_small_run_in_every_profile():
+    quick, default, paper = (AuditStudy.for_profile(p).blind_spot(p) for p in ("quick", "default", "paper"))
+    for s in (quick, default, paper):
+        assert (s.rules, s.archs, s.dataset) == (("bp", "dfa"), ("resmlp",), "fashion_mnist")
+        assert (s.d, s.num_blocks, s.epochs, s.n_train, s.lr, s.augment) == \
+            (None, None, 3, 12000, 1e-3, False)
+        assert s.null_draws == 0 and s.penalty == 0.0
+        m = s.spec("dfa", "resmlp", 42).model
+        assert (m.d, m.num_blocks) == (256, 4)  # the reference ResidualMLP, whatever the profile's width
+    assert quick.specs() == default.specs()  # one cache entry for both profiles
+    assert quick.seeds == (42,) and paper.seeds == (42, 123, 456)
+    assert [s.rule for s in default.specs()] == ["bp", "dfa", "frozen"]
+
+
+def _scale_embedding_of(monkeypatch, rule_name: str, factor: float) -> None:
+    """Runs of ``rule_name`` end with their embedding scaled by ``factor`` after training."""
+    from fa_study import train as train_module
+
+    real = train_module.train
+
+    def train(model, rule, *args, **kw):
+        out = real(model, rule, *args, **kw)
+        if rule.name == rule_name:
+            with torch.no_grad():
+                model.embed_linear.weight.mul_(factor)
+                model.embed_linear.bias.mul_(factor)
+        return out
+
+    monkeypatch.setattr(train_module, "train", train)
+
+
+def test_init_growth_table_reads_a_scaled_embedding_as_d1_blind(cache, monkeypatch):
+    _scale_embedding_of(monkeypatch, "dfa", 5000.0)
+    study = AuditStudy.for_profile("quick", **dict(TINY, null_draws=0))
+    res = run_audit(study)
+    table = init_growth_table(res).set_index("arm")
+    assert list(table.index) == ["bp", "dfa", "frozen"]
+    runs = res.runs.set_index("arm")
+    for col in ("max_growth", "h0_init_ratio", "hL_init_ratio", "max_init_ratio"):
+        assert table[col].to_numpy() == pytest.approx(runs.loc[table.index, col].to_numpy())
+    dfa = table.loc["dfa"]
+    # the stream is thousands of times its initial size from h_0 on, and no block grew it
+    assert dfa["hL_init_ratio"] > 1000 and dfa["h0_init_ratio"] > 1000 and not dfa["d1"]
+    assert dfa["d1_blind"] and not table.loc["bp", "d1_blind"]
+    assert dfa["h0_share"] == pytest.approx(math.log(dfa["h0_init_ratio"]) / math.log(dfa["hL_init_ratio"]))
+    assert dfa["d1_share"] == pytest.approx(math.log(dfa["max_growth"]) / math.log(dfa["hL_init_ratio"]))
+    assert dfa["h0_share"] > 0.9 and dfa["d1_share"] < 0.1
+    assert dfa["hL_vs_bp"] == pytest.approx(runs.loc["dfa", "h_L"] / runs.loc["bp", "h_L"])
+    assert table.loc["bp", "hL_vs_bp"] == pytest.approx(1.0) and table.loc["frozen", "verdict"] == "baseline"
+    # per layer: the report's readings, growth NaN at h_0 (no block-to-block ratio sees it)
+    lay = init_growth_layers(res)
+    one = lay[lay["arm"] == "dfa"].sort_values("layer")
+    rep = res.report("dfa", 0)
+    assert one["init_ratio"].tolist() == pytest.approx(list(rep.init_ratio))
+    assert math.isnan(one["growth"].iloc[0])
+    assert one["growth"].iloc[1:].tolist() == pytest.approx(list(rep.growth))
+
+
+def test_blind_spot_view_draws_init_ratio_next_to_block_growth(cache):
+    from fa_study.diagnostics import D1_THRESHOLD
+
+    study = AuditStudy.for_profile("quick", **dict(TINY, null_draws=0))
+    out = blind_spot_view(study)
+    assert isinstance(out.table, pd.DataFrame) and set(out.table["arm"]) == {"bp", "dfa", "frozen"}
+    assert BEYOND_REFERENCE in out.notes and len(out.figures) == 1
+    left, right = out.figures[0].axes
+    assert left.get_yscale() == right.get_yscale() == "log" and left.get_ylim() == right.get_ylim()
+    assert "beyond the reference" in left.get_title() and "what D1 reads" in right.get_title()
+    # bars: (L + 1) states x 3 rules on the left, L blocks x 3 rules on the right
+    assert len(left.patches) == 3 * 3 and len(right.patches) == 2 * 3
+    assert [t.get_text() for t in left.get_xticklabels()] == ["h_0", "h_1", "h_2"]
+    assert any(np.allclose(line.get_ydata(), D1_THRESHOLD) for line in right.lines)
+    assert any(np.allclose(line.get_ydata(), 1000.0) for line in left.lines)
+    fig = blind_spot_figure(out.extra)  # the same figure from the results alone
+    assert len(fig.axes) == 2
+
+
+def test_init_growth_readings_of_results_without_an_audit_say_so():
+    empty = pd.DataFrame()
+    res = Results([], empty, empty, pd.DataFrame({"status": ["ok"], "model": ["resmlp"]}),
+                  empty, empty, [None])
+    with pytest.raises(ValueError, match="no audited run"):
+        init_growth_layers(res)
+    with pytest.raises(ValueError, match="no audited run"):
+        init_growth_table(res)
 
 
 def test_audit_view_leaves_a_diverged_run_out_of_the_plots_and_counts_it(cache, monkeypatch):

@@ -2,6 +2,7 @@
 import dataclasses
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -169,6 +170,82 @@ def test_execute_records_a_run_that_raises_as_an_error():
     assert run["error"].startswith("ValueError: kolen_pollack's derived decay of B is 1.25")
     assert "Traceback" in run["traceback"]
     assert p["report"] is None and p["history"].empty and p["probes"].empty
+    assert all(math.isnan(run[c]) for c in runs.INIT_RATIO_COLUMNS)  # not audited: NaN
+
+
+# ---------------------------------------------------------------------------- growth since init
+
+def _capture_training(monkeypatch, after=None) -> dict:
+    """Patch the trainer execute() calls: keep a copy of the model it is handed (the network at
+    initialisation) and the trained model; ``after(model)`` runs on the trained model."""
+    import copy
+
+    from fa_study import train as train_module
+
+    real, seen = train_module.train, {}
+
+    def train(model, rule, *args, **kw):
+        seen["init"] = copy.deepcopy(model)
+        out = real(model, rule, *args, **kw)
+        if after is not None:
+            with torch.no_grad():
+                after(model)
+        seen["model"] = model
+        return out
+
+    monkeypatch.setattr(train_module, "train", train)
+    return seen
+
+
+def test_growth_since_init_columns_are_the_audit_of_the_model_over_its_initial_copy(monkeypatch):
+    from fa_study.diagnostics import PROTOCOL_EVAL, audit
+
+    seen = _capture_training(monkeypatch)
+    spec = tiny("dfa", seed=4, model=ModelSpec("resmlp", 8, 2))
+    p = execute(spec)
+    run, rep = p["run"].iloc[0], p["report"]
+    assert run["status"] == "ok"
+    _, test_ds = spec.data.load()
+    n = min(PROTOCOL_EVAL, len(test_ds))
+    x, y = test_ds.x[:n], test_ds.y[:n]
+    trained = audit(seen["model"], x, y).hidden_norms
+    initial = audit(seen["init"], x, y).hidden_norms
+    by_hand = [a / b for a, b in zip(trained, initial)]
+    assert len(by_hand) == 3 and rep["init_ratio"] == pytest.approx(by_hand, rel=1e-9)
+    assert run["h0_init_ratio"] == pytest.approx(by_hand[0], rel=1e-9)
+    assert run["hL_init_ratio"] == pytest.approx(by_hand[-1], rel=1e-9)
+    assert run["max_init_ratio"] == pytest.approx(max(by_hand), rel=1e-9)
+    assert not np.allclose(by_hand, 1.0, rtol=1e-4)  # training moved the states
+    # the copy execute() keeps is the network before training: its norms are the trainer's
+    # epoch-0 row (the same eval batch here: TINY_TRAIN.eval_batch == n_test)
+    epoch0 = p["history"].query("epoch == 0").iloc[0]
+    assert initial == pytest.approx([epoch0[f"h_norm_{l}"] for l in range(3)], rel=1e-6)
+    # D1 is still the reference's block-to-block statistic
+    growth = [b / a for a, b in zip(trained, trained[1:])]
+    assert run["max_growth"] == pytest.approx(max(growth), rel=1e-9)
+
+
+def test_a_run_whose_embedding_is_scaled_up_shows_it_at_h0_while_d1_stays_quiet(monkeypatch):
+    def scale_embedding(model):
+        model.embed_linear.weight.mul_(1000.0)
+        model.embed_linear.bias.mul_(1000.0)
+
+    _capture_training(monkeypatch, after=scale_embedding)
+    p = execute(tiny("bp", seed=1, model=ModelSpec("resmlp", 8, 2)))
+    run, rep = p["run"].iloc[0], p["report"]
+    assert run["status"] == "ok"
+    # the whole stream is ~1000x larger than at init, from h_0 on ...
+    assert run["h0_init_ratio"] > 300 and run["hL_init_ratio"] > 300
+    assert run["max_init_ratio"] >= run["h0_init_ratio"] * 0.5
+    assert rep["init_ratio"][0] == pytest.approx(run["h0_init_ratio"])
+    # ... but no block grows it: the pre-LN blocks add a branch whose scale ignores h's, so
+    # every block-to-block ratio stays near 1 and D1 stays quiet
+    assert run["max_growth"] < 2.0 and not run["d1"] and not rep["d1"]
+    from fa_study.diagnostics import report_from_dict
+
+    text = str(report_from_dict(rep))
+    assert "D1 scale stability" in text and "-> quiet" in text
+    assert "Beyond the reference (not in the verdict)" in text
 
 
 # ---------------------------------------------------------------------------- collect

@@ -12,11 +12,21 @@ baseline to every architecture automatically.
 ``||h_l||``, ``||g_l||`` and ``cos(a_l, g_l)``, and the training curves; its table
 (:func:`verdict_table`) has one row per model and rule with the verdict(s).
 
+**Beyond the reference (not in the verdict).** D1 reads block-to-block growth only, so growth
+in the embedding's output ``h_0``, or spread over several blocks, never fires it. Every run also
+records ``||h_l|| / ||h_l at init||`` (:data:`fa_study.runs.INIT_RATIO_COLUMNS`: at ``h_0``, at
+``h_L``, the largest), shown next to D1's ``max_growth`` in :func:`verdict_table`, always
+labelled as going beyond the reference (:data:`BEYOND_REFERENCE`). :meth:`AuditStudy.blind_spot`
+is a small run (DFA on real Fashion-MNIST) where D1 stays quiet while ``||h_L||`` grows more than
+1000x since initialisation; :func:`blind_spot_view` shows it (:func:`init_growth_table`,
+:func:`blind_spot_figure`).
+
 Models are named as in the reference's ``run_all.sh``: ``resmlp`` (d=256, L=4),
 ``resmlp_d512_L2`` (the same ResidualMLP at d=512, L=2), ``vit`` and ``resnet``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -24,16 +34,22 @@ from typing import Callable
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from ..config import check_choice, check_float, check_int, check_seeds
+from ..config import check_choice, check_float, check_int, check_seeds, get_profile
 from ..data import DATASETS
 from ..diagnostics import D2_FLOOR, D3_MARGIN_PP, PROTOCOL_EVAL
 from ..rules import D3_BASELINE, RULES, get_rule
-from ..runs import DataSpec, ModelSpec, ReadSpec, Results, RunSpec
+from ..runs import INIT_RATIO_COLUMNS, DataSpec, ModelSpec, ReadSpec, Results, RunSpec
 from ..train import TrainConfig
 from .core import Study, StudyResult, finished, last_epoch, layer_long, resolve_study
 
 AUDIT_MODELS: tuple[str, ...] = ("resmlp", "resmlp_d512_L2", "vit", "resnet")  # names a study takes
 RULE_ORDER: tuple[str, ...] = ("bp", "oracle", "fa", "grape_fa", "dfa", "stiefel_dfa", "frozen", "shallow")
+# The label every table, figure and note carries next to the growth since initialisation.
+BEYOND_REFERENCE = ("Beyond the reference (not in the verdict): h0_init_ratio, hL_init_ratio and "
+                    "max_init_ratio are ||h_l|| over the same network's ||h_l|| at initialisation "
+                    "(at h_0, at h_L, the largest over h_0..h_L); D1 (max_growth) reads only "
+                    "block-to-block ratios, so it never sees growth at h_0 (the embedding) and "
+                    "sees only one factor of growth spread over blocks.")
 
 
 def audit_spec(rule: str, model: str, seed: int, *, options: dict | None = None, d: int | None = None,
@@ -92,6 +108,19 @@ class AuditStudy(Study):
         "default": dict(epochs=3, n_train=None, n_test=None, archs=("resmlp",), seeds=(42,), null_draws=10),
         "paper": dict(epochs=30, n_train=None, n_test=None, augment=False),
     }
+    # The D1 blind spot (beyond the reference): BP and block DFA on the reference ResidualMLP
+    # (d=256, L=4), 12,000 Fashion-MNIST images, 3 epochs, lr 1e-3. Measured on the real data
+    # (CPU, seeds 0, 2, 3, 42, 123, 456): DFA's ||h_L|| ends 1,600-2,500x its value at
+    # initialisation while its largest block growth is 18-23x (D1 quiet); with 15,000 images
+    # the block growth reaches 31-44x, with 20,000 it passes 50 (D1 fires). The same runs in
+    # every profile (one cache entry; about 10-20 s on one CPU core), three seeds in `paper`.
+    BLIND_SPOT = {
+        "quick": dict(rules=("bp", "dfa"), archs=("resmlp",), seeds=(42,), dataset="fashion_mnist",
+                      d=None, num_blocks=None, penalty=0.0, epochs=3, n_train=12000, n_test=1000,
+                      lr=1e-3, augment=False, null_draws=0),
+    }
+    BLIND_SPOT["default"] = dict(BLIND_SPOT["quick"])
+    BLIND_SPOT["paper"] = dict(BLIND_SPOT["quick"], seeds=(42, 123, 456))
     CONTROLS = {
         "rules": "rules", "archs": AUDIT_MODELS, "seeds": "seeds", "dataset": DATASETS,
         "penalty": (0.0, 0.05, 0.001), "epochs": (1, 100, 1), "lr": ("log", 1e-4, 1e-2),
@@ -128,6 +157,14 @@ class AuditStudy(Study):
             raise ValueError("null_draws must be 0 (no null) or >= 2 (the null reports a standard "
                              "deviation), got 1")
         self.specs()  # every run validated now (rule x architecture, options), before any training
+
+    def blind_spot(self, profile: str | None = None) -> "AuditStudy":
+        """The run that shows D1's blind spot (:attr:`BLIND_SPOT` of the profile): BP and block
+        DFA (plus the frozen baseline) on the reference ResidualMLP and 12,000 Fashion-MNIST
+        images for 3 epochs. On the real data DFA's ``||h_L||`` grows more than 1000x since
+        initialisation while no block grows the stream 50x; offline without Fashion-MNIST it runs
+        on the stand-in, and its results say so (``data_source``)."""
+        return dataclasses.replace(self, **self.BLIND_SPOT[get_profile(profile)])
 
     def epochs_for(self, model: str) -> int:
         """The reference trained ViT for 60 % of the epochs (60 of 100)."""
@@ -179,18 +216,21 @@ def _verdicts_text(verdicts: pd.Series) -> str:
 
 def verdict_table(results: Results) -> pd.DataFrame:
     """One row per architecture and rule (frozen baseline included): test accuracy, margin over
-    the frozen baseline in percentage points, D1's max block growth, D2's ``||g_L||`` (each
-    mean ± 95 % CI over seeds, as ``*_text`` columns next to the raw numbers), how many runs each
-    diagnostic fired in, and the verdict(s). The frozen rows read ``baseline``."""
+    the frozen baseline in percentage points, D1's max block growth and, next to it and beyond
+    the reference (not in the verdict; :data:`BEYOND_REFERENCE`), the growth since
+    initialisation at ``h_0`` and the largest over ``h_0..h_L`` (``h0_init_ratio``,
+    ``max_init_ratio``), D2's ``||g_L||`` and ``||h_L||`` (each mean ± 95 % CI over seeds, as
+    ``*_text`` columns next to the raw numbers), how many runs each diagnostic fired in, and the
+    verdict(s). The frozen rows read ``baseline``."""
     from ..stats import aggregate, format_mean_ci
 
     runs = results.runs
     if runs.empty:
         raise ValueError("the results hold no runs")
     archs = list(dict.fromkeys(runs["model"]))
-    runs = _ordered(runs, archs)
+    runs = _ordered(runs, archs).assign(**{c: math.nan for c in INIT_RATIO_COLUMNS if c not in runs})
     ok = runs[runs["status"] == "ok"]
-    cols = ["test_acc", "depth_margin_pp", "max_growth", "g_L", "h_L"]
+    cols = ["test_acc", "depth_margin_pp", "max_growth", "h0_init_ratio", "max_init_ratio", "g_L", "h_L"]
     table = aggregate(runs, ["model", "arm"], cols)
     rows = []
     for row in table.to_dict("records"):
@@ -322,4 +362,128 @@ def audit_view(study: AuditStudy | None = None, *, profile: str | None = None,
     """
     study = resolve_study(AuditStudy, study, profile, overrides)
     res = study.run(callback=live, progress=progress)
-    return StudyResult.of(study, res, res.runs, verdict_table(res), audit_figures(res))
+    return StudyResult.of(study, res, res.runs, verdict_table(res), audit_figures(res),
+                          notes=[BEYOND_REFERENCE])
+
+
+# --------------------------------------------------------------------------------------------
+# Beyond the reference: growth since initialisation, and D1's blind spot
+# --------------------------------------------------------------------------------------------
+
+def init_growth_layers(results: Results) -> pd.DataFrame:
+    """Per hidden state of every audited run (beyond the reference): ``model``, ``arm``,
+    ``rule``, ``seed``, ``layer`` (0 = the embedding's output h_0), ``h_norm``, ``init_ratio``
+    (``||h_l|| / ||h_l at init||``) and ``growth`` (``||h_l|| / ||h_{l-1}||``, what D1 reads;
+    NaN at h_0, which no block-to-block ratio sees)."""
+    frames = []
+    for r, rep in zip(results.runs.to_dict("records"), results.reports):
+        if rep is None:
+            continue
+        frames.append(rep.to_frame().drop(columns=["module", "verdict"]).assign(
+            model=r["model"], arm=r["arm"], rule=r["rule"], seed=r["seed"]))
+    if not frames:
+        raise ValueError("no audited run in the results (every run diverged, failed or was not audited)")
+    cols = ["model", "arm", "rule", "seed", "layer", "h_norm", "init_ratio", "growth"]
+    return pd.concat(frames, ignore_index=True)[cols]
+
+
+def init_growth_table(results: Results) -> pd.DataFrame:
+    """One row per audited run: D1's reading next to the growth since initialisation (beyond
+    the reference, not in the verdict).
+
+    ``max_growth`` and ``d1`` (D1: the largest block-to-block growth and whether it passes 50x),
+    ``h0_init_ratio``, ``hL_init_ratio``, ``max_init_ratio`` (``||h_l|| / ||h_l at init||`` at
+    h_0, at h_L, the largest), ``hL_vs_bp`` (``||h_L||`` over BP's, same model and seed; NaN
+    without a BP run), ``h0_share`` (the part of the growth since initialisation at h_L that is
+    already there at h_0, on a log scale: ``log h0_init_ratio / log hL_init_ratio``) and
+    ``d1_share`` (the part D1's statistic covers: ``log max_growth / log hL_init_ratio``; both NaN
+    when ``hL_init_ratio <= 1``), ``d1_blind`` (D1 quiet while ``hL_init_ratio`` > 1000), the
+    verdict and the data source. Since every block starts near the identity,
+    ``hL_init_ratio`` is about ``h0_init_ratio`` times the product of the block growths, of which
+    D1 reads only the largest factor."""
+    runs = results.runs
+    ok = runs.iloc[:0]
+    if "max_init_ratio" in runs:
+        ok = runs[(runs["status"] == "ok") & runs["max_init_ratio"].notna()]
+    if ok.empty:
+        raise ValueError("no audited run with a growth since initialisation in the results")
+    bp = ok[ok["rule"] == "bp"].set_index(["model", "seed"])["h_L"]
+    rows = []
+    for r in ok.to_dict("records"):
+        hL = float(r["hL_init_ratio"])
+        log_hL = math.log(hL) if hL > 1 else math.nan
+        rows.append({
+            "model": r["model"], "arm": r["arm"], "rule": r["rule"], "seed": r["seed"],
+            "max_growth": float(r["max_growth"]), "d1": bool(r["d1"]),
+            "h0_init_ratio": float(r["h0_init_ratio"]), "hL_init_ratio": hL,
+            "max_init_ratio": float(r["max_init_ratio"]),
+            "hL_vs_bp": float(r["h_L"]) / float(bp.get((r["model"], r["seed"]), math.nan)),
+            "h0_share": math.log(float(r["h0_init_ratio"])) / log_hL,
+            "d1_share": math.log(float(r["max_growth"])) / log_hL,
+            "d1_blind": (not bool(r["d1"])) and hL > 1000.0,
+            "verdict": "baseline" if get_rule(r["rule"]).is_baseline else r["verdict"],
+            "data_source": r["data_source"],
+        })
+    return pd.DataFrame(rows)
+
+
+def blind_spot_figure(results: Results, model: str | None = None):
+    """Two panels for ``model`` (default: the first), one bar per rule (geometric mean over
+    seeds), log scales (matplotlib Figure, closed):
+
+    1. beyond the reference: ``||h_l|| / ||h_l at init||`` for h_0..h_L (h_0: the embedding's
+       output), with a dotted line at 1000x;
+    2. what D1 reads: ``||h_l|| / ||h_{l-1}||`` for each block l = 1..L, with D1's threshold
+       (50x) dashed.
+    """
+    import numpy as np
+
+    from .. import plots
+    from ..diagnostics import D1_THRESHOLD
+
+    lay = init_growth_layers(results)
+    model = model or lay["model"].iloc[0]
+    lay = lay[lay["model"] == model]
+    order = {r: i for i, r in enumerate(RULE_ORDER)}
+    geo = lambda s: float(np.exp(np.log(s.astype(float)).mean()))  # noqa: E731
+    mean = (lay.groupby(["arm", "rule", "layer"], sort=False)[["init_ratio", "growth"]]
+            .agg(lambda s: geo(s) if s.notna().all() else math.nan).reset_index())
+    mean = mean.sort_values(["rule", "layer"], key=lambda c: c.map(order) if c.name == "rule" else c,
+                            kind="stable")
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 3.6))
+    plots.plot_grouped_bars(mean, "layer", "init_ratio", hue="arm", ax=axes[0], logy=True,
+                            reference=1000.0, reference_label="1000x", reference_style=":",
+                            tick_format="h_{}", xlabel="hidden state (h_0 = embedding output)",
+                            ylabel="‖h_l‖ / ‖h_l at init‖",
+                            title=f"{model}: growth since init (beyond the reference)")
+    blocks = mean[mean["layer"] > 0]
+    plots.plot_grouped_bars(blocks, "layer", "growth", hue="arm", ax=axes[1], logy=True,
+                            reference=D1_THRESHOLD, reference_label=f"D1 threshold {D1_THRESHOLD:g}x",
+                            tick_format="h_{}", xlabel="block output (growth from the state before)",
+                            ylabel="‖h_l‖ / ‖h_(l-1)‖",
+                            title=f"{model}: block-to-block growth (what D1 reads)")
+    # one log scale for both panels, so the two readings compare by eye
+    values = np.concatenate([mean["init_ratio"].dropna().to_numpy(float),
+                             blocks["growth"].dropna().to_numpy(float), [1.0, 2 * D1_THRESHOLD]])
+    values = values[values > 0]
+    for ax in axes:
+        ax.set_ylim(0.5 * values.min(), 2.0 * values.max())
+    sources = sorted(results.runs["data_source"].dropna().unique())
+    plots.annotate_source(fig, sources)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    plt.close(fig)
+    return fig
+
+
+def blind_spot_view(study: AuditStudy | None = None, *, profile: str | None = None,
+                    progress: Callable | None = None, **overrides) -> StudyResult:
+    """Run the D1 blind-spot study (default: :meth:`AuditStudy.blind_spot` of the profile) and
+    draw :func:`blind_spot_figure`. The :class:`~fa_study.experiments.core.StudyResult`'s
+    ``results`` are the per-layer readings (:func:`init_growth_layers`), its ``table``
+    :func:`init_growth_table`, its ``extra`` the whole :class:`fa_study.runs.Results`."""
+    if study is None:
+        study = AuditStudy.for_profile(profile).blind_spot(profile)
+    study = resolve_study(AuditStudy, study, profile, overrides)
+    res = study.run(progress=progress)
+    return StudyResult.of(study, res, init_growth_layers(res), init_growth_table(res),
+                          [blind_spot_figure(res)], notes=[BEYOND_REFERENCE])
