@@ -37,8 +37,23 @@ What happens with a bad entry (never an exception, never served):
   incomplete, an unreadable payload, an entry of another run (the manifest's spec or unit is
   not this one, e.g. a directory copied over): recomputed and replaced (``stats.recomputed``,
   one note each);
+* a symbolic link anywhere on an entry's path (``results/`` itself, the unit directory, the
+  entry directory, a file in it, pointing outside the cache or inside it), a payload file or
+  manifest that is not a regular file (a named pipe, socket, device or directory), a manifest
+  over :data:`MANIFEST_MAX_BYTES`, a payload file whose size (``fstat``, before anything is
+  read) differs from the manifest's or that the manifest declares larger than
+  :data:`PAYLOAD_MAX_BYTES`: recomputed and replaced by a real directory of regular files
+  (``stats.recomputed``, one note each). A link is never followed (files are opened with
+  ``O_NOFOLLOW | O_NONBLOCK`` below directories opened one by one without following links, and
+  checked with ``fstat``), so a pipe never hangs a read, and at most the declared size plus one
+  byte is read of a payload file;
 * a pickle (``*.pkl``, an old ``joblib/`` cache, any file starting with the pickle opcode)
   inside the cache: never opened, ignored with a :class:`CacheWarning`.
+
+Every directory written into (``results/``, the unit directory, the temporary entry) is
+checked to resolve inside the resolved cache root; a link in place of one is removed (the link,
+never what it points at) and replaced by a real directory, and a write that would land outside
+is refused with a note (the result is then kept in memory).
 
 Writers build an entry in a uniquely named temporary directory next to it and publish it with
 one ``os.replace``; readers therefore see a whole entry or none, and two processes computing
@@ -60,6 +75,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -86,6 +102,25 @@ _OLD_PREFIX = ".old-"
 _STALE_TMP_S = 3600.0  # leftovers of killed writers older than this are removed
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}$")
 _PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".pt", ".pth", ".npy", ".npz", ".dill")
+# A manifest holds one spec (canonical JSON, a few KiB at most) and one line per payload file;
+# the largest the studies write is under 10 KiB. Anything over 1 MiB is not a manifest of ours
+# and is refused before it is read.
+MANIFEST_MAX_BYTES = 1 << 20
+# A payload file holds one result table (Parquet) or the result's JSON values; the studies'
+# largest is a few MB. A manifest declaring more than 1 GiB for a file is refused before the
+# file is read, and a result with a larger file is returned but not cached.
+PAYLOAD_MAX_BYTES = 1 << 30
+_READ_CHUNK = 1 << 24
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_BINARY = getattr(os, "O_BINARY", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_READ_FLAGS = os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC | _O_BINARY
+# Directories are walked with file descriptors (openat) where the platform has them, so that no
+# component can be swapped for a link between the check and the use.
+_DIR_FD = bool(_O_DIRECTORY) and os.open in os.supports_dir_fd and os.stat in os.supports_dir_fd \
+    and os.scandir in os.supports_fd
 
 
 class CacheWarning(UserWarning):
@@ -329,14 +364,135 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _looks_pickled(path: Path) -> bool:
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
-        return True
+class _Fault(Exception):
+    """Something in the cache that is not what the cache writes (a link, a named pipe, a file
+    larger than declared); the message completes "cache ..." in a note."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+class _Dir:
+    """A directory of the cache reached without following any link: an open descriptor where
+    the platform has ``openat`` (else its path, each component checked with ``lstat``)."""
+
+    def __init__(self, path: Path, fd: int | None):
+        self.path, self.fd = path, fd
+
+    def __enter__(self) -> "_Dir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def lstat(self, name: str) -> os.stat_result:
+        if self.fd is not None:
+            return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        return os.lstat(self.path / name)
+
+    def open(self, name: str, flags: int) -> int:
+        if self.fd is not None:
+            return os.open(name, flags, dir_fd=self.fd)
+        return os.open(self.path / name, flags)
+
+    def scandir(self):
+        return os.scandir(self.fd if self.fd is not None else self.path)
+
+    def child(self, name: str, label: str) -> "_Dir":
+        """The subdirectory ``name``; :class:`_Fault` if it is a link or not a directory,
+        ``FileNotFoundError`` if it is not there."""
+        st = self.lstat(name)
+        if not stat.S_ISDIR(st.st_mode):
+            raise _Fault(f"{label} is {_kind(st.st_mode)}")
+        if self.fd is None:
+            return _Dir(self.path / name, None)
+        try:
+            fd = os.open(name, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=self.fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # swapped for a link meanwhile
+                raise _Fault(f"{label} is a symbolic link or not a directory") from None
+            raise
+        return _Dir(self.path / name, fd)
+
+    def open_regular(self, name: str) -> tuple[int, os.stat_result]:
+        """A descriptor of the regular file ``name`` and its ``fstat``: never through a link,
+        never a pipe, socket or device (opened non-blocking, so a pipe cannot hang the open)."""
+        st = self.lstat(name)
+        if not stat.S_ISREG(st.st_mode):
+            raise _Fault(f"file {name} is {_kind(st.st_mode)}")
+        try:
+            fd = self.open(name, _READ_FLAGS)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _Fault(f"file {name} is a symbolic link") from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise _Fault(f"file {name} is {_kind(st.st_mode)}")
+        return fd, st
+
+
+def _open_dir(path: Path) -> _Dir:
+    """``path`` itself (the resolved cache root) opened as a directory."""
+    if not _DIR_FD:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(path))
+        return _Dir(path, None)
+    return _Dir(path, os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC))
+
+
+def _is_real_dir(path: Path) -> bool:
+    """``path`` is a directory, not a link to one."""
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(2)
+        return stat.S_ISDIR(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
+def _read_fd(fd: int, limit: int) -> bytes:
+    """At most ``limit`` bytes from ``fd`` (fewer at the end of the file)."""
+    chunks, left = [], limit
+    while left > 0:
+        data = os.read(fd, min(left, _READ_CHUNK))
+        if not data:
+            break
+        chunks.append(data)
+        left -= len(data)
+    return b"".join(chunks)
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` (it must not exist: never written through a link) and write ``data``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC | _O_BINARY,
+                 0o666)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def _looks_pickled(d: _Dir, name: str) -> bool:
+    """Whether the regular file ``name`` of ``d`` is a pickle (by its suffix, else its first two
+    bytes); links, pipes and devices are not opened."""
+    if Path(name).suffix.lower() in _PICKLE_SUFFIXES:
+        return True
+    try:
+        fd, _ = d.open_regular(name)
+    except (OSError, _Fault):
+        return False
+    try:
+        head = _read_fd(fd, 2)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
     return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5  # pickle PROTO opcode
 
 
@@ -384,9 +540,14 @@ class ResultsCache:
         try:
             if self.root.exists() and not self.root.is_dir():
                 raise NotADirectoryError(errno.ENOTDIR, "it is a file, not a directory")
-            self.results.mkdir(parents=True, exist_ok=True)
-            probe = self.results / f"{_TMP_PREFIX}probe-{os.getpid()}-{uuid.uuid4().hex}"
-            probe.write_bytes(b"")
+            self.root.mkdir(parents=True, exist_ok=True)
+            if not os.path.islink(self.results):
+                self.results.mkdir(exist_ok=True)
+            # a link in place of results/ is never written through: the probe goes to the root,
+            # and storing an entry replaces the link with a real directory
+            where = self.results if _is_real_dir(self.results) else self.root
+            probe = where / f"{_TMP_PREFIX}probe-{os.getpid()}-{uuid.uuid4().hex}"
+            _write_new(probe, b"")
             probe.unlink()
         except OSError as exc:
             self.writable = False
@@ -405,14 +566,43 @@ class ResultsCache:
         return self.results / unit / digest
 
     def entries(self, unit: str | None = None) -> list[Path]:
-        """The published entry directories (of one unit function, or all)."""
-        units = [self.results / unit] if unit else (
-            [p for p in self.results.iterdir() if p.is_dir()] if self.results.is_dir() else [])
+        """The published entry directories (of one unit function, or all); links are not
+        followed (an entry behind a link is not an entry)."""
+        if not _is_real_dir(self.results):
+            return []
+        units = [self.results / unit] if unit else [p for p in self.results.iterdir()
+                                                    if _is_real_dir(p)]
         out = []
         for u in units:
-            if u.is_dir():
-                out += sorted(p for p in u.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if _is_real_dir(u):
+                out += sorted(p for p in u.iterdir()
+                              if _is_real_dir(p) and not p.name.startswith("."))
         return out
+
+    def _open_chain(self, d: Path) -> _Dir:
+        """The directory ``d`` under the root, opened component by component from the root
+        without following a link: :class:`_Fault` naming the first component that is a link or
+        not a directory, ``FileNotFoundError`` if one is missing."""
+        try:
+            parts = d.relative_to(self.root).parts
+        except ValueError:
+            raise _Fault(f"directory {d} is outside the cache root {self.root}") from None
+        labels = ["directory results/", "unit directory results/{}", "entry directory results/{}"]
+        try:
+            cur = _open_dir(self.root)
+        except OSError as exc:  # no cache directory (or a file in its place): no entries
+            raise FileNotFoundError(errno.ENOENT, f"no cache directory ({exc.strerror or exc})",
+                                    str(self.root)) from None
+        try:
+            for i, part in enumerate(parts):
+                label = labels[min(i, 2)].format("/".join(parts[1:i + 1]))
+                nxt = cur.child(part, label)
+                cur.__exit__()
+                cur = nxt
+        except BaseException:
+            cur.__exit__()
+            raise
+        return cur
 
     def _warn_planted_pickles(self) -> None:
         legacy = self.root / "joblib"
@@ -422,63 +612,106 @@ class ResultsCache:
                 "unpickled. Delete it (or call fa_study.cache.clear_cache()) to silence this."))
         for d in (self.root, self.results):
             try:
-                files = [p for p in d.iterdir() if p.is_file()]
-            except OSError:
+                with self._open_chain(d) as dh, dh.scandir() as it:
+                    names = [e.name for e in it if e.is_file(follow_symlinks=False)]
+                    pickled = [n for n in names if _looks_pickled(dh, n)]
+            except (OSError, _Fault):
                 continue
-            for p in files:
-                if _looks_pickled(p):
-                    _warn_once("pickle", str(p), f"{p} looks like a pickle; the results cache "
-                               "ignores it and never unpickles it. Delete it if you did not put it there.")
+            for name in pickled:
+                p = d / name
+                _warn_once("pickle", str(p), f"{p} looks like a pickle; the results cache "
+                           "ignores it and never unpickles it. Delete it if you did not put it there.")
 
     def _scan_unit_dir(self, unit: str) -> None:
-        """Warn about pickles among the entries and remove leftovers of killed writers."""
+        """Warn about pickles among the entries and remove leftovers of killed writers (never
+        through a link: a unit directory that is a link is left to :meth:`store`)."""
         d = self.results / unit
         try:
-            items = list(d.iterdir())
-        except OSError:
+            dh = self._open_chain(d)
+        except (OSError, _Fault):
             return
         now = time.time()
-        for p in items:
+        with dh:
             try:
-                if p.name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
-                    if self.writable and now - p.stat().st_mtime > _STALE_TMP_S:
-                        shutil.rmtree(p, ignore_errors=True)
-                elif p.is_file() and _looks_pickled(p):
-                    _warn_once("pickle", str(p), f"{p} looks like a pickle; the results cache "
-                               "ignores it and never unpickles it.")
+                items = list(dh.scandir())
             except OSError:
-                continue
+                return
+            for e in items:
+                try:
+                    if e.name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
+                        st = e.stat(follow_symlinks=False)
+                        if self.writable and now - st.st_mtime > _STALE_TMP_S:
+                            if stat.S_ISDIR(st.st_mode):
+                                shutil.rmtree(d / e.name, ignore_errors=True)
+                            else:  # a link or a file: removed itself, never its target
+                                os.unlink(d / e.name)
+                    elif e.is_file(follow_symlinks=False) and _looks_pickled(dh, e.name):
+                        p = d / e.name
+                        _warn_once("pickle", str(p), f"{p} looks like a pickle; the results cache "
+                                   "ignores it and never unpickles it.")
+                except OSError:
+                    continue
 
     # -- reading ---------------------------------------------------------------------------
 
     def load(self, unit: str, spec_text: str, fingerprint: str) -> Lookup:
         """The entry of the spec whose canonical JSON is ``spec_text``, checked against the
-        manifest (spec, unit, fingerprint, sha256 of every file) before anything is parsed."""
+        manifest (spec, unit, fingerprint, size and sha256 of every file) before anything is
+        parsed. Only regular files inside the root are read, never through a link."""
         digest = _sha256(spec_text.encode())
         with _MEMORY_LOCK:
             mem = _MEMORY.get((str(self.root), unit, digest))
         if mem is not None and mem[0] == spec_text and mem[1] == fingerprint:
             return Lookup("hit", _copy_payload(mem[2]))
-        d = self.entry_dir(unit, digest)
-        if not d.is_dir():
-            return Lookup("missing")
-        return self._load_dir(d, unit, spec_text, fingerprint)
+        return self._load_dir(self.entry_dir(unit, digest), unit, spec_text, fingerprint)
 
     def _load_dir(self, d: Path, unit: str, spec_text: str, fingerprint: str) -> Lookup:
         try:
-            others = [p for p in d.iterdir() if p.is_file()]
+            dh = self._open_chain(d)
+        except FileNotFoundError:
+            return Lookup("missing")
+        except _Fault as exc:
+            return Lookup("bad", note=f"cache {exc}")
         except OSError as exc:
             return Lookup("bad", note=f"cache entry unreadable ({exc.strerror or exc})")
-        for p in others:  # our files start with "{" or "PAR1": a pickle here was planted
-            if p.name != MANIFEST and _looks_pickled(p):
+        with dh:
+            try:
+                return self._load_open(dh, unit, spec_text, fingerprint)
+            except _Fault as exc:
+                return Lookup("bad", note=f"cache {exc}")
+
+    def _load_open(self, dh: _Dir, unit: str, spec_text: str, fingerprint: str) -> Lookup:
+        try:
+            with dh.scandir() as it:
+                items = [(e.name, e.is_symlink(), e.is_file(follow_symlinks=False)) for e in it]
+        except OSError as exc:
+            return Lookup("bad", note=f"cache entry unreadable ({exc.strerror or exc})")
+        links = sorted(name for name, link, _ in items if link)
+        if links:
+            return Lookup("bad", note=f"cache entry holds a symbolic link ({', '.join(links)[:200]})")
+        for name, _, regular in items:  # our files start with "{" or "PAR1": a pickle here was planted
+            if regular and name != MANIFEST and _looks_pickled(dh, name):
+                p = dh.path / name
                 _warn_once("pickle", str(p), f"{p} looks like a pickle planted in a results cache "
                            "entry; it is ignored and never unpickled.")
         try:
-            raw = (d / MANIFEST).read_bytes()
+            fd, st = dh.open_regular(MANIFEST)
         except FileNotFoundError:
             return Lookup("bad", note="cache entry has no manifest")
         except OSError as exc:
             return Lookup("bad", note=f"cache manifest unreadable ({exc.strerror or exc})")
+        try:
+            if st.st_size > MANIFEST_MAX_BYTES:
+                return Lookup("bad", note=f"cache manifest is larger ({st.st_size:,} bytes) than "
+                                          f"a manifest may be ({MANIFEST_MAX_BYTES:,} bytes)")
+            raw = _read_fd(fd, MANIFEST_MAX_BYTES + 1)
+        except OSError as exc:
+            return Lookup("bad", note=f"cache manifest unreadable ({exc.strerror or exc})")
+        finally:
+            os.close(fd)
+        if len(raw) > MANIFEST_MAX_BYTES:  # it grew after the fstat
+            return Lookup("bad", note=f"cache manifest is larger than a manifest may be "
+                                      f"({MANIFEST_MAX_BYTES:,} bytes)")
         try:
             man = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -497,18 +730,34 @@ class ResultsCache:
         for name, info in man["files"].items():
             if not (isinstance(name, str) and _SAFE_NAME.match(name) and name != MANIFEST
                     and isinstance(info, dict) and isinstance(info.get("sha256"), str)
-                    and isinstance(info.get("bytes"), int)):
+                    and isinstance(info.get("bytes"), int) and not isinstance(info["bytes"], bool)
+                    and 0 <= info["bytes"]):
                 return Lookup("bad", note="cache manifest lists a malformed file entry")
+            declared = info["bytes"]
+            if declared > PAYLOAD_MAX_BYTES:
+                return Lookup("bad", note=f"cache manifest declares {declared:,} bytes for {name}, "
+                                          f"more than a cache file may hold ({PAYLOAD_MAX_BYTES:,})")
             try:
-                data = (d / name).read_bytes()
+                fd, st = dh.open_regular(name)
             except FileNotFoundError:
                 return Lookup("bad", note=f"cache entry lacks its file {name}")
             except OSError as exc:
                 return Lookup("bad", note=f"cache file {name} unreadable ({exc.strerror or exc})")
-            if len(data) < info["bytes"]:
-                return Lookup("bad", note=f"cache entry truncated ({name}: {len(data)} of "
-                                          f"{info['bytes']} bytes)")
-            if len(data) != info["bytes"] or _sha256(data) != info["sha256"]:
+            try:
+                size = st.st_size  # compared with the manifest before anything is read
+                if size > declared:
+                    return Lookup("bad", note=f"cache entry altered ({name}: {size:,} bytes, the "
+                                              f"manifest says {declared:,})")
+                data = b"" if size < declared else _read_fd(fd, declared + 1)
+            except OSError as exc:
+                return Lookup("bad", note=f"cache file {name} unreadable ({exc.strerror or exc})")
+            finally:
+                os.close(fd)
+            if size < declared or len(data) < declared:
+                have = size if size < declared else len(data)
+                return Lookup("bad", note=f"cache entry truncated ({name}: {have} of "
+                                          f"{declared} bytes)")
+            if len(data) != declared or _sha256(data) != info["sha256"]:
                 return Lookup("bad", note=f"cache entry altered ({name}: sha256 differs from "
                                           "the manifest)")
             blobs[name] = data
@@ -563,11 +812,19 @@ class ResultsCache:
             blobs[VALUES] = _dumps(values).encode()
         return {"type": "dict", "keys": keys}, blobs
 
+    def _encode_checked(self, payload) -> tuple[dict, dict[str, bytes]]:
+        layout, blobs = self._encode(payload)
+        for name, data in blobs.items():
+            if len(data) > PAYLOAD_MAX_BYTES:
+                raise _Unstorable(f"its file {name} would take {len(data):,} bytes, more than a "
+                                  f"cache file may hold ({PAYLOAD_MAX_BYTES:,})")
+        return layout, blobs
+
     def store(self, unit: str, spec_text: str, fingerprint: str, payload) -> str:
         """Write the entry (atomically); returns a note if it could not be stored on disk
         (then it is kept in memory, or not at all when it cannot be stored exactly)."""
         try:
-            layout, blobs = self._encode(payload)
+            layout, blobs = self._encode_checked(payload)
         except _Unstorable as exc:
             return f"result not cached: {exc}"
         if not self.writable:
@@ -577,10 +834,13 @@ class ResultsCache:
         unit_dir = self.results / unit
         tmp = unit_dir / f"{_TMP_PREFIX}{digest[:16]}-{os.getpid()}-{uuid.uuid4().hex}"
         try:
-            unit_dir.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._real_dir(self.results)
+            self._real_dir(unit_dir)
             tmp.mkdir()
+            self._check_inside(tmp)
             for name, data in blobs.items():
-                (tmp / name).write_bytes(data)
+                _write_new(tmp / name, data)
             manifest = {
                 "format": FORMAT, "unit": unit, "spec": spec_text, "spec_sha256": digest,
                 "fingerprint": fingerprint, "fa_study_version": __version__,
@@ -588,7 +848,7 @@ class ResultsCache:
                 "payload": layout,
                 "files": {n: {"sha256": _sha256(b), "bytes": len(b)} for n, b in blobs.items()},
             }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, allow_nan=True) + "\n")
+            _write_new(tmp / MANIFEST, (json.dumps(manifest, indent=1, allow_nan=True) + "\n").encode())
             back = self._load_dir(tmp, unit, spec_text, fingerprint)
             why = "it does not read back" if back.status != "hit" else _same_payload(payload, back.payload)
             if why:
@@ -600,6 +860,41 @@ class ResultsCache:
             self.remember(unit, spec_text, fingerprint, payload)
             return f"result kept in memory only: writing {unit_dir} failed ({exc.strerror or exc})"
         return ""
+
+    def _check_inside(self, path: Path, *, root_ok: bool = False) -> None:
+        """Refuse (``OSError``) a directory written into whose resolved path is not inside the
+        resolved cache root (or the root itself, with ``root_ok``)."""
+        real, root = os.path.realpath(path), str(self.root)
+        if not (real.startswith(root if root.endswith(os.sep) else root + os.sep)
+                or (root_ok and real == root)):
+            raise OSError(errno.EXDEV, f"{path} resolves to {real}, outside the cache root "
+                                       f"{self.root}; nothing is written there")
+
+    def _real_dir(self, path: Path) -> None:
+        """Make ``path`` (a directory of the cache) a real directory: created if missing, a
+        symbolic link in its place removed (the link itself, never what it points at) and
+        replaced; ``OSError`` if it is something else or does not resolve inside the root."""
+        self._check_inside(path.parent, root_ok=True)
+        for _ in range(5):
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                try:
+                    path.mkdir()
+                except FileExistsError:
+                    continue  # another writer made it meanwhile: check what it made
+                mode = stat.S_IFDIR
+            if stat.S_ISLNK(mode):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                continue
+            if not stat.S_ISDIR(mode):
+                raise OSError(errno.ENOTDIR, f"{path} is {_kind(mode)}, not a directory")
+            self._check_inside(path)
+            return
+        raise OSError(errno.ELOOP, f"{path} kept being replaced by a link")
 
     def _publish(self, tmp: Path, final: Path, unit: str, spec_text: str, fingerprint: str) -> None:
         """``os.replace`` the finished ``tmp`` onto ``final``; a valid entry that another
@@ -638,7 +933,9 @@ class ResultsCache:
             for k in [k for k in _MEMORY if k[0] == str(self.root)]:
                 del _MEMORY[k]
         for d in (self.results, self.root / "joblib"):
-            if d.is_dir():
+            if os.path.islink(d):  # the link goes, never what it points at
+                d.unlink(missing_ok=True)
+            elif d.is_dir():
                 shutil.rmtree(d, ignore_errors=True)
 
 
@@ -659,8 +956,9 @@ class CacheStats:
 
     * ``hits``: served from the cache (including a unit a worker found already written);
     * ``computed``: no entry, or one written by other code (another fingerprint), so computed;
-    * ``recomputed``: an entry was there but damaged (truncated, altered, unreadable manifest)
-      or belonged to another run, so computed again and replaced;
+    * ``recomputed``: an entry was there but damaged (truncated, altered, unreadable manifest,
+      a symbolic link, a file that is not a regular file, an oversized file) or belonged to
+      another run, so computed again and replaced;
     * ``notes``: plain-language remarks for a status line, e.g. ``"unit AuditUnit(seed=3):
       cache entry truncated (...), recomputed"`` or that the cache is kept in memory.
 

@@ -40,6 +40,51 @@ KNOWN_DATA_ROOTS: tuple[str, ...] = ("/usr/share/datasets/fashion-mnist", "data"
 SEARCH_ONLY_DATA_ROOTS: tuple[str, ...] = ("/usr/share/datasets/fashion-mnist",)
 
 
+# --------------------------------------------------------------------------------------------
+# Upper bounds on the sizes that set memory. Each is checked where the value is first accepted
+# (the spec, the model class, the rule's options), before anything is allocated, so a typo
+# (d=10**6, n_noise=10**12) is a ValueError naming the setting instead of a request for
+# terabytes at run time. Each bound sits well above anything the reference study or the
+# notebooks use; raise it here (and only here) for a bigger machine.
+# --------------------------------------------------------------------------------------------
+
+# Seeds: torch.manual_seed and numpy's SeedSequence take integers in [0, 2**64); the package
+# adds small offsets to seeds (the null's generator uses 10_000 + seed), so 2**63 keeps every
+# derived seed in range. Negative seeds are refused (SeedSequence rejects them).
+SEED_LIMIT = 2**63  # seeds must satisfy 0 <= seed < SEED_LIMIT
+# Width d (features per position / channels): 8x the widest model of the reference
+# (resmlp_d512_L2); one d x d float32 matrix at this width is 64 MiB, and a ResidualMLP block
+# holds two (four times that with gradients and AdamW's two moments).
+MAX_WIDTH = 4096
+# Depth L (num_blocks): 64x the reference's 4 blocks. Each block holds at least one d x d
+# matrix and one hidden state per sample, and the audit reads one row per hidden state.
+MAX_BLOCKS = 256
+# Trainable parameters of one model: 2**30 float32 parameters are 4 GiB, 16 GiB with their
+# gradients and AdamW's two moments -- the most one accelerator holds with room left for the
+# activations. Checked on the meta device (shapes only) before a model is allocated.
+MAX_PARAMETERS = 2**30
+# Attention heads (ViTMini): ViT-Huge uses 16; 64 leaves 4x margin. The attention scores
+# held for the backward are batch x heads x tokens^2 floats per block.
+MAX_HEADS = 64
+# Tokens per image (ViTMini: 1 + (H/p)(W/p)): patch_size=1 on a 32x32 image, the finest
+# tokenisation of the package's largest images. Attention scores grow with tokens^2: at this
+# bound, batch 128 and 4 heads they are 2 GiB per block.
+MAX_TOKENS = 1 + 32 * 32
+# Hidden width of ViTMini's MLP relative to d: the reference uses 4; 16 leaves 4x margin
+# (the MLP's two matrices hold 2 * mlp_ratio * d^2 parameters).
+MAX_MLP_RATIO = 16.0
+# Batch sizes (training, eval batch, probe batch): at least the largest split the loader
+# serves (60,000 MNIST / Fashion-MNIST images), so full-batch training stays possible; a batch
+# larger than every split would never be filled.
+MAX_BATCH_SIZE = 65536
+# Noise samples per weight-mirror step (n_noise / mirror_n): 128x the default 64. Each layer
+# draws n x fan_in floats per step (100 MB for CIFAR's 3,072 inputs at this bound).
+MAX_NOISE_SAMPLES = 8192
+# Probes per step of GrAPE (n_probe / grape_n_probe) and of Stiefel-DFA's node perturbation:
+# 256x GrAPE's 32. Each layer draws n x fan_in probe floats per step.
+MAX_PROBES = 8192
+
+
 def check_choice(what: str, value, allowed) -> None:
     """Raise ``ValueError`` naming ``what``, the bad ``value`` and the allowed values."""
     allowed = tuple(allowed)
@@ -57,14 +102,26 @@ def _is_real(value) -> bool:
 
 
 def check_int(what: str, value, low: int | None = None, high: int | None = None, *,
-              none_ok: bool = False, none_means: str = "") -> int | None:
+              none_ok: bool = False, none_means: str = "", bound: str = "") -> int | None:
     """``value`` as an int, or ``ValueError`` naming ``what``, the value and the allowed range.
 
     ``low`` / ``high`` are inclusive bounds; ``none_ok`` accepts ``None`` (returned as is), and
-    ``none_means`` says what None stands for in the message (e.g. "the whole split").
+    ``none_means`` says what None stands for in the message (e.g. "the whole split"); ``bound``
+    says where ``high`` comes from (e.g. "fa_study.config.MAX_WIDTH").
     """
     if value is None and none_ok:
         return None
+    if bound and high is not None:
+        # a value of the wrong type or below ``low`` reads as before; above the bound the message
+        # names the bound and where it comes from
+        value = check_int(what, value, low, none_ok=none_ok, none_means=none_means)
+        if value is not None and value > high:
+            rng = f"an integer in [{low}, {high}]" if low is not None else f"an integer <= {high}"
+            rng += f" ({high}: {bound})"
+            if none_ok:
+                rng += " or None" + (f" ({none_means})" if none_means else "")
+            raise ValueError(f"{what} must be {rng}, got {value!r}")
+        return value
     if not _is_int(value) or (low is not None and value < low) or (high is not None and value > high):
         if low is not None and high is not None:
             rng = f"an integer in [{low}, {high}]"
@@ -113,6 +170,15 @@ def check_bool(what: str, value) -> bool:
     return value
 
 
+def check_seed(what: str, value) -> int:
+    """``value`` as a seed of the random generators (an integer, ``0 <= seed < 2**63``), or
+    ``ValueError`` naming ``what``, the value and the allowed range."""
+    if not _is_int(value) or not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"{what} must be an integer in [0, 2**63 - 1] (the range of torch's and "
+                         f"numpy's generators), got {value!r}")
+    return int(value)
+
+
 def check_seeds(what: str, seeds) -> tuple[int, ...]:
     """A non-empty tuple of distinct integer seeds (an int is one seed); duplicates are refused
     because they would count one run twice (n = 2 and a confidence interval of 0)."""
@@ -125,6 +191,8 @@ def check_seeds(what: str, seeds) -> tuple[int, ...]:
     if not seeds or not all(_is_int(s) for s in seeds):
         raise ValueError(f"{what} must be a non-empty tuple of distinct integers (e.g. (42, 123)), "
                          f"got {seeds!r}")
+    for s in seeds:
+        check_seed(f"every seed in {what}", s)
     dup = sorted({int(s) for s in seeds if list(seeds).count(s) > 1})
     if dup:
         raise ValueError(f"{what} must not repeat a seed (a repeated seed is the same run counted "
@@ -176,7 +244,9 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     else:
         raise ValueError(f"{what} must be a string or torch.device, got {device!r}; "
                          f"allowed values: {DEVICE_FORMS}")
-    check_choice(f"{what} type", dev.type, ("cpu", "cuda", "mps"))
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown {what} {str(device)!r} (type {dev.type!r}); allowed values: "
+                         f"{DEVICE_FORMS}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"{what} {str(dev)!r} was requested but CUDA is not available on this "
@@ -200,9 +270,7 @@ def seed_everything(seed: int) -> torch.Generator:
     Two CPU runs after the same call are bitwise identical: the package draws all randomness
     from these generators and uses no multi-threaded non-deterministic kernels on the CPU.
     """
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    seed = int(seed)
+    seed = check_seed("seed", seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -224,6 +292,7 @@ def stream_generator(seed: int, stream: str = "feedback", device: torch.device |
     stream's tag first (numpy's SeedSequence).
     """
     check_choice("stream", stream, tuple(STREAMS))
+    seed = check_seed("seed", seed)
     mixed = int(np.random.SeedSequence([int(seed), STREAMS[stream]]).generate_state(1)[0])
     return torch.Generator(device=device).manual_seed(mixed)
 

@@ -24,11 +24,15 @@ dataset            layouts looked for inside a root
 MNIST and Fashion-MNIST are the IDX files ``{train,t10k}-{images-idx3,labels-idx1}-ubyte``,
 plain or gzipped (``.gz``), read by this module's own IDX reader (:func:`read_idx`); CIFAR's
 python pickles are read through ``torchvision.datasets``. A file that is there but corrupt
-(truncated, wrong magic number, empty, images and labels of different counts, labels outside
-the class range) raises ``ValueError`` naming the file and what to do; it never falls back to
-a stand-in. Data roots may be read-only: nothing is written next to the data files. When no
-root holds the dataset and a download is allowed (a network, ``$FA_STUDY_OFFLINE`` unset),
-torchvision downloads it into the first writable root of the search path (never into
+(truncated or padded: its size differs from the one its header declares; a ``.gz`` that
+decompresses to more or less than that; a header declaring more than
+:data:`IDX_MAX_DATA_BYTES`; wrong magic number, empty, not a regular file, images and labels
+of different counts, labels outside the class range) raises ``ValueError`` naming the file and
+what to do; it never falls back to a stand-in. Only what the header declares is read: a
+``.gz`` is decompressed incrementally, never more than one byte past the declared size. Data
+roots may be read-only: nothing is written next to the data files. When no root holds the
+dataset and a download is allowed (a network, ``$FA_STUDY_OFFLINE`` unset), torchvision
+downloads it into the first writable root of the search path (never into
 ``/usr/share``).
 
 **Tensor cache.** The first load converts the files to uint8 tensors cached in
@@ -77,9 +81,11 @@ import json
 import math
 import os
 import socket
+import stat
 import uuid
 import warnings
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -440,22 +446,79 @@ def _corrupt(path: Path, what: str) -> ValueError:
     return ValueError(f"corrupt dataset file {path}: {what}. {_fix_hint(path)}")
 
 
-def _read_bytes(path: Path, limit: int | None = None) -> bytes:
-    """The bytes of ``path`` (decompressed when it ends in ``.gz``); at most ``limit``."""
+# The most data an IDX header may declare. The largest file the package reads, MNIST's and
+# Fashion-MNIST's train images, holds 60,000 x 28 x 28 = 47,040,000 bytes; 256 MiB leaves more
+# than 5x margin. A header declaring more is refused before anything is allocated.
+IDX_MAX_DATA_BYTES = 1 << 28
+_IDX_HEAD_MAX = 4 + 4 * 255  # magic number and at most 255 dimensions
+_IDX_CHUNK = 1 << 22
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_BINARY = getattr(os, "O_BINARY", 0)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a named pipe"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+@contextmanager
+def _open_data_file(path: Path):
+    """``(binary file, size)`` of the regular file at ``path``, decompressing when its name
+    ends in ``.gz``. A pipe, socket, device or directory is an error naming the file, never
+    opened for reading or waited on (opened non-blocking, checked with ``fstat``). Damaged gzip
+    streams and read errors become ``ValueError`` naming the file."""
     try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                return f.read() if limit is None else f.read(limit)
-        with open(path, "rb") as f:
-            return f.read() if limit is None else f.read(limit)
-    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise _corrupt(path, f"the gzip stream is damaged or truncated ({exc})") from None
+        fd = os.open(path, os.O_RDONLY | _O_NONBLOCK | _O_CLOEXEC | _O_BINARY)
     except OSError as exc:
         raise ValueError(f"cannot read dataset file {path}: {exc}. {_fix_hint(path)}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _corrupt(path, f"it is {_file_kind(st.st_mode)}, not a regular file")
+        raw = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with raw:
+        try:
+            if path.name.endswith(".gz"):
+                with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+                    yield f, st.st_size
+            else:
+                yield raw, st.st_size
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            raise _corrupt(path, f"the gzip stream is damaged or truncated ({exc})") from None
+        except OSError as exc:
+            raise ValueError(f"cannot read dataset file {path}: {exc}. {_fix_hint(path)}") from None
+
+
+def _read_upto(f, limit: int) -> bytes:
+    """At most ``limit`` bytes from ``f`` (fewer only at its end)."""
+    chunks, left = [], limit
+    while left > 0:
+        data = f.read(min(left, _IDX_CHUNK))
+        if not data:
+            break
+        chunks.append(data)
+        left -= len(data)
+    return b"".join(chunks)
+
+
+def _read_bytes(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of ``path`` (decompressed when it ends in ``.gz``)."""
+    with _open_data_file(path) as (f, _):
+        return _read_upto(f, limit)
 
 
 def _parse_idx_header(path: Path, raw: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
-    """``(dtype, shape, header size)`` from the first bytes of an IDX file."""
+    """``(dtype, shape, header size)`` from the first bytes of an IDX file; refuses a header
+    declaring more than :data:`IDX_MAX_DATA_BYTES` of data."""
     if len(raw) == 0:
         raise _corrupt(path, "the file is empty (0 bytes)")
     if len(raw) < 4:
@@ -471,34 +534,69 @@ def _parse_idx_header(path: Path, raw: bytes) -> tuple[np.dtype, tuple[int, ...]
         raise _corrupt(path, f"truncated header: {ndim} dimensions need {header} bytes, the file "
                              f"holds {len(raw)}")
     shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    return IDX_DTYPES[raw[2]], shape, header
+    dtype = IDX_DTYPES[raw[2]]
+    need = math.prod(shape) * dtype.itemsize
+    if need > IDX_MAX_DATA_BYTES:
+        raise _corrupt(path, f"its header declares shape {shape}, {need:,} bytes of data, more "
+                             f"than any dataset file this package reads ({IDX_MAX_DATA_BYTES:,} "
+                             f"bytes at most)")
+    return dtype, shape, header
 
 
 def read_idx_header(path: str | os.PathLike) -> tuple[np.dtype, tuple[int, ...]]:
     """``(dtype, shape)`` announced by the header of an IDX file (plain or ``.gz``), cheaply."""
     path = Path(path)
-    dtype, shape, _ = _parse_idx_header(path, _read_bytes(path, 4 + 4 * 255))
+    dtype, shape, _ = _parse_idx_header(path, _read_bytes(path, _IDX_HEAD_MAX))
     return dtype, shape
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """The array stored in an IDX file (plain or gzipped ``.gz``), checked against its header.
 
-    Raises ``ValueError`` naming the file when it is empty, has a bad magic number, is
-    truncated, or holds more bytes than its header announces.
+    Reads only what the header declares: a header declaring more than
+    :data:`IDX_MAX_DATA_BYTES` is refused before anything is allocated; a plain file whose size
+    differs from the header's (truncated or padded) is refused before its data is read; a
+    ``.gz`` file is decompressed incrementally, at most one byte beyond the declared size. Raises
+    ``ValueError`` naming the file when it is empty, not a regular file (a named pipe, a device,
+    a directory), has a bad magic number, is truncated, or holds (or decompresses to) more bytes
+    than its header announces.
     """
     path = Path(path)
-    raw = _read_bytes(path)
-    dtype, shape, header = _parse_idx_header(path, raw)
-    need = math.prod(shape) * dtype.itemsize
-    have = len(raw) - header
-    if have < need:
-        raise _corrupt(path, f"truncated: the header announces shape {shape} ({need:,} bytes of "
-                             f"data), the file holds {have:,}")
-    if have > need:
-        raise _corrupt(path, f"{have - need:,} bytes more than its header (shape {shape}) "
-                             f"announces")
-    return np.frombuffer(raw, dtype=dtype, count=math.prod(shape), offset=header).reshape(shape)
+    gz = path.name.endswith(".gz")
+    with _open_data_file(path) as (f, size):
+        head = _read_upto(f, _IDX_HEAD_MAX if gz else min(size, _IDX_HEAD_MAX))
+        dtype, shape, header = _parse_idx_header(path, head)
+        need = math.prod(shape) * dtype.itemsize
+        if not gz and size != header + need:
+            if size < header + need:
+                raise _corrupt(path, f"truncated: the header announces shape {shape} "
+                                     f"({header + need:,} bytes with the header), the file holds "
+                                     f"{size:,} bytes")
+            raise _corrupt(path, f"{size - header - need:,} bytes more than its header (shape "
+                                 f"{shape}) announces: the file holds {size:,} bytes, the header "
+                                 f"announces {header + need:,}")
+        buf = np.empty(need, dtype=np.uint8)
+        got = head[header:header + need + 1]
+        have = len(got)
+        if have > need:
+            raise _corrupt(path, f"it decompresses to more than its header declares (shape "
+                                 f"{shape}: {header + need:,} bytes with the header)")
+        buf[:have] = np.frombuffer(got, dtype=np.uint8)
+        view = memoryview(buf)
+        while have < need:
+            data = f.read(min(need - have, _IDX_CHUNK))
+            if not data:
+                break
+            view[have:have + len(data)] = data
+            have += len(data)
+        if have < need:
+            raise _corrupt(path, f"truncated: the header announces shape {shape} ({need:,} bytes "
+                                 f"of data), the file holds {have:,}")
+        if f.read(1):
+            raise _corrupt(path, f"it {'decompresses to' if gz else 'holds'} more than its header "
+                                 f"declares (shape {shape}: {header + need:,} bytes with the "
+                                 f"header)")
+    return buf.view(dtype).reshape(shape)
 
 
 def _read_idx_pair(spec: DatasetSpec, images: Path, labels: Path):
@@ -713,9 +811,20 @@ def _check_blob(blob, spec: DatasetSpec, key: str, expected_n: int | None) -> st
 def _read_cache(path: Path, spec: DatasetSpec, key: str, expected_n: int | None):
     """``(x, y)`` from a cache entry that fits, else None (with a warning when one was there)."""
     try:
-        if not path.is_file():
-            return None
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    if not stat.S_ISREG(mode):  # never followed, never waited on: rebuilt (os.replace drops it)
+        warnings.warn(f"ignoring dataset cache {path}: it is {_file_kind(mode)}, not a regular "
+                      f"file; rebuilding it", stacklevel=3)
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | _O_NONBLOCK | _O_CLOEXEC
+                     | _O_BINARY)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise OSError(f"{path} is not a regular file")
+            blob = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or unreadable cache is rebuilt, not fatal
         warnings.warn(f"ignoring unreadable dataset cache {path}: {type(exc).__name__}: {exc}; "
                       f"rebuilding it", stacklevel=3)

@@ -4,6 +4,11 @@ Colours come from the Okabe-Ito palette (safe for the common colour-vision defic
 are assigned to learning rules consistently across notebooks. Values that span decades
 (hidden-state and gradient norms) go on log axes. :class:`LivePlot` redraws a figure every N
 steps during training and is silent in the ``quick`` profile.
+
+Spread over seeds: with at least :data:`MIN_RUNS_FOR_BAND` runs a line is their mean with a
+95 % Student-t band; with fewer (two seeds give a t-factor of 12.7) the runs themselves are
+drawn, one thin line each, next to the mean. A band or error bar never leaves the range of its
+quantity (:data:`BOUNDS`: accuracies in [0, 1], cosines in [-1, 1], norms above 0 on a log axis).
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import matplotlib
 import matplotlib.pyplot as plt
 import matplotlib.ticker
+from matplotlib.collections import LineCollection
 import numpy as np
 import pandas as pd
 
@@ -33,6 +39,120 @@ RULE_COLOURS: dict[str, str] = {
     "grape": PALETTE[4], "stiefel": PALETTE[5],
 }
 LINESTYLES: tuple = ("-", "--", ":", "-.")
+
+# The range of every quantity the studies plot, (low, high): confidence bands and error bars are
+# clipped to it. Looked up by exact column name, then by the longest prefix (per-layer columns
+# ``cos_3`` and their long form ``cos_``); a column not listed is unbounded. On a log axis a band
+# whose lower edge reaches 0 (a norm's range starts there) is cut at the lowest run instead.
+ACCURACY: tuple[float, float] = (0.0, 1.0)
+COSINE: tuple[float, float] = (-1.0, 1.0)
+NONNEGATIVE: tuple[float, float] = (0.0, math.inf)  # norms, ratios of norms, gains, losses
+DEGREES: tuple[float, float] = (0.0, 180.0)  # angles between matrices or updates
+BOUNDS: dict[str, tuple[float, float]] = {
+    # accuracies
+    "test_acc": ACCURACY, "train_acc": ACCURACY, "frozen_acc": ACCURACY, "acc": ACCURACY,
+    # cosines (credit vs BP gradient, update vs BP update, feedback vs its target, ρ of Stiefel)
+    "cos_": COSINE, "cos_mean": COSINE, "cos_median": COSINE, "cos_hidden": COSINE, "cos_output": COSINE,
+    "cos_at_layer": COSINE, "deep_cos": COSINE, "deep_abs_cos": (0.0, 1.0), "fb_align_": COSINE,
+    "deep_fb_align": COSINE, "training_deep_cos": COSINE, "fresh_deep_mean": COSINE, "rho_": COSINE,
+    "cos_update_bp": COSINE,
+    # norms and other non-negative quantities (log axes)
+    "h_norm_": NONNEGATIVE, "g_norm_": NONNEGATIVE, "a_norm_": NONNEGATIVE, "h_L_norm": NONNEGATIVE,
+    "g_norm_median": NONNEGATIVE, "a_norm_median": NONNEGATIVE, "h_L": NONNEGATIVE, "g_L": NONNEGATIVE,
+    "h_0": NONNEGATIVE, "h_L_vs_bp": NONNEGATIVE, "max_growth": NONNEGATIVE, "growth": NONNEGATIVE,
+    "init_ratio": NONNEGATIVE, "h0_init_ratio": NONNEGATIVE, "hL_init_ratio": NONNEGATIVE,
+    "max_init_ratio": NONNEGATIVE, "alpha_": NONNEGATIVE, "align_": NONNEGATIVE, "ratio_": NONNEGATIVE,
+    "mean_alignment": NONNEGATIVE, "train_loss": NONNEGATIVE, "loss": NONNEGATIVE,
+    "rev_loss": NONNEGATIVE, "recon_loss": NONNEGATIVE,
+    # angles in degrees
+    "angle_": DEGREES, "update_angle_": DEGREES, "mean_update_angle": DEGREES, "mean_angle_B_WT": DEGREES,
+}
+UNBOUNDED: tuple[float, float] = (-math.inf, math.inf)
+MIN_RUNS_FOR_BAND = 3  # fewer runs at a point: draw the runs, not a t-interval
+
+
+def bounds_of(column, bounds: tuple[float, float] | None = None) -> tuple[float, float]:
+    """The range of ``column``: ``bounds`` when given, else :data:`BOUNDS` by exact name, else by
+    the longest prefix that is a key (``"cos_3"`` -> ``"cos_"``), else unbounded."""
+    if bounds is not None:
+        lo, hi = bounds
+        return (-math.inf if lo is None else float(lo), math.inf if hi is None else float(hi))
+    if not isinstance(column, str):
+        return UNBOUNDED
+    if column in BOUNDS:
+        return BOUNDS[column]
+    for key in sorted(BOUNDS, key=len, reverse=True):
+        if key.endswith("_") and column.startswith(key):
+            return BOUNDS[key]
+    return UNBOUNDED
+
+
+def clipped_yerr(values, err, bounds: tuple[float, float]) -> np.ndarray:
+    """``(2, n)`` asymmetric error-bar lengths: ``values ± err`` cut at ``bounds`` (NaN -> 0)."""
+    v = np.asarray(values, dtype=float)
+    e = np.nan_to_num(np.asarray(err, dtype=float), nan=0.0)
+    lo = np.clip(v - e, bounds[0], bounds[1])
+    hi = np.clip(v + e, bounds[0], bounds[1])
+    return np.nan_to_num(np.vstack([v - lo, hi - v]), nan=0.0).clip(min=0.0)
+
+
+def spread(sub: pd.DataFrame, x: str, y: str, bounds: tuple[float, float] | None = None, *,
+           log: bool = False, level: float = 0.95) -> pd.DataFrame:
+    """Per value of ``x`` (sorted): ``mean``, ``low``, ``high`` (the t-interval over the finite
+    values of ``y``, clipped to the range of ``y``; NaN where fewer than
+    :data:`MIN_RUNS_FOR_BAND` values) and ``n`` (the number of finite values). With ``log`` a
+    lower edge at or below 0 is replaced by the smallest positive value at that ``x``."""
+    rng = bounds_of(y, bounds)
+    rows = []
+    for xv, s in sub.groupby(x, sort=True):
+        v = pd.to_numeric(s[y], errors="coerce").to_numpy(dtype=float)
+        v = v[np.isfinite(v)]
+        m, lo, hi = mean_ci(v, level, bounds=rng)
+        if v.size < MIN_RUNS_FOR_BAND:
+            lo = hi = math.nan
+        elif log and not lo > 0:
+            positive = v[v > 0]
+            lo = float(positive.min()) if positive.size else math.nan
+        rows.append({x: xv, "mean": m, "low": lo, "high": hi, "n": int(v.size)})
+    return pd.DataFrame(rows, columns=[x, "mean", "low", "high", "n"]).set_index(x)
+
+
+def draw_spread(ax, sub: pd.DataFrame, x: str, y: str, *, color, ls="-", label=None, ci: bool = True,
+                units: str | None = "seed", bounds: tuple[float, float] | None = None, log: bool = False,
+                lw: float = 1.5, band_alpha: float = 0.18, marker: bool = True):
+    """One line: the mean of ``y`` over the rows of ``sub`` at each ``x``. With ``ci``: where at
+    least :data:`MIN_RUNS_FOR_BAND` values meet at an ``x``, their 95 % t-band (clipped to the
+    range of ``y``, :func:`bounds_of`); where fewer but more than one, the runs themselves -- one
+    thin unlabelled line per value of ``units`` (e.g. the seed; a ``LineCollection`` in
+    ``ax.collections``, so ``ax.lines`` holds the means only), or the values as dots when ``sub``
+    has no such column. Returns the :func:`spread` table."""
+    st = spread(sub, x, y, bounds, log=log)
+    xs = st.index.to_numpy()
+    ax.plot(xs, st["mean"].to_numpy(dtype=float), color=color, ls=ls, lw=lw,
+            marker="o" if marker and len(xs) < 12 else None, ms=3, label=label)
+    if not ci or st.empty:
+        return st
+    few = (st["n"] > 1) & (st["n"] < MIN_RUNS_FOR_BAND)
+    if few.any():  # the runs themselves: a LineCollection (or dots), unlabelled, not in ax.lines
+        if units is not None and units in sub:
+            segments = []
+            for _, one in sub.groupby(units, sort=False):
+                one = one.sort_values(x)
+                xy = np.column_stack([pd.to_numeric(one[x], errors="coerce").to_numpy(dtype=float),
+                                      pd.to_numeric(one[y], errors="coerce").to_numpy(dtype=float)])
+                segments.append(xy[np.isfinite(xy).all(axis=1)])
+            ax.add_collection(LineCollection(segments, colors=color, linestyles=ls, linewidths=0.7,
+                                             alpha=0.5, label="_runs"), autolim=True)
+            ax.autoscale_view()
+        else:
+            pts = sub[sub[x].isin(st.index[few])]
+            ax.scatter(pd.to_numeric(pts[x], errors="coerce").to_numpy(dtype=float),
+                       pd.to_numeric(pts[y], errors="coerce").to_numpy(dtype=float), s=6, color=color,
+                       alpha=0.6, label="_runs")
+    lo, hi = st["low"].to_numpy(dtype=float), st["high"].to_numpy(dtype=float)
+    if np.isfinite(lo).any() and (np.nan_to_num(hi - lo) > 0).any():
+        ax.fill_between(xs, lo, hi, color=color, alpha=band_alpha, lw=0)
+    return st
 
 
 def colour(key, index: int = 0) -> str:
@@ -57,33 +177,33 @@ def _needs_log(values: Iterable[float]) -> bool:
 def plot_curves(df: pd.DataFrame, x: str, y: str, *, hue: str | None = None, ax=None,
                 logy: bool | None = None, label_prefix: str = "", ci: bool = True,
                 style: str | None = None, title: str | None = None, ylabel: str | None = None,
-                colours: Mapping[str, str] | None = None, styles: Mapping[str, str] | None = None):
+                colours: Mapping[str, str] | None = None, styles: Mapping[str, str] | None = None,
+                units: str | None = "seed", bounds: tuple[float, float] | None = None):
     """Lines of ``y`` against ``x``, one per value of ``hue``; several seeds (rows with the same
-    ``hue`` and ``x``) are drawn as their mean with a 95 % confidence band.
+    ``hue`` and ``x``) are drawn as their mean with a 95 % confidence band when there are at least
+    :data:`MIN_RUNS_FOR_BAND` of them, else as their mean and one thin line per run (per value
+    of ``units``). The band is clipped to the range of ``y`` (``bounds``, default
+    :func:`bounds_of` ``(y)``: accuracies in [0, 1], cosines in [-1, 1], norms above 0 on a log axis).
 
     ``logy=None`` chooses a log axis when the values span more than two decades. ``colours``
     (``{hue value: colour}``) fixes each line's colour and the drawing and legend order, and
     draws only those values; ``styles`` (``{hue value: line style}``) overrides ``style`` per line.
     """
     ax = _axis(ax)
+    if y not in df or x not in df or (hue is not None and hue not in df):
+        df = pd.DataFrame(columns=list(dict.fromkeys([x, y] + ([hue] if hue else []))))
+    log = bool(logy or (logy is None and _needs_log(df[y])))
     groups = [(None, df)] if hue is None else list(df.groupby(hue, sort=False))
     if colours is not None:
         by_key = dict(groups)
         groups = [(k, by_key[k]) for k in colours if k in by_key]
     for i, (key, sub) in enumerate(groups):
-        stats = sub.groupby(x)[y].apply(lambda s: mean_ci(s.to_numpy(dtype=float)))
-        xs = stats.index.to_numpy()
-        mean = np.array([m for m, _, _ in stats])
-        lo = np.array([a for _, a, _ in stats])
-        hi = np.array([b for _, _, b in stats])
         c = colours[key] if colours is not None else colour(key, i)
         ls = LINESTYLES[i // len(PALETTE) % len(LINESTYLES)] if style is None else style
         ls = (styles or {}).get(key, ls)
-        ax.plot(xs, mean, color=c, ls=ls, marker="o" if len(xs) < 12 else None, ms=3,
-                label=f"{label_prefix}{key}" if key is not None else (label_prefix or y))
-        if ci and np.isfinite(lo).any() and (hi > lo).any():
-            ax.fill_between(xs, lo, hi, color=c, alpha=0.18, lw=0)
-    if logy or (logy is None and _needs_log(df[y])):
+        draw_spread(ax, sub, x, y, color=c, ls=ls, ci=ci, units=units, bounds=bounds, log=log,
+                    label=f"{label_prefix}{key}" if key is not None else (label_prefix or y))
+    if log:
         ax.set_yscale("log")
     if pd.api.types.is_integer_dtype(df[x]):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -91,7 +211,7 @@ def plot_curves(df: pd.DataFrame, x: str, y: str, *, hue: str | None = None, ax=
     ax.set_ylabel(ylabel or y)
     if title:
         ax.set_title(title)
-    if hue is not None:
+    if hue is not None and groups:
         ax.legend(fontsize=8, frameon=False)
     ax.grid(alpha=0.3)
     return ax
@@ -104,8 +224,8 @@ def plot_layers(df: pd.DataFrame, prefix: str, *, hue: str | None = None, ax=Non
     cols = layer_columns(df, prefix)
     if not cols:
         raise ValueError(f"no columns named {prefix}<layer> in the frame; columns: {list(df.columns)}")
-    long = df.melt(id_vars=[hue] if hue else [], value_vars=[c for c, _ in cols],
-                   var_name="_col", value_name=prefix)
+    ids = [c for c in dict.fromkeys([hue, "seed"]) if c is not None and c in df]
+    long = df.melt(id_vars=ids, value_vars=[c for c, _ in cols], var_name="_col", value_name=prefix)
     long["layer"] = long["_col"].map(dict(cols))
     return plot_curves(long, "layer", prefix, hue=hue, ax=ax, logy=logy, title=title,
                        ylabel=ylabel or prefix.rstrip("_"))
@@ -122,15 +242,37 @@ def layer_columns(df: pd.DataFrame, prefix: str) -> list[tuple[str, int]]:
 
 def plot_bars(table: pd.DataFrame, value: str, *, group: str, ax=None, err: str | None = None,
               reference: float | None = None, reference_label: str = "reference",
-              ylabel: str | None = None, title: str | None = None):
+              ylabel: str | None = None, title: str | None = None, n: str | None = None,
+              points: pd.DataFrame | None = None, bounds: tuple[float, float] | None = None):
     """Bars of ``value`` per ``group`` with optional error half-widths ``err`` and a dashed
-    horizontal ``reference`` line (e.g. the frozen-blocks baseline)."""
+    horizontal ``reference`` line (e.g. the frozen-blocks baseline).
+
+    The error bars are cut at the range of ``value`` (``bounds``, default :func:`bounds_of`),
+    and drawn only for bars over at least :data:`MIN_RUNS_FOR_BAND` runs when the table says how
+    many (column ``n``, default ``<value>_n`` when present). ``points`` (one row per run, with
+    the columns ``group`` and ``value``) draws every run as a dot on its bar: the runs
+    themselves where there are too few for an interval."""
     ax = _axis(ax)
     keys = list(table[group])
     vals = table[value].to_numpy(dtype=float)
-    yerr = table[err].to_numpy(dtype=float) if err else None
-    ax.bar(range(len(keys)), vals, yerr=yerr, color=[colour(k, i) for i, k in enumerate(keys)],
-           capsize=3, alpha=0.9)
+    ax.bar(range(len(keys)), np.nan_to_num(vals, nan=0.0), color=[colour(k, i) for i, k in enumerate(keys)],
+           alpha=0.9)
+    if err:
+        half = table[err].to_numpy(dtype=float)
+        count = n if n is not None else (f"{value}_n" if f"{value}_n" in table else None)
+        if count is not None:
+            runs = pd.to_numeric(table[count], errors="coerce").fillna(0).to_numpy(dtype=float)
+            half = np.where(runs >= MIN_RUNS_FOR_BAND, half, np.nan)
+        show = np.isfinite(half) & np.isfinite(vals)
+        if show.any():
+            ax.errorbar(np.arange(len(keys))[show], vals[show], fmt="none", ecolor="k", capsize=3, lw=1,
+                        yerr=clipped_yerr(vals[show], half[show], bounds_of(value, bounds)))
+    if points is not None and len(points):
+        for i, k in enumerate(keys):
+            v = pd.to_numeric(points.loc[points[group] == k, value], errors="coerce").dropna().to_numpy(float)
+            if v.size:
+                ax.plot(i + np.linspace(-0.15, 0.15, v.size) if v.size > 1 else [i], v, ls="none",
+                        marker="o", ms=3.5, mfc="white", mec="k", mew=0.8, zorder=3)
     ax.set_xticks(range(len(keys)), [str(k) for k in keys], rotation=0)
     if reference is not None and math.isfinite(reference):
         ax.axhline(reference, color="k", ls="--", lw=1, label=reference_label)
@@ -178,12 +320,68 @@ def annotate_source(fig_or_ax, source: str | Sequence[str]) -> None:
     """Write the data source under a figure, loudly when it is a stand-in."""
     fig = fig_or_ax.figure if hasattr(fig_or_ax, "figure") and not isinstance(fig_or_ax, plt.Figure) else fig_or_ax
     sources = sorted({source} if isinstance(source, str) else set(source))
+    sources = [s for s in sources if isinstance(s, str) and s]  # a failed run has no data source
+    if not sources:
+        return
     standin = [s for s in sources if s != "torchvision"]
     text = "data: " + ", ".join(sources)
     if standin:
         text += "  (stand-in data: not a result about the real dataset)"
     fig.text(0.01, 0.005, text, fontsize=7, color="#D55E00" if standin else "#555555",
              ha="left", va="bottom")
+
+
+def failed_runs(runs: pd.DataFrame | None) -> list[tuple[str, str]]:
+    """``[(run, error)]`` for the runs of ``runs`` (a ``Results.runs`` frame) that raised
+    (``status == "error"``): ``("fa (seed 3)", "RuntimeError: ...")``, the model first when the
+    runs hold several."""
+    if runs is None or not len(runs) or "status" not in runs:
+        return []
+    several_models = "model" in runs and runs["model"].nunique() > 1
+    out = []
+    for r in runs[runs["status"] == "error"].to_dict("records"):
+        where = f"{r.get('model')} " if several_models else ""
+        out.append((f"{where}{r.get('arm', r.get('rule', '?'))} (seed {r.get('seed', '?')})",
+                    (str(r.get("error", "") or "error").splitlines() or ["error"])[0]))
+    return out
+
+
+def failed_runs_text(runs: pd.DataFrame | None, limit: int = 150) -> str:
+    """One line naming the runs of ``runs`` (a ``Results.runs`` frame) that raised
+    (``status == "error"``) with their errors, in at most ``limit`` characters: the runs with
+    their errors when that fits, else the runs alone, else how many failed; ``""`` when none did."""
+    failed = failed_runs(runs)
+    if not failed:
+        return ""
+    names, errors = zip(*failed)
+    k = len(names)
+    candidates = ["failed, not drawn: " + "; ".join(f"{n}: {e}" for n, e in zip(names, errors)),
+                  "failed, not drawn: " + ", ".join(names) + " (errors in the notes and the table)",
+                  "failed, not drawn: " + ", ".join(names),
+                  f"{k} run{'' if k == 1 else 's'} failed (see the notes)"]
+    for text in candidates:
+        if len(text) <= limit:
+            return text
+    return candidates[-1]
+
+
+def annotate_failures(fig_or_ax, runs: pd.DataFrame | None) -> str:
+    """Write under a figure, on the right, which runs failed (raised) and why, as much as fits
+    next to the data-source line (:func:`annotate_source`; the notes and the table give every
+    message in full). Returns the text written."""
+    fig = fig_or_ax if isinstance(fig_or_ax, plt.Figure) else fig_or_ax.figure
+    taken = max((len(t.get_text()) for t in fig.texts if t.get_position()[1] < 0.02), default=0)
+    room = int(fig.get_figwidth() * 17) - taken - 6  # about 17 characters an inch at 7 points
+    text = failed_runs_text(runs, limit=max(room, 0))
+    if text:
+        fig.text(0.99, 0.005, text, fontsize=7, color="#D55E00", ha="right", va="bottom")
+    return text
+
+
+def no_data(ax, text: str = "no run finished: nothing to draw") -> None:
+    """An empty panel that says why it is empty."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9)
+    ax.set_axis_off()
 
 
 class LivePlot:

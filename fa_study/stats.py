@@ -8,9 +8,12 @@ import pandas as pd
 from scipy import stats as _st
 
 
-def mean_ci(values, level: float = 0.95) -> tuple[float, float, float]:
+def mean_ci(values, level: float = 0.95, bounds: tuple[float, float] | None = None
+            ) -> tuple[float, float, float]:
     """``(mean, low, high)`` of the finite ``values``; the interval is the Student-t interval
-    of the mean (``nan`` bounds with fewer than two finite values)."""
+    of the mean (``nan`` bounds with fewer than two finite values). ``bounds=(low, high)``, the
+    range the quantity can take (e.g. ``(0, 1)`` for an accuracy), clips the interval to it: with
+    two values the t-factor is 12.7, and the raw interval of an accuracy reaches below 0."""
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
     if v.size == 0:
@@ -19,7 +22,10 @@ def mean_ci(values, level: float = 0.95) -> tuple[float, float, float]:
     if v.size < 2:
         return (m, math.nan, math.nan)
     half = float(_st.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
-    return (m, m - half, m + half)
+    lo, hi = m - half, m + half
+    if bounds is not None:
+        lo, hi = max(lo, float(bounds[0])), min(hi, float(bounds[1]))
+    return (m, lo, hi)
 
 
 def aggregate(df: pd.DataFrame, by, columns, level: float = 0.95) -> pd.DataFrame:
@@ -29,6 +35,9 @@ def aggregate(df: pd.DataFrame, by, columns, level: float = 0.95) -> pd.DataFram
     table leads with: a diverged run's NaN does not count), ``n_rows`` the group's rows."""
     by = [by] if isinstance(by, str) else list(by)
     columns = list(columns)
+    if df.empty or any(k not in df for k in by):  # no rows (every run failed): the columns alone
+        return pd.DataFrame(columns=[*by, "n", "n_rows",
+                                     *[f"{c}{s}" for c in columns for s in ("", "_ci", "_text", "_n")]])
     rows = []
     for key, sub in df.groupby(by, sort=False):
         key = key if isinstance(key, tuple) else (key,)

@@ -67,7 +67,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import check_bool, check_choice, check_float, check_int, stream_generator
+from .config import (MAX_BATCH_SIZE, check_bool, check_choice, check_float, check_int, check_seed,
+                     stream_generator)
 from .data import BatchIterator, Dataset
 from .rules import Method
 
@@ -96,9 +97,11 @@ class TrainConfig:
 
     def __post_init__(self):
         check_int("TrainConfig.epochs", self.epochs, 0)
-        check_int("TrainConfig.batch_size", self.batch_size, 1)
-        check_int("TrainConfig.eval_batch", self.eval_batch, 1)
-        check_int("TrainConfig.seed", self.seed)
+        check_int("TrainConfig.batch_size", self.batch_size, 1, MAX_BATCH_SIZE,
+                  bound="fa_study.config.MAX_BATCH_SIZE")
+        check_int("TrainConfig.eval_batch", self.eval_batch, 1, MAX_BATCH_SIZE,
+                  bound="fa_study.config.MAX_BATCH_SIZE")
+        check_seed("TrainConfig.seed", self.seed)
         check_int("TrainConfig.log_every", self.log_every, 1)
         check_choice("TrainConfig.optimizer", self.optimizer, OPTIMIZERS)
         check_choice("TrainConfig.schedule", self.schedule, SCHEDULES)
@@ -122,19 +125,51 @@ Probe = Callable[[int, nn.Module, Method], dict]
 def check_data(model: nn.Module, train_ds: Dataset, test_ds: Dataset) -> None:
     """Everything about the data that would otherwise fail mid-training, as a ValueError now.
 
+    Each dataset must hold at least one sample, as many labels as images, images ``x`` of the
+    model's floating dtype on the model's device with finite values only (a NaN or an infinity
+    would make the loss non-finite, and the run would be reported as diverged as if the rule
+    had failed), and integer labels ``y`` (other integer dtypes than int64 are converted by
+    :func:`train`) in ``[0, num_classes)``.
+
     The class count is the model's ``num_classes`` (the package's models). For a network without
     one it is the data's: both datasets must have the same number of classes, and the network's
     logits (one forward of two training samples in eval mode) one column per class.
     """
+    from .rules.base import model_dtype
+
     device = model_device(model)
+    dtype = model_dtype(model)
     n_classes = getattr(model, "num_classes", None)
     built = n_classes is not None
     for what, ds in (("train_ds", train_ds), ("test_ds", test_ds)):
-        if len(ds) == 0:
-            raise ValueError(f"{what} is empty (0 samples); nothing to train or evaluate on")
+        n_x, n_y = int(ds.x.shape[0]), int(ds.y.shape[0])
+        if n_x != n_y:
+            raise ValueError(f"{what} holds {n_x} samples in x but {n_y} labels in y; x (N, ...) and "
+                             f"y (N,) must hold the same number N of samples (one label per image)")
+        if n_y == 0:
+            raise ValueError(f"{what} is empty (0 samples); it needs at least one sample: load it with "
+                             f"n=None (the whole split) or n >= 1 (a subset)")
         if ds.x.device != device:
             raise ValueError(f"{what} is on {ds.x.device} but the model is on {device}; "
                              f"load the data with device={str(device)!r} or move it with .to()")
+        if not ds.x.dtype.is_floating_point:
+            raise ValueError(f"{what}.x has dtype {ds.x.dtype}; images must be floating point, "
+                             f"normalised as fa_study.data.load gives them ({dtype}, the model's "
+                             f"dtype): convert with fa_study.data.normalize(x_uint8, mean, std)")
+        if ds.x.dtype != dtype:
+            raise ValueError(f"{what}.x has dtype {ds.x.dtype} but the model's parameters are {dtype}; "
+                             f"allowed: x of the model's dtype. Convert the data (x.to({dtype})) or the "
+                             f"model (model.to({ds.x.dtype}))")
+        if ds.y.dtype.is_floating_point or ds.y.dtype.is_complex or ds.y.dtype == torch.bool \
+                or ds.y.dim() != 1:
+            raise ValueError(f"{what}.y has dtype {ds.y.dtype} and shape {tuple(ds.y.shape)}; labels "
+                             f"must be a 1-d integer tensor (int64) of class indices")
+        bad = int((~torch.isfinite(ds.x)).sum())
+        if bad:
+            raise ValueError(f"{what} has {bad} non-finite values in x (NaN or infinity); every input "
+                             f"must be finite: training on them makes the loss non-finite (the run "
+                             f"would read as diverged). Drop those samples or replace the values "
+                             f"(e.g. torch.nan_to_num)")
         if n_classes is None:  # a network without num_classes: the data's count
             n_classes = ds.num_classes
         if ds.num_classes != n_classes:
@@ -149,6 +184,15 @@ def check_data(model: nn.Module, train_ds: Dataset, test_ds: Dataset) -> None:
             raise ValueError(f"{what} has labels in [{lo}, {hi}], outside [0, {n_classes}) ({whose})")
     if not built:
         check_logits(model, train_ds.x[:2], n_classes)
+
+
+def long_labels(ds: Dataset) -> Dataset:
+    """``ds`` with int64 labels (cross-entropy's dtype): other integer labels are converted, a
+    lossless copy of ``y`` only; ``ds`` itself when they are int64 already."""
+    if ds.y.dtype == torch.int64:
+        return ds
+    return Dataset(ds.name, ds.split, ds.x, ds.y.to(torch.int64), ds.source, ds.num_classes, ds.mean,
+                   ds.std)
 
 
 @torch.no_grad()
@@ -197,7 +241,10 @@ def train(model: nn.Module, rule: Method, train_ds: Dataset, test_ds: Dataset,
     """
     _check_call(rule, cfg, pool, callback, callback_every, probe, probe_every)
     check_data(model, train_ds, test_ds)
+    train_ds, test_ds = long_labels(train_ds), long_labels(test_ds)
     rule.check_trainable(model)
+    if rule.ready:  # set up before: its state must fit this model and data (the rule says how)
+        rule.check_model(model, train_ds.num_classes)
     loop = _start(model, rule, train_ds, test_ds, cfg, hidden, pool)
     loop.callback, loop.callback_every = callback, callback_every
     loop.probe, loop.probe_every = probe, probe_every

@@ -163,7 +163,11 @@ class ControlPanel:
             bad = getattr(result, "cache_notes", None) or []
             recomputed = (f"; {len(bad)} cache entr{'y' if len(bad) == 1 else 'ies'} recomputed: "
                           + "; ".join(html_escape(n) for n in bad)) if bad else ""
-            self.status.value = f"done{cached}{recomputed}"
+            runs = getattr(getattr(result, "extra", None), "runs", None)
+            failed = int((runs["status"] == "error").sum()) if runs is not None and "status" in runs else 0
+            failures = (f"; <span style='color:#D55E00'>{failed} run{'' if failed == 1 else 's'} failed "
+                        "(the table and the notes give the error)</span>") if failed else ""
+            self.status.value = f"done{cached}{recomputed}{failures}"
         except Exception as exc:  # shown in the panel, never lost in the log console
             self.last_error = exc
             if buffer.getvalue():

@@ -5,6 +5,7 @@ import math
 import os
 import pickle
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -561,3 +562,450 @@ def test_a_worker_serves_a_unit_written_meanwhile_and_refuses_other_code(cache):
     pd.testing.assert_frame_equal(first[1], again[1])
     with pytest.raises(RuntimeError, match="other fa_study code"):
         fc._compute_unit(frame_unit, Spec(i=5), "0.0.0+otherc0de", str(cache), name, text)
+
+
+# ------------------------------------------------------------------------------ links, pipes, sizes
+
+SENTINEL = -999  # the frame a link would serve: never seen in a result
+
+
+def _stash_entry(root: Path, spec) -> Path:
+    """A valid entry of ``frame_unit(spec)`` under ``root`` (another cache), whose frame says
+    ``i == SENTINEL``: what a link to it would serve."""
+    sentinel = pd.DataFrame({"i": [SENTINEL], "v": [spec.lr]})
+    rc = ResultsCache(root, quiet=True)
+    assert rc.store(unit_name(frame_unit), spec_json(spec), code_fingerprint(), sentinel) == ""
+    return entry(root, frame_unit, spec)
+
+
+class Watched:
+    """A tree the cache must neither read, list, write nor remove anything in: its content is
+    remembered, and every access time set far in the past (with relatime or strictatime, any
+    read or listing moves it; mtimes move with any write)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.paths = [root, *sorted(root.rglob("*"))]
+        self.before = self._content()
+        self._arm()
+        self.inodes = {(os.lstat(p).st_dev, os.lstat(p).st_ino) for p in self.paths}
+
+    def _arm(self):
+        for p in self.paths:
+            if not p.is_symlink():
+                os.utime(p, (1000, 2000), follow_symlinks=False)
+
+    def _content(self):
+        return {str(p.relative_to(self.root)): p.read_bytes() if p.is_file() else "dir"
+                for p in sorted(self.root.rglob("*"))}
+
+    def assert_untouched(self, io=None):
+        times = {str(p): (os.lstat(p).st_atime, os.lstat(p).st_mtime) for p in self.paths
+                 if not p.is_symlink()}
+        assert all(t == (1000, 2000) for t in times.values()), times  # before reading it here
+        assert self._content() == self.before
+        if io is not None:
+            assert not ({k[:2] for k in io.opened} & self.inodes)  # never opened
+        self._arm()  # reading it here moved the access times
+
+
+@pytest.fixture
+def io_spy(monkeypatch):
+    """Every file the code opens with ``os.open``, and the bytes asked for (at most, in one
+    call) and read from each with ``os.read``; files by (device, inode, ctime), since a deleted
+    file's inode is soon reused."""
+    import types
+
+    spy = types.SimpleNamespace(opened=set(), asked={}, read={})
+
+    def key(st):
+        return st.st_dev, st.st_ino, st.st_ctime_ns
+    real_open, real_read = os.open, os.read
+
+    def spy_open(path, flags, mode=0o777, *, dir_fd=None):
+        fd = real_open(path, flags, mode, dir_fd=dir_fd)
+        spy.opened.add(key(os.fstat(fd)))
+        return fd
+
+    def spy_read(fd, n):
+        data = real_read(fd, n)
+        k = key(os.fstat(fd))
+        spy.asked[k] = max(spy.asked.get(k, 0), n)
+        spy.read[k] = spy.read.get(k, 0) + len(data)
+        return data
+
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(os, "read", spy_read)
+    return spy
+
+
+def _inode(p: Path):
+    st = os.lstat(p)
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def _within(seconds, fn, fifo=None):
+    """``fn()`` run in a thread that must finish within ``seconds``; a read blocked on
+    ``fifo`` is released afterwards, so that a failing test cannot hang the session."""
+    import threading
+
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            box["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        if fifo is not None:
+            try:  # a writer that closes at once gives the blocked reader its EOF
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+            t.join(5)
+        pytest.fail(f"reading the cache did not finish within {seconds} s (it waits on {fifo})")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _link_payload(cache, stash):  # the manifest, a regular file, matches what the link serves
+    d, s = entry(cache, frame_unit, Spec(i=3)), entry(stash, frame_unit, Spec(i=3))
+    shutil.copyfile(s / "manifest.json", d / "manifest.json")
+    (d / "frame-0.parquet").unlink()
+    (d / "frame-0.parquet").symlink_to(s / "frame-0.parquet")
+    return 1, "cache entry holds a symbolic link (frame-0.parquet)"
+
+
+def _link_manifest(cache, stash):
+    d, s = entry(cache, frame_unit, Spec(i=3)), entry(stash, frame_unit, Spec(i=3))
+    shutil.copyfile(s / "frame-0.parquet", d / "frame-0.parquet")
+    (d / "manifest.json").unlink()
+    (d / "manifest.json").symlink_to(s / "manifest.json")
+    return 1, "cache entry holds a symbolic link (manifest.json)"
+
+
+def _link_entry(cache, stash):
+    d = entry(cache, frame_unit, Spec(i=3))
+    shutil.rmtree(d)
+    d.symlink_to(entry(stash, frame_unit, Spec(i=3)), target_is_directory=True)
+    return 1, f"cache entry directory results/{unit_name(frame_unit)}/{d.name} is a symbolic link"
+
+
+def _link_unit(cache, stash):  # Spec(i=4) is not behind the link: it would be written there
+    u = cache / "results" / unit_name(frame_unit)
+    shutil.rmtree(u)
+    u.symlink_to(stash / "results" / unit_name(frame_unit), target_is_directory=True)
+    return 2, f"cache unit directory results/{unit_name(frame_unit)} is a symbolic link"
+
+
+def _link_results(cache, stash):
+    r = cache / "results"
+    shutil.rmtree(r)
+    r.symlink_to(stash / "results", target_is_directory=True)
+    return 2, "cache directory results/ is a symbolic link"
+
+
+def _link_dangling(cache, stash):
+    d = entry(cache, frame_unit, Spec(i=3))
+    shutil.rmtree(d)
+    d.symlink_to(stash / "nothing-here")
+    return 1, f"cache entry directory results/{unit_name(frame_unit)}/{d.name} is a symbolic link"
+
+
+def _link_stray(cache, stash):  # a link the manifest does not name, in a valid entry
+    (entry(cache, frame_unit, Spec(i=3)) / "extra").symlink_to(
+        entry(stash, frame_unit, Spec(i=3)) / "frame-0.parquet")
+    return 1, "cache entry holds a symbolic link (extra)"
+
+
+@pytest.mark.parametrize("where", ["outside", "inside"])
+@pytest.mark.parametrize("plant", [_link_payload, _link_manifest, _link_entry, _link_unit,
+                                   _link_results, _link_dangling, _link_stray],
+                         ids=lambda f: f.__name__[6:])
+def test_a_link_in_the_cache_is_a_fault_never_followed(cache, tmp_path, io_spy, where, plant):
+    run_units(frame_unit, [Spec(i=3), Spec(i=4)])
+    stash = tmp_path / "outside" if where == "outside" else cache / "stash"
+    _stash_entry(stash, Spec(i=3))
+    # a leftover of a killed writer behind the link: not to be removed through it
+    (stash / "results" / unit_name(frame_unit) / ".tmp-leftover").mkdir()
+    faults, fault = plant(cache, stash)
+    watch = Watched(stash)
+    io_spy.opened.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # faults are notes, never console output
+        out, stats = run_units(frame_unit, [Spec(i=3), Spec(i=4)])
+    watch.assert_untouched(io_spy)  # nothing read, listed, written or removed through the link
+    assert [int(o["i"].iloc[0]) for o in out] == [3, 4]  # the stash's SENTINEL is not served
+    assert (stats.hits, stats.computed, stats.recomputed) == (2 - faults, 0, faults)
+    assert len(stats.notes) == faults
+    for i, note in zip((3, 4), stats.notes):
+        assert note == f"unit Spec(i={i}): {fault}, recomputed"
+    for spec in (Spec(i=3), Spec(i=4)):  # replaced by real directories of real files
+        d = entry(cache, frame_unit, spec)
+        for p in (cache / "results", d.parent, d, *d.iterdir()):
+            assert not p.is_symlink(), p
+    _, again = run_units(frame_unit, [Spec(i=3), Spec(i=4)])
+    assert again.hits == 2 and not again.notes and len(CALLS) == 2 + faults
+    watch.assert_untouched(io_spy)
+
+
+def test_a_unit_directory_linked_outside_gets_nothing_written_there(cache, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    old = outside / ".tmp-0123-killed-writer"  # a stale leftover, as the cache would remove it
+    old.mkdir()
+    os.utime(old, (1000, 2000))
+    (cache / "results").mkdir(parents=True)
+    unit_dir = cache / "results" / unit_name(frame_unit)
+    unit_dir.symlink_to(outside, target_is_directory=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, stats = run_units(frame_unit, [Spec(i=1)])
+    assert [p.name for p in outside.iterdir()] == [old.name]  # nothing written nor removed there
+    assert stats.recomputed == 1 and "unit directory" in stats.notes[0]
+    assert "symbolic link" in stats.notes[0] and int(out[0]["i"].iloc[0]) == 1
+    assert not unit_dir.is_symlink() and [p.name for p in unit_dir.iterdir()] == [spec_key(Spec(i=1))]
+    # a link in place of results/ itself: clear_cache() removes the link, not what it points at
+    shutil.rmtree(cache / "results")
+    (cache / "results").symlink_to(outside, target_is_directory=True)
+    (outside / "some.unit" / "0123abcd").mkdir(parents=True)  # what would pass for an entry
+    assert ResultsCache().entries() == []  # not listed through the link
+    clear_cache()
+    assert not (cache / "results").exists() and (outside / "some.unit" / "0123abcd").is_dir()
+    assert sorted(p.name for p in outside.iterdir()) == [old.name, "some.unit"]
+
+
+def test_nothing_is_written_where_the_root_no_longer_resolves(tmp_path):
+    root = tmp_path / "cache"
+    rc = ResultsCache(root, quiet=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root.rename(tmp_path / "moved")  # the root swapped for a link after the cache was opened
+    root.symlink_to(outside, target_is_directory=True)
+    text, fp = spec_json(Spec(i=1)), code_fingerprint()
+    note = rc.store(unit_name(frame_unit), text, fp, frame_unit(Spec(i=1), fp))
+    assert note.startswith("result kept in memory only") and "outside the cache root" in note
+    assert list(outside.iterdir()) == []
+    assert rc.load(unit_name(frame_unit), text, fp).status == "hit"  # kept in memory
+
+
+def _unix_socket(path: Path):
+    import socket
+
+    here = os.getcwd()
+    os.chdir(path.parent)  # a socket's path may hold ~100 characters: bind a relative name
+    try:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(path.name)
+    finally:
+        os.chdir(here)
+    return sock
+
+
+@pytest.mark.parametrize("name", ["frame-0.parquet", "manifest.json"])
+@pytest.mark.parametrize("kind", ["named pipe", "socket", "character device", "directory"])
+def test_only_regular_files_are_read_from_the_cache(cache, io_spy, name, kind):
+    run_units(frame_unit, [Spec(i=3), Spec(i=4)])
+    p = entry(cache, frame_unit, Spec(i=3)) / name
+    p.unlink()
+    sock = None
+    if kind == "named pipe":
+        os.mkfifo(p)
+    elif kind == "socket":
+        sock = _unix_socket(p)
+    elif kind == "character device":  # /dev/null's numbers (not /dev/zero's: a regression
+        try:                             # would then fail, not exhaust the memory)
+            os.mknod(p, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+        except OSError as exc:
+            pytest.skip(f"cannot make a device node here ({exc})")
+    else:
+        p.mkdir()
+    inode = _inode(p)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out, stats = _within(60, lambda: run_units(frame_unit, [Spec(i=3), Spec(i=4)]),
+                                 p if kind == "named pipe" else None)
+    finally:
+        if sock is not None:
+            sock.close()
+    assert (stats.hits, stats.computed, stats.recomputed) == (1, 0, 1)
+    assert stats.notes == [f"unit Spec(i=3): cache file {name} is a {kind}, recomputed"]
+    if kind != "directory":  # (removing the replaced entry opens a directory to empty it)
+        assert inode not in io_spy.opened  # never opened, let alone read
+    assert [int(o["i"].iloc[0]) for o in out] == [3, 4]
+    assert p.is_file() and not p.is_symlink()  # the entry was replaced
+    assert run_units(frame_unit, [Spec(i=3), Spec(i=4)])[1].hits == 2
+
+
+def _sparse_payload(d):  # 3 GiB, costs no disk
+    with open(d / "frame-0.parquet", "r+b") as f:
+        f.truncate(3 * 2**30)
+    return d / "frame-0.parquet", ("cache entry altered (frame-0.parquet: 3,221,225,472 bytes, "
+                                   "the manifest says")
+
+
+def _sparse_manifest(d):
+    with open(d / "manifest.json", "r+b") as f:
+        f.truncate(3 * 2**30)
+    return d / "manifest.json", "cache manifest is larger (3,221,225,472 bytes) than a manifest may be"
+
+
+def _manifest_one_byte_over(d):  # valid JSON (trailing spaces are allowed), one byte too long
+    p = d / "manifest.json"
+    text = p.read_bytes()
+    p.write_bytes(text + b" " * (fc.MANIFEST_MAX_BYTES + 1 - len(text)))
+    return p, f"cache manifest is larger ({fc.MANIFEST_MAX_BYTES + 1:,} bytes) than"
+
+
+def _declared_huge(d):  # a forged manifest declaring 3 GiB, and a sparse file of that size
+    man = json.loads((d / "manifest.json").read_text())
+    man["files"]["frame-0.parquet"]["bytes"] = 3 * 2**30
+    (d / "manifest.json").write_text(json.dumps(man))
+    _sparse_payload(d)
+    return d / "frame-0.parquet", ("cache manifest declares 3,221,225,472 bytes for "
+                                   "frame-0.parquet, more than a cache file may hold")
+
+
+@pytest.mark.parametrize("damage", [_sparse_payload, _sparse_manifest, _manifest_one_byte_over,
+                                    _declared_huge], ids=lambda f: f.__name__[1:])
+def test_an_oversized_file_is_refused_before_it_is_read(cache, io_spy, damage):
+    run_units(frame_unit, [Spec(i=3), Spec(i=4)])
+    big, needle = damage(entry(cache, frame_unit, Spec(i=3)))
+    inode = _inode(big)
+    out, stats = run_units(frame_unit, [Spec(i=3), Spec(i=4)])
+    assert (stats.hits, stats.recomputed) == (1, 1) and len(stats.notes) == 1
+    assert stats.notes[0].startswith(f"unit Spec(i=3): {needle}"), stats.notes[0]
+    assert io_spy.asked.get(inode, 0) <= 2  # nothing but the 2-byte pickle check of each file
+    assert [int(o["i"].iloc[0]) for o in out] == [3, 4]
+    assert entry(cache, frame_unit, Spec(i=3)).joinpath(big.name).stat().st_size < 2**20
+
+
+def test_a_hit_reads_no_more_than_the_manifest_declares(cache, io_spy):
+    run_units(frame_unit, [Spec(i=3)])
+    d = entry(cache, frame_unit, Spec(i=3))
+    payload = d / "frame-0.parquet"
+    man = json.loads((d / "manifest.json").read_text())
+    declared = man["files"]["frame-0.parquet"]["bytes"]
+    # a manifest of exactly the largest size allowed is still read and served
+    text = (d / "manifest.json").read_bytes()
+    (d / "manifest.json").write_bytes(text + b" " * (fc.MANIFEST_MAX_BYTES - len(text)))
+    io_spy.asked.clear()
+    io_spy.read.clear()
+    out, stats = run_units(frame_unit, [Spec(i=3)])
+    assert stats.hits == 1 and int(out[0]["i"].iloc[0]) == 3
+    # the payload once (asking for one byte more than declared, to see the end of the file),
+    # plus the 2 bytes of the pickle check
+    assert io_spy.read[_inode(payload)] == declared + 2
+    assert io_spy.asked[_inode(payload)] == declared + 1
+    assert io_spy.read[_inode(d / "manifest.json")] == fc.MANIFEST_MAX_BYTES
+    assert io_spy.asked[_inode(d / "manifest.json")] == fc.MANIFEST_MAX_BYTES + 1
+
+
+def test_the_payload_size_limit_is_checked_when_reading_and_writing(cache, monkeypatch):
+    run_units(frame_unit, [Spec(i=3)])
+    d = entry(cache, frame_unit, Spec(i=3))
+    size = json.loads((d / "manifest.json").read_text())["files"]["frame-0.parquet"]["bytes"]
+    monkeypatch.setattr(fc, "PAYLOAD_MAX_BYTES", size)  # exactly the limit: served and stored
+    assert run_units(frame_unit, [Spec(i=3)])[1].hits == 1
+    fp = code_fingerprint()
+    assert ResultsCache().store(unit_name(frame_unit), spec_json(Spec(i=3)), fp,
+                                frame_unit(Spec(i=3), fp)) == ""
+    monkeypatch.setattr(fc, "PAYLOAD_MAX_BYTES", size - 1)  # one byte over: refused, not stored
+    out, stats = run_units(frame_unit, [Spec(i=3)])
+    assert stats.recomputed == 1 and "more than a cache file may hold" in stats.notes[0]
+    assert "result not cached" in stats.notes[1] and int(out[0]["i"].iloc[0]) == 3
+
+
+@pytest.mark.parametrize("swap", ["named pipe", "symbolic link", "entry directory"])
+def test_what_is_swapped_in_between_the_check_and_the_open_is_still_refused(
+        cache, tmp_path, monkeypatch, swap):
+    """The second line of defence: a file or directory replaced by a pipe or a link after it
+    was checked (lstat) and before it is opened is refused by the open itself (O_NONBLOCK,
+    O_NOFOLLOW) and its fstat."""
+    run_units(frame_unit, [Spec(i=3)])
+    d = entry(cache, frame_unit, Spec(i=3))
+    outside = tmp_path / "outside"
+    s = _stash_entry(outside, Spec(i=3))
+    shutil.copyfile(s / "manifest.json", d / "manifest.json")  # what the link would match
+    watch = Watched(outside)
+    swapped = []
+    real_open, real_lstat = fc._Dir.open, fc._Dir.lstat
+
+    def racing_open(self, name, flags):  # swaps the payload once the manifest has been read
+        if name == "manifest.json":
+            swapped.append("manifest read")
+        elif name == "frame-0.parquet" and swap != "entry directory" and swapped == ["manifest read"]:
+            p = self.path / name
+            p.unlink()
+            os.mkfifo(p) if swap == "named pipe" else p.symlink_to(s / name)
+            swapped.append(p)
+        return real_open(self, name, flags)
+
+    def racing_lstat(self, name):
+        st = real_lstat(self, name)
+        if name == d.name and swap == "entry directory" and d not in swapped:
+            d.rename(d.with_name("moved-away"))
+            d.symlink_to(s, target_is_directory=True)
+            swapped.append(d)
+        return st
+
+    monkeypatch.setattr(fc._Dir, "open", racing_open)
+    monkeypatch.setattr(fc._Dir, "lstat", racing_lstat)
+    out, stats = _within(60, lambda: run_units(frame_unit, [Spec(i=3)]),
+                         d / "frame-0.parquet" if swap == "named pipe" else None)
+    assert len(swapped) >= 1 + (swap != "entry directory")  # the race happened
+    assert stats.recomputed == 1 and int(out[0]["i"].iloc[0]) == 3
+    if swap == "entry directory":
+        assert stats.notes == [f"unit Spec(i=3): cache entry directory results/"
+                               f"{unit_name(frame_unit)}/{d.name} is a symbolic link or not a "
+                               f"directory, recomputed"]
+    else:
+        assert stats.notes == [f"unit Spec(i=3): cache file frame-0.parquet is a {swap}, recomputed"]
+    watch.assert_untouched()
+
+
+def test_files_are_created_never_written_through_a_link(tmp_path):
+    target = tmp_path / "target"
+    target.write_bytes(b"keep")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with pytest.raises(FileExistsError):
+        fc._write_new(link, b"overwritten")
+    assert target.read_bytes() == b"keep"
+    fc._write_new(tmp_path / "new", b"data")
+    assert (tmp_path / "new").read_bytes() == b"data"
+
+
+def test_a_manifest_that_grows_after_its_size_was_checked_is_refused(cache, monkeypatch):
+    run_units(frame_unit, [Spec(i=3)])
+    man = entry(cache, frame_unit, Spec(i=3)) / "manifest.json"
+    real, grown = fc._read_fd, []
+
+    def growing(fd, limit):  # between the fstat and the read: valid JSON, one byte too long
+        if limit == fc.MANIFEST_MAX_BYTES + 1 and not grown:
+            with open(man, "ab") as f:
+                f.write(b" " * fc.MANIFEST_MAX_BYTES)
+            grown.append(man)
+        return real(fd, limit)
+
+    monkeypatch.setattr(fc, "_read_fd", growing)
+    out, stats = run_units(frame_unit, [Spec(i=3)])
+    assert grown and int(out[0]["i"].iloc[0]) == 3
+    assert stats.notes == ["unit Spec(i=3): cache manifest is larger than a manifest may be "
+                           f"({fc.MANIFEST_MAX_BYTES:,} bytes), recomputed"]
+
+
+@pytest.mark.parametrize("size", [-1, True, 1.5, "2111", None])
+def test_a_manifest_declaring_a_size_that_is_not_a_count_is_refused(cache, size):
+    def forge(d):
+        man = json.loads((d / "manifest.json").read_text())
+        man["files"]["frame-0.parquet"]["bytes"] = size
+        (d / "manifest.json").write_text(json.dumps(man))
+
+    assert "malformed file entry" in _damage_and_rerun(cache, forge)

@@ -284,8 +284,44 @@ def _corrupt_gzip_truncated(raw):
     return gz
 
 
+def _corrupt_images_padded(raw):
+    p = raw / "train-images-idx3-ubyte"
+    p.write_bytes(p.read_bytes() + b"\0" * 100)
+    return p
+
+
+def _corrupt_gzip_bomb(raw):
+    """The labels' header declares 30 labels; the stream inflates to 20 MB of zeros."""
+    p = raw / "train-labels-idx1-ubyte"
+    head = p.read_bytes()[:8]
+    p.unlink()
+    gz = raw / "train-labels-idx1-ubyte.gz"
+    gz.write_bytes(gzip.compress(head + bytes(20 * 2**20), 9))
+    return gz
+
+
+def _corrupt_gzip_short(raw):
+    """An intact gzip stream that inflates to less than its header declares."""
+    p = raw / "train-images-idx3-ubyte"
+    blob = p.read_bytes()[:-784]
+    p.unlink()
+    gz = raw / "train-images-idx3-ubyte.gz"
+    gz.write_bytes(gzip.compress(blob))
+    return gz
+
+
+def _corrupt_absurd_header(raw):
+    p = raw / "train-images-idx3-ubyte"
+    p.write_bytes(struct.pack(">IIII", 0x0803, 10**9, 28, 28) + bytes(100))
+    return p
+
+
 @pytest.mark.parametrize("corrupt,needle", [
     (_corrupt_images_truncated, "truncated"),
+    (_corrupt_images_padded, "100 bytes more than its header"),
+    (_corrupt_gzip_bomb, "decompresses to more than its header declares"),
+    (_corrupt_gzip_short, "truncated"),
+    (_corrupt_absurd_header, "more than any dataset file"),
     (_corrupt_bad_magic, "bad magic number 0x12345678"),
     (_corrupt_zero_bytes, "empty (0 bytes)"),
     (_corrupt_counts_differ, "holds 200 images but"),
@@ -318,6 +354,175 @@ def test_read_idx_round_trip_and_header(tmp_path):
     extra.write_bytes(extra.read_bytes() + b"\0\0")
     with pytest.raises(ValueError, match="2 bytes more than its header"):
         data.read_idx(extra)
+
+
+def _idx_blob(shape, dtype_code=0x08, itemsize=1, data=None) -> bytes:
+    head = struct.pack(">I", dtype_code << 8 | len(shape)) + struct.pack(">" + "I" * len(shape), *shape)
+    n = int(np.prod(shape)) * itemsize
+    return head + (bytes(n) if data is None else data)
+
+
+def _peak_bytes(fn):
+    """``(result or exception, peak bytes allocated by Python)`` while ``fn`` runs."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        try:
+            out = fn()
+        except Exception as exc:  # noqa: BLE001 - returned for the caller to check
+            out = exc
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_gzip_bomb_is_refused_without_inflating_it(tmp_path):
+    bomb = tmp_path / "labels-idx1-ubyte.gz"
+    bomb.write_bytes(gzip.compress(_idx_blob((10,)) + bytes(20 * 2**20), 9))
+    assert bomb.stat().st_size < 100_000  # 20 MB of zeros in a small file
+    err, peak = _peak_bytes(lambda: data.read_idx(bomb))
+    assert isinstance(err, ValueError), err
+    assert "decompresses to more than its header declares" in str(err) and str(bomb) in str(err)
+    assert peak < 2 * 2**20, peak  # never inflated: at most the declared size and one chunk
+    # the same when the declared data outlasts the first read (the header's 1,024 bytes)
+    bomb.write_bytes(gzip.compress(_idx_blob((5000,)) + bytes(20 * 2**20), 9))
+    err, peak = _peak_bytes(lambda: data.read_idx(bomb))
+    assert isinstance(err, ValueError) and "decompresses to more than its header" in str(err), err
+    assert peak < 2 * 2**20, peak
+    # one byte too many is refused as well; exactly the declared size is read
+    one_more = tmp_path / "one-more-idx1-ubyte.gz"
+    one_more.write_bytes(gzip.compress(_idx_blob((10,)) + b"\1"))
+    with pytest.raises(ValueError, match="decompresses to more than its header declares"):
+        data.read_idx(one_more)
+    exact = tmp_path / "exact-idx1-ubyte.gz"
+    exact.write_bytes(gzip.compress(_idx_blob((10,), data=bytes(range(10)))))
+    assert data.read_idx(exact).tolist() == list(range(10))
+    # more than the first read (the header's 1,024 bytes) inflates: refused the same way
+    big = tmp_path / "big-idx3-ubyte.gz"
+    big.write_bytes(gzip.compress(_idx_blob((3, 28, 28)) + bytes(5000)))
+    with pytest.raises(ValueError, match="decompresses to more than its header declares"):
+        data.read_idx(big)
+
+
+def test_a_plain_idx_file_must_have_the_size_its_header_declares(tmp_path):
+    p = tmp_path / "images-idx3-ubyte"
+    blob = _idx_blob((2, 3, 4), data=bytes(range(24)))
+    for extra, needle in ((b"\0" * 7, "7 bytes more than its header"), (b"", None)):
+        p.write_bytes(blob + extra)
+        if needle is None:
+            assert data.read_idx(p).shape == (2, 3, 4)
+            continue
+        with pytest.raises(ValueError) as err:
+            data.read_idx(p)
+        msg = str(err.value)
+        assert needle in msg and str(p) in msg and "holds 47 bytes" in msg and "announces 40" in msg
+    p.write_bytes(blob[:-5])
+    with pytest.raises(ValueError) as err:
+        data.read_idx(p)
+    msg = str(err.value)
+    assert "truncated" in msg and str(p) in msg and "(40 bytes with the header)" in msg \
+        and "holds 35 bytes" in msg
+    # a padded file is refused from its size, before its data is read: a sparse 3 GiB tail
+    with open(p, "wb") as f:
+        f.write(blob)
+        f.truncate(3 * 2**30)  # sparse: costs no disk
+    err, peak = _peak_bytes(lambda: data.read_idx(p))
+    assert isinstance(err, ValueError) and "3,221,225,432 bytes more than its header" in str(err)
+    assert peak < 2 * 2**20, peak
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_an_idx_header_declaring_an_absurd_size_is_refused_before_allocating(tmp_path, gz):
+    p = tmp_path / ("absurd-idx3-ubyte" + (".gz" if gz else ""))
+    head = struct.pack(">IIII", 0x0803, 2**32 - 1, 2**32 - 1, 2**32 - 1)
+    p.write_bytes(gzip.compress(head + bytes(64)) if gz else head + bytes(64))
+    for read in (data.read_idx, data.read_idx_header):
+        err, peak = _peak_bytes(lambda: read(p))
+        assert isinstance(err, ValueError), err
+        assert "more than any dataset file" in str(err) and str(p) in str(err)
+        assert peak < 2 * 2**20, peak
+    # 10^12 items in three dimensions; and a count over the limit only once the element size
+    # (4-byte ints) counts
+    for head in (struct.pack(">IIII", 0x0803, 10**4, 10**4, 10**4),
+                 struct.pack(">II", 0x0C01, 2**26 + 1)):
+        p.write_bytes(gzip.compress(head + bytes(8)) if gz else head + bytes(8))
+        with pytest.raises(ValueError, match="more than any dataset file"):
+            data.read_idx(p)
+
+
+def test_the_idx_size_limit_is_the_declared_data_size(tmp_path, monkeypatch):
+    assert data.IDX_MAX_DATA_BYTES >= 60000 * 28 * 28  # the largest real file fits
+    p = tmp_path / "ints-idx1-ubyte"
+    p.write_bytes(_idx_blob((6,), 0x0C, 4, struct.pack(">6i", *range(-3, 3))))
+    monkeypatch.setattr(data, "IDX_MAX_DATA_BYTES", 24)  # exactly the declared data: accepted
+    assert data.read_idx(p).tolist() == list(range(-3, 3))
+    monkeypatch.setattr(data, "IDX_MAX_DATA_BYTES", 23)
+    with pytest.raises(ValueError, match="24 bytes of data, more than any dataset file"):
+        data.read_idx(p)
+
+
+def _within(seconds, fn, fifo=None):
+    """``fn()`` run in a thread that must finish within ``seconds`` (a read blocked on
+    ``fifo`` is released afterwards, so that a failing test cannot hang the session)."""
+    import threading
+
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            box["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        if fifo is not None:
+            try:  # a writer that closes at once gives the blocked reader its EOF
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+            t.join(5)
+        pytest.fail(f"the read did not finish within {seconds} s (it waits on {fifo})")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "fifo.gz", "link to a fifo", "directory", "device"])
+def test_the_idx_reader_opens_only_regular_files(tmp_path, kind):
+    fifo = None
+    if kind.startswith("fifo"):
+        p = fifo = tmp_path / ("labels-idx1-ubyte" + (".gz" if kind.endswith(".gz") else ""))
+        os.mkfifo(p)
+        what = "a named pipe"
+    elif kind == "link to a fifo":
+        fifo = tmp_path / "pipe"
+        os.mkfifo(fifo)
+        p = tmp_path / "labels-idx1-ubyte"
+        p.symlink_to(fifo)
+        what = "a named pipe"
+    elif kind == "directory":
+        p = tmp_path / "labels-idx1-ubyte"
+        p.mkdir()
+        what = "a directory"
+    else:
+        p = Path(os.devnull)  # (not /dev/zero: a regression would then fail, not exhaust the memory)
+        if not p.is_char_device():
+            pytest.skip(f"{os.devnull} is not a character device here")
+        what = "a character device"
+    for read in (data.read_idx, data.read_idx_header):
+        with pytest.raises(ValueError) as err:
+            _within(30, lambda: read(p), fifo)
+        assert f"it is {what}, not a regular file" in str(err.value) and str(p) in str(err.value)
+    # a link to a regular file (a dataset kept elsewhere) is still read
+    target = tmp_path / "real-idx1-ubyte"
+    target.write_bytes(_idx_blob((3,), data=b"\1\2\3"))
+    link = tmp_path / "linked-idx1-ubyte"
+    link.symlink_to(target)
+    assert data.read_idx(link).tolist() == [1, 2, 3]
 
 
 # ---------------------------------------------------------------------------- tensor cache
@@ -377,6 +582,36 @@ def test_corrupt_cache_is_rebuilt(fresh_data_state, monkeypatch):
     with pytest.warns(UserWarning, match="unreadable dataset cache"):
         again = data.load("mnist", "test", device="cpu")
     assert torch.equal(first.x, again.x)
+
+
+@pytest.mark.parametrize("kind", ["link", "fifo"])
+def test_a_tensor_cache_entry_that_is_not_a_regular_file_is_rebuilt_never_followed(
+        fresh_data_state, monkeypatch, tmp_path, kind):
+    written = write_fake_mnist(fresh_data_state)
+    data.load("mnist", "test", device="cpu", verbose=False)
+    (cache,) = _cache_entries("mnist", "test")
+    blob = torch.load(cache, weights_only=True)
+    cache.unlink()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    if kind == "link":  # a valid entry (same key) whose images are all zero: what a link would serve
+        sentinel = outside / "entry.pt"
+        torch.save({**blob, "x": torch.zeros_like(blob["x"])}, sentinel)
+        cache.symlink_to(sentinel)
+        before = sentinel.read_bytes()
+        os.utime(sentinel, (1000, 2000))  # relatime: any read moves the access time
+    else:
+        os.mkfifo(cache)
+    monkeypatch.setattr(data, "_MEMO", {})
+    with pytest.warns(UserWarning, match=f"it is a {'symbolic link' if kind == 'link' else 'named pipe'}"):
+        again = _within(60, lambda: data.load("mnist", "test", device="cpu", verbose=False),
+                        cache if kind == "fifo" else None)
+    assert torch.equal(again.y, torch.as_tensor(written["test"][1], dtype=torch.int64))
+    assert torch.equal(again.x, _expected(written["test"][0][:, None], data.SPECS["mnist"]))
+    assert cache.is_file() and not cache.is_symlink()  # rebuilt in place of the link / pipe
+    if kind == "link":
+        assert os.stat(sentinel).st_atime == 1000  # never read
+        assert sentinel.read_bytes() == before and [p.name for p in outside.iterdir()] == ["entry.pt"]
 
 
 @pytest.mark.parametrize("tamper,needle", [

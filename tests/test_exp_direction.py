@@ -153,7 +153,11 @@ def test_view_draws_one_figure(module_cache):
 def test_view_with_every_run_diverged_says_so(module_cache):
     res = direction_view(DirectionStudy.for_profile("quick", lr=1e6, **TINY))
     assert set(res.audit.runs["status"]) == {"diverged"}
-    assert res.figures == [] and res.table.empty and res.readings.empty
+    assert res.figures == [] and res.readings.empty
+    # the table still has a row per arm: nothing read, and why
+    t = res.table.set_index("arm")
+    assert list(t.index) == ["dfa", "dfa λ=0.01"] and (t["status"] == "diverged").all()
+    assert (t["reading"] == "n/a").all() and (t["n"] == 0).all() and (t["error"] == "").all()
     assert "No run finished: nothing to read." in res.notes
     assert any(n.startswith("Diverged runs") and "dfa λ=0.01 (seed 3)" in n for n in res.notes)
 

@@ -39,6 +39,10 @@ def tiny(rule="dfa", seed=0, **kw):
     (dict(model="resmlp"), "RunSpec.model must be a ModelSpec"),
     (dict(train=dict(epochs=1)), "RunSpec.train must be a TrainConfig"),
     (dict(seed=1.5), "seed"),
+    # kolen_pollack's decay of B is W's own under SGD: lr * wd / (1 - momentum) = 1.25 >= 1
+    (dict(rule="kolen_pollack", model=ModelSpec("mlp", 8, 0), data=DataSpec("mnist", 64, 32),
+          train=TrainConfig(epochs=1, optimizer="sgd", lr=0.05, momentum=0.98, weight_decay=0.5)),
+     "kolen_pollack's derived decay of B is 1.25"),
 ])
 def test_run_spec_is_validated_when_built(kw, message):
     with pytest.raises(ValueError, match=message):
@@ -159,18 +163,40 @@ def test_execute_relays_live_records_and_reads_probes():
     assert probes["cos_1"].sub(1.0).abs().max() < 1e-5  # the output layer's update is BP's
 
 
-def test_execute_records_a_run_that_raises_as_an_error():
-    # kolen_pollack's decay of B is W's own under SGD: lr * wd / (1 - momentum) = 1.25 >= 1
-    spec = RunSpec(rule="kolen_pollack", model=ModelSpec("mlp", 8, 0), data=DataSpec("mnist", 64, 32),
-                   train=TrainConfig(epochs=1, optimizer="sgd", lr=0.05, momentum=0.98, weight_decay=0.5),
-                   read=ReadSpec(audit=False, direction=False))
+def test_execute_records_a_run_that_raises_as_an_error(monkeypatch):
+    # what a spec can know is refused when it is built (test_bad_inputs); a rule that fails while
+    # it trains is recorded, and the sweep goes on
+    from fa_study.rules import DFA
+
+    def broken(self, model, ctx):
+        raise RuntimeError("feedback exploded")
+
+    monkeypatch.setattr(DFA, "signals", broken)
+    spec = tiny("dfa", read=ReadSpec(audit=False, direction=False))
     p = execute(spec, "fp")
     run = p["run"].iloc[0]
     assert run["status"] == "error" and math.isnan(run["test_acc"])
-    assert run["error"].startswith("ValueError: kolen_pollack's derived decay of B is 1.25")
+    assert run["error"] == "RuntimeError: feedback exploded"
     assert "Traceback" in run["traceback"]
     assert p["report"] is None and p["history"].empty and p["probes"].empty
     assert all(math.isnan(run[c]) for c in runs.INIT_RATIO_COLUMNS)  # not audited: NaN
+
+
+def test_a_reading_that_raises_marks_the_run_and_keeps_its_history(monkeypatch):
+    # the run trained; reading it failed: status "error" naming the reading, the history kept
+    import fa_study.diagnostics as diagnostics
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("reading exploded")
+
+    monkeypatch.setattr(diagnostics, "direction_quality", broken)
+    spec = tiny("dfa", read=ReadSpec(audit=True, direction=True))
+    p = execute(spec, "fp")
+    run = p["run"].iloc[0]
+    assert run["status"] == "error"
+    assert run["error"] == "reading the trained network: RuntimeError: reading exploded"
+    assert not p["history"].empty and p["history"]["status"].iloc[-1] == "ok"
+    assert math.isfinite(run["test_acc"]) and math.isfinite(run["max_growth"])  # the audit before it
 
 
 # ---------------------------------------------------------------------------- growth since init

@@ -317,10 +317,10 @@ def test_max_loss_is_configurable():
 
 
 def test_a_non_finite_loss_is_a_blow_up():
-    bad = _toy(96, "train", 1)
-    bad.x[5] = float("nan")  # one poisoned sample: the batch holding it has a NaN loss
-    cfg = _cfg(log_every=1, max_loss=1e30)
-    _, _, hist = _run("bp", cfg=cfg, train_ds=bad)
+    model, rule = _build("bp")
+    with torch.no_grad():
+        model.out_head.bias[0] = float("nan")  # a poisoned weight: every batch's loss is NaN
+    hist = train(model, rule, TRAIN, TEST, _cfg(log_every=1, max_loss=1e30))
     assert hist.attrs["status"] == "diverged"
     assert hist["diverged_reason"].iloc[-1] == "training loss not finite (nan)"
     assert math.isnan(hist["train_loss"].iloc[-1]) and int(hist["diverged_epoch"].iloc[0]) == 1

@@ -17,3 +17,5 @@ from .learned import LearnedStudy, learned_summary, learned_view, run_learned  #
 from .penalty import PenaltyStudy, penalty_runs, penalty_summary, penalty_view, run_penalty  # noqa: F401
 from .direction import (DirectionStudy, direction_readings, direction_summary, direction_view,  # noqa: F401
                         run_direction)
+from .own_network import (OwnNetworkRuns, OwnNetworkStudy, build_network, own_network_view,  # noqa: F401
+                          run_own_network, train_plain)

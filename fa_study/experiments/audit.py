@@ -34,7 +34,7 @@ from typing import Callable
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from ..config import check_choice, check_float, check_int, check_seeds, get_profile
+from ..config import MAX_BLOCKS, MAX_WIDTH, check_choice, check_float, check_int, check_seeds, get_profile
 from ..data import DATASETS
 from ..diagnostics import D2_FLOOR, D3_MARGIN_PP, PROTOCOL_EVAL
 from ..rules import D3_BASELINE, RULES, get_rule
@@ -148,8 +148,10 @@ class AuditStudy(Study):
         check_float("penalty", self.penalty, 0.0)
         check_float("lr", self.lr, 0.0, low_open=True)
         check_int("epochs", self.epochs, 1)
-        check_int("d", self.d, 1, none_ok=True, none_means="the reference's width")
-        check_int("num_blocks", self.num_blocks, 0, none_ok=True, none_means="the reference's depth")
+        check_int("d", self.d, 1, MAX_WIDTH, none_ok=True, none_means="the reference's width",
+                  bound="fa_study.config.MAX_WIDTH")
+        check_int("num_blocks", self.num_blocks, 0, MAX_BLOCKS, none_ok=True,
+                  none_means="the reference's depth", bound="fa_study.config.MAX_BLOCKS")
         check_int("n_train", self.n_train, 1, none_ok=True, none_means="the whole split")
         check_int("n_test", self.n_test, 1, none_ok=True, none_means="the whole split")
         check_int("null_draws", self.null_draws, 0)
@@ -246,13 +248,16 @@ def verdict_table(results: Results) -> pd.DataFrame:
             row[f"{flag}_fired"] = "—" if (flag == "d3" and frozen) else f"{fired}/{len(sub_ok)}"
         row["verdict"] = "baseline" if frozen else _verdicts_text(sub["verdict"])
         row["diverged"] = int((sub["status"] != "ok").sum())
-        row["data_source"] = ", ".join(sorted(sub["data_source"].dropna().unique()))
+        row["data_source"] = ", ".join(s for s in sorted(sub["data_source"].dropna().unique()) if s)
+        failed = sub[sub["status"] == "error"]
+        row["error"] = "; ".join(f"seed {r['seed']}: {r.get('error', '') or 'error'}"
+                                 for r in failed.to_dict("records"))
         rows.append(row)
     out = pd.DataFrame(rows).rename(columns={"model": "arch", "arm": "rule"})
     text = [f"{c}_text" for c in cols]
     raw = [c for c in cols] + [f"{c}_ci" for c in cols]
     return out[["arch", "rule", "n", "n_rows", *text, "d1_fired", "d2_fired", "d3_fired", "verdict", "diverged",
-                "data_source", *raw]]
+                "error", "data_source", *raw]]
 
 
 def _log_profile(frame: pd.DataFrame, x: str, y: str, *, ax, title: str, ylabel: str):
@@ -288,15 +293,20 @@ def audit_figures(results: Results) -> list:
     sources = sorted(runs["data_source"].dropna().unique())
     figs = []
 
-    # 1. accuracy against the frozen baseline
+    # 1. accuracy against the frozen baseline: one bar per rule (mean), a dot per seed, the
+    # 95 % CI from three seeds on; a rule whose runs failed or diverged reads so under its bar
     fig, axes = plt.subplots(1, len(archs), figsize=(max(5.6, 4.6 * len(archs)), 3.6), squeeze=False)
     table = verdict_table(results)
+    done = runs[runs["status"] == "ok"]
     for ax, arch in zip(axes[0], archs):
         t = table[(table["arch"] == arch) & (table["verdict"] != "baseline")]
-        frozen = table.loc[(table["arch"] == arch) & (table["rule"] == D3_BASELINE), "test_acc"]
+        frozen = table.loc[(table["arch"] == arch) & (table["rule"] == D3_BASELINE), "test_acc"].dropna()
         ref = float(frozen.iloc[0]) if len(frozen) else None
+        mine = done[done["model"] == arch]  # the table's "rule" column holds the arm labels
+        points = pd.DataFrame({"rule": mine["arm"], "test_acc": mine["test_acc"]})
         plots.plot_bars(t.assign(test_acc_ci=t["test_acc_ci"].fillna(0.0)), "test_acc", group="rule",
-                        ax=ax, err="test_acc_ci", reference=ref, reference_label="frozen blocks",
+                        ax=ax, err="test_acc_ci", n="n", points=points,
+                        reference=ref, reference_label="frozen blocks",
                         ylabel="test accuracy", title=f"{arch}: accuracy vs frozen blocks")
         if ref is not None:
             ax.axhline(ref + D3_MARGIN_PP / 100, color="k", ls=":", lw=0.8, label=f"frozen + {D3_MARGIN_PP:g} pp (D3)")
@@ -306,17 +316,21 @@ def audit_figures(results: Results) -> list:
     figs.append(fig)
 
     # 2. per-layer profile at the end of training
-    last = last_epoch(finished(history))
+    last = last_epoch(finished(history)) if "model" in history else history.iloc[:0].assign(model=[])
     fig, axes = plt.subplots(len(archs), 3, figsize=(13.5, 3.4 * len(archs)), squeeze=False)
     for row, arch in zip(axes, archs):
         sub = last[last["model"] == arch]
+        if sub.empty:
+            for ax in row:
+                plots.no_data(ax, f"{arch}: no run finished, nothing to draw")
+            continue
         _log_profile(layer_long(sub, "h_norm_"), "layer", "h_norm_", ax=row[0],
                      title=f"{arch}: ‖h_l‖ (D1 reads its growth)", ylabel="median ‖h_l‖")
         _log_profile(layer_long(sub, "g_norm_"), "layer", "g_norm_", ax=row[1],
                      title=f"{arch}: ‖g_l‖ = ‖dL/dh_l‖ (D2 reads l = L)", ylabel="median ‖g_l‖")
         row[1].axhline(D2_FLOOR, color="#D55E00", ls=":", lw=1, label=f"D2 floor {D2_FLOOR:g}")
         row[1].legend(fontsize=8, frameon=False)
-        lay = layers[layers["model"] == arch] if len(layers) else layers
+        lay = layers[layers["model"] == arch] if len(layers) and "model" in layers else layers.iloc[:0]
         if len(lay):
             plots.plot_curves(lay, "layer", "cos_mean", hue="arm", ax=row[2], logy=False,
                               title=f"{arch}: cos(a_l, g_l) per layer", ylabel="mean cosine")
@@ -329,12 +343,17 @@ def audit_figures(results: Results) -> list:
     figs.append(fig)
 
     # 3. training curves
-    hist = finished(history).copy()
-    top = hist["num_blocks"].astype(int)
-    hist["h_L_norm"] = [row[f"h_norm_{L}"] for row, L in zip(hist.to_dict("records"), top)]
+    hist = finished(history).copy() if "model" in history else history.iloc[:0].assign(model=[])
+    if len(hist):
+        top = hist["num_blocks"].astype(int)
+        hist["h_L_norm"] = [row[f"h_norm_{L}"] for row, L in zip(hist.to_dict("records"), top)]
     fig, axes = plt.subplots(len(archs), 3, figsize=(13.5, 3.2 * len(archs)), squeeze=False)
     for row, arch in zip(axes, archs):
         sub = hist[hist["model"] == arch]
+        if sub.empty:
+            for ax in row:
+                plots.no_data(ax, f"{arch}: no run finished, nothing to draw")
+            continue
         plots.plot_curves(sub, "epoch", "test_acc", hue="arm", ax=row[0], logy=False,
                           title=f"{arch}: test accuracy")
         plots.plot_curves(sub[sub["epoch"] > 0], "epoch", "train_loss", hue="arm", ax=row[1],
@@ -345,6 +364,7 @@ def audit_figures(results: Results) -> list:
 
     for fig in figs:
         plots.annotate_source(fig, sources)
+        plots.annotate_failures(fig, runs)
         fig.tight_layout(rect=(0, 0.03, 1, 1))
         plt.close(fig)
     return figs
@@ -470,6 +490,7 @@ def blind_spot_figure(results: Results, model: str | None = None):
         ax.set_ylim(0.5 * values.min(), 2.0 * values.max())
     sources = sorted(results.runs["data_source"].dropna().unique())
     plots.annotate_source(fig, sources)
+    plots.annotate_failures(fig, results.runs)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     plt.close(fig)
     return fig
@@ -481,9 +502,27 @@ def blind_spot_view(study: AuditStudy | None = None, *, profile: str | None = No
     draw :func:`blind_spot_figure`. The :class:`~fa_study.experiments.core.StudyResult`'s
     ``results`` are the per-layer readings (:func:`init_growth_layers`), its ``table``
     :func:`init_growth_table`, its ``extra`` the whole :class:`fa_study.runs.Results`."""
+    from .core import placeholder_figure
+
+    run_row = ["model", "arm", "rule", "seed", "verdict", "data_source", "status", "error"]
     if study is None:
         study = AuditStudy.for_profile(profile).blind_spot(profile)
     study = resolve_study(AuditStudy, study, profile, overrides)
     res = study.run(progress=progress)
-    return StudyResult.of(study, res, init_growth_layers(res), init_growth_table(res),
-                          [blind_spot_figure(res)], notes=[BEYOND_REFERENCE])
+    runs = res.runs
+    ratio = runs["max_init_ratio"] if "max_init_ratio" in runs else pd.Series(math.nan, index=runs.index)
+    read = (runs["status"] == "ok") & ratio.notna()
+    if read.any():
+        layers, table, figs = init_growth_layers(res), init_growth_table(res), [blind_spot_figure(res)]
+        table = table.assign(status="ok", error="")
+    else:  # every run failed or diverged: nothing to read or draw
+        layers = pd.DataFrame(columns=["model", "arm", "rule", "seed", "layer", "h_norm", "init_ratio",
+                                       "growth"])
+        table = pd.DataFrame(columns=run_row)
+        figs = [placeholder_figure("No run was audited: nothing to draw.", runs)]
+    rest = runs[~read]  # runs without a reading (diverged, failed) are rows too, with status and error
+    if len(rest):
+        extra = rest.reindex(columns=run_row)
+        extra["error"] = extra["error"].fillna("")
+        table = pd.concat([table, extra], ignore_index=True) if len(table) else extra.reset_index(drop=True)
+    return StudyResult.of(study, res, layers, table, figs, notes=[BEYOND_REFERENCE])

@@ -11,6 +11,7 @@ notebook cell and a control panel both call.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -155,3 +156,98 @@ def finished(frame: pd.DataFrame) -> pd.DataFrame:
     keys = [k for k in RUN_KEYS if k in frame]
     merged = frame.merge(bad.assign(_bad=True), on=keys, how="left")
     return frame[merged["_bad"].isna().to_numpy()]
+
+
+# --------------------------------------------------------------------------------------------
+# Failed runs in summaries: a unit that raised is a row of the table, never a KeyError
+# --------------------------------------------------------------------------------------------
+
+def run_status(runs: pd.DataFrame | None, by=("arm",)) -> pd.DataFrame:
+    """One row per group of ``by`` in ``runs`` (a ``Results.runs`` frame; order of first
+    appearance): ``status`` -- ``"ok"`` when every run finished, else the statuses met
+    (``"diverged"``, ``"error"``, ``"error, ok"``) -- and ``error``, the messages of its runs that
+    raised (``"seed 42: RuntimeError: ..."``, joined by ``"; "``; ``""`` when none did)."""
+    by = [by] if isinstance(by, str) else list(by)
+    if runs is None or not len(runs) or any(k not in runs for k in by):
+        return pd.DataFrame(columns=[*by, "status", "error"])
+    rows = []
+    for key, sub in runs.groupby(by, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        status = sub["status"] if "status" in sub else pd.Series("ok", index=sub.index)
+        errors = sub[status == "error"]
+        text = "; ".join(f"seed {r.get('seed', '?')}: {r.get('error', '') or 'error'}"
+                         for r in errors.to_dict("records"))
+        rows.append({**dict(zip(by, key)),
+                     "status": "ok" if (status == "ok").all() else ", ".join(sorted(set(status))),
+                     "error": text})
+    return pd.DataFrame(rows)
+
+
+def with_run_status(table: pd.DataFrame, runs: pd.DataFrame | None, by=("arm",), *,
+                    order: list | None = None) -> pd.DataFrame:
+    """``table`` (one row per group of ``by``) with the ``status`` and ``error`` columns of
+    :func:`run_status`, and a row for every group of ``runs`` the table lacks -- a unit whose every
+    run failed has no history to summarise: its row reads ``n/a``, ``n`` 0, its status and its
+    error. Rows in ``order`` (values of the first key of ``by``), else in the order of ``runs``
+    (the specs'); the table's own columns stay where they were, ``status`` and ``error`` follow
+    the leading keys and counts unless the table already has them."""
+    by = [by] if isinstance(by, str) else list(by)
+    status = run_status(runs, by)
+    table = table.copy()
+    have = set(map(tuple, table[by].astype(object).to_numpy().tolist())) if len(table) and \
+        all(k in table for k in by) else set()
+    missing = [r for r in status.to_dict("records") if tuple(r[k] for k in by) not in have]
+    if missing:
+        fill = []
+        for r in missing:
+            row = {}
+            for c in table.columns:
+                if c in by:
+                    row[c] = r[c]
+                elif c.endswith("_text"):
+                    row[c] = "n/a"
+                elif c in ("n", "n_rows") or c.endswith("_n"):
+                    row[c] = 0
+                else:
+                    row[c] = math.nan
+            for k in by:
+                row[k] = r[k]
+            fill.append(row)
+        table = pd.concat([table, pd.DataFrame(fill)], ignore_index=True) if len(table) else \
+            pd.DataFrame(fill, columns=list(dict.fromkeys([*table.columns, *by])))
+    if len(status):
+        lookup = status.set_index(by)
+        keys = pd.MultiIndex.from_frame(table[by]) if len(by) > 1 else pd.Index(table[by[0]])
+        for col in ("status", "error"):
+            values = lookup[col].reindex(keys).to_numpy()
+            if col in table:  # the table's own reading (e.g. the tour's) where runs say nothing
+                values = [v if isinstance(v, str) else old for v, old in zip(values, table[col])]
+            table[col] = [v if isinstance(v, str) else ("" if col == "error" else "ok") for v in values]
+    else:
+        for col, default in (("status", "ok"), ("error", "")):
+            if col not in table:
+                table[col] = default
+    if order is not None:
+        rank_keys = list(order)
+    else:
+        rank_keys = list(dict.fromkeys(status[by[0]])) if len(status) else []
+    if rank_keys and len(table):
+        rank = {k: i for i, k in enumerate(rank_keys)}
+        table = table.sort_values(by[0], key=lambda s: s.map(rank).fillna(len(rank)), kind="stable")
+    lead = [c for c in table.columns if c in by or c in ("n", "n_rows", "diverged")]
+    rest = [c for c in table.columns if c not in lead and c not in ("status", "error")]
+    return table[lead + ["status", "error"] + rest].reset_index(drop=True).infer_objects()
+
+
+def placeholder_figure(text: str = "No run finished: nothing to draw.", runs: pd.DataFrame | None = None):
+    """A small closed figure saying why there is nothing to draw, and naming every run that
+    failed (raised) with its error, one a line."""
+    import matplotlib.pyplot as plt
+
+    from .. import plots
+
+    lines = [text] + [f"{name}: {error[:120]}" for name, error in plots.failed_runs(runs)]
+    fig, ax = plt.subplots(figsize=(8, 0.8 + 0.25 * len(lines)))
+    plots.no_data(ax, "\n".join(lines))
+    plt.close(fig)
+    return fig

@@ -150,33 +150,41 @@ def direction_summary(res: Results, layer: int, order: list[str] | None = None) 
     first feedback matrix, see notebook 04), ``||g||`` and ``||a||`` at ``layer``, the null's
     z-score; and the reading of the seed means at ``layer``."""
     from ..diagnostics import direction_reading
+    from .core import run_status
 
-    lay = res.layers
-    at = lay[lay["layer"] == layer].set_index(["arm", "seed"])
-    deep = lay[lay["layer"] >= min(2, int(lay["layer"].max()))].assign(abs_cos=lambda t: t["cos_mean"].abs()) \
-        .groupby(["arm", "seed"])["abs_cos"].mean()
+    cols = ["test_acc", "cos_at_layer", "deep_abs_cos", "g_at_layer", "a_at_layer", "z_score"]
     runs = res.runs.set_index(["arm", "seed"])
-    per_run = pd.DataFrame({
-        "test_acc": runs["test_acc"],
-        "cos_at_layer": at["cos_mean"],
-        "deep_abs_cos": deep,
-        "g_at_layer": at["g_norm_median"],
-        "a_at_layer": at["a_norm_median"],
-    })
+    lay = res.layers
+    if len(lay) and "layer" in lay:
+        at = lay[lay["layer"] == layer].set_index(["arm", "seed"])
+        deep = lay[lay["layer"] >= min(2, int(lay["layer"].max()))] \
+            .assign(abs_cos=lambda t: t["cos_mean"].abs()).groupby(["arm", "seed"])["abs_cos"].mean()
+        per_run = pd.DataFrame({
+            "test_acc": runs["test_acc"],
+            "cos_at_layer": at["cos_mean"],
+            "deep_abs_cos": deep,
+            "g_at_layer": at["g_norm_median"],
+            "a_at_layer": at["a_norm_median"],
+        })
+    else:  # no run finished: every run is a row with its accuracy (NaN) and nothing else
+        per_run = pd.DataFrame({"test_acc": runs["test_acc"]}).assign(
+            **{c: math.nan for c in cols if c not in ("test_acc", "z_score")})
     if len(res.null):
         per_run["z_score"] = res.null.set_index(["arm", "seed"])["z_score"]
     else:
         per_run["z_score"] = math.nan
     per_run = per_run.reset_index()
-    cols = ["test_acc", "cos_at_layer", "deep_abs_cos", "g_at_layer", "a_at_layer", "z_score"]
     table = aggregate(per_run, "arm", cols)
     table["reading"] = [direction_reading(c, g) if math.isfinite(c) else "n/a"
                         for c, g in zip(table["cos_at_layer"], table["g_at_layer"])]
     table.insert(1, "layer", layer)
+    status = run_status(res.runs, "arm").set_index("arm")
+    table["status"] = table["arm"].map(status["status"])
+    table["error"] = table["arm"].map(status["error"])
     if order:
         rank = {a: i for i, a in enumerate(order)}
         table = table.sort_values("arm", key=lambda s: s.map(rank)).reset_index(drop=True)
-    return table[["arm", "layer", "n"] + [f"{c}_text" for c in cols] + ["reading"] + cols]
+    return table[["arm", "layer", "n", "status", "error"] + [f"{c}_text" for c in cols] + ["reading"] + cols]
 
 
 def _plain_log_labels(ax) -> None:
@@ -212,8 +220,8 @@ def direction_view(study: DirectionStudy | None = None, *, profile: str | None =
     order = study.arms()
     colours = arm_colours(study.specs())
     lay = res.layers
-    if lay.empty:  # every run diverged or failed
-        out = DirectionResult.of(study, res, res.history, pd.DataFrame(), [],
+    if lay.empty:  # every run diverged or failed: the table still has a row per arm, with its status
+        out = DirectionResult.of(study, res, res.history, direction_summary(res, study.layer, order), [],
                                  ["No run finished: nothing to read."])
         out.readings, out.audit = pd.DataFrame(), res
         return out
@@ -225,8 +233,8 @@ def direction_view(study: DirectionStudy | None = None, *, profile: str | None =
     for i, (arm, c) in enumerate(colours.items()):
         sub = readings[readings["arm"] == arm]
         offset = (i - 0.5) * 0.08
-        axes[0].errorbar(sub["layer"] + offset, sub["cos_mean"], yerr=sub["cos_sample_std"], fmt="none",
-                         ecolor=c, alpha=0.5, capsize=2, lw=1)
+        axes[0].errorbar(sub["layer"] + offset, sub["cos_mean"], fmt="none", ecolor=c, alpha=0.5, capsize=2,
+                         lw=1, yerr=plots.clipped_yerr(sub["cos_mean"], sub["cos_sample_std"], plots.COSINE))
     for t, ls in ((POOR_COS, ":"), (MEDIOCRE_COS, "--")):
         for sign in (1, -1):
             axes[0].axhline(sign * t, color="#777777", ls=ls, lw=0.8)
@@ -243,6 +251,7 @@ def direction_view(study: DirectionStudy | None = None, *, profile: str | None =
         ax.set_xlabel("hidden state l")
         ax.legend(fontsize=8, frameon=False)
     plots.annotate_source(fig, res.history["data_source"].dropna().unique().tolist())
+    plots.annotate_failures(fig, res.runs)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     plt.close(fig)
 

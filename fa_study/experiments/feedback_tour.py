@@ -23,12 +23,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..config import (check_choice, check_float, check_int, check_seeds, get_device, seed_everything,
-                      stream_generator)
+from ..config import (MAX_BATCH_SIZE, MAX_BLOCKS, MAX_WIDTH, check_choice, check_float, check_int,
+                      check_seeds, get_device, seed_everything, stream_generator)
 from ..rules import BP_REFERENCE, RULES
 from ..runs import DataSpec, ModelSpec, ReadSpec, Results, RunSpec
 from ..train import OPTIMIZERS, TrainConfig
-from .core import Study, StudyResult, last_epoch, one_cpu_thread, resolve_study
+from .core import Study, StudyResult, last_epoch, one_cpu_thread, placeholder_figure, resolve_study
 
 FA_INITS: tuple[str, ...] = ("gaussian", "orthogonal", "ortho_he", "sparse")
 ACTIVATIONS: tuple[str, ...] = ("relu", "tanh")
@@ -116,6 +116,12 @@ class FeedbackTour(Study):
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         for name in ("hidden", "depth", "epochs", "batch_size", "record_every", "probe_size"):
             check_int(name, getattr(self, name), 1)
+        # the sizes that set memory, named as the study calls them (fa_study.config's bounds)
+        check_int("hidden", self.hidden, 1, MAX_WIDTH, bound="fa_study.config.MAX_WIDTH")
+        check_int("depth (hidden layers)", self.depth, 1, MAX_BLOCKS + 1,
+                  bound="fa_study.config.MAX_BLOCKS + 1")
+        for name in ("batch_size", "probe_size"):
+            check_int(name, getattr(self, name), 1, MAX_BATCH_SIZE, bound="fa_study.config.MAX_BATCH_SIZE")
         for name in ("n_train", "n_test"):
             check_int(name, getattr(self, name), 1, none_ok=True, none_means="the whole split")
         check_float("lr", self.lr, 0.0, low_open=True)
@@ -199,28 +205,32 @@ def _layer_cols(results: pd.DataFrame, prefix: str) -> list[str]:
     return [c for c, _ in layer_columns(results, prefix)]
 
 
-def tour_summary(results: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
+def tour_summary(results: pd.DataFrame, order: list[str] | None = None,
+                 runs: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per arm at the end of training (mean ± 95 % CI over seeds): test accuracy, the
     update cosine with BP of the hidden layers (mean) and of the output layer, and the angle
-    between B and W of the layers whose B carries the error down (all but the first)."""
+    between B and W of the layers whose B carries the error down (all but the first); ``status``
+    and ``error``. With ``runs`` (``Results.runs``) an arm whose runs all raised -- no records --
+    is a row too, reading n/a with its error."""
     from ..stats import aggregate
+    from .core import with_run_status
 
-    last = last_epoch(results, by="step").copy()
-    cos = _layer_cols(last, "cos_")
-    ang = _layer_cols(last, "angle_")
-    last["cos_hidden"] = last[cos[:-1]].mean(axis=1)
-    last["cos_output"] = last[cos[-1]]
-    last["angle_BW_used"] = last[ang[1:]].mean(axis=1) if len(ang) > 1 else math.nan
     cols = ["test_acc", "cos_hidden", "cos_output", "angle_BW_used"]
-    if "status" in last:  # a run that blew up has no value at the end (its last record is older)
-        last.loc[last["status"] != "ok", cols] = math.nan
-    table = aggregate(last, "arm", cols)
-    if order:
-        rank = {a: i for i, a in enumerate(order)}
-        table = table.sort_values("arm", key=lambda s: s.map(rank)).reset_index(drop=True)
-    status = last.groupby("arm")["status"].agg(lambda s: "ok" if (s == "ok").all() else ", ".join(sorted(set(s))))
-    table["status"] = table["arm"].map(status)
-    return table[["arm", "n", "status"] + [f"{c}_text" for c in cols] + cols]
+    last = last_epoch(results, by="step").copy() if "step" in results else results.iloc[:0]
+    cos = _layer_cols(last, "cos_")
+    if len(last) and cos:
+        ang = _layer_cols(last, "angle_")
+        last["cos_hidden"] = last[cos[:-1]].mean(axis=1)
+        last["cos_output"] = last[cos[-1]]
+        last["angle_BW_used"] = last[ang[1:]].mean(axis=1) if len(ang) > 1 else math.nan
+        if "status" in last:  # a run that blew up has no value at the end (its last record is older)
+            last.loc[last["status"] != "ok", cols] = math.nan
+        table = aggregate(last, "arm", cols)
+        status = last[[k for k in ("arm", "seed", "status") if k in last]]
+    else:
+        table, status = aggregate(last.iloc[:0], "arm", cols), None
+    table = with_run_status(table, runs if runs is not None else status, order=order)
+    return table[["arm", "n", "status", "error"] + [f"{c}_text" for c in cols] + cols]
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,26 +239,20 @@ def tour_summary(results: pd.DataFrame, order: list[str] | None = None) -> pd.Da
 
 
 def _draw_arms(ax, df: pd.DataFrame, x: str, y: str, styles: dict) -> None:
-    """One line per arm (mean over seeds, 95 % band), in the arm's fixed colour and style;
-    arms without data (a diverged run) get no line and no legend entry."""
-    from ..stats import mean_ci
+    """One line per arm (mean over seeds: a 95 % band, clipped to the quantity's range, from
+    three seeds on; the runs themselves with two), in the arm's fixed colour and style; arms
+    without data (a diverged or failed run) get no line and no legend entry."""
+    from ..plots import draw_spread
 
     for arm, (c, ls) in styles.items():
-        sub = df[df["arm"] == arm]
-        if sub.empty or sub[y].isna().all():
+        sub = df[df["arm"] == arm] if "arm" in df else df.iloc[:0]
+        if sub.empty or y not in sub or sub[y].isna().all():
             continue
-        stats = sub.groupby(x)[y].apply(lambda s: mean_ci(s.to_numpy(dtype=float)))
-        xs = stats.index.to_numpy(dtype=float)
-        mean = np.array([m for m, _, _ in stats])
-        lo = np.array([a for _, a, _ in stats])
-        hi = np.array([b for _, _, b in stats])
-        ax.plot(xs, mean, color=c, ls=ls, lw=1.4, marker="o" if len(xs) < 12 else None, ms=3, label=arm)
-        if np.isfinite(lo).any() and (hi > lo).any():
-            ax.fill_between(xs, lo, hi, color=c, alpha=0.15, lw=0)
+        draw_spread(ax, sub, x, y, color=c, ls=ls, label=arm, lw=1.4, band_alpha=0.15)
     ax.grid(alpha=0.3)
 
 
-def _figures(res: pd.DataFrame, styles: dict, sources: list) -> list:
+def _figures(res: pd.DataFrame, styles: dict, sources: list, runs: pd.DataFrame | None = None) -> list:
     from .. import plots
     from ..stats import aggregate
     from .core import layer_long
@@ -296,8 +300,8 @@ def _figures(res: pd.DataFrame, styles: dict, sources: list) -> list:
     if len(last):
         table = aggregate(last, "arm", ["test_acc"])
         table = table.set_index("arm").loc[[a for a in styles if a in set(table["arm"])]].reset_index()
-        plots.plot_bars(table, "test_acc", group="arm", err="test_acc_ci", ax=axes3[1],
-                        ylabel="test accuracy", title="test accuracy at the end")
+        plots.plot_bars(table, "test_acc", group="arm", err="test_acc_ci", ax=axes3[1], n="test_acc_n",
+                        points=last, ylabel="test accuracy", title="test accuracy at the end")
         for patch, arm in zip(axes3[1].patches, table["arm"]):
             patch.set_color(styles[arm][0])
         lo = np.nanmin(table["test_acc"].to_numpy(dtype=float))
@@ -306,6 +310,7 @@ def _figures(res: pd.DataFrame, styles: dict, sources: list) -> list:
     plots.annotate_source(fig3, sources)
     fig3.tight_layout(rect=(0, 0.04, 1, 1))
     for f in (fig1, fig2, fig3):
+        plots.annotate_failures(f, runs)
         plt.close(f)
     return [fig1, fig2, fig3]
 
@@ -321,8 +326,9 @@ def tour_view(study: FeedbackTour | None = None, *, profile: str | None = None,
     rec = records(res)
     styles = arm_styles(study.specs())
     sources = res.runs["data_source"].dropna().unique().tolist()
-    figs = _figures(rec, styles, sources) if len(rec) else []
-    table = tour_summary(rec, study.arms()) if len(rec) else pd.DataFrame()
+    ok = len(rec) and (rec["status"] == "ok").any()
+    figs = _figures(rec, styles, sources, res.runs) if ok else [placeholder_figure(runs=res.runs)]
+    table = tour_summary(rec, study.arms(), res.runs)
     return StudyResult.of(study, res, rec, table, figs)
 
 

@@ -18,7 +18,7 @@ from typing import Callable
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from ..config import check_choice, check_float, check_int, check_seeds
+from ..config import MAX_BLOCKS, MAX_WIDTH, check_choice, check_float, check_int, check_seeds
 from ..models import MODEL_NAMES
 from ..rules import D3_BASELINE, RULES
 from ..runs import DataSpec, ModelSpec, ReadSpec, Results, RunSpec
@@ -90,8 +90,8 @@ class LearnedStudy(Study):
         object.__setattr__(self, "seeds", check_seeds("seeds", self.seeds))
         check_choice("dataset", self.dataset, DATASETS)
         check_choice("arch", self.arch, MODEL_NAMES)
-        check_int("d", self.d, 1)
-        check_int("num_blocks", self.num_blocks, 1)
+        check_int("d", self.d, 1, MAX_WIDTH, bound="fa_study.config.MAX_WIDTH")
+        check_int("num_blocks", self.num_blocks, 1, MAX_BLOCKS, bound="fa_study.config.MAX_BLOCKS")
         check_int("epochs", self.epochs, 1)
         check_float("lr", self.lr, 0.0, low_open=True)
         check_int("n_train", self.n_train, 1, none_ok=True, none_means="the whole split")
@@ -145,19 +145,30 @@ def run_learned(study: LearnedStudy | None = None, *, profile: str | None = None
     return res
 
 
-def learned_summary(results: pd.DataFrame) -> pd.DataFrame:
+def learned_summary(results: pd.DataFrame, runs: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per arm at the last epoch: test accuracy, deep-layer cosine with BP and feedback
-    alignment (mean ± 95 % CI over seeds). The cosine of bp, oracle and frozen is BP's own
-    gradient (1 by definition; left out for frozen, whose blocks do not learn)."""
+    alignment (mean ± 95 % CI over seeds), ``status`` and ``error``. The cosine of bp, oracle and
+    frozen is BP's own gradient (1 by definition; left out for frozen, whose blocks do not learn).
+    With ``runs`` (``Results.runs``) an arm whose runs all raised -- no history -- is a row too,
+    reading n/a with its error."""
     from ..stats import aggregate
+    from .core import with_run_status
 
-    last = last_epoch(results).copy()
-    last.loc[last["rule"].map(lambda r: RULES[r].is_baseline), "deep_cos"] = math.nan
     cols = ["test_acc", "deep_cos", "deep_fb_align"]
+    last = last_epoch(results).copy()
+    if len(last) and "rule" in last:
+        for c in cols:
+            if c not in last:
+                last[c] = math.nan
+        last.loc[last["rule"].map(lambda r: RULES[r].is_baseline), "deep_cos"] = math.nan
     table = aggregate(last, "arm", cols)
+    if runs is None and len(last) and "status" in last:
+        runs = last[[k for k in ("arm", "seed", "status") if k in last]]
+    table = with_run_status(table, runs)
     order = {a: i for i, a in enumerate(ORDER)}
-    table = table.sort_values("arm", key=lambda s: s.map(order)).reset_index(drop=True)
-    return table[["arm", "n"] + [f"{c}_text" for c in cols] + cols + [f"{c}_ci" for c in cols]]
+    table = table.sort_values("arm", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+    return table[["arm", "n", "status", "error"] + [f"{c}_text" for c in cols] + cols
+                 + [f"{c}_ci" for c in cols]]
 
 
 def learned_view(study: LearnedStudy | None = None, *, profile: str | None = None,
@@ -166,13 +177,14 @@ def learned_view(study: LearnedStudy | None = None, *, profile: str | None = Non
     """Run the study and draw (1) alignment to BP over training: the deep-layer cosine per
     epoch, the per-layer cosine at the end and the feedback's alignment with its target;
     (2) accuracy per epoch and at the end against the bp and frozen references; (3) for
-    stiefel_dfa, its gains alpha_l and subspace alignment rho_l over training."""
+    stiefel_dfa, its gains alpha_l and subspace alignment rho_l over training. Diverged and
+    failed runs are left out of the plots; the table has a row for each, with its error."""
     from .. import plots
 
     study = resolve_study(LearnedStudy, study, profile, overrides)
     results = run_learned(study, callback=live, progress=progress)
     res = results.history
-    sources = results.runs["data_source"].unique().tolist()
+    sources = results.runs["data_source"].dropna().unique().tolist()
     ok = finished(res)  # diverged runs are left out of the plots (the table and notes name them)
     learners = ok[ok["rule"].map(lambda r: RULES[r].has_random_feedback)] if len(ok) else ok
     last = last_epoch(ok)
@@ -194,21 +206,29 @@ def learned_view(study: LearnedStudy | None = None, *, profile: str | None = Non
         ax.axhline(0, color="k", lw=0.6, ls=":")
         ax.set_ylim(min(-0.2, ax.get_ylim()[0]), 1.05)
     plots.annotate_source(fig, sources)
+    plots.annotate_failures(fig, results.runs)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     plt.close(fig)
     figs.append(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(11.5, 3.8), gridspec_kw={"width_ratios": [1.4, 1]})
-    plots.plot_curves(ok, "epoch", "test_acc", hue="arm", ax=axes[0], logy=False,
-                      title="test accuracy over training", ylabel="test accuracy")
-    table = learned_summary(res)
-    frozen = table.loc[table["arm"] == D3_BASELINE, "test_acc"]  # arms are rule names here
-    plots.plot_bars(table, "test_acc", group="arm", err="test_acc_ci", ax=axes[1],
-                    reference=float(frozen.iloc[0]) if len(frozen) else None,
-                    reference_label="frozen blocks", ylabel="test accuracy",
-                    title=f"at the end (epoch {study.epochs})")
-    axes[1].tick_params(axis="x", labelsize=7, rotation=30)
+    table = learned_summary(res, results.runs)
+    if len(ok):
+        plots.plot_curves(ok, "epoch", "test_acc", hue="arm", ax=axes[0], logy=False,
+                          title="test accuracy over training", ylabel="test accuracy")
+        frozen = table.loc[(table["arm"] == D3_BASELINE) & table["test_acc"].notna(), "test_acc"]
+        plots.plot_bars(table, "test_acc", group="arm", err="test_acc_ci", ax=axes[1], n="n",
+                        points=last, reference=float(frozen.iloc[0]) if len(frozen) else None,
+                        reference_label="frozen blocks", ylabel="test accuracy",
+                        title=f"at the end (epoch {study.epochs})")
+        axes[1].set_xticks(range(len(table)), [a if s == "ok" else f"{a}\n({s})" for a, s in
+                                               zip(table["arm"], table["status"])])
+        axes[1].tick_params(axis="x", labelsize=7, rotation=30)
+    else:
+        for ax in axes:
+            plots.no_data(ax)
     plots.annotate_source(fig, sources)
+    plots.annotate_failures(fig, results.runs)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     plt.close(fig)
     figs.append(fig)

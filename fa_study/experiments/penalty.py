@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..config import check_choice, check_float, check_int, check_seeds
+from ..config import MAX_BLOCKS, MAX_WIDTH, check_choice, check_float, check_int, check_seeds
 from ..data import DATASETS
 from ..diagnostics import D2_FLOOR
 from ..rules import BP_REFERENCE, RULES, get_rule
@@ -89,6 +89,10 @@ def check_run_settings(study) -> None:
         raise ValueError("null_draws must be 0 (no null) or >= 2 (the null reports a standard deviation)")
     for name in ("d", "num_blocks", "n_train", "n_test"):
         check_int(name, getattr(study, name), 1, none_ok=True, none_means="the reference's / the whole split")
+    check_int("d", study.d, 1, MAX_WIDTH, none_ok=True, none_means="the reference's width",
+              bound="fa_study.config.MAX_WIDTH")
+    check_int("num_blocks", study.num_blocks, 1, MAX_BLOCKS, none_ok=True, none_means="the reference's depth",
+              bound="fa_study.config.MAX_BLOCKS")
     check_float("lr", study.lr, 0.0, low_open=True)
     check_float("grad_clip", study.grad_clip, 0.0, low_open=True, none_ok=True, none_means="no clipping")
 
@@ -139,6 +143,10 @@ class PenaltyStudy(Study):
                 "seeds": "seeds", "epochs": (1, 60, 1)}
 
     def __post_init__(self):
+        if isinstance(self.lambdas, (tuple, list, str)) and not (
+                self.lambdas.strip() if isinstance(self.lambdas, str) else self.lambdas):
+            raise ValueError(f"lambdas must hold at least one non-negative penalty weight λ, e.g. "
+                             f"(0.0, 0.01) or the text '0, 1e-2'; got {self.lambdas!r}")
         object.__setattr__(self, "lambdas", parse_lambdas(self.lambdas))
         check_run_settings(self)
         self.specs()  # every run validated before any training
@@ -181,7 +189,9 @@ def penalty_runs(res: Results) -> pd.DataFrame:
     runs = res.runs.copy()
     bp = runs.loc[runs["rule"] == BP_REFERENCE].set_index("seed")["h_L"]
     runs["h_L_vs_bp"] = runs["h_L"] / runs["seed"].map(bp).astype(float)
-    cols = ["arm", "seed", "penalty", "rule", "status", "test_acc", "h_L", "h_L_vs_bp", "g_L",
+    if "error" not in runs:
+        runs["error"] = ""
+    cols = ["arm", "seed", "penalty", "rule", "status", "error", "test_acc", "h_L", "h_L_vs_bp", "g_L",
             "max_growth", "d1", "d2", "verdict", "data_source"]
     out = runs[cols]
     null_cols = ["training_deep_cos", "fresh_deep_mean", "fresh_deep_std", "z_score"]
@@ -194,8 +204,10 @@ def penalty_runs(res: Results) -> pd.DataFrame:
 
 def penalty_summary(res: Results, order: list[str] | None = None) -> pd.DataFrame:
     """One row per arm: mean ± 95 % CI over seeds of accuracy, ``||h_L||``, its ratio to BP,
-    ``||g_L||``, the D1 growth and the null (training deep cosine, fresh mean, z), and the
-    verdicts seen."""
+    ``||g_L||``, the D1 growth and the null (training deep cosine, fresh mean, z), the
+    verdicts seen, ``status`` and ``error`` (the messages of its runs that raised)."""
+    from .core import run_status
+
     runs = penalty_runs(res)
     cols = ["test_acc", "h_L", "h_L_vs_bp", "g_L", "max_growth", "training_deep_cos",
             "fresh_deep_mean", "z_score"]
@@ -205,10 +217,14 @@ def penalty_summary(res: Results, order: list[str] | None = None) -> pd.DataFram
         lambda v: ", ".join(f"{k} ×{n}" for k, n in v.value_counts().items()))
     table.insert(1, "penalty", table["arm"].map(lam))
     table["verdicts"] = table["arm"].map(verdicts)
+    status = run_status(runs, "arm").set_index("arm")
+    table["status"] = table["arm"].map(status["status"])
+    table["error"] = table["arm"].map(status["error"])
     if order:
         rank = {a: i for i, a in enumerate(order)}
         table = table.sort_values("arm", key=lambda s: s.map(rank)).reset_index(drop=True)
-    return table[["arm", "penalty", "n"] + [f"{c}_text" for c in cols] + ["verdicts"] + cols]
+    return table[["arm", "penalty", "n", "status", "error"] + [f"{c}_text" for c in cols] + ["verdicts"]
+                 + cols]
 
 
 def arm_colours(specs: list[RunSpec]) -> dict[str, str]:
@@ -234,7 +250,10 @@ def _no_data(ax, text: str) -> None:
 
 
 def _null_panel(ax, runs: pd.DataFrame, colours: dict[str, str]) -> None:
-    """Training-feedback deep cosine (dots per seed, bar = mean) against fresh draws (mean ± 2 sd)."""
+    """Training-feedback deep cosine (dots per seed, bar = mean) against fresh draws (mean ± 2 sd,
+    cut at [-1, 1])."""
+    from ..plots import COSINE, clipped_yerr
+
     arms = [a for a in colours if a in set(runs.loc[runs["training_deep_cos"].notna(), "arm"])]
     if not arms:
         ax.text(0.5, 0.5, "no fresh-feedback null (null_draws = 0)", ha="center", va="center",
@@ -248,7 +267,8 @@ def _null_panel(ax, runs: pd.DataFrame, colours: dict[str, str]) -> None:
         ax.plot(np.full(len(sub), i) + np.linspace(-0.12, 0.12, len(sub)), sub["training_deep_cos"],
                 "o", color=c, ms=4)
         fresh, spread = sub["fresh_deep_mean"].mean(), 2 * sub["fresh_deep_std"].mean()
-        ax.errorbar(i + 0.38, fresh, yerr=spread, fmt="s", color="#555555", ms=4, capsize=3,
+        ax.errorbar(i + 0.38, fresh, yerr=clipped_yerr([fresh], [spread], COSINE), fmt="s",
+                    color="#555555", ms=4, capsize=3,
                     label="fresh feedback, mean ± 2 sd" if i == 0 else None)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(range(len(arms)), arms, fontsize=8)
@@ -326,6 +346,7 @@ def penalty_view(study: PenaltyStudy | None = None, *, profile: str | None = Non
     axes[1].set(title=f"BP reference gradient ||g_{L}|| (median)", ylabel=f"||g_{L}||")
     axes[2].set(title="test accuracy", ylabel="accuracy")
     plots.annotate_source(fig1, sources)
+    plots.annotate_failures(fig1, res.runs)
     fig1.tight_layout(rect=(0, 0.04, 1, 1))
     plt.close(fig1)
 
@@ -334,6 +355,7 @@ def penalty_view(study: PenaltyStudy | None = None, *, profile: str | None = Non
     _dose_panel(axes2[0], runs, colours)
     _null_panel(axes2[1], runs[runs["status"] == "ok"], colours)
     plots.annotate_source(fig2, sources)
+    plots.annotate_failures(fig2, res.runs)
     fig2.tight_layout(rect=(0, 0.04, 1, 1))
     plt.close(fig2)
 

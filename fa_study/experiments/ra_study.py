@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..config import check_choice, check_float, check_int, check_seeds
+from ..config import MAX_BATCH_SIZE, MAX_BLOCKS, MAX_WIDTH, check_choice, check_float, check_int, check_seeds
 from ..rules import BP_REFERENCE, RULES
 from ..rules.ra import ACTIVATIONS
 from ..runs import DataSpec, ModelSpec, ReadSpec, Results, RunSpec, run_specs
@@ -95,6 +95,11 @@ class RAStudy(Study):
         check_int("depth (number of weight matrices)", self.depth, 2)
         for name in ("hidden", "epochs", "batch_size"):
             check_int(name, getattr(self, name), 1)
+        # the sizes that set memory, named as the study calls them (fa_study.config's bounds)
+        check_int("hidden", self.hidden, 1, MAX_WIDTH, bound="fa_study.config.MAX_WIDTH")
+        check_int("depth (number of weight matrices)", self.depth, 2, MAX_BLOCKS + 2,
+                  bound="fa_study.config.MAX_BLOCKS + 2")
+        check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE, bound="fa_study.config.MAX_BATCH_SIZE")
         for name in ("n_train", "n_test"):
             check_int(name, getattr(self, name), 1, none_ok=True, none_means="the whole split")
         check_choice("activation", self.activation, ACTIVATIONS)
@@ -153,39 +158,75 @@ def _mean_of(frame: pd.DataFrame, prefix: str) -> pd.Series:
     return frame[cols].mean(axis=1) if cols else pd.Series(math.nan, index=frame.index)
 
 
-def ra_summary(history: pd.DataFrame) -> pd.DataFrame:
+def ra_summary(history: pd.DataFrame, runs: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per arm at the last epoch: test accuracy and mean alignment / angles (mean ± 95 % CI over
-    seeds), and how many of its runs diverged."""
+    seeds), how many of its runs diverged or failed (``diverged``), ``status`` and ``error``.
+    With ``runs`` (``Results.runs``) an arm whose runs all raised -- no history -- is a row too,
+    reading n/a with its error."""
     from ..stats import aggregate
+    from .core import with_run_status
 
-    last = last_epoch(history).copy()
-    last["mean_alignment"] = _mean_of(last, "align_")
-    last["mean_angle_B_WT"] = _mean_of(last, "angle_")
-    last["mean_update_angle"] = _mean_of(last, "update_angle_")
     cols = ["test_acc", "mean_alignment", "mean_angle_B_WT", "mean_update_angle"]
+    last = last_epoch(history).copy()
+    if len(last) and "arm" in last:
+        last["mean_alignment"] = _mean_of(last, "align_")
+        last["mean_angle_B_WT"] = _mean_of(last, "angle_")
+        last["mean_update_angle"] = _mean_of(last, "update_angle_")
     table = aggregate(last, "arm", cols)
-    diverged = last.groupby("arm", sort=False)["status"].agg(lambda s: int((s != "ok").sum()))
-    table["diverged"] = table["arm"].map(diverged)
-    return table[["arm", "n", "diverged"] + [f"{c}_text" for c in cols] + cols]
+    if runs is not None and len(runs):
+        bad = runs.groupby("arm", sort=False)["status"].agg(lambda s: int((s != "ok").sum()))
+    elif len(table):
+        bad = last.groupby("arm", sort=False)["status"].agg(lambda s: int((s != "ok").sum()))
+    else:
+        bad = pd.Series(dtype=int)
+    table = with_run_status(table, runs if runs is not None else _status_of(last))
+    table["diverged"] = table["arm"].map(bad).fillna(0).astype(int)
+    return table[["arm", "n", "diverged", "status", "error"] + [f"{c}_text" for c in cols] + cols]
 
 
-def ra_final(history: pd.DataFrame) -> pd.DataFrame:
+def _status_of(last: pd.DataFrame) -> pd.DataFrame | None:
+    """The status of every run in a history's last rows (when no ``Results.runs`` is at hand)."""
+    keys = [k for k in ("arm", "seed", "status") if k in last]
+    return last[keys] if len(last) and "arm" in keys and "status" in keys else None
+
+
+def ra_final(history: pd.DataFrame, runs: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per rule (index), the mean over seeds at each run's last epoch of ``test_acc`` and the
     per-layer ``align_l``, ``angle_l``, ``update_angle_l``, and ``status``: ``"ok"`` when every
     run of the rule finished, else the first other status (``diverged``, ``error``) met. A
-    diverged run's last row is its NaN row, so its means are NaN, not those of its last good epoch."""
+    diverged run's last row is its NaN row, so its means are NaN, not those of its last good epoch.
+    With ``runs`` (``Results.runs``) a rule whose runs raised reads ``error`` (all NaN when none of
+    its runs trained) and ``error`` holds the messages."""
     last = last_epoch(history)
     cols = ["test_acc"] + [c for c in history.columns if c.startswith(("align_", "angle_", "update_angle_"))]
-    status = last.groupby("rule")["status"].agg(
-        lambda s: "ok" if (s == "ok").all() else next(v for v in s if v != "ok"))
-    return last.groupby("rule")[cols].mean().assign(status=status)
+    if len(last) and "rule" in last:
+        status = last.groupby("rule")["status"].agg(
+            lambda s: "ok" if (s == "ok").all() else next(v for v in s if v != "ok"))
+        out = last.groupby("rule")[cols].mean().assign(status=status)
+    else:
+        out = pd.DataFrame(columns=[*cols, "status"], index=pd.Index([], name="rule"))
+    if runs is not None and len(runs) and "rule" in runs:
+        for rule, sub in runs.groupby("rule", sort=False):
+            failed = sub[sub["status"] == "error"]
+            if rule not in out.index:
+                out.loc[rule] = {**{c: math.nan for c in cols}, "status": "error" if len(failed) else
+                                 next(v for v in sub["status"] if v != "ok")}
+            elif len(failed) and out.loc[rule, "status"] == "ok":
+                out.loc[rule, "status"] = "error"
+        out["error"] = [
+            "; ".join(f"seed {r['seed']}: {r['error']}" for r in
+                      runs[(runs["rule"] == rule) & (runs["status"] == "error")].to_dict("records"))
+            for rule in out.index]
+        out = out.infer_objects()
+    return out
 
 
 def ra_view(study: RAStudy | None = None, *, profile: str | None = None, live: Callable | None = None,
             progress: Callable | None = None, **overrides) -> StudyResult:
     """Run the RA study and draw: test accuracy per epoch, per-layer alignment ||B−Wᵀ||/||W|| at
-    the end, and the angle between the FA and BP updates per epoch (diverged runs left out of
-    the curves, counted in the table). The notebook's baseline run and its panel's callback."""
+    the end, and the angle between the FA and BP updates per epoch (diverged and failed runs left
+    out of the curves, counted and named in the table, failed ones named under the figure). The
+    notebook's baseline run and its panel's callback."""
     from .. import plots
 
     study = resolve_study(RAStudy, study, profile, overrides)
@@ -204,10 +245,14 @@ def ra_view(study: RAStudy | None = None, *, profile: str | None = None, live: C
                               "mean_update_angle", hue="arm", ax=axes[2], logy=False,
                               title="angle FA update vs BP update (hidden layers)", ylabel="degrees")
             axes[2].axhline(90, color="k", lw=0.8, ls=":")
+    else:
+        for ax in axes:
+            plots.no_data(ax)
     plots.annotate_source(fig, res.runs["data_source"].dropna().unique().tolist())
+    plots.annotate_failures(fig, res.runs)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     plt.close(fig)
-    return StudyResult.of(study, res, hist, ra_summary(hist), [fig])
+    return StudyResult.of(study, res, hist, ra_summary(hist, res.runs), [fig])
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,7 +319,8 @@ def stability_map(study: RAStudy, lrs: tuple | None = None, lr_bs: tuple | None 
         sub = last[(last["arm"] == spec.label) & (last["lr"] == spec.train.lr)] if len(last) else last
         row = {"rule": spec.rule, "stabilised": study.is_stabilised, "arm": spec.label, "lr": spec.train.lr,
                "lr_b": float(dict(spec.options).get("lr_b", math.nan)),
-               "status": run["status"], "diverged_epoch": math.nan, "test_acc": run["test_acc"],
+               "status": run["status"], "error": run.get("error", "") or "",
+               "diverged_epoch": math.nan, "test_acc": run["test_acc"],
                "mean_alignment": math.nan, "mean_angle_B_WT": math.nan}
         if len(sub):
             r = sub.iloc[0]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from ..config import check_bool, check_choice, check_float, check_int
+from ..config import MAX_NOISE_SAMPLES, MAX_PROBES, check_bool, check_choice, check_float, check_int
 
 FA_INIT_MODES: tuple[str, ...] = ("gaussian", "orthogonal", "ortho_he", "sparse")
 
@@ -42,7 +42,7 @@ class RuleOptions:
         and ``frsf``'s fixed M).
     fa_sparse_k: non-zeros per row for ``sparse`` (default ``max(1, fan_in // 16)``).
     fa_grape: with ``fa`` only, move B toward the forward-probed Jacobian after each backward.
-    grape_n_probe: probes per GrAPE step.
+    grape_n_probe: probes per GrAPE step (at most :data:`fa_study.config.MAX_PROBES`).
     grape_normalize_columns: renormalise B's columns after each GrAPE step (GrAPE paper, Eq. 6).
     grape_scale_free: the GrAPE step of :func:`fa_study.feedback.grape_step`: True (default)
         closes the fraction ``lr_b`` of the angle per step whatever B's size; False is the
@@ -52,7 +52,8 @@ class RuleOptions:
         ``lr_b * mirror_sigma**2`` for the weight mirror, which makes W itself the mirror's
         fixed point (see :func:`fa_study.feedback.learned.weight_mirror_step`).
     mirror_sigma: std of the noise injected by the weight mirror.
-    mirror_n: noise samples per weight-mirror step.
+    mirror_n: noise samples per weight-mirror step (at most
+        :data:`fa_study.config.MAX_NOISE_SAMPLES`).
     """
 
     init_std: float | None = None
@@ -81,7 +82,8 @@ class RuleOptions:
             "fa_sparse_k": check_int("fa_sparse_k", values["fa_sparse_k"], 1, none_ok=True,
                                      none_means="max(1, fan_in // 16)"),
             "fa_grape": check_bool("fa_grape", values["fa_grape"]),
-            "grape_n_probe": check_int("grape_n_probe", values["grape_n_probe"], 1),
+            "grape_n_probe": check_int("grape_n_probe", values["grape_n_probe"], 1, MAX_PROBES,
+                                       bound="fa_study.config.MAX_PROBES"),
             "grape_normalize_columns": check_bool("grape_normalize_columns",
                                                   values["grape_normalize_columns"]),
             "grape_scale_free": check_bool("grape_scale_free", values["grape_scale_free"]),
@@ -89,7 +91,8 @@ class RuleOptions:
             "b_decay": check_decay(values["b_decay"]),
             "mirror_sigma": check_float("mirror_sigma", values["mirror_sigma"], 0.0,
                                         low_open=True),
-            "mirror_n": check_int("mirror_n", values["mirror_n"], 1),
+            "mirror_n": check_int("mirror_n", values["mirror_n"], 1, MAX_NOISE_SAMPLES,
+                                  bound="fa_study.config.MAX_NOISE_SAMPLES"),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)

@@ -22,7 +22,13 @@ and the depth: ``resmlp_d512_L2`` is the ResidualMLP at d=512, L=2.
 """
 from __future__ import annotations
 
-from ..config import check_choice
+import functools
+import inspect
+from typing import Any
+
+import torch
+
+from ..config import MAX_PARAMETERS, check_choice
 from .base import BlockModel
 from .mlp import MLP, MatrixMLP
 from .resmlp import ResidualMLP
@@ -60,6 +66,103 @@ def display_name(arch: str, d: int | None, num_blocks: int | None) -> str:
     return arch
 
 
+# the arguments every model class takes positionally; everything else is a keyword option
+_CORE_ARGUMENTS: tuple[str, ...] = ("input_shape", "num_classes", "d", "num_blocks")
+
+
+def model_options(arch: str) -> dict[str, Any]:
+    """The keyword options of ``arch``'s class (beyond input_shape, num_classes, d and
+    num_blocks) with their defaults, read from the class's signature: the one list of them."""
+    arch, _, _ = resolve(arch)
+    sig = inspect.signature(_CLASSES[arch].__init__)
+    return {n: p.default for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+
+def check_model_options(arch: str, options: dict) -> None:
+    """ValueError naming the option and the allowed ones when ``options`` holds a name the class
+    of ``arch`` does not take (its values are checked by the class itself)."""
+    arch, _, _ = resolve(arch)
+    allowed = model_options(arch)
+    for name in options:
+        if name in _CORE_ARGUMENTS:
+            raise ValueError(f"{name!r} is not a model option of {arch!r}: it is an argument of its "
+                             f"own (ModelSpec(arch, d, num_blocks) / build_model(arch, {name}=...))")
+        if name not in allowed:
+            listed = ", ".join(f"{k!r} (default {v!r})" for k, v in allowed.items()) or "none"
+            raise ValueError(f"model {arch!r} ({_CLASSES[arch].__name__}) has no option {name!r}; "
+                             f"allowed options: {listed}")
+
+
+def _sizes(arch: str, d: int | None, num_blocks: int | None) -> tuple[str, int, int]:
+    arch, d, num_blocks = resolve(arch, d, num_blocks)
+    defaults = DEFAULTS[arch]
+    return (arch, defaults["d"] if d is None else d,
+            defaults["num_blocks"] if num_blocks is None else num_blocks)
+
+
+@functools.lru_cache(maxsize=512)
+def _meta(arch: str, input_shape: tuple, num_classes: int, d: int, num_blocks: int,
+          options: tuple) -> BlockModel:
+    try:
+        with torch.device("meta"):  # shapes only: nothing allocated, no random numbers drawn
+            return _CLASSES[arch](input_shape, num_classes, d, num_blocks, **dict(options))
+    except TypeError as exc:  # a value of a type the class's arithmetic cannot take
+        raise ValueError(f"model {arch!r} cannot be built with d={d!r}, num_blocks={num_blocks!r}, "
+                         f"options {dict(options)!r}: {exc}") from None
+
+
+def _neutral_shape(arch: str, kw: dict) -> tuple[int, int, int]:
+    """The smallest input every check of the class accepts when no data is known yet: one
+    channel and, for a patch model, one patch."""
+    patch = kw.get("patch_size", model_options(arch).get("patch_size", 1))
+    return (1, patch, patch) if isinstance(patch, int) and not isinstance(patch, bool) and patch >= 1 \
+        else (1, 1, 1)
+
+
+def meta_model(arch: str, *, input_shape=None, num_classes: int = 2, d: int | None = None,
+               num_blocks: int | None = None, **kw) -> BlockModel:
+    """The model :func:`build_model` would build, on the meta device (shapes only: nothing is
+    allocated and no random number drawn), after every check :func:`build_model` makes
+    (:func:`check_model`). ``input_shape=None``: the smallest input the class accepts (for
+    checks made before the data is known). Do not modify it: equal calls share one object."""
+    arch, d, num_blocks = _sizes(arch, d, num_blocks)
+    check_model_options(arch, kw)
+    neutral = input_shape is None
+    if neutral:
+        input_shape = _neutral_shape(arch, kw)
+    try:
+        shape = tuple(input_shape)
+    except TypeError:
+        raise ValueError(f"input_shape must be (C, H, W), got {input_shape!r}") from None
+    items = tuple(sorted(kw.items()))
+    try:
+        hash((shape, num_classes, d, num_blocks, items))
+    except TypeError:  # an unhashable value: built without the memo
+        model = _meta.__wrapped__(arch, shape, num_classes, d, num_blocks, items)
+    else:
+        model = _meta(arch, shape, num_classes, d, num_blocks, items)
+    count = sum(p.numel() for p in model.parameters())
+    if count > MAX_PARAMETERS:
+        where = (f"even on the smallest input {shape} (before the data is known)" if neutral
+                 else f"input_shape={shape}, num_classes={num_classes}")
+        raise ValueError(f"model {arch!r} with d={d}, num_blocks={num_blocks}, {where} "
+                         f"would hold {count:,} parameters, more than "
+                         f"{MAX_PARAMETERS:,} (fa_study.config.MAX_PARAMETERS: 4 bytes each, x4 with "
+                         f"gradients and AdamW's moments); use a smaller d, num_blocks or input")
+    return model
+
+
+def check_model(arch: str, *, input_shape=(3, 32, 32), num_classes: int = 10, d: int | None = None,
+                num_blocks: int | None = None, **kw) -> int:
+    """Everything :func:`build_model` would refuse, as a ValueError, without allocating: the
+    option names (:func:`check_model_options`), every check of the class (the model is built on
+    the meta device, which holds shapes only) and at most :data:`fa_study.config.MAX_PARAMETERS`
+    parameters. Returns the parameter count."""
+    model = meta_model(arch, input_shape=input_shape, num_classes=num_classes, d=d,
+                       num_blocks=num_blocks, **kw)
+    return sum(p.numel() for p in model.parameters())
+
+
 def build_model(arch: str, *, input_shape=(3, 32, 32), num_classes: int = 10, d: int | None = None,
                 num_blocks: int | None = None, **kw) -> BlockModel:
     """Build ``arch`` (one of :data:`ARCHS`, or a name of :data:`VARIANTS`) with width ``d`` and
@@ -67,16 +170,16 @@ def build_model(arch: str, *, input_shape=(3, 32, 32), num_classes: int = 10, d:
 
     ``None`` means the reference default (see :data:`DEFAULTS`); other keywords go to the class
     (e.g. ``residual=False`` or ``activation="identity"`` for ResidualMLP, ``heads`` for ViTMini,
-    ``activation`` for MLP and MatrixMLP, ``ln`` for MatrixMLP). Parameters are drawn from
-    torch's global generator: seed first for reproducible models.
+    ``activation`` for MLP and MatrixMLP, ``ln`` for MatrixMLP; :func:`model_options` lists them).
+    Everything is checked before anything is allocated (:func:`check_model`): an unknown option or
+    a bad value is a ValueError naming it. Parameters are drawn from torch's global generator:
+    seed first for reproducible models.
     """
-    arch, d, num_blocks = resolve(arch, d, num_blocks)
-    defaults = DEFAULTS[arch]
-    d = defaults["d"] if d is None else d
-    num_blocks = defaults["num_blocks"] if num_blocks is None else num_blocks
+    arch, d, num_blocks = _sizes(arch, d, num_blocks)
+    check_model(arch, input_shape=input_shape, num_classes=num_classes, d=d, num_blocks=num_blocks, **kw)
     return _CLASSES[arch](tuple(input_shape), num_classes, d, num_blocks, **kw)
 
 
 __all__ = ["ARCHS", "AUDIT_ARCHS", "DEFAULTS", "VARIANTS", "MODEL_NAMES", "BlockModel", "MLP",
            "MatrixMLP", "ResidualMLP", "SmallResNet", "ViTMini", "build_model", "resolve",
-           "display_name"]
+           "display_name", "model_options", "check_model_options", "check_model", "meta_model"]

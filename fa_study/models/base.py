@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..config import MAX_BLOCKS, MAX_WIDTH
+
 
 class BlockModel(nn.Module):
     """Base class: embedding, a ModuleList of blocks, a readout.
@@ -37,8 +39,9 @@ class BlockModel(nn.Module):
             raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {input_shape!r}")
         if int(num_classes) < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes!r}")
-        if int(width) < 1:
-            raise ValueError(f"width d must be a positive integer, got {width!r}")
+        if not 1 <= int(width) <= MAX_WIDTH:
+            raise ValueError(f"width d must be a positive integer at most {MAX_WIDTH} "
+                             f"(fa_study.config.MAX_WIDTH), got {width!r}")
         self.input_shape = tuple(int(s) for s in input_shape)
         self.num_classes = int(num_classes)
         self.width = int(width)
@@ -144,15 +147,33 @@ class BlockModel(nn.Module):
                 f"input_shape={self.input_shape}, num_classes={self.num_classes}")
 
 
-def check_positive_int(what: str, value) -> int:
-    """``value`` as an int, or ``ValueError`` naming ``what`` when it is not a positive integer."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+def _bound(high: int | None, bound: str) -> str:
+    return "" if high is None else f" at most {high}" + (f" ({bound})" if bound else "")
+
+
+def check_positive_int(what: str, value, high: int | None = None, bound: str = "") -> int:
+    """``value`` as an int, or ``ValueError`` naming ``what`` when it is not a positive integer
+    (at most ``high`` when given; ``bound`` names where the bound comes from)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 \
+            or (high is not None and value > high):
+        raise ValueError(f"{what} must be a positive integer{_bound(high, bound)}, got {value!r}")
     return int(value)
 
 
-def check_nonnegative_int(what: str, value) -> int:
-    """``value`` as an int, or ``ValueError`` naming ``what`` when it is not an integer >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+def check_nonnegative_int(what: str, value, high: int | None = None, bound: str = "") -> int:
+    """``value`` as an int, or ``ValueError`` naming ``what`` when it is not an integer >= 0
+    (at most ``high`` when given)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 \
+            or (high is not None and value > high):
+        raise ValueError(f"{what} must be a non-negative integer{_bound(high, bound)}, got {value!r}")
     return int(value)
+
+
+def check_width(value) -> int:
+    """The width ``d``: a positive integer at most :data:`fa_study.config.MAX_WIDTH`."""
+    return check_positive_int("d", value, MAX_WIDTH, "fa_study.config.MAX_WIDTH")
+
+
+def check_depth(value) -> int:
+    """The depth ``num_blocks``: an integer in ``[0, MAX_BLOCKS]``."""
+    return check_nonnegative_int("num_blocks", value, MAX_BLOCKS, "fa_study.config.MAX_BLOCKS")

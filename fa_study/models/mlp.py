@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import check_bool, check_choice
-from .base import BlockModel, check_nonnegative_int, check_positive_int
+from .base import BlockModel, check_depth, check_width
 
 MLP_ACTIVATIONS: tuple[str, ...] = ("relu", "tanh", "gelu", "identity")
 MATRIX_ACTIVATIONS: tuple[str, ...] = ("linear", "relu", "tanh")
@@ -50,8 +50,8 @@ class MLP(BlockModel):
 
     def __init__(self, input_shape=(1, 28, 28), num_classes: int = 10, d: int = 256,
                  num_blocks: int = 1, *, activation: str = "relu"):
-        d = check_positive_int("d", d)
-        num_blocks = check_nonnegative_int("num_blocks", num_blocks)
+        d = check_width(d)
+        num_blocks = check_depth(num_blocks)
         check_choice("activation", activation, MLP_ACTIVATIONS)
         super().__init__(input_shape, num_classes, d)
         self.activation = activation
@@ -104,8 +104,8 @@ class MatrixMLP(BlockModel):
 
     def __init__(self, input_shape=(1, 28, 28), num_classes: int = 10, d: int = 256,
                  num_blocks: int = 2, *, activation: str = "linear", ln: bool = True):
-        d = check_positive_int("d", d)
-        num_blocks = check_nonnegative_int("num_blocks", num_blocks)
+        d = check_width(d)
+        num_blocks = check_depth(num_blocks)
         check_choice("activation", activation, MATRIX_ACTIVATIONS)
         self_ln = check_bool("ln", ln)
         super().__init__(input_shape, num_classes, d)

@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import check_choice
-from .base import BlockModel, check_nonnegative_int, check_positive_int
+from ..config import check_bool, check_choice, check_float
+from .base import BlockModel, check_depth, check_width
 
 ACTIVATIONS: tuple[str, ...] = ("gelu", "relu", "identity")
 
@@ -60,10 +60,16 @@ class ResidualMLP(BlockModel):
     def __init__(self, input_shape=(3, 32, 32), num_classes: int = 10, d: int = 256,
                  num_blocks: int = 4, *, residual: bool = True, w2_std: float = 0.01,
                  activation: str = "gelu", block_norm: bool = True, final_norm: bool = True):
-        d = check_positive_int("d", d)
-        num_blocks = check_nonnegative_int("num_blocks", num_blocks)
+        d = check_width(d)
+        num_blocks = check_depth(num_blocks)
+        # every option checked here, also those only the blocks read (num_blocks=0 has none)
+        check_bool("residual", residual)
+        w2_std = check_float("w2_std", w2_std, 0.0)
+        check_choice("activation", activation, ACTIVATIONS)
+        check_bool("block_norm", block_norm)
+        check_bool("final_norm", final_norm)
         super().__init__(input_shape, num_classes, d)
-        self.residual = bool(residual)
+        self.residual = residual
         self.embed_linear = nn.Linear(self.input_dim, d)
         self.blocks = nn.ModuleList([ResidualBranch(d, w2_std, activation, block_norm)
                                      for _ in range(num_blocks)])

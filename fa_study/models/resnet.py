@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import BlockModel, check_nonnegative_int, check_positive_int
+from .base import BlockModel, check_depth, check_width
 
 
 class BasicBlock(nn.Module):
@@ -44,8 +44,8 @@ class SmallResNet(BlockModel):
 
     def __init__(self, input_shape=(3, 32, 32), num_classes: int = 10, d: int = 64,
                  num_blocks: int = 4):
-        d = check_positive_int("d", d)
-        num_blocks = check_nonnegative_int("num_blocks", num_blocks)
+        d = check_width(d)
+        num_blocks = check_depth(num_blocks)
         super().__init__(input_shape, num_classes, d)
         self.stem_conv = nn.Conv2d(self.input_shape[0], d, kernel_size=3, padding=1, bias=False)
         self.stem_bn = nn.BatchNorm2d(d)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .base import BlockModel, check_nonnegative_int, check_positive_int
+from ..config import MAX_HEADS, MAX_MLP_RATIO, MAX_TOKENS, check_float
+from .base import BlockModel, check_depth, check_positive_int, check_width
 
 
 class TransformerBlock(nn.Module):
@@ -51,16 +52,29 @@ class ViTMini(BlockModel):
     def __init__(self, input_shape=(3, 32, 32), num_classes: int = 10, d: int = 128,
                  num_blocks: int = 4, *, heads: int = 4, patch_size: int = 4,
                  mlp_ratio: float = 4.0):
-        d = check_positive_int("d", d)
-        num_blocks = check_nonnegative_int("num_blocks", num_blocks)
-        heads = check_positive_int("heads", heads)
+        d = check_width(d)
+        num_blocks = check_depth(num_blocks)
+        heads = check_positive_int("heads", heads, MAX_HEADS, "fa_study.config.MAX_HEADS")
         patch_size = check_positive_int("patch_size", patch_size)
+        mlp_ratio = check_float("mlp_ratio", mlp_ratio, 0.0, low_open=True)
+        if mlp_ratio > MAX_MLP_RATIO:
+            raise ValueError(f"mlp_ratio must be a finite number > 0 and <= {MAX_MLP_RATIO:g} "
+                             f"(fa_study.config.MAX_MLP_RATIO), got {mlp_ratio!r}")
+        if int(d * mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio={mlp_ratio:g} gives the blocks' MLP int(d * mlp_ratio) = 0 "
+                             f"hidden units at d={d}; use mlp_ratio >= {1 / d:g}")
         super().__init__(input_shape, num_classes, d)
         c, hgt, wid = self.input_shape
         if hgt % patch_size or wid % patch_size:
             raise ValueError(f"image size {hgt}x{wid} must be a multiple of patch_size={patch_size}")
         if d % heads:
-            raise ValueError(f"d={d} must be divisible by heads={heads}")
+            raise ValueError(f"d={d} must be divisible by heads={heads}; allowed heads for d={d}: "
+                             + ", ".join(str(h) for h in range(1, min(d, MAX_HEADS) + 1) if d % h == 0))
+        tokens = 1 + (hgt // patch_size) * (wid // patch_size)
+        if tokens > MAX_TOKENS:
+            raise ValueError(f"patch_size={patch_size} on {hgt}x{wid} images gives {tokens} tokens, more "
+                             f"than {MAX_TOKENS} (fa_study.config.MAX_TOKENS: attention memory grows "
+                             f"with tokens^2); use a larger patch_size")
         self.heads, self.patch_size = heads, patch_size
         self.num_tokens = 1 + (hgt // patch_size) * (wid // patch_size)
         self.patch_embed = nn.Conv2d(c, d, kernel_size=patch_size, stride=patch_size)

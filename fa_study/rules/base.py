@@ -252,6 +252,19 @@ class Method:
     # setup() takes hidden= (the trainer's HiddenStates: frozen freezes the modules between h_0 and h_L)
     takes_hidden_states: ClassVar[bool] = False
 
+    def __new__(cls, *args: Any, **options: Any):
+        # before any subclass's __init__: a positional argument would otherwise be Python's bare
+        # "takes 1 positional argument but 2 were given"
+        if args:
+            first = next(iter(cls.OPTIONS.items()), None)
+            example = (f"build_rule({cls.name!r}, {first[0]}={first[1].default!r})" if first
+                       else f"build_rule({cls.name!r})")
+            listed = ", ".join(repr(k) for k in cls.OPTIONS) or "none"
+            raise ValueError(f"rule classes take keyword options only: {example}; allowed options of "
+                             f"{cls.name!r}: {listed}; got positional argument(s) "
+                             f"{', '.join(repr(a) for a in args)}")
+        return super().__new__(cls)
+
     def __init__(self, **options: Any) -> None:
         self._options = self.check_options(options)
         for key, value in self._options.items():
@@ -267,6 +280,13 @@ class Method:
         return cls.has_random_feedback
 
     @classmethod
+    def credit_uses_feedback(cls, options: dict[str, Any]) -> bool:
+        """Whether, with ``options`` (the full checked options), the rule's random feedback enters
+        the credit the fresh-feedback null reads (default: True; a variant whose feedback only
+        rewrites weight gradients after BP's backward, as ungated layer DFA, says False)."""
+        return True
+
+    @classmethod
     def check_options(cls, options: dict[str, Any]) -> dict[str, Any]:
         """The full option dict (defaults filled in), or ValueError naming what is wrong."""
         unknown = sorted(set(options) - set(cls.OPTIONS))
@@ -278,6 +298,14 @@ class Method:
             value = options.get(key, opt.default)
             out[key] = opt.check(key, value) if (key in options or value is not None) else value
         return out
+
+    @classmethod
+    def check_run(cls, options: dict[str, Any], model: nn.Module, num_classes: int, train_cfg) -> None:
+        """ValueError for anything :meth:`setup` or training would refuse about a run, decided
+        before it runs (:class:`fa_study.runs.RunSpec` calls it when built): ``options`` are the
+        full checked options, ``model`` the run's model on the meta device (shapes only; do not
+        modify it), ``num_classes`` the data's class count, ``train_cfg`` the
+        :class:`~fa_study.train.TrainConfig`. Default: nothing beyond the options' own checks."""
 
     @classmethod
     def supports(cls, arch: str) -> bool:
@@ -342,6 +370,11 @@ class Method:
         train (:meth:`check_trainable`)."""
         self.check_trainable(model)
         self._ready = True
+
+    def check_model(self, model: nn.Module, num_classes: int | None = None) -> None:
+        """ValueError unless the state :meth:`setup` made fits ``model`` (and data of
+        ``num_classes`` classes): the trainer asks a rule that is already set up before it trains
+        with it. Default: nothing to check (BP and its baselines keep no shapes)."""
 
     def fresh(self, generator: torch.Generator) -> "Method":
         """A copy with the same options and newly drawn feedback state."""
@@ -479,7 +512,7 @@ class BlockLocal(Method):
     def learn(self, model: BlockModel, ctx: CreditContext) -> None:
         """Update learned feedback after the gradients are written (default: nothing)."""
 
-    def check_model(self, model: BlockModel) -> None:
+    def check_model(self, model: BlockModel, num_classes: int | None = None) -> None:
         """Raise when ``model`` does not match the shapes the rule was set up for."""
         self._require_ready("fill_grads")
 
@@ -519,6 +552,20 @@ class BlockLocal(Method):
         with torch.no_grad():
             a = self.signals(model, ctx)
             return [_spread(model, a_l, h).detach() for a_l, h in zip(a, hiddens)]
+
+
+def check_class_count(rule: Method, set_up_for: int, model: nn.Module, num_classes: int | None) -> None:
+    """ValueError naming the rule and both class counts when its feedback, drawn for
+    ``set_up_for`` classes, would meet a model (``model.num_classes``) or data (``num_classes``)
+    of another count."""
+    for what, count in (("the model has num_classes", getattr(model, "num_classes", None)),
+                        ("the data has", num_classes)):
+        if count is not None and int(count) != int(set_up_for):
+            raise ValueError(f"rule {rule.name!r} was set up for {set_up_for} classes (its feedback "
+                             f"reads the {set_up_for}-dim output error) but {what} {count}"
+                             f"{'' if 'num_classes' in what else ' classes'}; set it up again for "
+                             f"this model (rule.setup(model, {count}, generator)) or build a new rule "
+                             f"(build_rule({rule.name!r}, ...)), which train() sets up itself")
 
 
 def draw_seed(generator: torch.Generator) -> int:

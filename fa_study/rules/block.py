@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import (BlockLocal, CreditContext, Method, Option, check_batch, model_device,
-                   model_dtype, nonnegative)
+from .base import (BlockLocal, CreditContext, Method, Option, check_batch, check_class_count,
+                   model_device, model_dtype, nonnegative)
 
 PENALTY = Option(0.0, nonnegative, "weight λ of the residual-branch penalty λ·||f_l(h_l)||²")
 
@@ -180,7 +180,7 @@ class RandomFeedbackRule(BlockLocal):
         new.B = [b.to(self._device, self._dtype) for b in self.draw(generator)]
         return new
 
-    def check_model(self, model):
+    def check_model(self, model, num_classes=None):
         self._require_ready("fill_grads")
         d, _, num_blocks = self._dims
         if (model.width, model.num_blocks) != (d, num_blocks):
@@ -240,6 +240,11 @@ class DFA(RandomFeedbackRule):
 
     name = "dfa"
     summary = "block DFA: a_l = e B_l^T, fixed random B_l (d, C)"
+
+    def check_model(self, model, num_classes=None):
+        super().check_model(model, num_classes)
+        # B_l is (d, C): the output error of another class count cannot pass through it
+        check_class_count(self, self._dims[1], model, num_classes)
 
     def draw(self, generator):
         d, c, num_blocks = self._dims

@@ -34,11 +34,40 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .base import (Method, Option, boolean, check_batch, choice, device_generator, draw_seed,
-                   nonnegative, positive, positive_int, positive_or_none)
+from ..config import MAX_NOISE_SAMPLES, MAX_PROBES, check_int
+from .base import (Method, Option, boolean, check_batch, check_class_count, choice, device_generator,
+                   draw_seed, nonnegative, positive, positive_int, positive_or_none)
 
 LAYER_ARCHS: tuple[str, ...] = ("resmlp", "vit", "resnet", "mlp")  # models holding nn.Linear / nn.Conv2d
 INIT_STD = Option(None, positive_or_none, "scale of the random feedback (None: the RMS of W)")
+
+
+def probes(name: str, value) -> int:
+    """Forward probes per step: 1..MAX_PROBES (each layer draws probes x fan_in floats)."""
+    return check_int(name, value, 1, MAX_PROBES, bound="fa_study.config.MAX_PROBES")
+
+
+def noise_samples(name: str, value) -> int:
+    """Noise samples per weight-mirror step: 1..MAX_NOISE_SAMPLES (n x fan_in floats per layer)."""
+    return check_int(name, value, 1, MAX_NOISE_SAMPLES, bound="fa_study.config.MAX_NOISE_SAMPLES")
+
+
+def convertible_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """``(name, module)`` of the plain ``nn.Linear`` / ``nn.Conv2d`` that
+    :func:`fa_study.feedback.convert` would put on a layer rule (those inside
+    ``nn.MultiheadAttention`` stay on BP); works on a model on the meta device."""
+    from ..feedback.convert import _unconvertible
+
+    out, stack = [], [("", model)]
+    while stack:
+        name, m = stack.pop()
+        if isinstance(m, torch.nn.MultiheadAttention):
+            continue
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and _unconvertible(m) is None:
+            out.append((name, m))
+            continue
+        stack.extend((f"{name}.{n}" if name else n, c) for n, c in m.named_children())
+    return out[::-1]
 
 
 class LayerRule(Method):
@@ -55,6 +84,37 @@ class LayerRule(Method):
     def convert_options(self, train_cfg) -> dict:
         """Keyword options for :func:`fa_study.feedback.convert`."""
         return {}
+
+    @classmethod
+    def check_run(cls, options, model, num_classes, train_cfg):
+        from ..feedback.strategies import rule_class
+
+        arch = getattr(model, "arch", type(model).__name__)
+        layers = convertible_layers(model)
+        if not layers:
+            raise ValueError(f"rule {cls.name!r} finds no nn.Linear or nn.Conv2d to convert in the "
+                             f"{arch!r} model")
+        rule = cls(**options)
+        convs = [n for n, m in layers if isinstance(m, torch.nn.Conv2d)]
+        if convs and "conv_method" not in rule.convert_options(train_cfg) \
+                and not rule_class(rule.layer_rule).has_conv_form:
+            given = {k: v for k, v in options.items() if v != cls.OPTIONS[k].default}
+            raise ValueError(f"rule {cls.name!r}{f' with {given}' if given else ''} runs the layer rule "
+                             f"{rule.layer_rule!r}, which has no Conv2d form, and the {arch!r} model has "
+                             f"Conv2d layers ({', '.join(convs[:3])}{', ...' if len(convs) > 3 else ''}); "
+                             f"allowed: a model without Conv2d layers, or options of {cls.name!r} "
+                             f"whose layer rule has a Conv2d form")
+
+    def check_model(self, model, num_classes=None):
+        from .. import feedback
+
+        self._require_ready("fill_grads")
+        if not feedback.local_layers(model):
+            raise ValueError(f"rule {self.name!r} was set up on another model: this "
+                             f"{type(model).__name__} holds no layer converted to it; build a new rule "
+                             f"(train() sets it up) or call rule.setup(model, num_classes, generator)")
+        if self.needs_targets:  # B_dfa maps the output error: (num_classes, fan_in)
+            check_class_count(self, self._num_classes, model, num_classes)
 
     def setup(self, model, num_classes, generator, *, train_cfg=None):
         from .. import feedback
@@ -139,6 +199,18 @@ class LayerFA(LayerRule):
     }
     LABELS = {"init": "init"}
 
+    @classmethod
+    def check_run(cls, options, model, num_classes, train_cfg):
+        super().check_run(options, model, num_classes, train_cfg)
+        k = options["sparse_k"]
+        if options["init"] == "sparse" and k is not None:
+            fans = {n: m.weight[0].numel() for n, m in convertible_layers(model)}
+            name = min(fans, key=fans.get)
+            if k > fans[name]:
+                raise ValueError(f"sparse_k must be at most the smallest fan-in of the layers "
+                                 f"layer_fa converts ({fans[name]}, layer {name!r} of the "
+                                 f"{getattr(model, 'arch', type(model).__name__)!r} model), got {k}")
+
     def convert_options(self, train_cfg):
         return {"fa_init_mode": self.init, "fa_sparse_k": self.sparse_k, "init_std": self.init_std}
 
@@ -179,7 +251,7 @@ class LayerGrAPE(LayerRule):
     learns_feedback = True
     OPTIONS = {
         "lr_b": Option(0.05, nonnegative, "GrAPE step: fraction of the angle to J_hat closed per step"),
-        "n_probe": Option(32, positive_int, "forward probes per step"),
+        "n_probe": Option(32, probes, "forward probes per step"),
         "scale_free": Option(True, boolean, "scale-free step (False: seed 000's plain gradient step)"),
         "normalize_columns": Option(False, boolean, "unit-norm columns of B after each step (GrAPE Eq. 6)"),
     }
@@ -219,10 +291,11 @@ class KolenPollack(LayerRule):
                           "B's per-step decay in [0, 1) (None: W's own decay)"),
     }
 
-    def convert_options(self, train_cfg):
+    @staticmethod
+    def _steps(lr_b, b_decay, train_cfg) -> dict:
         step, decay = matched_step(train_cfg)
-        lr_b = step if self.lr_b is None else self.lr_b
-        b_decay = decay if self.b_decay is None else self.b_decay
+        lr_b = step if lr_b is None else lr_b
+        b_decay = decay if b_decay is None else b_decay
         if not 0.0 <= b_decay < 1.0:
             raise ValueError(
                 f"kolen_pollack's derived decay of B is {b_decay:g} (>= 1): W's own per-step decay "
@@ -230,6 +303,14 @@ class KolenPollack(LayerRule):
                 f"momentum={train_cfg.momentum:g}, weight_decay={train_cfg.weight_decay:g} would flip W's "
                 f"sign every step; lower lr or weight_decay, or pass b_decay in [0, 1)")
         return {"lr_b": lr_b, "b_decay": b_decay}
+
+    @classmethod
+    def check_run(cls, options, model, num_classes, train_cfg):
+        super().check_run(options, model, num_classes, train_cfg)
+        cls._steps(options["lr_b"], options["b_decay"], train_cfg)
+
+    def convert_options(self, train_cfg):
+        return self._steps(self.lr_b, self.b_decay, train_cfg)
 
 
 def _decay(name: str, value) -> float:
@@ -251,13 +332,22 @@ class WeightMirror(LayerRule):
     OPTIONS = {
         "lr_b": Option(0.05, positive, "mirror step"),
         "sigma": Option(1.0, positive, "std of the injected noise"),
-        "n_noise": Option(64, positive_int, "noise samples per step"),
+        "n_noise": Option(64, noise_samples, "noise samples per step"),
     }
 
-    def setup(self, model, num_classes, generator, *, train_cfg=None):
-        if self.lr_b * self.sigma ** 2 >= 1.0:
+    @staticmethod
+    def _check_decay(lr_b: float, sigma: float) -> None:
+        if lr_b * sigma ** 2 >= 1.0:
             raise ValueError(f"weight_mirror needs lr_b * sigma**2 < 1 (it is also B's decay), got "
-                             f"lr_b={self.lr_b:g}, sigma={self.sigma:g}")
+                             f"lr_b={lr_b:g}, sigma={sigma:g}")
+
+    @classmethod
+    def check_run(cls, options, model, num_classes, train_cfg):
+        super().check_run(options, model, num_classes, train_cfg)
+        cls._check_decay(options["lr_b"], options["sigma"])
+
+    def setup(self, model, num_classes, generator, *, train_cfg=None):
+        self._check_decay(self.lr_b, self.sigma)
         super().setup(model, num_classes, generator, train_cfg=train_cfg)
 
     def convert_options(self, train_cfg):
@@ -279,6 +369,12 @@ class LayerDFA(LayerRule):
     @property
     def layer_rule(self) -> str:  # type: ignore[override]
         return "dfa" if self.gated else "dfa_ungated"
+
+    @classmethod
+    def credit_uses_feedback(cls, options):
+        # ungated: the backward is BP's and B only rewrites the weight gradients afterwards, so the
+        # credit at the hidden states does not depend on B
+        return bool(options.get("gated", True))
 
 
 class LayerDFABlock(LayerRule):

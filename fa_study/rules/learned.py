@@ -45,7 +45,6 @@ import copy
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ..diagnostics import buffers_preserved, eval_mode
@@ -53,9 +52,10 @@ from ..diagnostics.jacobians import (direct_feedback_quality, jvp_jacobian_estim
                                      per_sample_gradients)
 from ..feedback import StiefelFeedback, grape_step
 from ..models.base import BlockModel
-from .base import (BlockLocal, CreditContext, Option, choice, device_generator, draw_seed,
-                   fraction, fraction_open, model_device, model_dtype, nonnegative, positive,
-                   positive_int_or_none)
+from ..config import MAX_PROBES, check_int
+from .base import (BlockLocal, CreditContext, Option, check_class_count, choice, device_generator,
+                   draw_seed, fraction, fraction_open, model_device, model_dtype, nonnegative,
+                   positive)
 from .block import FA, PENALTY
 
 PROBES: tuple[str, ...] = ("node", "bp")
@@ -105,6 +105,12 @@ def node_perturbation_grads(model: BlockModel, h0: torch.Tensor, y: torch.Tensor
     return [((dl / s).unsqueeze(1) * z).reshape(repeats, n, -1).mean(dim=0) for z, s in zip(noise, scales)]
 
 
+def probes_or_none(name: str, value) -> int | None:
+    """A count of probed samples per step: 1..MAX_PROBES, or None (the whole batch)."""
+    return check_int(name, value, 1, MAX_PROBES, none_ok=True, none_means="the whole batch",
+                     bound="fa_study.config.MAX_PROBES")
+
+
 # --------------------------------------------------------------------------------------------
 # GrAPE-FA
 # --------------------------------------------------------------------------------------------
@@ -124,7 +130,7 @@ class GrAPEFA(FA):
     OPTIONS = {
         "penalty": PENALTY,
         "eta_B": Option(0.1, nonnegative, "fraction of the angle between B_l and J_hat_l closed per step"),
-        "n_probe": Option(32, positive_int_or_none, "probed samples per step (GrAPE's 32; None: the batch)"),
+        "n_probe": Option(32, probes_or_none, "probed samples per step (GrAPE's 32; None: the batch)"),
     }
 
     def setup(self, model, num_classes, generator, *, train_cfg=None):
@@ -166,9 +172,21 @@ class GrAPEFA(FA):
 # --------------------------------------------------------------------------------------------
 
 def _rank(name: str, value) -> int | None:
-    from ..config import check_int
-
+    # no constant bound: the rank is at most the class count and the width, checked against the
+    # run's model and data (StiefelDFA.check_run) and in setup, before anything is drawn
     return check_int(name, value, 1, none_ok=True, none_means="the number of classes")
+
+
+def check_rank(rank: int | None, num_classes: int, width: int) -> int:
+    """The rank a StiefelDFA uses (``None``: the class count), or ValueError naming it and both
+    bounds: at most the class count (C maps the error to r dims) and the width d."""
+    rank = int(num_classes) if rank is None else rank
+    if rank > num_classes:
+        raise ValueError(f"rank must be at most the number of classes ({num_classes}): the "
+                         f"compressor C maps the {num_classes}-dim error to r dims; got rank={rank}")
+    if rank > width:
+        raise ValueError(f"rank must be at most the width d={width}, got rank={rank}")
+    return rank
 
 
 class StiefelDFA(BlockLocal):
@@ -194,7 +212,7 @@ class StiefelDFA(BlockLocal):
         "eta_B": Option(0.1, nonnegative, "scale-free Riemannian step of U_l"),
         "probe": Option("node", choice(*PROBES), "g_hat: node perturbation, or 'bp' (the weight-transporting oracle)"),
         "sigma": Option(0.05, positive, "relative node-perturbation scale"),
-        "n_probe": Option(None, positive_int_or_none, "samples probed per step (None: the batch)"),
+        "n_probe": Option(None, probes_or_none, "samples probed per step (None: the batch)"),
         "tau": Option(0.95, fraction_open, "EMA factor of the cross-covariance"),
         "beta_alpha": Option(0.05, fraction, "EMA rate of the gain alpha_l"),
         "alpha_init": Option(0.1, positive, "initial gain"),
@@ -207,15 +225,13 @@ class StiefelDFA(BlockLocal):
         self._dims: tuple[int, int, int] | None = None
         self._last: list[dict[str, torch.Tensor]] = []
 
+    @classmethod
+    def check_run(cls, options, model, num_classes, train_cfg):
+        check_rank(options["rank"], num_classes, model.width)
+
     def setup(self, model, num_classes, generator, *, train_cfg=None):
         self.check_trainable(model)
-        rank = int(num_classes) if self.rank is None else self.rank
-        if rank > num_classes:
-            raise ValueError(f"rank must be at most the number of classes ({num_classes}): the "
-                             f"compressor C maps the {num_classes}-dim error to r dims; got rank={rank}")
-        if rank > model.width:
-            raise ValueError(f"rank must be at most the width d={model.width}, got rank={rank}")
-        self._rank = rank
+        self._rank = check_rank(self.rank, int(num_classes), model.width)
         self._dims = (model.width, int(num_classes), model.num_blocks)
         self._dtype = model_dtype(model)
         self.feedback = self._draw(generator, model_device(model))
@@ -237,11 +253,12 @@ class StiefelDFA(BlockLocal):
         new._last = []
         return new
 
-    def check_model(self, model):
+    def check_model(self, model, num_classes=None):
         self._require_ready("fill_grads")
         if (model.width, model.num_blocks) != (self._dims[0], self._dims[2]):
             raise ValueError(f"{self.name} was set up for d={self._dims[0]}, L={self._dims[2]} but "
                              f"the model has d={model.width}, L={model.num_blocks}; call setup again")
+        check_class_count(self, self._dims[1], model, num_classes)
 
     def signals(self, model, ctx):
         return self.feedback.deltas(self.feedback.compress(ctx.e))

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import check_choice, get_device
-from .base import Method, Option, boolean, check_batch, choice, fraction, positive_or_none
+from .base import (Method, Option, boolean, check_batch, check_class_count, choice, fraction,
+                   positive_or_none)
 
 ACTIVATIONS: tuple[str, ...] = ("linear", "relu", "tanh")
 _ALIGN_EPS = 1e-9  # as in the reference: ||B - W^T|| / (||W|| + eps)
@@ -438,9 +439,11 @@ class RARule(Method):
         """``(updates of B or None, rev_loss or None, recon_loss or None)`` for one batch."""
         return None, None, None
 
-    def check_model(self, model) -> None:
-        """Raise when ``model``'s widths are not those the feedback matrices were drawn for."""
+    def check_model(self, model, num_classes=None) -> None:
+        """Raise when ``model``'s widths (or the data's class count) are not those the feedback
+        matrices were drawn for."""
         self._require_ready("fill_grads")
+        check_class_count(self, self._dims[-1], model, num_classes)
         if list(model.dims) != self._dims:
             raise ValueError(f"{self.name} was set up for widths {self._dims} but the model has "
                              f"{list(model.dims)}; call setup again")

@@ -1,0 +1,675 @@
+"""Notebook 07: audit a network the package did not build, trained by a plain PyTorch loop.
+
+Everything a user brings is here, written as a user writes it, so the notebook holds no
+mechanism:
+
+* **the networks**: the reference's :class:`ViTMini` (pre-LN :class:`TransformerBlock` s that
+  add their own skip, a class token, a terminal LayerNorm) and :class:`SmallResNet`
+  (post-activation :class:`BasicBlock` s, ``relu(x + f(x))``), copied from reference 003 with
+  only the image size and the widths as arguments; and two torchvision models built without
+  weights (``resnet18`` and a small ``VisionTransformer``). :func:`build_network` makes one.
+* **the training loop**: :func:`train_plain`, an ordinary PyTorch loop (AdamW, cross-entropy,
+  random mini-batches) with the two calls that ``fa_study.feedback.convert`` asks of a loop
+  (``capture_output_error`` after the forward, ``feedback_step`` after the backward; both do
+  nothing for rules that do not need them). It does not use ``fa_study.train``.
+* **the readings**: each trained network is read by :mod:`fa_study.diagnostics` exactly as a
+  user would read theirs -- ``audit`` (verdict, D1 / D2 / D3, per-layer norms),
+  ``direction_quality`` (the model's own backward credit against BP's gradient, per hidden
+  state) and ``update_alignment`` (per weight, the update the model's own backward applies
+  against BP's gradient through the BP twin).
+
+:class:`OwnNetworkStudy` holds the settings (profiles and the panel's ranges);
+:func:`run_own_network` trains and reads every network x rule; :func:`own_network_view` also
+draws -- it is the control panel's callback and the notebook's baseline run. Runs are not
+cached: the point is the trained ``nn.Module`` the reader audits, and each run takes seconds.
+
+D3 (depth utility) needs the test accuracy of the same network with its blocks frozen at their
+random initialisation: the view trains that baseline with :func:`fa_study.train.frozen_baseline`
+when the package has it (``frozen=True``), otherwise D3 is "not evaluated" and said so.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import (check_bool, check_choice, check_float, check_int, get_device, seed_everything,
+                      stream_generator)
+from .core import Study, StudyResult, one_cpu_thread, resolve_study
+
+NETWORKS: tuple[str, ...] = ("vit_mini", "torchvision_vit", "small_resnet", "resnet18")
+# the networks written in the reference's layout (embed / blocks ModuleList / out_ln / out_head)
+REFERENCE_LAYOUT: tuple[str, ...] = ("vit_mini", "small_resnet")
+# every network has a Conv2d (patch embedding or stem), so the rules are those convert runs on
+# Linear and Conv2d layers alike
+OWN_RULES: tuple[str, ...] = ("bp", "fa", "sign_sym", "frsf", "brsf", "dfa", "kolen_pollack",
+                              "weight_mirror")
+DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10")
+# where the audit finds each network's hidden states (fa_study.diagnostics.find_hidden_states)
+EXPECTED_CONTAINER: dict[str, str] = {"vit_mini": "blocks", "small_resnet": "blocks",
+                                      "torchvision_vit": "encoder.layers", "resnet18": "ResNet stages"}
+
+
+def documented_states(network: str, depth: int) -> list[str]:
+    """What the audit is documented to read as ``h_0 .. h_L`` on ``network`` (its report's
+    ``hidden_read``). The reference layout's blocks and torchvision's encoder layers return the
+    whole update ``h + f(h)``: ``h_0`` is the first block's input and ``h_l`` block ``l-1``'s
+    output; resnet18's states are the input of ``layer1`` and the outputs of its four stages."""
+    check_choice("network", network, NETWORKS)
+    if network == "resnet18":
+        return ["input of layer1"] + [f"output of layer{i}" for i in range(1, 5)]
+    prefix = "encoder.layers.encoder_layer_" if network == "torchvision_vit" else "blocks."
+    return [f"input of {prefix}0"] + [f"output of {prefix}{l}" for l in range(depth)]
+
+
+# --------------------------------------------------------------------------------------------
+# The user's networks, as reference 003 writes them (models/vit_mini.py, models/small_resnet.py)
+# --------------------------------------------------------------------------------------------
+
+class TransformerBlock(nn.Module):
+    """Pre-LN transformer block: x = x + attn(LN(x)); x = x + mlp(LN(x))."""
+
+    def __init__(self, d_model: int, n_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.ln2 = nn.LayerNorm(d_model)
+        mlp_hidden = int(d_model * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, mlp_hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(mlp_hidden, d_model),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Self-attention sublayer
+        x_norm = self.ln1(x)
+        attn_out, _ = self.attn(x_norm, x_norm, x_norm, need_weights=False)
+        x = x + attn_out
+        # MLP sublayer
+        x = x + self.mlp(self.ln2(x))
+        return x
+
+
+class ViTMini(nn.Module):
+    """Minimal Vision Transformer: patch embedding, a learned cls token, pre-LN blocks and a
+    terminal LayerNorm before the head."""
+
+    def __init__(self, image_size: int = 32, patch_size: int = 4, in_channels: int = 3,
+                 num_classes: int = 10, d_model: int = 128, n_heads: int = 4, num_blocks: int = 4,
+                 mlp_ratio: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        assert image_size % patch_size == 0
+        n_patches = (image_size // patch_size) ** 2
+        self.n_tokens = n_patches + 1  # +1 for cls token
+        self.image_size, self.in_channels = image_size, in_channels
+
+        # Patch embedding via Conv2d (equivalent to flatten + linear)
+        self.patch_embed = nn.Conv2d(in_channels, d_model, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.n_tokens, d_model))
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+        self.blocks = nn.ModuleList([
+            TransformerBlock(d_model, n_heads, mlp_ratio, dropout) for _ in range(num_blocks)
+        ])
+        self.out_ln = nn.LayerNorm(d_model)  # terminal LN
+        self.out_head = nn.Linear(d_model, num_classes)
+
+        self.num_blocks = num_blocks
+        self.d_model = d_model
+        self.d_hidden = d_model
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # flat input
+            x = x.view(x.size(0), self.in_channels, self.image_size, self.image_size)
+        x = self.patch_embed(x)  # (B, d, H/p, W/p)
+        x = x.flatten(2).transpose(1, 2)  # (B, n_patches, d)
+        cls = self.cls_token.expand(x.size(0), -1, -1)
+        x = torch.cat([cls, x], dim=1)  # (B, n_tokens, d)
+        x = x + self.pos_embed
+        return x
+
+    def forward(self, x: torch.Tensor, return_hidden: bool = False):
+        h = self.embed(x)
+        hiddens = [h] if return_hidden else None
+        for block in self.blocks:
+            h = block(h)
+            if return_hidden:
+                hiddens.append(h)
+        # Take cls token, normalize, classify
+        h_cls = self.out_ln(h[:, 0])
+        logits = self.out_head(h_cls)
+        if return_hidden:
+            return logits, hiddens
+        return logits
+
+
+class BasicBlock(nn.Module):
+    """Post-activation ResNet block with BatchNorm: relu(BN(W2 relu(BN(W1 x)))) + x, then relu."""
+
+    def __init__(self, d_hidden: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(d_hidden, d_hidden, kernel_size=3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(d_hidden)
+        self.conv2 = nn.Conv2d(d_hidden, d_hidden, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(d_hidden)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out = F.relu(x + out)
+        return out
+
+
+class SmallResNet(nn.Module):
+    """Small ResNet: 3x3 conv stem + BN + ReLU, ``num_blocks`` BasicBlocks at one width and
+    resolution, global average pool, linear head."""
+
+    def __init__(self, d_hidden: int = 64, num_classes: int = 10, num_blocks: int = 4):
+        super().__init__()
+        self.stem_conv = nn.Conv2d(3, d_hidden, kernel_size=3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(d_hidden)
+        self.blocks = nn.ModuleList([BasicBlock(d_hidden) for _ in range(num_blocks)])
+        self.out_head = nn.Linear(d_hidden, num_classes)
+        self.num_blocks = num_blocks
+        self.d_hidden = d_hidden
+
+    def stem(self, x):
+        return F.relu(self.stem_bn(self.stem_conv(x)))
+
+    def forward(self, x, return_hidden=False):
+        h = self.stem(x)
+        hiddens = [h] if return_hidden else None
+        for block in self.blocks:
+            h = block(h)
+            if return_hidden:
+                hiddens.append(h)
+        h_pool = F.adaptive_avg_pool2d(h, 1).flatten(1)
+        logits = self.out_head(h_pool)
+        if return_hidden:
+            return logits, hiddens
+        return logits
+
+    def embed(self, x):
+        return self.stem(x)
+
+
+def patch_size_for(image_size: int) -> int:
+    """The ViTs' patch: 7 on 28x28 images (16 patches), 8 on 32x32 (16 patches)."""
+    for p in (7, 8, 4):
+        if image_size % p == 0:
+            return p
+    raise ValueError(f"no patch size (7, 8 or 4) divides the image size {image_size}")
+
+
+def build_network(name: str, *, image_size: int = 28, num_classes: int = 10, width: int = 64,
+                  depth: int = 4) -> nn.Module:
+    """One of :data:`NETWORKS` for 3-channel ``image_size`` x ``image_size`` images.
+
+    ``vit_mini``: :class:`ViTMini` (``d_model=width``, ``num_blocks=depth``, 4 heads, MLP ratio
+    2, patches of 7 on 28x28); ``small_resnet``: :class:`SmallResNet` (``d_hidden=width``,
+    ``num_blocks=depth``); ``torchvision_vit``: ``torchvision.models.VisionTransformer``
+    (``hidden_dim=width``, ``num_layers=depth``, 4 heads, ``mlp_dim=2*width``);
+    ``resnet18``: ``torchvision.models.resnet18(weights=None, num_classes=...)`` (width and depth
+    are its own). Nothing is downloaded."""
+    check_choice("network", name, NETWORKS)
+    check_int("width", width, 4)
+    check_int("depth", depth, 1)
+    heads = 4 if width % 4 == 0 else 1
+    if name == "vit_mini":
+        return ViTMini(image_size=image_size, patch_size=patch_size_for(image_size), in_channels=3,
+                       num_classes=num_classes, d_model=width, n_heads=heads, num_blocks=depth,
+                       mlp_ratio=2.0)
+    if name == "small_resnet":
+        return SmallResNet(d_hidden=width, num_classes=num_classes, num_blocks=depth)
+    import torchvision
+
+    if name == "resnet18":
+        return torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    return torchvision.models.VisionTransformer(
+        image_size=image_size, patch_size=patch_size_for(image_size), num_layers=depth,
+        num_heads=heads, hidden_dim=width, mlp_dim=2 * width, num_classes=num_classes)
+
+
+# --------------------------------------------------------------------------------------------
+# The user's training loop: plain PyTorch (fa_study's trainer is not used)
+# --------------------------------------------------------------------------------------------
+
+def train_plain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int = 200,
+                batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
+                log: Callable | None = None) -> list[float]:
+    """Train ``model`` on ``(x, y)`` with a plain loop, written as a user would: AdamW,
+    cross-entropy, ``steps`` random mini-batches. Returns the training loss of every step.
+
+    The two ``fa_study.feedback`` calls are what ``convert`` asks of any loop; they do nothing
+    for a plain (BP) model. ``log(step, loss)``, when given, is called after every step."""
+    from fa_study.feedback import capture_output_error, feedback_step
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    batches = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for step in range(steps):
+        idx = torch.randint(len(x), (batch_size,), generator=batches).to(x.device)
+        out = model(x[idx])
+        capture_output_error(model, out)  # dfa: records dL/d(out) for the layers' backward
+        loss = F.cross_entropy(out, y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        feedback_step(model)  # kolen_pollack / weight_mirror: update the feedback weights
+        optimizer.step()
+        losses.append(loss.item())
+        if log is not None:
+            log(step, losses[-1])
+    return losses
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
+    """Test accuracy in eval mode (the model's mode is restored)."""
+    was = model.training
+    model.eval()
+    try:
+        hits = sum(int((model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum())
+                   for i in range(0, len(x), batch_size))
+    finally:
+        model.train(was)
+    return hits / max(len(x), 1)
+
+
+def as_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Grey images ``(N, 1, H, W)`` repeated over three channels (colour images as they are)."""
+    return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
+
+
+def rgb(ds):
+    """A :class:`fa_study.data.Dataset` with its images repeated over three channels."""
+    from ..data import Dataset
+
+    if ds.x.shape[1] == 3:
+        return ds
+    return Dataset(ds.name, ds.split, as_rgb(ds.x), ds.y, ds.source, ds.num_classes,
+                   ds.mean * 3, ds.std * 3)
+
+
+# --------------------------------------------------------------------------------------------
+# The study: settings, one run per network x rule, readings
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OwnNetworkStudy(Study):
+    """Networks the package did not build, trained by :func:`train_plain` under BP (the plain
+    network) and under the feedback rules (through ``fa_study.feedback.convert``), then read."""
+
+    networks: tuple = ("vit_mini", "torchvision_vit")  # which networks (NETWORKS)
+    rules: tuple = ("bp", "fa")  # bp: the plain network; others through convert(model, rule)
+    dataset: str = "mnist"  # mnist / fashion_mnist (repeated to 3 channels) or cifar10
+    width: int = 64  # ViTMini d_model, torchvision ViT hidden_dim, SmallResNet d_hidden
+    depth: int = 4  # blocks (ViTMini, SmallResNet) or encoder layers (torchvision ViT)
+    steps: int = 300  # optimizer steps of the plain loop
+    batch_size: int = 64  # mini-batch size
+    lr: float = 1e-3  # AdamW learning rate (weight decay 0.01)
+    n_train: int | None = 10000  # class-balanced training subset (None: the whole split)
+    n_test: int = 1000  # test samples for the accuracy
+    n_eval: int = 128  # the audit's evaluation batch (the D2 floor was calibrated on 128)
+    n_direction: int = 512  # test samples for direction quality (004 used 1,024)
+    seed: int = 0  # seeds the initial weights, the feedback weights and the batches
+    frozen: bool = True  # train the frozen-blocks baseline for D3 (when fa_study.train has it)
+
+    PROFILES = {
+        "quick": dict(width=32, depth=4, steps=120, n_train=4000, n_test=1000, n_direction=256),
+        "default": dict(),
+        # the reference's ViTMini width (128), longer training on the whole training set
+        "paper": dict(width=128, depth=4, steps=2000, batch_size=128, n_train=None, n_test=10000,
+                      n_direction=1024),
+    }
+    CONTROLS = {"networks": NETWORKS, "rules": OWN_RULES, "dataset": DATASETS,
+                "width": (8, 256, 8), "depth": (1, 8, 1), "steps": (10, 2000, 10),
+                "lr": ("log", 1e-4, 1e-2), "seed": (0, 99, 1)}
+
+    @classmethod
+    def rule_choices(cls) -> tuple[str, ...]:
+        return OWN_RULES
+
+    def __post_init__(self):
+        for what, values, allowed in (("networks", self.networks, NETWORKS),
+                                      ("rules", self.rules, OWN_RULES)):
+            if not isinstance(values, tuple) or not values:
+                raise ValueError(f"{what} must be a non-empty tuple of {', '.join(map(repr, allowed))}, "
+                                 f"got {values!r}")
+            for v in values:
+                check_choice(what[:-1], v, allowed)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{what} must not repeat a name, got {values!r}")
+        check_choice("dataset", self.dataset, DATASETS)
+        check_int("width", self.width, 4)
+        check_int("depth", self.depth, 1)
+        check_int("steps", self.steps, 1)
+        check_int("batch_size", self.batch_size, 2)
+        check_float("lr", self.lr, 0.0, low_open=True)
+        check_int("n_train", self.n_train, 2, none_ok=True, none_means="the whole split")
+        check_int("n_test", self.n_test, 2)
+        check_int("n_eval", self.n_eval, 2)
+        check_int("n_direction", self.n_direction, 2)
+        check_int("seed", self.seed, 0)
+        check_bool("frozen", self.frozen)
+
+    def arms(self) -> list[tuple[str, str]]:
+        """``(network, rule)`` in the order they are trained."""
+        return [(n, r) for n in self.networks for r in self.rules]
+
+
+@dataclass
+class OwnRun:
+    """One trained network and its readings."""
+
+    network: str
+    rule: str
+    model: nn.Module  # the trained network (converted layers included)
+    losses: list  # training loss per step
+    test_acc: float
+    report: object  # fa_study.diagnostics.AuditReport
+    direction: pd.DataFrame  # direction_quality(model, x, y): one row per hidden state
+    updates: pd.DataFrame  # update_alignment(model, x, y): one row per weight
+    conversion: pd.DataFrame | None  # convert's report (None for bp: the plain network)
+    seconds: float  # training time
+
+    @property
+    def label(self) -> str:
+        return f"{self.network}:{self.rule}"
+
+    @property
+    def head(self) -> str:
+        """The output layer's weight: the last weight of the update table (model order)."""
+        return str(self.updates["param"].iloc[-1])
+
+    def hidden_updates(self) -> pd.DataFrame:
+        """The update-alignment rows of every weight below the output layer."""
+        return self.updates[self.updates["param"] != self.head]
+
+
+@dataclass
+class OwnNetworkRuns:
+    """Everything :func:`run_own_network` trained and read."""
+
+    study: OwnNetworkStudy
+    runs: dict  # (network, rule) -> OwnRun
+    x_eval: torch.Tensor  # the audit's batch: the first n_eval test samples (3 channels)
+    y_eval: torch.Tensor
+    x_direction: torch.Tensor  # the first n_direction test samples
+    y_direction: torch.Tensor
+    x_batch: torch.Tensor  # one training batch for update alignment
+    y_batch: torch.Tensor
+    data_source: str
+    frozen_acc: dict = field(default_factory=dict)  # network -> frozen-blocks accuracy (D3)
+    d3_note: str = ""
+
+    def model(self, network: str, rule: str) -> nn.Module:
+        return self.runs[network, rule].model
+
+    def __getitem__(self, key) -> OwnRun:
+        return self.runs[key]
+
+    def table(self) -> pd.DataFrame:
+        """One row per network x rule: accuracy, verdict, D1 / D2 statistics, direction quality
+        and update alignment summarised, training time."""
+        rows = []
+        for (network, rule), r in self.runs.items():
+            rep = r.report
+            hidden = r.hidden_updates()["cos_update_bp"]
+            rows.append({
+                "network": network, "rule": rule, "steps": len(r.losses),
+                "final_loss": float(np.mean(r.losses[-10:])), "test_acc": r.test_acc,
+                "frozen_acc": rep.frozen_acc, "verdict": rep.verdict,
+                "max_growth": rep.max_growth, "g_L": rep.g_L,
+                "dq_cos_min": float(r.direction["cos_mean"].min()),
+                "dq_cos_mean": float(r.direction["cos_mean"].mean()),
+                "update_cos_hidden_min": float(hidden.min()) if len(hidden) else math.nan,
+                "update_cos_hidden_median": float(hidden.median()) if len(hidden) else math.nan,
+                "update_cos_head": float(r.updates["cos_update_bp"].iloc[-1]),
+                "train_s": r.seconds, "data_source": self.data_source,
+            })
+        return pd.DataFrame(rows)
+
+
+def load_images(dataset: str, split: str, n: int | None, device) -> object:
+    """``fa_study.data.load`` with ``n`` capped at the split's size (the offline stand-ins are
+    smaller than the real splits)."""
+    from .. import data
+
+    full = data.load(dataset, split, device=device, verbose=False)
+    if n is None or n >= len(full.y):
+        return full
+    return data.load(dataset, split, n=n, device=device, verbose=False)
+
+
+def _frozen_baseline_fn():
+    """``fa_study.train.frozen_baseline`` when the package has it, else None."""
+    from .. import train as train_module
+
+    return getattr(train_module, "frozen_baseline", None)
+
+
+def train_one(study: OwnNetworkStudy, network: str, rule: str, x: torch.Tensor, y: torch.Tensor,
+              *, image_size: int, num_classes: int, log: Callable | None = None):
+    """Build ``network`` (seeded), convert it to ``rule`` unless ``bp``, and train it with
+    :func:`train_plain`. Returns ``(model, losses, convert report or None, seconds)``."""
+    from ..feedback import convert
+
+    seed_everything(study.seed)
+    model = build_network(network, image_size=image_size, num_classes=num_classes,
+                          width=study.width, depth=study.depth).to(x.device)
+    conversion = None
+    if rule != "bp":
+        options = {"dfa_target_dim": num_classes} if rule == "dfa" else {}
+        model, conversion = convert(model, rule, generator=stream_generator(study.seed, "feedback"),
+                                    **options)
+    start = time.perf_counter()
+    losses = train_plain(model, x, y, steps=study.steps, batch_size=study.batch_size, lr=study.lr,
+                         seed=study.seed, log=log)
+    return model, losses, conversion, time.perf_counter() - start
+
+
+def read_network(model: nn.Module, x_eval, y_eval, x_direction, y_direction, x_batch, y_batch, *,
+                 frozen_acc: float | None = None, test_acc: float | None = None):
+    """The three readings of a trained network: ``(audit report, direction quality, update
+    alignment)``. The audit and direction quality run in eval mode; the update alignment in
+    train mode on a training batch (the update a training step applies). ``test_acc``: the
+    accuracy D3 compares with ``frozen_acc`` (default: the audit batch's)."""
+    from ..diagnostics import audit, direction_quality, update_alignment
+
+    report = audit(model, x_eval, y_eval, frozen_acc=frozen_acc, test_acc=test_acc)
+    direction = direction_quality(model, x_direction, y_direction)
+    was = model.training
+    model.train()
+    try:
+        updates = update_alignment(model, x_batch, y_batch)
+    finally:
+        model.train(was)
+    return report, direction, updates
+
+
+def run_own_network(study: OwnNetworkStudy | None = None, *, profile: str | None = None,
+                    live: Callable | None = None, progress: Callable | None = None,
+                    **overrides) -> OwnNetworkRuns:
+    """Train every network x rule of the study with :func:`train_plain` and read each with
+    ``fa_study.diagnostics`` (see the module doc). ``live(record)`` receives ``step``, ``arm``
+    (``"network:rule"``) and ``loss`` every step; ``progress(done, total, from_cache)`` after
+    every run. CPU runs use one thread (see :func:`fa_study.cache.one_cpu_thread`)."""
+    study = resolve_study(OwnNetworkStudy, study, profile, overrides)
+    dev = get_device()
+    train_ds = rgb(load_images(study.dataset, "train", study.n_train, dev))
+    test_ds = rgb(load_images(study.dataset, "test", study.n_test, dev))
+    x, y, xt, yt = train_ds.x, train_ds.y, test_ds.x, test_ds.y
+    image_size, num_classes = int(x.shape[-1]), int(train_ds.num_classes)
+    n_eval, n_dir = min(study.n_eval, len(yt)), min(study.n_direction, len(yt))
+    batch = torch.Generator().manual_seed(study.seed + 1)
+    idx = torch.randperm(len(y), generator=batch)[:study.batch_size].to(dev)
+    out = OwnNetworkRuns(study, {}, xt[:n_eval], yt[:n_eval], xt[:n_dir], yt[:n_dir], x[idx], y[idx],
+                         train_ds.source)
+    arms = study.arms()
+    with one_cpu_thread(dev):
+        out.frozen_acc, out.d3_note = frozen_accuracies(study, train_ds, test_ds)
+        for done, (network, rule) in enumerate(arms, 1):
+            log = None
+            if live is not None:
+                def log(step, loss, arm=f"{network}:{rule}"):
+                    live({"step": step, "arm": arm, "loss": loss})
+            model, losses, conversion, seconds = train_one(study, network, rule, x, y,
+                                                           image_size=image_size,
+                                                           num_classes=num_classes, log=log)
+            acc = accuracy(model, xt, yt)
+            report, direction, updates = read_network(
+                model, out.x_eval, out.y_eval, out.x_direction, out.y_direction, out.x_batch,
+                out.y_batch, frozen_acc=out.frozen_acc.get(network), test_acc=acc)
+            out.runs[network, rule] = OwnRun(network, rule, model, losses, acc, report, direction,
+                                             updates, conversion, seconds)
+            if progress is not None:
+                progress(done, len(arms), False)
+    return out
+
+
+def frozen_config(study: OwnNetworkStudy, n_train: int) -> tuple[object, int]:
+    """``(TrainConfig, n)`` of the frozen-blocks baseline: the plain loop's optimizer (AdamW,
+    weight decay 0.01, constant learning rate) and batch size, for about as many steps as the
+    trained networks took: ``epochs`` passes over a subset of ``n`` training images with
+    ``epochs * n`` = ``steps * batch_size`` (``n`` capped at the training set)."""
+    from ..train import TrainConfig
+
+    total = study.steps * study.batch_size
+    epochs = max(1, math.ceil(total / max(n_train, 1)))
+    n = min(n_train, math.ceil(total / epochs))
+    return TrainConfig(epochs=epochs, batch_size=study.batch_size, lr=study.lr, weight_decay=0.01,
+                       schedule="constant", eval_batch=study.n_eval, seed=study.seed), n
+
+
+def frozen_accuracies(study: OwnNetworkStudy, train_ds, test_ds) -> tuple[dict, str]:
+    """Network -> the test accuracy of its frozen-blocks baseline (D3), and a note saying how D3
+    was decided. The baseline starts from the very weights the trained networks start from (the
+    same seed); the modules between h_0 and h_L stay at that initialisation and the rest trains
+    by BP (:func:`fa_study.train.frozen_baseline`). ``train_ds`` / ``test_ds``: the 3-channel
+    datasets the networks train on."""
+    fn = _frozen_baseline_fn()
+    if not study.frozen:
+        return {}, "D3 not evaluated: the frozen-blocks baseline was switched off (frozen=False)."
+    if fn is None:
+        return {}, ("D3 not evaluated: this fa_study has no fa_study.train.frozen_baseline to train "
+                    "the frozen-blocks baseline; pass audit(..., frozen_acc=) once you have it.")
+    cfg, n = frozen_config(study, len(train_ds))
+    base_ds = train_ds.subset(n, seed=study.seed) if n < len(train_ds) else train_ds
+    image_size, num_classes = int(train_ds.x.shape[-1]), int(train_ds.num_classes)
+    out = {}
+    for network in study.networks:
+        seed_everything(study.seed)
+        init = build_network(network, image_size=image_size, num_classes=num_classes,
+                             width=study.width, depth=study.depth).to(train_ds.x.device)
+        acc = fn(init, base_ds, test_ds, cfg)
+        out[network] = None if not math.isfinite(acc) else float(acc)
+    return out, (f"D3 against the frozen-blocks baseline: the same initial network with the modules "
+                 f"between h_0 and h_L frozen, the rest trained by BP for {cfg.epochs} epoch(s) of "
+                 f"{len(base_ds)} images (fa_study.train.frozen_baseline); accuracy on "
+                 f"{len(test_ds)} test images.")
+
+
+# --------------------------------------------------------------------------------------------
+# The view: figures and table (the control panel's callback)
+# --------------------------------------------------------------------------------------------
+
+def short_name(param: str) -> str:
+    """A weight's name as a tick label: ``.weight`` dropped, torchvision's long prefixes shortened
+    (``encoder.layers.encoder_layer_2.self_attention.in_proj`` -> ``L2.attn.in_proj``)."""
+    name = param.removesuffix(".weight").replace("encoder.layers.encoder_layer_", "L")
+    return name.replace("self_attention", "attn").replace("encoder.", "").replace("blocks.", "b")
+
+
+def _layer_axis(ax, n: int) -> None:
+    ax.set_xticks(range(n))
+    ax.grid(alpha=0.3)
+
+
+def figures(res: OwnNetworkRuns) -> list:
+    """One row per network: training loss, ``||h_l||`` and ``||g_l||`` (log), the model's own
+    credit against BP's gradient per hidden state, and per weight the update against BP's
+    gradient (input side left, the output layer last)."""
+    from .. import plots
+
+    networks = list(dict.fromkeys(n for n, _ in res.runs))
+    fig, axes = plt.subplots(len(networks), 4, figsize=(16, 3.5 * len(networks)), squeeze=False)
+    for row, network in zip(axes, networks):
+        runs = [r for (n, _), r in res.runs.items() if n == network]
+        for i, r in enumerate(runs):
+            c = plots.colour(r.rule, i)
+            loss = pd.Series(r.losses).rolling(10, min_periods=1).mean()
+            row[0].plot(np.arange(len(loss)), loss, color=c, lw=1.2, label=f"{r.rule} (acc {r.test_acc:.2f})")
+            L = len(r.report.hidden_norms)
+            row[1].plot(range(L), r.report.hidden_norms, color=c, marker="o", lw=1.2,
+                        label=f"{r.rule} ||h_l||")
+            row[1].plot(range(L), r.report.grad_norms, color=c, marker="s", ls="--", lw=1,
+                        label=f"{r.rule} ||g_l||")
+            row[2].plot(r.direction["layer"], r.direction["cos_mean"], color=c, marker="o", lw=1.2,
+                        label=r.rule)
+            row[3].plot(range(len(r.updates)), r.updates["cos_update_bp"], color=c, marker="o", ms=3,
+                        lw=1.0, label=r.rule)
+        row[0].set(title=f"{network}: training loss (10-step mean)", xlabel="step", ylabel="loss")
+        row[0].grid(alpha=0.3)
+        row[1].set_yscale("log")
+        row[1].set(title="||h_l|| (o) and BP's ||g_l|| (s), median", xlabel="hidden state l")
+        row[2].axhline(0, color="k", lw=0.8, ls=":")
+        low = min([-0.25] + [float(r.direction["cos_mean"].min()) - 0.05 for r in runs])
+        row[2].set(title="cos(own credit, BP gradient) at h_l", xlabel="hidden state l", ylim=(low, 1.05))
+        row[3].axhline(0, color="k", lw=0.8, ls=":")
+        names = [short_name(p) for p in runs[0].updates["param"]]
+        row[3].set_xticks(range(len(names)), names, rotation=80, fontsize=6)
+        low = min([-0.25] + [float(r.updates["cos_update_bp"].min()) - 0.05 for r in runs])
+        row[3].set(title="cos(update, BP gradient) per weight", ylim=(low, 1.05))
+        row[3].grid(alpha=0.3)
+        for ax in row[1:3]:
+            _layer_axis(ax, len(runs[0].report.hidden_norms))
+        for ax in row:
+            ax.legend(fontsize=7, frameon=True, framealpha=0.8, loc="best")
+    plots.annotate_source(fig, res.data_source)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    plt.close(fig)
+    return [fig]
+
+
+def own_network_notes(res: OwnNetworkRuns) -> list[str]:
+    """Plain-language remarks: the data, what was read as h_l, D3."""
+    notes = []
+    if res.data_source != "torchvision":
+        notes.append(f"Data: {res.study.dataset} stand-in ({res.data_source}), not the real dataset.")
+    seen = set()
+    for (network, _), r in res.runs.items():
+        if network in seen:
+            continue
+        seen.add(network)
+        notes.append(f"{network}: h_l read as " + "; ".join(
+            f"h_{l} = {t}" for l, t in enumerate(r.report.hidden_read)))
+    notes.append(res.d3_note)
+    return notes
+
+
+def own_network_view(study: OwnNetworkStudy | None = None, *, profile: str | None = None,
+                     live: Callable | None = None, progress: Callable | None = None,
+                     **overrides) -> StudyResult:
+    """Train, read and draw (:func:`run_own_network`, :func:`figures`); the result's ``extra``
+    is the :class:`OwnNetworkRuns` (trained models, reports, tables). With no argument: the
+    profile's baseline run."""
+    res = run_own_network(study, profile=profile, live=live, progress=progress, **overrides)
+    table = res.table()
+    # units=0: nothing is cached here, so the panel says "done", not "0/4 runs from the cache"
+    return StudyResult(res.study, table, table, figures(res), 0, 0,
+                       own_network_notes(res), res)
+

@@ -1,0 +1,281 @@
+"""Notebook 07's study: networks the package did not build (the reference's ViTMini and
+SmallResNet, torchvision's ViT and ResNet-18), trained by a plain PyTorch loop under BP and
+under rules put in by ``convert``, then audited, read for direction quality and update
+alignment; and the panel whose callback is ``own_network_view``."""
+import inspect
+import math
+
+import matplotlib
+import pytest
+import torch
+import torch.nn.functional as F
+
+matplotlib.use("Agg")
+
+from fa_study.diagnostics import audit, find_hidden_states  # noqa: E402
+from fa_study.experiments import own_network as on  # noqa: E402
+
+# two ViTs of width 8 and two blocks, 25 steps on 256 digits: a few seconds for all four runs
+TINY = dict(networks=("vit_mini", "torchvision_vit"), rules=("bp", "fa"), width=8, depth=2, steps=25,
+            batch_size=32, n_train=256, n_test=128, n_eval=64, n_direction=64, seed=0)
+EXACT = 1 - 1e-6  # "is BP's": cosines of two computations of the same gradient
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The four TINY runs, trained once (offline stand-in MNIST), with the frozen baseline."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FA_STUDY_OFFLINE", "1")
+        mp.setenv("FA_STUDY_DATA_KNOWN", "0")
+        mp.delenv("FA_STUDY_DATA", raising=False)
+        return on.run_own_network(on.OwnNetworkStudy.for_profile("quick", **TINY))
+
+
+# ---------------------------------------------------------------------------- config
+
+def test_config_rejects_bad_values_naming_the_allowed_ones():
+    with pytest.raises(ValueError, match="'vit_mini', 'torchvision_vit', 'small_resnet', 'resnet18'"):
+        on.OwnNetworkStudy(networks=("vgg11",))
+    with pytest.raises(ValueError, match="'bp', 'fa', 'sign_sym'"):
+        on.OwnNetworkStudy(rules=("dfa_block",))  # no Conv2d form: convert would refuse the patch embedding
+    with pytest.raises(ValueError, match="non-empty tuple"):
+        on.OwnNetworkStudy(rules=())
+    with pytest.raises(ValueError, match="must not repeat"):
+        on.OwnNetworkStudy(networks=("vit_mini", "vit_mini"))
+    with pytest.raises(ValueError, match="'mnist', 'fashion_mnist', 'cifar10'"):
+        on.OwnNetworkStudy(dataset="svhn")
+    with pytest.raises(ValueError, match="steps"):
+        on.OwnNetworkStudy(steps=0)
+    with pytest.raises(ValueError, match="unknown setting"):
+        on.OwnNetworkStudy.for_profile("quick", epochs=3)
+    assert on.OwnNetworkStudy.for_profile("paper").width == 128  # the reference ViTMini's d_model
+    assert on.OwnNetworkStudy.for_profile("default") == on.OwnNetworkStudy()
+    assert on.OwnNetworkStudy().arms() == [("vit_mini", "bp"), ("vit_mini", "fa"),
+                                           ("torchvision_vit", "bp"), ("torchvision_vit", "fa")]
+
+
+def test_every_rule_offered_converts_every_network():
+    """The panel offers exactly the rules convert runs on Linear and Conv2d layers alike (every
+    network has a Conv2d)."""
+    from fa_study.feedback import CONV_METHODS
+
+    assert set(on.OWN_RULES) == set(CONV_METHODS)
+    assert on.OwnNetworkStudy.rule_choices() == on.OWN_RULES
+
+
+def test_frozen_config_takes_as_many_steps_as_the_plain_loop():
+    for steps, batch, n_train in ((120, 64, 4000), (300, 64, 10000), (2000, 128, 60000), (5, 64, 10000)):
+        study = on.OwnNetworkStudy(steps=steps, batch_size=batch)
+        cfg, n = on.frozen_config(study, n_train)
+        assert n <= n_train and cfg.batch_size == batch and cfg.schedule == "constant"
+        assert abs(cfg.epochs * n - steps * batch) < cfg.epochs + batch  # one batch of slack
+
+
+# ---------------------------------------------------------------------------- the user's code
+
+def test_the_training_loop_is_plain_pytorch():
+    source = inspect.getsource(on.train_plain)
+    assert "torch.optim.AdamW" in source and "loss.backward()" in source and "optimizer.step()" in source
+    assert "fa_study.train" not in source and "fa_study.rules" not in source
+
+
+def test_train_plain_lowers_the_loss_of_a_converted_network():
+    torch.manual_seed(0)
+    x = torch.randn(128, 3, 28, 28)
+    y = (x[:, 0, :14].mean((1, 2)) > 0).long()  # top half brighter: learnable by a ViT
+    from fa_study.feedback import convert
+
+    model, _ = convert(on.build_network("vit_mini", width=8, depth=1, num_classes=2), "fa",
+                       generator=torch.Generator().manual_seed(1))
+    losses = on.train_plain(model, x, y, steps=60, batch_size=32, lr=3e-3)
+    assert len(losses) == 60 and sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
+
+
+def test_dfa_trains_through_the_plain_loop():
+    """The loop's capture_output_error call is what DFA layers need: without it their backward
+    raises."""
+    from fa_study.feedback import convert
+
+    x, y = torch.randn(16, 3, 28, 28), torch.randint(0, 10, (16,))
+    model, _ = convert(on.build_network("vit_mini", width=8, depth=1), "dfa", dfa_target_dim=10,
+                       generator=torch.Generator().manual_seed(1))
+    losses = on.train_plain(model, x, y, steps=2, batch_size=8)
+    assert all(math.isfinite(v) for v in losses)
+    with pytest.raises(RuntimeError):
+        F.cross_entropy(model(x), y).backward()  # a loop without the call
+
+
+def test_the_reference_vit_returns_its_hidden_states_where_the_audit_reads_them():
+    """ViTMini's own forward(return_hidden=True) states are what the audit reads by hooks (its
+    blocks add their own skip: h_{l+1} is block l's output, never h_l + block(h_l))."""
+    torch.manual_seed(0)
+    model = on.build_network("vit_mini", width=8, depth=3).eval()
+    x = torch.randn(6, 3, 28, 28)
+    states = find_hidden_states(model, x)
+    _, hooked = states.run(model, x)
+    _, own = model(x, return_hidden=True)
+    assert len(hooked) == len(own) == 4
+    for a, b in zip(hooked, own):
+        torch.testing.assert_close(a, b)
+    assert states.pool(own[1]).shape == (6, 8)  # the class token
+
+
+@pytest.mark.parametrize("network, expected", [
+    ("vit_mini", ["input of blocks.0", "output of blocks.0", "output of blocks.1"]),
+    ("small_resnet", ["input of blocks.0", "output of blocks.0", "output of blocks.1"]),
+    ("torchvision_vit", ["input of encoder.layers.encoder_layer_0",
+                         "output of encoder.layers.encoder_layer_0",
+                         "output of encoder.layers.encoder_layer_1"]),
+    ("resnet18", ["input of layer1", "output of layer1", "output of layer2", "output of layer3",
+                  "output of layer4"]),
+])
+def test_the_audit_reads_the_documented_modules(network, expected):
+    torch.manual_seed(0)
+    model = on.build_network(network, width=8, depth=2)
+    x, y = torch.randn(8, 3, 28, 28), torch.randint(0, 10, (8,))
+    report = audit(model, x, y)
+    assert list(report.hidden_read) == expected == on.documented_states(network, 2)
+    assert on.EXPECTED_CONTAINER[network] in report.hidden_how
+    assert report.twin == "the model itself (plain torch layers only)"
+
+
+# ---------------------------------------------------------------------------- the readings
+
+def test_bp_credit_and_updates_are_bps_on_every_weight_and_state(tiny):
+    for network in TINY["networks"]:
+        r = tiny[network, "bp"]
+        assert (r.updates["cos_update_bp"] > EXACT).all(), r.updates
+        assert (r.direction["cos_mean"] > EXACT).all(), r.direction
+        assert r.report.twin.startswith("the model itself") and r.conversion is None
+
+
+def test_fa_updates_leave_bps_direction_below_the_head(tiny):
+    for network in TINY["networks"]:
+        r = tiny[network, "fa"]
+        hidden = r.hidden_updates()["cos_update_bp"]
+        assert len(hidden) == len(r.updates) - 1
+        assert hidden.min() < 0.9, r.updates  # a hidden weight far from BP's direction
+        # the output layer's error is exact: its update is BP's
+        assert r.updates["cos_update_bp"].iloc[-1] > EXACT and r.head.endswith("head.weight")
+        assert (r.direction["cos_mean"] < 0.99).all(), r.direction
+
+
+def test_fa_twin_puts_every_converted_layer_back_on_bp(tiny):
+    for network in TINY["networks"]:
+        r = tiny[network, "fa"]
+        converted = int((r.conversion["action"] == "converted").sum())
+        assert converted > 0
+        assert r.report.twin.startswith(f"a copy with {converted} layer(s) on plain BP")
+        assert r.report.unvouched == ()
+
+
+def test_runs_read_the_documented_states_and_decide_d3(tiny):
+    for (network, rule), r in tiny.runs.items():
+        assert list(r.report.hidden_read) == on.documented_states(network, TINY["depth"])
+        assert len(r.report.hidden_read) == TINY["depth"] + 1 == len(r.direction)
+        assert len(r.losses) == TINY["steps"] and 0 <= r.test_acc <= 1
+        assert r.report.test_acc == r.test_acc and r.report.test_acc_source == "given"
+    assert set(tiny.frozen_acc) == set(TINY["networks"])
+    for network, acc in tiny.frozen_acc.items():
+        assert 0 <= acc <= 1
+        for rule in TINY["rules"]:
+            rep = tiny[network, rule].report
+            assert rep.frozen_acc == acc and rep.d3 == (rep.test_acc < acc + 0.02)
+    assert "frozen_baseline" in tiny.d3_note
+    table = tiny.table()
+    assert list(zip(table["network"], table["rule"])) == list(tiny.runs)
+    assert (table.loc[table["rule"] == "bp", "update_cos_hidden_min"] > EXACT).all()
+
+
+def test_two_line_audit_of_a_trained_network_matches_the_runs_report(tiny):
+    r = tiny["vit_mini", "fa"]
+    again = audit(r.model, tiny.x_eval, tiny.y_eval, frozen_acc=tiny.frozen_acc["vit_mini"],
+                  test_acc=r.test_acc)
+    assert again == r.report
+    named = audit(r.model, tiny.x_eval, tiny.y_eval,
+                  hidden=["blocks.0:input", "blocks.0", "blocks.1"])
+    assert named.hidden_norms == r.report.hidden_norms and named.grad_norms == r.report.grad_norms
+
+
+def test_without_frozen_baseline_d3_is_not_evaluated(monkeypatch):
+    monkeypatch.setattr(on, "_frozen_baseline_fn", lambda: None)
+    study = on.OwnNetworkStudy(**dict(TINY, networks=("vit_mini",), rules=("bp",), steps=3))
+    res = on.run_own_network(study)
+    rep = res["vit_mini", "bp"].report
+    assert res.frozen_acc == {} and rep.d3 is None and "not evaluated" in res.d3_note
+    res = on.run_own_network(study, frozen=False)
+    assert res.frozen_acc == {} and "switched off" in res.d3_note
+
+
+# ---------------------------------------------------------------------------- view and panel
+
+def test_view_draws_one_row_per_network_and_notes_what_was_read(monkeypatch):
+    monkeypatch.setitem(on.OwnNetworkStudy.PROFILES, "quick",
+                        dict(TINY, networks=("vit_mini",), rules=("bp", "sign_sym"), steps=3))
+    seen = []
+    result = on.own_network_view(profile="quick", live=seen.append)
+    assert list(result.table["rule"]) == ["bp", "sign_sym"]
+    assert len(result.figures) == 1 and len(result.figures[0].axes) == 4
+    assert {r["arm"] for r in seen} == {"vit_mini:bp", "vit_mini:sign_sym"} and len(seen) == 6
+    assert any(n.startswith("vit_mini: h_l read as h_0 = input of blocks.0") for n in result.notes)
+    assert any("stand-in" in n for n in result.notes)  # the tests see no real data
+
+
+def test_panel_offers_networks_and_rules_and_runs_the_view(monkeypatch):
+    from fa_study.widgets import ControlPanel
+
+    monkeypatch.setitem(on.OwnNetworkStudy.PROFILES, "quick",
+                        dict(TINY, networks=("vit_mini",), rules=("bp",), steps=3, frozen=False))
+    panel = ControlPanel(on.OwnNetworkStudy, on.own_network_view, profile="quick", live_keys=("loss",))
+    assert tuple(panel.controls["networks"].options) == on.NETWORKS
+    assert tuple(panel.controls["rules"].options) == on.OWN_RULES
+    assert {"dataset", "steps", "lr", "width", "depth", "seed"} <= set(panel.controls)
+    panel.controls["networks"].value = ("small_resnet",)
+    panel.controls["rules"].value = ("bp", "fa")
+    panel.controls["width"].value = 8
+    panel.run_button.click()
+    assert panel.last_error is None, panel.last_error
+    res = panel.last_result
+    assert res.config.networks == ("small_resnet",) and list(res.table["rule"]) == ["bp", "fa"]
+    assert panel.status.value == "done"
+    mimes = [k for o in panel.output.outputs for k in o.get("data", {})]
+    assert mimes.count("image/png") == 1 and "text/html" in mimes
+    panel.controls["rules"].value = ()
+    panel.run_button.click()
+    assert isinstance(panel.last_error, ValueError)
+
+
+def test_tick_labels_shorten_torchvision_names():
+    long = "encoder.layers.encoder_layer_2.self_attention.in_proj_weight"
+    assert on.short_name(long) == "L2.attn.in_proj_weight"
+    assert on.short_name("encoder.layers.encoder_layer_0.mlp.0.weight") == "L0.mlp.0"
+    assert on.short_name("blocks.3.mlp.3.weight") == "b3.mlp.3"
+    assert on.short_name("class_token") == "class_token"
+
+
+
+@pytest.mark.parametrize("network, rule", [(n, r) for n in ("vit_mini", "small_resnet") for r in on.OWN_RULES]
+                         + [("torchvision_vit", "dfa"), ("resnet18", "fa")])
+def test_every_rule_offered_trains_and_is_read_on_the_networks(network, rule):
+    """What the panel offers runs: converted (except bp), trained two steps by the plain loop,
+    audited, read for direction quality and update alignment."""
+    from fa_study.feedback import convert, local_layers
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 28, 28), torch.randint(0, 10, (16,))
+    model = on.build_network(network, width=8, depth=2)
+    if rule != "bp":
+        model, _ = convert(model, rule, generator=torch.Generator().manual_seed(1),
+                           **({"dfa_target_dim": 10} if rule == "dfa" else {}))
+    learned = rule in ("kolen_pollack", "weight_mirror")
+    before = [m.feedback_matrix().clone() for _, m in local_layers(model)] if learned else None
+    losses = on.train_plain(model, x, y, steps=2, batch_size=8)
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    report, direction, updates = on.read_network(model, x, y, x, y, x[:8], y[:8])
+    assert list(report.hidden_read) == on.documented_states(network, 2)
+    assert len(direction) == len(report.hidden_read) and direction["cos_mean"].notna().all()
+    assert updates["cos_update_bp"].notna().all()
+    assert (updates["cos_update_bp"] > EXACT).all() == (rule == "bp")
+    if learned:  # the loop's feedback_step moved the learned feedback B
+        after = [m.feedback_matrix() for _, m in local_layers(model)]
+        assert any(not torch.equal(a, b) for a, b in zip(before, after))

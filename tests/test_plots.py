@@ -1,0 +1,184 @@
+"""Spread over seeds in the plots: runs below three seeds, clipped t-bands from three on."""
+import math
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.collections import LineCollection, PolyCollection  # noqa: E402
+
+from fa_study import plots  # noqa: E402
+from fa_study.stats import aggregate, mean_ci  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def _curves(values_by_seed: dict, column: str = "test_acc", arm: str = "fa") -> pd.DataFrame:
+    """One row per seed and epoch: ``{seed: [value at epoch 0, 1, ...]}``."""
+    return pd.DataFrame([{"arm": arm, "seed": s, "epoch": e, column: v}
+                         for s, vs in values_by_seed.items() for e, v in enumerate(vs)])
+
+
+def _bands(ax) -> list[np.ndarray]:
+    """The vertices of every filled band (``fill_between``) on ``ax``."""
+    return [p.vertices for c in ax.collections if isinstance(c, PolyCollection) for p in c.get_paths()]
+
+
+def _runs(ax) -> list[LineCollection]:
+    return [c for c in ax.collections if isinstance(c, LineCollection)]
+
+
+# ---------------------------------------------------------------------------- the ranges
+
+def test_each_quantity_has_its_range_where_it_is_declared():
+    assert plots.bounds_of("test_acc") == plots.ACCURACY == (0.0, 1.0)
+    for cos in ("cos_mean", "cos_3", "cos_", "deep_cos", "fb_align_2", "rho_0", "deep_fb_align"):
+        assert plots.bounds_of(cos) == plots.COSINE == (-1.0, 1.0), cos
+    for norm in ("h_norm_", "h_norm_4", "g_norm_median", "a_norm_median", "h_L_norm", "alpha_1", "align_0"):
+        assert plots.bounds_of(norm) == (0.0, math.inf), norm
+    assert plots.bounds_of("update_angle_1") == plots.bounds_of("angle_0") == (0.0, 180.0)
+    assert plots.bounds_of("z_score") == (-math.inf, math.inf)  # not declared: unbounded
+    assert plots.bounds_of("test_acc", (0.2, None)) == (0.2, math.inf)  # a caller's bounds= win
+
+
+def test_mean_ci_clips_to_the_bounds_it_is_given():
+    v = [0.02, 0.9]
+    m, lo, hi = mean_ci(v)
+    assert lo < 0 and hi > 1  # two seeds: t = 12.7, the raw interval leaves [0, 1]
+    m2, lo2, hi2 = mean_ci(v, bounds=(0.0, 1.0))
+    assert (m2, lo2, hi2) == (m, 0.0, 1.0)
+
+
+def test_aggregate_of_no_rows_gives_the_columns():
+    t = aggregate(pd.DataFrame(), "arm", ["test_acc"])
+    assert t.empty and list(t.columns) == ["arm", "n", "n_rows", "test_acc", "test_acc_ci", "test_acc_text",
+                                           "test_acc_n"]
+
+
+# ---------------------------------------------------------------------------- curves
+
+def test_two_seeds_draw_the_runs_not_a_band():
+    # notebook 02's quick profile: two seeds, one near chance -> a t-band would reach below 0
+    df = _curves({42: [0.1, 0.12, 0.15], 1: [0.1, 0.45, 0.6]})
+    ax = plots.plot_curves(df, "epoch", "test_acc", hue="arm", logy=False)
+    assert not _bands(ax)
+    runs = _runs(ax)
+    assert len(runs) == 1 and len(runs[0].get_segments()) == 2  # one thin line per seed
+    assert sorted(seg[-1, 1] for seg in runs[0].get_segments()) == [0.15, 0.6]
+    assert [ln.get_label() for ln in ax.lines] == ["fa"]  # the mean, labelled; the runs are not
+    assert ax.lines[0].get_ydata()[-1] == pytest.approx(0.375)
+
+
+def test_three_seeds_draw_a_band_that_never_leaves_the_accuracy_range():
+    df = _curves({0: [0.10, 0.02, 0.99], 1: [0.12, 0.60, 1.00], 2: [0.11, 0.05, 0.40]})
+    raw = [mean_ci(df.loc[df["epoch"] == e, "test_acc"]) for e in range(3)]
+    assert raw[1][1] < 0 and raw[2][2] > 1  # the unclipped t-intervals leave [0, 1]
+    ax = plots.plot_curves(df, "epoch", "test_acc", hue="arm", logy=False)
+    bands = _bands(ax)
+    assert bands and not _runs(ax)
+    y = np.concatenate([b[:, 1] for b in bands])
+    assert y.min() >= 0.0 and y.max() <= 1.0
+    assert y.min() == 0.0 and y.max() == 1.0  # clipped exactly at the range, not dropped
+
+
+def test_a_cosine_band_stays_within_minus_one_and_one():
+    df = _curves({0: [0.9, -0.95], 1: [0.1, 0.2], 2: [-0.5, 0.99]}, column="cos_mean")
+    ax = plots.plot_curves(df, "epoch", "cos_mean", hue="arm", logy=False)
+    y = np.concatenate([b[:, 1] for b in _bands(ax)])
+    assert y.min() >= -1.0 and y.max() <= 1.0
+
+
+def test_a_norm_band_on_a_log_axis_stays_above_zero():
+    df = _curves({0: [1.0, 1e-3], 1: [2.0, 5.0], 2: [50.0, 1e3]}, column="h_norm_")
+    assert mean_ci(df.loc[df["epoch"] == 1, "h_norm_"])[1] < 0  # the raw interval reaches below 0
+    ax = plots.plot_curves(df, "epoch", "h_norm_", hue="arm", logy=True)
+    assert ax.get_yscale() == "log"
+    y = np.concatenate([b[:, 1] for b in _bands(ax)])
+    assert y.min() > 0  # cut at the lowest run where the interval reaches 0
+    assert y.min() == pytest.approx(1e-3)
+
+
+def test_bounds_argument_overrides_the_declared_range():
+    df = _curves({0: [0.5, 0.5], 1: [0.6, 0.9], 2: [0.55, 0.1]}, column="score")
+    ax = plots.plot_curves(df, "epoch", "score", hue="arm", logy=False, bounds=(0.2, 0.8))
+    y = np.concatenate([b[:, 1] for b in _bands(ax)])
+    assert y.min() >= 0.2 and y.max() <= 0.8
+
+
+def test_ci_false_draws_only_the_mean():
+    df = _curves({0: [0.1, 0.2], 1: [0.3, 0.4]})
+    ax = plots.plot_curves(df, "epoch", "test_acc", hue="arm", logy=False, ci=False)
+    assert not _bands(ax) and not _runs(ax) and len(ax.lines) == 1
+
+
+def test_per_layer_profile_keeps_the_seeds_apart():
+    wide = pd.DataFrame({"arm": ["fa", "fa"], "seed": [0, 1], "cos_0": [0.1, 0.3], "cos_1": [0.5, 0.9]})
+    ax = plots.plot_layers(wide, "cos_", hue="arm", logy=False)
+    assert len(_runs(ax)) == 1 and len(_runs(ax)[0].get_segments()) == 2 and not _bands(ax)
+
+
+def test_the_tour_draws_its_arms_with_the_same_rules():
+    from fa_study.experiments import feedback_tour as ft
+
+    two = _curves({0: [0.1, 0.2], 1: [0.3, 0.6]})
+    three = _curves({0: [0.0, 0.02], 1: [0.4, 0.99], 2: [0.1, 1.0]})
+    for frame, band in ((two, False), (three, True)):
+        fig, ax = plt.subplots()
+        ft._draw_arms(ax, frame, "epoch", "test_acc", {"fa": ("#E69F00", "-")})
+        assert bool(_bands(ax)) is band and bool(_runs(ax)) is not band
+        if band:
+            y = np.concatenate([b[:, 1] for b in _bands(ax)])
+            assert y.min() >= 0.0 and y.max() <= 1.0
+
+
+# ---------------------------------------------------------------------------- bars
+
+def _errorbar_extent(ax) -> tuple[float, float]:
+    segs = [s for c in ax.collections if isinstance(c, LineCollection) for s in c.get_segments()]
+    y = np.concatenate([s[:, 1] for s in segs])
+    return float(y.min()), float(y.max())
+
+
+def test_bars_show_each_run_below_three_seeds_and_a_clipped_interval_from_three():
+    runs = pd.DataFrame({"arm": ["fa", "fa", "dfa", "dfa", "dfa"], "test_acc": [0.05, 0.9, 0.02, 0.97, 0.5]})
+    table = aggregate(runs, "arm", ["test_acc"])
+    assert (table["test_acc"] - table["test_acc_ci"] < 0).all()  # both raw intervals reach below 0
+    ax = plots.plot_bars(table, "test_acc", group="arm", err="test_acc_ci", n="n", points=runs)
+    # error bars only on dfa (three seeds), cut at [0, 1]; every run a dot on its bar
+    lo, hi = _errorbar_extent(ax)
+    assert lo == 0.0 and hi == 1.0
+    segs = [s for c in ax.collections if isinstance(c, LineCollection) for s in c.get_segments()]
+    assert {round(float(s[0, 0])) for s in segs} == {1}  # the dfa bar only
+    dots = [ln for ln in ax.lines if ln.get_marker() == "o"]
+    assert sorted(v for ln in dots for v in ln.get_ydata()) == sorted(runs["test_acc"])
+
+
+def test_bars_without_counts_still_clip_their_error_bars():
+    table = pd.DataFrame({"arm": ["a"], "cos_mean": [0.95], "cos_mean_ci": [0.2]})
+    ax = plots.plot_bars(table, "cos_mean", group="arm", err="cos_mean_ci")
+    lo, hi = _errorbar_extent(ax)
+    assert lo == pytest.approx(0.75) and hi == 1.0
+    assert plots.clipped_yerr([0.95], [0.2], plots.COSINE)[:, 0] == pytest.approx([0.2, 0.05])
+
+
+# ---------------------------------------------------------------------------- failed runs
+
+def test_failed_runs_are_named_under_a_figure_and_an_empty_source_is_left_out():
+    runs = pd.DataFrame({"arm": ["bp", "fa"], "seed": [0, 0], "model": ["resmlp"] * 2,
+                         "status": ["ok", "error"], "error": ["", "RuntimeError: boom"],
+                         "data_source": ["synthetic", ""]})
+    fig, _ = plt.subplots()
+    text = plots.annotate_failures(fig, runs)
+    assert text == "failed, not drawn: fa (seed 0): RuntimeError: boom"
+    plots.annotate_source(fig, runs["data_source"].tolist())
+    texts = [t.get_text() for t in fig.texts]
+    assert text in texts and any(t.startswith("data: synthetic  (stand-in") for t in texts)
+    assert plots.annotate_failures(fig, runs.iloc[:1]) == ""  # none failed: nothing written
