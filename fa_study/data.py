@@ -177,8 +177,9 @@ class Dataset:
                              f"(from SPECS), got {self.num_classes!r}")
         check_int("num_classes", self.num_classes, 1)
         if self.x.shape[0] != self.y.shape[0]:
-            raise ValueError(f"x and y disagree on the number of samples: {self.x.shape[0]} vs "
-                             f"{self.y.shape[0]}")
+            raise ValueError(f"x and y disagree on the number of samples: x holds {self.x.shape[0]}, "
+                             f"y {self.y.shape[0]}; x (N, C, H, W) and y (N,) must hold the same "
+                             "number N of samples (one label per image)")
         if self.y.dim() != 1 or self.y.dtype.is_floating_point or self.y.dtype.is_complex \
                 or self.y.dtype == torch.bool:
             raise ValueError(f"labels y must be a 1-d integer tensor, got dtype {self.y.dtype} "
@@ -338,7 +339,9 @@ class BatchIterator:
                  drop_last: bool = False, seed: int = 0, augment: bool = False, pad: int = 4,
                  pad_value=None, flatten: bool = False):
         if x.shape[0] != y.shape[0]:
-            raise ValueError(f"x and y disagree on the number of samples: {x.shape[0]} vs {y.shape[0]}")
+            raise ValueError(f"x and y disagree on the number of samples: x holds {x.shape[0]}, y "
+                             f"{y.shape[0]}; x (N, ...) and y (N,) must hold the same number N of "
+                             "samples (one label per sample)")
         if x.shape[0] == 0:
             raise ValueError("BatchIterator needs at least one sample; got an empty dataset "
                              f"(x of shape {tuple(x.shape)}, 0 samples)")

@@ -398,6 +398,12 @@ CASES = {
     "train_length_mismatch": (lambda: _train_ds_with(y=torch.zeros(31, dtype=torch.long)),
                               r"train_ds holds 32 samples in x but 31 labels in y; x \(N, ...\) and y \(N,\) "
                               r"must hold the same number N of samples"),
+    "dataset_length_mismatch": (lambda: data.Dataset("toy", "train", torch.zeros(10, 1, 2, 2),
+                                                     torch.zeros(9, dtype=torch.long), "synthetic", 2,
+                                                     (0.0,), (1.0,)),
+                                r"x holds 10, y 9; x \(N, C, H, W\) and y \(N,\) must hold the same number N"),
+    "batches_length_mismatch": (lambda: data.BatchIterator(torch.zeros(10, 3), torch.zeros(9, dtype=torch.long), 4),
+                                r"x holds 10, y 9; x \(N, ...\) and y \(N,\) must hold the same number N"),
     "dfa_set_up_for_other_classes": (lambda: _rule_set_up_for("dfa", 20),
                                      r"rule 'dfa' was set up for 20 classes.*but the model has num_classes 4; "
                                      r"set it up again"),
