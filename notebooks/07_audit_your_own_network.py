@@ -204,9 +204,10 @@ for r in table.itertuples():
 #   input and $h_l$ block $l-1$'s output; naming them with `hidden=[...]` gives the same norms.
 #   BP's $g_l$ is taken on the network itself for the BP runs and on a twin with every
 #   converted layer back on plain BP for the FA runs, with nothing left it cannot vouch for.
-# * **BP's credit and updates are BP's.** For the BP-trained networks the own-backward credit
-#   has cosine 1 with $g_l$ at every hidden state and the update has cosine 1 with BP's gradient
-#   on every weight — the check that the readings measure what they claim.
+# * **BP's cosines are no finding, and the tables say so.** A BP-trained network runs no
+#   backward of its own, so its twin is the network itself and its readings compare BP's
+#   backward with itself: cosine 1 by construction, marked `by_construction` in both tables.
+#   (Asserted only as that mark; what measures is the FA runs' comparison with their twin.)
 # * **FA's are not.** Below the output layer FA's updates leave BP's direction: the lowest
 #   hidden-weight cosine lies between −0.17 and 0.12 (mostly at the first `Linear` of an MLP,
 #   `mlp.0`, whose error reaches it through the second `Linear`'s random $B$); the median rises
@@ -245,12 +246,13 @@ for (network, rule), r in runs.items():
     assert r.test_acc > 0.3, f"{network} under {rule} learns (chance: 0.1)"
     if rule == "bp":
         assert r.report.twin == "the model itself (plain torch layers only)"
-        assert (r.updates["cos_update_bp"] > EXACT).all(), "BP's update is BP's gradient on every weight"
-        assert (r.direction["cos_mean"] > EXACT).all(), "BP's credit is g_l at every hidden state"
+        assert r.updates["by_construction"].all() and r.direction["by_construction"].all(), \
+            "BP compared with itself is marked as such, not reported as a finding"
     else:
         converted = int((r.conversion["action"] == "converted").sum())
         assert r.report.twin.startswith(f"a copy with {converted} layer(s) on plain BP")
         assert not r.report.unvouched, "nothing in the twin runs a backward of its own"
+        assert not r.updates["by_construction"].any() and not r.direction["by_construction"].any()
         hidden = r.hidden_updates()["cos_update_bp"]
         assert hidden.min() < 0.5, f"{network}: a hidden weight's FA update is far from BP's direction"
         assert r.updates["cos_update_bp"].iloc[-1] > EXACT, "FA's output-layer update is BP's"

@@ -28,6 +28,7 @@ from fa_study.cache import (
     spec_key,
     unit_name,
 )
+from io_helpers import within
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -644,35 +645,6 @@ def _inode(p: Path):
     return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
-def _within(seconds, fn, fifo=None):
-    """``fn()`` run in a thread that must finish within ``seconds``; a read blocked on
-    ``fifo`` is released afterwards, so that a failing test cannot hang the session."""
-    import threading
-
-    box = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            box["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(seconds)
-    if t.is_alive():
-        if fifo is not None:
-            try:  # a writer that closes at once gives the blocked reader its EOF
-                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:
-                pass
-            t.join(5)
-        pytest.fail(f"reading the cache did not finish within {seconds} s (it waits on {fifo})")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
 def _link_payload(cache, stash):  # the manifest, a regular file, matches what the link serves
     d, s = entry(cache, frame_unit, Spec(i=3)), entry(stash, frame_unit, Spec(i=3))
     shutil.copyfile(s / "manifest.json", d / "manifest.json")
@@ -829,7 +801,7 @@ def test_only_regular_files_are_read_from_the_cache(cache, io_spy, name, kind):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            out, stats = _within(60, lambda: run_units(frame_unit, [Spec(i=3), Spec(i=4)]),
+            out, stats = within(60, lambda: run_units(frame_unit, [Spec(i=3), Spec(i=4)]),
                                  p if kind == "named pipe" else None)
     finally:
         if sock is not None:
@@ -957,7 +929,7 @@ def test_what_is_swapped_in_between_the_check_and_the_open_is_still_refused(
 
     monkeypatch.setattr(fc._Dir, "open", racing_open)
     monkeypatch.setattr(fc._Dir, "lstat", racing_lstat)
-    out, stats = _within(60, lambda: run_units(frame_unit, [Spec(i=3)]),
+    out, stats = within(60, lambda: run_units(frame_unit, [Spec(i=3)]),
                          d / "frame-0.parquet" if swap == "named pipe" else None)
     assert len(swapped) >= 1 + (swap != "entry directory")  # the race happened
     assert stats.recomputed == 1 and int(out[0]["i"].iloc[0]) == 3

@@ -12,6 +12,7 @@ import torch
 import torchvision
 
 from fa_study import config, data
+from io_helpers import within
 
 # the shared folder beside the checkout (../shared/datasets), as CI and the developers' machines have it
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -462,35 +463,6 @@ def test_the_idx_size_limit_is_the_declared_data_size(tmp_path, monkeypatch):
         data.read_idx(p)
 
 
-def _within(seconds, fn, fifo=None):
-    """``fn()`` run in a thread that must finish within ``seconds`` (a read blocked on
-    ``fifo`` is released afterwards, so that a failing test cannot hang the session)."""
-    import threading
-
-    box = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            box["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(seconds)
-    if t.is_alive():
-        if fifo is not None:
-            try:  # a writer that closes at once gives the blocked reader its EOF
-                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:
-                pass
-            t.join(5)
-        pytest.fail(f"the read did not finish within {seconds} s (it waits on {fifo})")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
 @pytest.mark.parametrize("kind", ["fifo", "fifo.gz", "link to a fifo", "directory", "device"])
 def test_the_idx_reader_opens_only_regular_files(tmp_path, kind):
     fifo = None
@@ -515,7 +487,7 @@ def test_the_idx_reader_opens_only_regular_files(tmp_path, kind):
         what = "a character device"
     for read in (data.read_idx, data.read_idx_header):
         with pytest.raises(ValueError) as err:
-            _within(30, lambda: read(p), fifo)
+            within(30, lambda: read(p), fifo)
         assert f"it is {what}, not a regular file" in str(err.value) and str(p) in str(err.value)
     # a link to a regular file (a dataset kept elsewhere) is still read
     target = tmp_path / "real-idx1-ubyte"
@@ -604,7 +576,7 @@ def test_a_tensor_cache_entry_that_is_not_a_regular_file_is_rebuilt_never_follow
         os.mkfifo(cache)
     monkeypatch.setattr(data, "_MEMO", {})
     with pytest.warns(UserWarning, match=f"it is a {'symbolic link' if kind == 'link' else 'named pipe'}"):
-        again = _within(60, lambda: data.load("mnist", "test", device="cpu", verbose=False),
+        again = within(60, lambda: data.load("mnist", "test", device="cpu", verbose=False),
                         cache if kind == "fifo" else None)
     assert torch.equal(again.y, torch.as_tensor(written["test"][1], dtype=torch.int64))
     assert torch.equal(again.x, _expected(written["test"][0][:, None], data.SPECS["mnist"]))

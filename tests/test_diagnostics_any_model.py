@@ -888,3 +888,21 @@ def test_named_hidden_states_freeze_every_module_that_runs_between_h0_and_hL():
                           hidden=CNN_HIDDEN)
     assert 0.0 <= acc <= 1.0
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # a copy trained
+
+
+def test_a_backward_compared_with_itself_is_marked_by_construction():
+    """A plain network read through its own backward: the twin is the network itself, so its
+    cosines of 1 are no finding, and both tables say so; a foreign FA network's are measured, and
+    so is a package rule's fill_grads."""
+    from fa_study.rules import build_rule
+
+    plain, x, y = make("plain_cnn")
+    assert update_alignment(plain, x, y)["by_construction"].all()
+    dq = direction_quality(plain, x, y, hidden=CNN_HIDDEN)
+    assert dq["by_construction"].all() and (dq["cos_mean"] > 1 - 1e-9).all()
+    bp = build_rule("bp")
+    bp.setup(plain, CLASSES, torch.Generator().manual_seed(0))
+    assert not update_alignment(plain, x, y, bp)["by_construction"].any()
+    fa, xf, yf = make("foreign_fa")
+    assert not update_alignment(fa, xf, yf)["by_construction"].any()
+    assert not direction_quality(fa, xf, yf, hidden=FA_HIDDEN)["by_construction"].any()

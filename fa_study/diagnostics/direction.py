@@ -201,7 +201,9 @@ def direction_quality(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule=N
 
     Returns a DataFrame, one row per hidden state 0..L: ``layer``, ``module`` (what was read),
     ``cos_mean``, ``cos_std``, ``cos_median``, ``g_norm_median``, ``a_norm_median``,
-    ``reading`` (:func:`direction_reading`), ``method``, ``n_eval``.
+    ``reading`` (:func:`direction_reading`), ``method``, ``n_eval``, ``by_construction`` (True
+    when the model's own backward was read and the twin is the model itself: the credit *is*
+    ``g_l``, so a cosine of 1 is no finding).
     """
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
@@ -232,6 +234,7 @@ def direction_quality(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule=N
     table = pd.DataFrame(rows)
     table["method"] = "own backward" if rule is None else getattr(rule, "name", type(rule).__name__)
     table["n_eval"] = int(x.shape[0])
+    table["by_construction"] = rule is None and tw.model is model
     return table
 
 

@@ -25,7 +25,7 @@ from .signals import buffers_preserved, check_batch, sync_modes
 from .twin import Twin, bp_twin
 
 UPDATE_COLUMNS = ("param", "cos_update_bp", "update_norm", "bp_grad_norm", "angle_BW_deg",
-                  "norm_ratio_BW")
+                  "norm_ratio_BW", "by_construction")
 FEEDBACK_NAMES = ("weight_backward", "feedback", "B", "weight_fa", "backward_weight")  # looked at first
 
 
@@ -121,7 +121,9 @@ def update_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule=No
     Rows: every trainable weight with two or more dimensions present in the twin, in model
     order. Columns: ``param``, ``cos_update_bp`` (1 = BP's direction), ``update_norm``,
     ``bp_grad_norm``, ``angle_BW_deg`` and ``norm_ratio_BW`` (its layer's feedback matrix
-    against W, before the step; NaN where none is found). ValueError when no weight is read.
+    against W, before the step; NaN where none is found), ``by_construction``: True when the
+    model's own backward was compared with itself (no layer runs a backward of its own, so the
+    twin is the model and a cosine of 1 is no finding). ValueError when no weight is read.
     """
     check_batch(x, y)
     tw = twin if isinstance(twin, Twin) else bp_twin(model, x, twin=twin)
@@ -139,6 +141,7 @@ def update_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule=No
         with torch.enable_grad(), buffers_preserved(model):
             grads = torch.autograd.grad(loss_fn(bp(x), y), list(params.values()), allow_unused=True)
     bp_grads = dict(zip(params, grads))
+    same = rule is None and tw.model is model  # BP's backward compared with itself
     try:
         angles = {r.param: (r.angle_BW_deg, r.norm_ratio_BW)
                   for r in feedback_angles(model).itertuples(index=False)}
@@ -156,7 +159,7 @@ def update_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule=No
             un, gn = float(u.double().norm()), float(g.double().norm())
         a, r = angles.get(name, (math.nan, math.nan))
         rows.append({"param": name, "cos_update_bp": cos, "update_norm": un, "bp_grad_norm": gn,
-                     "angle_BW_deg": a, "norm_ratio_BW": r})
+                     "angle_BW_deg": a, "norm_ratio_BW": r, "by_construction": same})
     if not rows:
         raise ValueError(f"{type(model).__name__} has no trainable weight (2+ dimensions) that its BP "
                          "twin also holds: nothing to compare")

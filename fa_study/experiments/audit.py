@@ -37,7 +37,7 @@ import pandas as pd
 from ..config import MAX_BLOCKS, MAX_WIDTH, check_choice, check_float, check_int, check_seeds, get_profile
 from ..data import DATASETS
 from ..diagnostics import D2_FLOOR, D3_MARGIN_PP, PROTOCOL_EVAL
-from ..rules import D3_BASELINE, RULES, get_rule
+from ..rules import BP_REFERENCE, D3_BASELINE, RULES, get_rule
 from ..runs import INIT_RATIO_COLUMNS, DataSpec, ModelSpec, ReadSpec, Results, RunSpec
 from ..train import TrainConfig
 from .core import Study, StudyResult, finished, last_epoch, layer_long, resolve_study
@@ -427,7 +427,7 @@ def init_growth_table(results: Results) -> pd.DataFrame:
         ok = runs[(runs["status"] == "ok") & runs["max_init_ratio"].notna()]
     if ok.empty:
         raise ValueError("no audited run with a growth since initialisation in the results")
-    bp = ok[ok["rule"] == "bp"].set_index(["model", "seed"])["h_L"]
+    bp = ok[ok["rule"] == BP_REFERENCE].set_index(["model", "seed"])["h_L"]
     rows = []
     for r in ok.to_dict("records"):
         hL = float(r["hL_init_ratio"])

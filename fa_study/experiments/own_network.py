@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from ..config import (check_bool, check_choice, check_float, check_int, get_device, seed_everything,
                       stream_generator)
+from ..rules import BP_REFERENCE
 from .core import Study, StudyResult, one_cpu_thread, resolve_study
 
 NETWORKS: tuple[str, ...] = ("vit_mini", "torchvision_vit", "small_resnet", "resnet18")
@@ -455,25 +456,20 @@ def load_images(dataset: str, split: str, n: int | None, device) -> object:
     return data.load(dataset, split, n=n, device=device, verbose=False)
 
 
-def _frozen_baseline_fn():
-    """``fa_study.train.frozen_baseline`` when the package has it, else None."""
-    from .. import train as train_module
-
-    return getattr(train_module, "frozen_baseline", None)
-
-
 def train_one(study: OwnNetworkStudy, network: str, rule: str, x: torch.Tensor, y: torch.Tensor,
               *, image_size: int, num_classes: int, log: Callable | None = None):
     """Build ``network`` (seeded), convert it to ``rule`` unless ``bp``, and train it with
     :func:`train_plain`. Returns ``(model, losses, convert report or None, seconds)``."""
     from ..feedback import convert
+    from ..feedback.strategies import rule_class
 
     seed_everything(study.seed)
     model = build_network(network, image_size=image_size, num_classes=num_classes,
                           width=study.width, depth=study.depth).to(x.device)
     conversion = None
-    if rule != "bp":
-        options = {"dfa_target_dim": num_classes} if rule == "dfa" else {}
+    if rule != BP_REFERENCE:  # BP trains the network as it is, unconverted
+        # a direct rule's feedback reads the output error: size it by the class count
+        options = {"dfa_target_dim": num_classes} if rule_class(rule).needs_output_error else {}
         model, conversion = convert(model, rule, generator=stream_generator(study.seed, "feedback"),
                                     **options)
     start = time.perf_counter()
@@ -561,12 +557,10 @@ def frozen_accuracies(study: OwnNetworkStudy, train_ds, test_ds) -> tuple[dict, 
     same seed); the modules between h_0 and h_L stay at that initialisation and the rest trains
     by BP (:func:`fa_study.train.frozen_baseline`). ``train_ds`` / ``test_ds``: the 3-channel
     datasets the networks train on."""
-    fn = _frozen_baseline_fn()
+    from ..train import frozen_baseline
+
     if not study.frozen:
         return {}, "D3 not evaluated: the frozen-blocks baseline was switched off (frozen=False)."
-    if fn is None:
-        return {}, ("D3 not evaluated: this fa_study has no fa_study.train.frozen_baseline to train "
-                    "the frozen-blocks baseline; pass audit(..., frozen_acc=) once you have it.")
     cfg, n = frozen_config(study, len(train_ds))
     base_ds = train_ds.subset(n, seed=study.seed) if n < len(train_ds) else train_ds
     image_size, num_classes = int(train_ds.x.shape[-1]), int(train_ds.num_classes)
@@ -575,7 +569,7 @@ def frozen_accuracies(study: OwnNetworkStudy, train_ds, test_ds) -> tuple[dict, 
         seed_everything(study.seed)
         init = build_network(network, image_size=image_size, num_classes=num_classes,
                              width=study.width, depth=study.depth).to(train_ds.x.device)
-        acc = fn(init, base_ds, test_ds, cfg)
+        acc = frozen_baseline(init, base_ds, test_ds, cfg)
         out[network] = None if not math.isfinite(acc) else float(acc)
     return out, (f"D3 against the frozen-blocks baseline: the same initial network with the modules "
                  f"between h_0 and h_L frozen, the rest trained by BP for {cfg.epochs} epoch(s) of "
