@@ -35,74 +35,18 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import check_bool, check_choice, check_float, check_int
+from ..fields import (Option, boolean, choice, fraction, fraction_open, nonnegative,  # noqa: F401
+                      positive, positive_int, positive_int_or_none, positive_or_none)
 from ..models.base import BlockModel
 
 RMS_EPS = 1e-6  # the reference's floor when a credit signal is rms-normalised
-
-
-# --------------------------------------------------------------------------------------------
-# Declared options
-# --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Option:
-    """One option a rule takes: its default, the check that validates (and normalises) a value,
-    and a line of documentation. ``check(name, value)`` returns the value or raises ValueError."""
-
-    default: Any
-    check: Callable[[str, Any], Any]
-    doc: str = ""
-
-
-def nonnegative(name: str, value) -> float:
-    return check_float(name, value, 0.0)
-
-
-def positive(name: str, value) -> float:
-    return check_float(name, value, 0.0, low_open=True)
-
-
-def fraction(name: str, value) -> float:
-    """A number in [0, 1]."""
-    return check_float(name, value, 0.0, 1.0)
-
-
-def fraction_open(name: str, value) -> float:
-    """A number in [0, 1)."""
-    return check_float(name, value, 0.0, 1.0, high_open=True)
-
-
-def positive_int(name: str, value) -> int:
-    return check_int(name, value, 1)
-
-
-def positive_int_or_none(name: str, value) -> int | None:
-    return check_int(name, value, 1, none_ok=True, none_means="the whole batch")
-
-
-def positive_or_none(name: str, value) -> float | None:
-    return check_float(name, value, 0.0, low_open=True, none_ok=True, none_means="derived")
-
-
-def boolean(name: str, value) -> bool:
-    return check_bool(name, value)
-
-
-def choice(*allowed: str) -> Callable[[str, Any], str]:
-    def check(name: str, value) -> str:
-        check_choice(name, value, allowed)
-        return value
-    check.allowed = allowed  # type: ignore[attr-defined]
-    return check
 
 
 # --------------------------------------------------------------------------------------------
