@@ -32,8 +32,9 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# Two notebooks at a time, each kernel with half the cores: the study's small models leave a
-# second thread mostly idle, so two kernels finish the set sooner. STUDY_JOBS=1 runs them in turn.
+# Two notebooks at a time, each kernel with half the cores ($FA_STUDY_CORES, set by the runner),
+# over which it spreads its units of work (one torch thread each): every core busy, none
+# oversubscribed. STUDY_JOBS=1 runs the notebooks in turn, each with every core.
 STUDY_JOBS ?= 2
 study: setup
 	$(PY) -m fa_study.study --profile $(PROFILE) --out $(REPORTS) --jobs $(STUDY_JOBS)
@@ -62,8 +63,16 @@ notebooks: setup
 	$(VENV)/bin/jupyter nbconvert --clear-output --inplace --log-level=WARN notebooks/[0-9][0-9]_*.ipynb
 	touch notebooks/[0-9][0-9]_*.py
 
+# The benchmarks: bench_step (a step against its own matmuls: the tight bound and each rule's
+# fraction of it at one and at all threads), the trainer against the reference pipeline, the data
+# pipeline, the audit (BENCH_ARGS go to these), then bench_panels: each notebook's panel run in
+# the default profile with a fresh cache, before (FA_STUDY_JOBS=1) and after, side by side
+# (BENCH_PANELS picks the notebooks: "00 02", "all").
+BENCH_PANELS ?= 00 02
 bench: setup
-	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b $(BENCH_ARGS); done
+	@set -e; for b in $(filter-out benchmarks/bench_panels.py,$(wildcard benchmarks/bench_*.py)); do \
+		echo "== $$b"; $(PY) $$b $(BENCH_ARGS); done
+	@echo "== benchmarks/bench_panels.py"; $(PY) benchmarks/bench_panels.py $(BENCH_PANELS)
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/

@@ -157,7 +157,8 @@ def ours_epoch_seconds(rule: str, train_ds, test_ds, batch: int) -> tuple[float,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=100, help="steps per timed epoch (an epoch of steps x batch samples)")
+    p.add_argument("--steps", type=int, default=100,
+                   help="steps per timed epoch (an epoch of steps x batch samples)")
     p.add_argument("--repeats", type=int, default=3, help="timed epochs / windows; the best counts")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--device", default="cpu")

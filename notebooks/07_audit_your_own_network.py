@@ -35,7 +35,7 @@
 #
 # Each is trained on MNIST (the digits repeated over three channels) by a **plain PyTorch
 # loop** — not the package's trainer — under **BP** (the network as it is) and under **FA**
-# (layer-level feedback alignment: `fa_study.feedback.convert(model, "fa")` replaces every
+# (layer-level feedback alignment: `fa_study.rules.convert(model, "layer_fa")` replaces every
 # `nn.Linear` / `nn.Conv2d` by a layer whose backward sends the error down through a fixed
 # random matrix $B$ instead of $W^\top$; `nn.MultiheadAttention` stays on BP). Then each trained
 # network is read by `fa_study.diagnostics`:
@@ -116,19 +116,19 @@ print("data:", source, "(stand-in)" if standin else "(real)")
 # `test_acc` passes the accuracy on the whole test subset (without it: the batch's).
 
 # %%
-vit_fa = res.model("vit_mini", "fa")
+vit_fa = res.model("vit_mini", "layer_fa")
 x_eval, y_eval = res.x_eval, res.y_eval
 frozen = res.frozen_acc  # network -> frozen-blocks accuracy (empty when D3 is not evaluated)
 acc = {key: run.test_acc for key, run in res.runs.items()}  # accuracy on the whole test subset
 
 # %%
 from fa_study.diagnostics import audit
-print(audit(vit_fa, x_eval, y_eval, frozen_acc=frozen.get("vit_mini"), test_acc=acc["vit_mini", "fa"]))
+print(audit(vit_fa, x_eval, y_eval, frozen_acc=frozen.get("vit_mini"), test_acc=acc["vit_mini", "layer_fa"]))
 
 # %%
-tv_fa = res.model("torchvision_vit", "fa")
+tv_fa = res.model("torchvision_vit", "layer_fa")
 print(audit(tv_fa, x_eval, y_eval, frozen_acc=frozen.get("torchvision_vit"),
-            test_acc=acc["torchvision_vit", "fa"]))
+            test_acc=acc["torchvision_vit", "layer_fa"]))
 
 # %% [markdown]
 # The report names what it read: for ViTMini the blocks of `blocks`, whose outputs are the
@@ -147,7 +147,7 @@ print(audit(tv_fa, x_eval, y_eval, frozen_acc=frozen.get("torchvision_vit"),
 states = ["blocks.0:input"] + [f"blocks.{l}" for l in range(baseline.depth)]  # h_0 .. h_L
 print(states)
 named = audit(vit_fa, x_eval, y_eval, hidden=states, pool="cls")
-auto = res["vit_mini", "fa"].report
+auto = res["vit_mini", "layer_fa"].report
 print("named: ", [f"{v:.4g}" for v in named.hidden_norms])
 print("auto:  ", [f"{v:.4g}" for v in auto.hidden_norms])
 
@@ -258,7 +258,7 @@ for (network, rule), r in runs.items():
         assert r.updates["cos_update_bp"].iloc[-1] > EXACT, "FA's output-layer update is BP's"
         assert r.direction["cos_mean"].min() < 0.9, f"{network}: FA's credit is not g_l"
 assert named.hidden_norms == auto.hidden_norms and named.grad_norms == auto.grad_norms
-assert len(angles) == int((res["vit_mini", "fa"].conversion["action"] == "converted").sum())
+assert len(angles) == int((res["vit_mini", "layer_fa"].conversion["action"] == "converted").sum())
 if profile in ("quick", "default"):  # measured on 3 seeds x 2 data sources; paper: see the prose
     assert not any(r.report.d1 or r.report.d2 for r in runs.values()), "D1 and D2 stay quiet"
 
@@ -269,9 +269,10 @@ study.record("07_audit_your_own_network", {
     **{f"frozen_acc_{n}": acc for n, acc in frozen.items()},
     **{f"verdict_{n}_{r}": run.report.verdict for (n, r), run in runs.items()},
     **{f"max_growth_{n}_{r}": run.report.max_growth for (n, r), run in runs.items()},
-    **{f"fa_update_cos_hidden_min_{n}": runs[n, "fa"].hidden_updates()["cos_update_bp"].min()
+    **{f"fa_update_cos_hidden_min_{n}": runs[n, "layer_fa"].hidden_updates()["cos_update_bp"].min()
        for n in baseline.networks},
-    **{f"fa_credit_cos_mean_{n}": runs[n, "fa"].direction["cos_mean"].mean() for n in baseline.networks},
+    **{f"fa_credit_cos_mean_{n}": runs[n, "layer_fa"].direction["cos_mean"].mean()
+       for n in baseline.networks},
     "user_lines_per_audit": 2,
 })
 

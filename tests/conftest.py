@@ -5,6 +5,10 @@ import pytest
 import torch
 
 os.environ.setdefault("FA_STUDY_PROFILE", "quick")
+# units in the test process (pytest-xdist already gives every core a worker; loky workers on top
+# would oversubscribe them, and monkeypatched unit functions must run where they were patched);
+# tests/test_units.py lifts it where it tests the parallel path
+os.environ.setdefault("FA_STUDY_JOBS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(min(int(os.environ.get("OMP_NUM_THREADS", "2")), torch.get_num_threads()))
 
@@ -57,3 +61,33 @@ def module_cache(tmp_path_factory, request):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FA_STUDY_CACHE", str(path))
         yield path
+
+
+@pytest.fixture
+def fail_runs(monkeypatch):
+    """``fail_runs(*labels)``: runs whose label is one of ``labels`` raise inside training
+    (``RuntimeError: injected failure of <label>``), which :func:`fa_study.runs.execute` records
+    with ``status="error"``; the others train as specified. Patches ``execute`` (cache entries go
+    under the wrapper's name, so no real run's entry is touched)."""
+    from fa_study import runs
+    from fa_study import train as train_module
+
+    def fail(*labels: str) -> None:
+        original, real_train = runs.execute, train_module.train
+
+        def execute_with_failures(spec, fingerprint="", callback=None):
+            if spec.label not in labels:
+                return original(spec, fingerprint, callback)
+
+            def broken(*args, **kwargs):
+                raise RuntimeError(f"injected failure of {spec.label}")
+
+            train_module.train = broken
+            try:
+                return original(spec, fingerprint, callback)
+            finally:
+                train_module.train = real_train
+
+        monkeypatch.setattr(runs, "execute", execute_with_failures)
+
+    return fail

@@ -86,3 +86,30 @@ def study_sweep(n: int = 6):
 
     return RAStudy.for_profile("quick", rules=("bp",), seeds=tuple(range(n)), epochs=2, n_train=2000,
                                n_test=500, hidden=64)
+
+
+@dataclass(frozen=True)
+class TorchSpec:
+    i: int
+    markers: str
+
+
+def torch_unit(spec: TorchSpec, fingerprint: str, callback=None) -> dict:
+    """A small torch fit (least squares by gradient descent, 64 x 16 weights) whose float64
+    losses and weights show any difference in arithmetic bit for bit; one marker per run."""
+    import torch
+
+    _mark(spec.markers, "unit", spec.i)
+    g = torch.Generator().manual_seed(spec.i)
+    x, y = torch.randn(512, 64, generator=g), torch.randn(512, 16, generator=g)
+    w = torch.zeros(64, 16, requires_grad=True)
+    losses = []
+    for _ in range(40):
+        loss = ((torch.tanh(x @ w) - y) ** 2).mean()
+        loss.backward()
+        with torch.no_grad():
+            w -= 0.1 * w.grad
+        w.grad = None
+        losses.append(float(loss.detach()))
+    return {"history": pd.DataFrame({"epoch": range(len(losses)), "train_loss": losses}),
+            "w": w.detach().double().flatten().tolist(), "threads": torch.get_num_threads()}

@@ -181,7 +181,8 @@ def _idx(tmp_path, kind):
 
 CASES = {
     # profiles, devices, environment
-    "profile_unknown": (lambda: config.get_profile("fastest"), r"profile.*'fastest'.*'quick', 'default', 'paper'"),
+    "profile_unknown": (lambda: config.get_profile("fastest"),
+                        r"profile.*'fastest'.*'quick', 'default', 'paper'"),
     "profile_not_a_string": (lambda: config.get_profile(123), r"profile.*123.*'quick'"),
     "device_unknown": (lambda: config.get_device("tpu"), r"device 'tpu'.*allowed"),
     "device_mps_absent": (lambda: config.get_device("mps"), r"mps.*not available"),
@@ -197,7 +198,8 @@ CASES = {
     "batch_size_zero": (lambda: data.BatchIterator(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), 0),
                         r"batch_size.*0"),
     "dataset_labels_out_of_range": (lambda: data.Dataset("mnist", "train", torch.zeros(3, 1, 28, 28),
-                                                         torch.tensor([0, 1, 12]), "synthetic", 10, (0.0,), (1.0,)),
+                                                         torch.tensor([0, 1, 12]), "synthetic", 10,
+                                                         (0.0,), (1.0,)),
                                     r"label.*\[0, 10\)"),
     # models and layers
     "arch_unknown": (lambda: models.build_model("resnet50"), r"model 'resnet50'.*'resmlp'"),
@@ -208,24 +210,31 @@ CASES = {
     "input_shape_mismatch": (lambda: models.build_model("resmlp", input_shape=(3, 8, 8))(torch.zeros(2, 10)),
                              r"expects inputs shaped"),
     "activation_unknown": (lambda: models.build_model("mlp", activation="swish"), r"activation 'swish'"),
-    "local_linear_zero": (lambda: feedback.LocalLinear(0, 3), r"in_features.*0"),
-    "layer_rule_unknown": (lambda: feedback.LocalLinear(3, 3, method="fa2"), r"'fa2'.*'bp'"),
-    "layer_option_unknown": (lambda: feedback.LocalLinear(3, 3, method="fa", lr=0.1), r"lr.*allowed"),
-    "mirror_sigma_inf": (lambda: feedback.LocalLinear(3, 3, method="weight_mirror", mirror_sigma=math.inf),
-                         r"mirror_sigma.*inf"),
-    "grape_probe_fractional": (lambda: feedback.LocalLinear(3, 3, method="fa", fa_grape=True, grape_n_probe=2.5),
-                               r"grape_n_probe.*2.5"),
+    "local_linear_zero": (lambda: feedback.LocalLinear(0, 3, rule=rules.build_rule("layer_fa")),
+                          r"in_features.*0"),
+    "local_linear_no_rule": (lambda: feedback.LocalLinear(3, 3, rule="layer_fa"),
+                             r"needs a layer rule.*'layer_fa'"),
+    "layer_rule_unknown": (lambda: rules.build_rule("fa2"), r"'fa2'.*'layer_fa'"),
+    "layer_option_unknown": (lambda: rules.build_rule("layer_fa", lr=0.1), r"no option 'lr'.*allowed"),
+    "mirror_sigma_inf": (lambda: rules.build_rule("weight_mirror", sigma=math.inf), r"sigma.*inf"),
+    "grape_probe_fractional": (lambda: rules.build_rule("layer_grape", n_probe=2.5), r"n_probe.*2.5"),
+    "convert_without_num_classes": (lambda: rules.convert(torch.nn.Linear(3, 3), "layer_dfa"),
+                                    r"'layer_dfa'.*pass num_classes="),
+    "convert_num_classes_zero": (lambda: rules.convert(torch.nn.Linear(3, 3), "layer_dfa", num_classes=0),
+                                 r"num_classes.*0"),
     # rules
     "rule_unknown": (lambda: rules.build_rule("backprop"), r"rule 'backprop'.*'bp'"),
     "rule_option_unknown": (lambda: rules.build_rule("dfa", lam=0.1), r"no option 'lam'.*'penalty'"),
     "rule_option_inf": (lambda: rules.build_rule("kolen_pollack", lr_b=math.inf), r"lr_b.*inf"),
     "rule_option_string": (lambda: rules.build_rule("dfa", penalty="0.1"), r"penalty.*'0.1'"),
     "rule_option_fractional": (lambda: rules.build_rule("grape_fa", n_probe=2.5), r"n_probe.*2.5"),
-    "rule_on_wrong_arch": (lambda: RunSpec(rule="ra_rev", model=ModelSpec("vit")), r"'ra_rev' cannot train a 'vit'"),
+    "rule_on_wrong_arch": (lambda: RunSpec(rule="ra_rev", model=ModelSpec("vit")),
+                           r"'ra_rev' cannot train a 'vit'"),
     "null_without_random_feedback": (lambda: RunSpec(rule="bp", read=ReadSpec(null_draws=5)),
                                      r"'bp' has no random feedback"),
     "null_without_blocks": (lambda: RunSpec(rule="fa", model=ModelSpec("resmlp", num_blocks=0),
-                                            read=ReadSpec(null_draws=5)), r"'fa'.*num_blocks=0.*null_draws=0"),
+                                            read=ReadSpec(null_draws=5)),
+                            r"'fa'.*num_blocks=0.*null_draws=0"),
     # training
     "lr_zero": (lambda: TrainConfig(lr=0), r"lr must be a finite number > 0, got 0"),
     "lr_inf": (lambda: TrainConfig(lr=math.inf), r"lr must be a finite number > 0, got inf"),
@@ -241,15 +250,20 @@ CASES = {
     "empty_batch": (_empty_batch, r"batch is empty"),
     # studies
     "study_setting_unknown": (lambda: AuditStudy.for_profile("quick", epoch=3), r"unknown setting.*'epoch'"),
-    "seeds_duplicate": (lambda: AuditStudy.for_profile("quick", seeds=(1, 1)), r"seeds must not repeat.*\[1\]"),
+    "seeds_duplicate": (lambda: AuditStudy.for_profile("quick", seeds=(1, 1)),
+                        r"seeds must not repeat.*\[1\]"),
     "seeds_empty": (lambda: PenaltyStudy.for_profile("quick", seeds=()), r"seeds must be a non-empty"),
     "lambdas_text": (lambda: PenaltyStudy(lambdas="0, ten"), r"lambdas"),
     "study_lr_zero": (lambda: LearnedStudy.for_profile("quick", lr=0), r"lr must be a finite number > 0"),
-    "tour_lr_inf": (lambda: FeedbackTour.for_profile("quick", lr=math.inf), r"lr must be a finite number > 0, got inf"),
-    "tour_lr_string": (lambda: FeedbackTour.for_profile("quick", lr="0.1"), r"lr must be a finite number > 0, got '0.1'"),
+    "tour_lr_inf": (lambda: FeedbackTour.for_profile("quick", lr=math.inf),
+                    r"lr must be a finite number > 0, got inf"),
+    "tour_lr_string": (lambda: FeedbackTour.for_profile("quick", lr="0.1"),
+                       r"lr must be a finite number > 0, got '0.1'"),
     "tour_grape_lr_inf": (lambda: FeedbackTour.for_profile("quick", grape_lr_b=math.inf), r"grape_lr_b.*inf"),
-    "tour_weight_decay_inf": (lambda: FeedbackTour.for_profile("quick", weight_decay=math.inf), r"weight_decay.*inf"),
-    "read_layer_absent": (lambda: DirectionStudy.for_profile("quick", read_layer=99), r"read_layer must be one of 0..4"),
+    "tour_weight_decay_inf": (lambda: FeedbackTour.for_profile("quick", weight_decay=math.inf),
+                              r"weight_decay.*inf"),
+    "read_layer_absent": (lambda: DirectionStudy.for_profile("quick", read_layer=99),
+                          r"read_layer must be one of 0..4"),
     "rank_above_width": (lambda: LearnedStudy.for_profile("quick", rules=("stiefel_dfa",), d=4, rank=8),
                          r"rank must be at most"),
     "ra_depth": (lambda: RAStudy.for_profile("quick", depth=1), r"depth.*1"),
@@ -258,15 +272,19 @@ CASES = {
     # model options (every option of every arch: _model_option_cases), and what a run's data fixes
     "model_vit_heads_spec": (lambda: ModelSpec("vit", d=30), r"d=30 must be divisible by heads=4; "
                              r"allowed heads for d=30: 1, 2, 3, 5, 6, 10, 15, 30"),
-    "model_option_without_blocks": (lambda: ModelSpec("resmlp", num_blocks=0, options={"activation": "swish"}),
-                                    r"unknown activation 'swish'; allowed values: 'gelu', 'relu', 'identity'"),
+    "model_option_without_blocks": (lambda: ModelSpec("resmlp", num_blocks=0,
+                                                      options={"activation": "swish"}),
+                                    r"unknown activation 'swish'; allowed values: 'gelu', 'relu', "
+                                    r"'identity'"),
     "model_option_is_an_argument": (lambda: ModelSpec("resmlp", options={"d": 8}),
-                                    r"'d' is not a model option of 'resmlp'.*ModelSpec\(arch, d, num_blocks\)"),
+                                    r"'d' is not a model option of 'resmlp'.*ModelSpec\(arch, d, "
+                                    r"num_blocks\)"),
     "model_options_not_a_dict": (lambda: ModelSpec("mlp", options="relu"),
                                  r"ModelSpec.options must be a dict of option name -> value, e.g. "
                                  r"\{'activation': 'relu'\}; got 'relu' \(str\)"),
     "build_model_option_unknown": (lambda: models.build_model("resnet", width=3),
-                                   r"model 'resnet' \(SmallResNet\) has no option 'width'; allowed options: none"),
+                                   r"model 'resnet' \(SmallResNet\) has no option 'width'; allowed options: "
+                                   r"none"),
     "vit_patch_on_the_data": (lambda: _tiny(model=ModelSpec("vit", 8, 1, {"heads": 2, "patch_size": 5})),
                               r"image size 32x32 must be a multiple of patch_size=5"),
     # subset sizes: larger than any source of the dataset (when built), than the source here (before
@@ -290,24 +308,27 @@ CASES = {
                               r"rank must be at most the width d=4, got rank=8"),
     "kolen_pollack_decay_spec": (lambda: _tiny("kolen_pollack", train=TrainConfig(
                                      optimizer="sgd", lr=0.05, momentum=0.98, weight_decay=0.5)),
-                                 r"kolen_pollack's derived decay of B is 1.25 \(>= 1\).*pass b_decay in \[0, 1\)"),
+                                 r"kolen_pollack's derived decay of B is 1.25 \(>= 1\).*pass b_decay in \[0, "
+                                 r"1\)"),
     "weight_mirror_decay_spec": (lambda: _tiny("weight_mirror", options={"lr_b": 0.25, "sigma": 2.0}),
                                  r"weight_mirror needs lr_b \* sigma\*\*2 < 1 \(it is also B's decay\), got "
                                  r"lr_b=0.25, sigma=2"),
     "sparse_k_above_fan_in": (lambda: RunSpec(rule="layer_fa", model=ModelSpec("vit", 32, 1, {"heads": 2}),
-                                              data=DataSpec("mnist"), options={"init": "sparse", "sparse_k": 20}),
+                                              data=DataSpec("mnist"),
+                                              options={"init": "sparse", "sparse_k": 20}),
                               r"sparse_k must be at most the smallest fan-in of the layers layer_fa converts "
                               r"\(16, layer 'patch_embed' of the 'vit' model\), got 20"),
     "layer_rule_without_conv_form": (lambda: RunSpec(rule="layer_dfa", options={"gated": False},
                                                      model=ModelSpec("resnet", 8, 1)),
-                                     r"rule 'layer_dfa' with \{'gated': False\} runs the layer rule 'dfa_ungated', "
-                                     r"which has no Conv2d form, and the 'resnet' model has Conv2d layers "
-                                     r"\(stem_conv, blocks.0.conv1, blocks.0.conv2\); allowed: a model without "
-                                     r"Conv2d layers"),
+                                     r"rule layer_dfa\(gated=False, init_std=0.02\) has no Conv2d form and "
+                                     r"the 'resnet' model has Conv2d layers "
+                                     r"\(stem_conv, blocks.0.conv1, blocks.0.conv2\)"),
     "null_without_feedback_in_the_credit": (lambda: RunSpec(rule="layer_dfa", options={"gated": False},
-                                                            model=ModelSpec("mlp", 8, 1), read=ReadSpec(null_draws=3)),
+                                                            model=ModelSpec("mlp", 8, 1),
+                                                            read=ReadSpec(null_draws=3)),
                                             r"rule 'layer_dfa' with options \{'gated': False\} has no random "
-                                            r"feedback in its credit.*null_draws must be 0 with these options, got 3"),
+                                            r"feedback in its credit.*null_draws must be 0 with these "
+                                            r"options, got 3"),
     # seeds: within the generators' range, naming the seed
     "seed_too_large": (lambda: RunSpec(seed=2**70), r"seed must be an integer in \[0, 2\*\*63 - 1\] "
                        r"\(the range of torch's and numpy's generators\), got 1180591620717411303424"),
@@ -315,22 +336,27 @@ CASES = {
     "train_seed_too_large": (lambda: TrainConfig(seed=2**63), r"TrainConfig.seed must be an integer in "
                              r"\[0, 2\*\*63 - 1\].*got 9223372036854775808"),
     "study_seed_too_large": (lambda: AuditStudy.for_profile("quick", seeds=(1, 2**64)),
-                             r"every seed in seeds must be an integer in \[0, 2\*\*63 - 1\].*18446744073709551616"),
+                             r"every seed in seeds must be an integer in \[0, 2\*\*63 - "
+                             r"1\].*18446744073709551616"),
     "seed_everything_too_large": (lambda: config.seed_everything(2**70), r"seed must be an integer in \[0, "),
     # the device, through execute and run_specs (not recorded as the run's error)
     "device_env_through_execute": (lambda: _env("FA_STUDY_DEVICE", "tpu", lambda: execute(_tiny())),
                                    r"device \(from \$FA_STUDY_DEVICE\) 'tpu'; allowed values: 'cpu', 'cuda', "
                                    r"'cuda:N', 'mps'"),
     "device_env_through_run_specs": (lambda: _env("FA_STUDY_DEVICE", "gpu0", lambda: run_specs([_tiny()])),
-                                     r"FA_STUDY_DEVICE.*'gpu0'; allowed values: 'cpu', 'cuda', 'cuda:N', 'mps'"),
+                                     r"FA_STUDY_DEVICE.*'gpu0'; allowed values: 'cpu', 'cuda', 'cuda:N', "
+                                     r"'mps'"),
     "device_type_unknown": (lambda: config.get_device("meta"),
-                            r"unknown device 'meta' \(type 'meta'\); allowed values: 'cpu', 'cuda', 'cuda:N'"),
+                            r"unknown device 'meta' \(type 'meta'\); allowed values: 'cpu', 'cuda', "
+                            r"'cuda:N'"),
     # ---- sizes that set memory have upper bounds (fa_study.config.MAX_*), checked before allocating ----
     "bound_width_spec": (lambda: ModelSpec("resmlp", d=10**6),
-                         r"d \(model width\) must be an integer in \[1, 4096\] \(4096: fa_study.config.MAX_WIDTH\), "
+                         r"d \(model width\) must be an integer in \[1, 4096\] \(4096: "
+                         r"fa_study.config.MAX_WIDTH\), "
                          r"got 1000000"),
     "bound_width_build": (lambda: models.build_model("resnet", d=10**6),
-                          r"d must be a positive integer at most 4096 \(fa_study.config.MAX_WIDTH\), got 1000000"),
+                          r"d must be a positive integer at most 4096 \(fa_study.config.MAX_WIDTH\), got "
+                          r"1000000"),
     "bound_blocks_spec": (lambda: ModelSpec("vit", num_blocks=10**4),
                           r"num_blocks must be an integer in \[0, 256\] \(256: fa_study.config.MAX_BLOCKS\), "
                           r"got 10000"),
@@ -347,7 +373,8 @@ CASES = {
                      r"patch_size=1 on 64x64 images gives 4097 tokens, more than 1025 "
                      r"\(fa_study.config.MAX_TOKENS"),
     "mlp_ratio_no_hidden_units": (lambda: ModelSpec("vit", 8, 1, {"heads": 2, "mlp_ratio": 0.1}),
-                                  r"mlp_ratio=0.1 gives the blocks' MLP int\(d \* mlp_ratio\) = 0 hidden units at "
+                                  r"mlp_ratio=0.1 gives the blocks' MLP int\(d \* mlp_ratio\) = 0 hidden "
+                                  r"units at "
                                   r"d=8; use mlp_ratio >= 0.125"),
     "bound_mlp_ratio": (lambda: ModelSpec("vit", options={"mlp_ratio": 1e6}),
                         r"mlp_ratio must be a finite number > 0 and <= 16 \(fa_study.config.MAX_MLP_RATIO\), "
@@ -359,20 +386,24 @@ CASES = {
                          r"in \[1, 65536\].*MAX_BATCH_SIZE.*got 1000000000"),
     "bound_probe_size": (lambda: ReadSpec(probe_size=10**9),
                          r"probe_size must be an integer in \[1, 65536\].*MAX_BATCH_SIZE.*got 1000000000"),
-    "bound_noise_samples": (lambda: RunSpec(rule="weight_mirror", model=ModelSpec("mlp"), options={"n_noise": 10**12}),
+    "bound_noise_samples": (lambda: RunSpec(rule="weight_mirror", model=ModelSpec("mlp"),
+                                            options={"n_noise": 10**12}),
                             r"n_noise must be an integer in \[1, 8192\] \(8192: "
                             r"fa_study.config.MAX_NOISE_SAMPLES\), got 1000000000000"),
-    "bound_noise_samples_layer": (lambda: feedback.LocalLinear(3, 3, method="weight_mirror", mirror_n=10**12),
-                                  r"mirror_n must be an integer in \[1, 8192\].*MAX_NOISE_SAMPLES.*1000000000000"),
+    "bound_noise_samples_layer": (lambda: rules.build_rule("weight_mirror", n_noise=10**12),
+                                  r"n_noise must be an integer in \[1, "
+                                  r"8192\].*MAX_NOISE_SAMPLES.*1000000000000"),
     "bound_probes": (lambda: rules.build_rule("grape_fa", n_probe=10**9),
-                     r"n_probe must be an integer in \[1, 8192\] \(8192: fa_study.config.MAX_PROBES\) or None "
+                     r"n_probe must be an integer in \[1, 8192\] \(8192: fa_study.config.MAX_PROBES\) or "
+                     r"None "
                      r"\(the whole batch\), got 1000000000"),
     "bound_probes_layer_grape": (lambda: rules.build_rule("layer_grape", n_probe=10**9),
                                  r"n_probe must be an integer in \[1, 8192\].*MAX_PROBES.*got 1000000000"),
     "bound_probes_stiefel": (lambda: rules.build_rule("stiefel_dfa", n_probe=10**9),
                              r"n_probe must be an integer in \[1, 8192\].*MAX_PROBES.*got 1000000000"),
-    "bound_probes_layer": (lambda: feedback.LocalLinear(3, 3, method="fa", fa_grape=True, grape_n_probe=10**9),
-                           r"grape_n_probe must be an integer in \[1, 8192\].*MAX_PROBES.*got 1000000000"),
+    "bound_probes_layer": (lambda: feedback.LocalLinear(3, 3, rule=rules.build_rule("layer_grape",
+                                                                                    n_probe=10**9)),
+                           r"n_probe must be an integer in \[1, 8192\].*MAX_PROBES.*got 1000000000"),
     "bound_study_width": (lambda: FeedbackTour.for_profile("quick", hidden=10**6),
                           r"hidden must be an integer in \[1, 4096\].*MAX_WIDTH.*got 1000000"),
     "bound_study_depth": (lambda: RAStudy.for_profile("quick", depth=10**4),
@@ -388,12 +419,14 @@ CASES = {
                          r"input must be finite.*torch.nan_to_num"),
     "test_inputs_inf": (lambda: _non_finite("test", math.inf), r"test_ds has 1 non-finite values in x"),
     "train_inputs_float64": (lambda: _train_ds_with(x=_toy()[0].x.double()),
-                             r"train_ds.x has dtype torch.float64 but the model's parameters are torch.float32; "
+                             r"train_ds.x has dtype torch.float64 but the model's parameters are "
+                             r"torch.float32; "
                              r"allowed: x of the model's dtype"),
     "train_inputs_integer": (lambda: _train_ds_with(x=torch.zeros(32, 3, 8, 8, dtype=torch.uint8)),
                              r"train_ds.x has dtype torch.uint8; images must be floating point"),
     "train_labels_float": (lambda: _train_ds_with(y=torch.zeros(32)),
-                           r"train_ds.y has dtype torch.float32 and shape \(32,\); labels must be a 1-d integer "
+                           r"train_ds.y has dtype torch.float32 and shape \(32,\); labels must be a 1-d "
+                           r"integer "
                            r"tensor \(int64\)"),
     "train_length_mismatch": (lambda: _train_ds_with(y=torch.zeros(31, dtype=torch.long)),
                               r"train_ds holds 32 samples in x but 31 labels in y; x \(N, ...\) and y \(N,\) "
@@ -401,11 +434,14 @@ CASES = {
     "dataset_length_mismatch": (lambda: data.Dataset("toy", "train", torch.zeros(10, 1, 2, 2),
                                                      torch.zeros(9, dtype=torch.long), "synthetic", 2,
                                                      (0.0,), (1.0,)),
-                                r"x holds 10, y 9; x \(N, C, H, W\) and y \(N,\) must hold the same number N"),
-    "batches_length_mismatch": (lambda: data.BatchIterator(torch.zeros(10, 3), torch.zeros(9, dtype=torch.long), 4),
+                                r"x holds 10, y 9; x \(N, C, H, W\) and y \(N,\) must hold the same number "
+                                r"N"),
+    "batches_length_mismatch": (lambda: data.BatchIterator(torch.zeros(10, 3),
+                                                           torch.zeros(9, dtype=torch.long), 4),
                                 r"x holds 10, y 9; x \(N, ...\) and y \(N,\) must hold the same number N"),
     "dfa_set_up_for_other_classes": (lambda: _rule_set_up_for("dfa", 20),
-                                     r"rule 'dfa' was set up for 20 classes.*but the model has num_classes 4; "
+                                     r"rule 'dfa' was set up for 20 classes.*but the model has num_classes "
+                                     r"4; "
                                      r"set it up again"),
     "stiefel_set_up_for_other_classes": (lambda: _rule_set_up_for("stiefel_dfa", 20),
                                          r"rule 'stiefel_dfa' was set up for 20 classes.*num_classes 4"),
@@ -417,18 +453,21 @@ CASES = {
                                            r"rule 'layer_fa' was set up on another model: this MLP holds no "
                                            r"layer converted to it"),
     # ---- messages say what is allowed ----
-    "run_options_int": (lambda: RunSpec(options=5), r"RunSpec.options must be a dict of option name -> value, "
+    "run_options_int": (lambda: RunSpec(options=5),
+                        r"RunSpec.options must be a dict of option name -> value, "
                         r"e.g. \{'penalty': 0.1\}; got 5 \(int\)"),
     "run_options_text": (lambda: RunSpec(options="penalty=0.1"),
                          r"RunSpec.options must be a dict of option name -> value, e.g. \{'penalty': 0.1\}; "
                          r"got 'penalty=0.1' \(str\)"),
-    "run_options_not_pairs": (lambda: RunSpec(options=[1, 2]), r"RunSpec.options must be a dict.*got \[1, 2\]"),
+    "run_options_not_pairs": (lambda: RunSpec(options=[1, 2]),
+                              r"RunSpec.options must be a dict.*got \[1, 2\]"),
     "run_options_triples": (lambda: RunSpec(options=[("penalty", 0.1, 0.2)]),
                             r"RunSpec.options must be a dict.*got \[\('penalty', 0.1, 0.2\)\] \(list\)"),
     "run_options_repeated": (lambda: RunSpec(options=[("penalty", 0.1), ("penalty", 0.2)]),
                              r"RunSpec.options names an option twice \(\['penalty'\]\)"),
     "run_options_name_not_text": (lambda: RunSpec(options={1: 0.1}),
-                                  r"RunSpec.options must be a dict of option name -> value with names as strings"),
+                                  r"RunSpec.options must be a dict of option name -> value with names as "
+                                  r"strings"),
     "rule_positional_argument": (lambda: rules.DFA(0.1),
                                  r"rule classes take keyword options only: build_rule\('dfa', penalty=0.0\); "
                                  r"allowed options of 'dfa': 'penalty'; got positional argument\(s\) 0.1"),
@@ -437,17 +476,21 @@ CASES = {
                                             r"'bp': none"),
     "n_jobs_zero": (lambda: run_specs([_tiny()], n_jobs=0),
                     r"n_jobs must be a positive integer \(units run at once\) or -1 \(all cores.*got 0"),
-    "n_jobs_fractional": (lambda: run_specs([_tiny()], n_jobs=1.5), r"n_jobs must be a positive integer.*got 1.5"),
+    "n_jobs_fractional": (lambda: run_specs([_tiny()], n_jobs=1.5),
+                          r"n_jobs must be a positive integer.*got 1.5"),
     "n_jobs_below_minus_one": (lambda: run_specs([_tiny()], n_jobs=-2), r"n_jobs.*-1 \(all cores.*got -2"),
-    "lambdas_empty": (lambda: PenaltyStudy(lambdas=()), r"lambdas must hold at least one non-negative penalty "
+    "lambdas_empty": (lambda: PenaltyStudy(lambdas=()),
+                      r"lambdas must hold at least one non-negative penalty "
                       r"weight λ, e.g. \(0.0, 0.01\) or the text '0, 1e-2'; got \(\)"),
     "lambdas_empty_text": (lambda: PenaltyStudy(lambdas=" "), r"lambdas must hold at least one non-negative"),
     **_model_option_cases(),
     # protocol
     "frozen_acc_percentage": (lambda: protocol.audit(models.build_model("resmlp", input_shape=(3, 4, 4), d=8),
-                                                     torch.zeros(4, 3, 4, 4), torch.zeros(4, dtype=torch.long),
+                                                     torch.zeros(4, 3, 4, 4),
+                                                     torch.zeros(4, dtype=torch.long),
                                                      frozen_acc=35.0), r"frozen_acc.*\[0, 1\].*35.0"),
-    "compare_unknown": (lambda: protocol.credit_cosines(None, [], [], compare="cls"), r"compare 'cls'.*'summed'"),
+    "compare_unknown": (lambda: protocol.credit_cosines(None, [], [], compare="cls"),
+                        r"compare 'cls'.*'summed'"),
 }
 
 
@@ -547,7 +590,7 @@ def test_the_bounds_accept_what_the_reference_and_the_profiles_use():
             options={"init": "sparse", "sparse_k": 16})  # sparse_k == the smallest fan-in
     RunSpec(rule="weight_mirror", model=ModelSpec("mlp"), options={"lr_b": 0.24, "sigma": 2.0})
     rules.build_rule("grape_fa", n_probe=config.MAX_PROBES)
-    feedback.LocalLinear(3, 3, method="weight_mirror", mirror_n=config.MAX_NOISE_SAMPLES)
+    feedback.LocalLinear(3, 3, rule=rules.build_rule("weight_mirror", n_noise=config.MAX_NOISE_SAMPLES))
     TrainConfig(batch_size=60000, eval_batch=10000)
     RunSpec(seed=2**63 - 1)
     rules.build_rule("weight_mirror", n_noise=8192)
@@ -616,7 +659,7 @@ def test_run_specs_refuses_the_device_before_anything_is_dispatched(monkeypatch)
     def dispatched(*a, **k):
         raise AssertionError("a unit was dispatched")
 
-    monkeypatch.setattr("fa_study.cache.run_units", dispatched)
+    monkeypatch.setattr("fa_study.units.run_units", dispatched)
     monkeypatch.setenv("FA_STUDY_DEVICE", "tpu")
     with pytest.raises(ValueError, match=r"FA_STUDY_DEVICE.*'tpu'"):
         run_specs([_tiny()])

@@ -18,16 +18,16 @@ import pytest
 
 from fa_study import cache as fc
 from fa_study.cache import (
-    CacheStats,
     CacheWarning,
     ResultsCache,
     clear_cache,
     code_fingerprint,
-    run_units,
     spec_json,
     spec_key,
     unit_name,
 )
+from fa_study.units import CacheStats, run_units
+from fa_study.units import compute_unit
 from io_helpers import within
 
 HERE = Path(__file__).resolve().parent
@@ -91,7 +91,8 @@ def frame_unit(spec: Spec, fingerprint: str, callback=None) -> pd.DataFrame:
 
 
 @pytest.fixture(autouse=True)
-def _reset():
+def _reset(monkeypatch):
+    monkeypatch.setenv("FA_STUDY_JOBS", "1")  # CALLS counts the units computed in this process
     CALLS.clear()
     yield
     CALLS.clear()
@@ -111,7 +112,12 @@ def assert_payload_equal(a, b):
 
 
 def entry(root: Path, fn, spec) -> Path:
-    return root / "results" / unit_name(fn) / spec_key(spec)
+    return root / "results" / unit_name(fn) / f"{spec_key(spec)}.json"
+
+
+def header_and_body(p: Path) -> tuple[dict, bytes]:
+    head, _, body = p.read_bytes().partition(b"\n")
+    return json.loads(head), body
 
 
 # ------------------------------------------------------------------------------ keys
@@ -165,26 +171,20 @@ def test_payloads_round_trip_exactly_and_the_entry_holds_only_data(cache):
         assert np.signbit(b["history"]["x"].iloc[1]) and b["history"]["x"].iloc[0] == 0.1 + 0.2
         assert list(b["history"]["mixed"]) == [1, "two", 3.5] and type(b["history"]["mixed"].iloc[2]) is float
         assert list(b["history"].index) == [10, 20, 30] and b["history"].index.name == "row"
-    d = entry(cache, unit, specs[1])
-    files = sorted(p.name for p in d.iterdir())
-    assert files == ["frame-0.parquet", "frame-1.parquet", "manifest.json", "values.json"]
-    man = json.loads((d / "manifest.json").read_text())
-    assert man["spec"] == spec_json(specs[1]) and man["spec_sha256"] == d.name
+    p = entry(cache, unit, specs[1])
+    assert sorted(q.name for q in p.parent.iterdir()) == sorted(f"{spec_key(s)}.json" for s in specs)
+    man, body = header_and_body(p)  # a JSON header line, then the payload as JSON: data only
+    assert man["spec"] == spec_json(specs[1]) and p.name == f"{spec_key(specs[1])}.json"
     assert man["fingerprint"] == code_fingerprint() and man["fa_study_version"]
     assert man["created"].endswith("+00:00") and man["unit"] == unit_name(unit)
     import hashlib
 
-    for name, info in man["files"].items():
-        data = (d / name).read_bytes()
-        assert hashlib.sha256(data).hexdigest() == info["sha256"] and len(data) == info["bytes"]
-        assert not data.startswith(b"\x80")  # nothing pickled
-    assert (d / "frame-0.parquet").read_bytes()[:4] == b"PAR1"
+    assert hashlib.sha256(body).hexdigest() == man["sha256"] and len(body) == man["bytes"]
+    assert json.loads(body)["history"]["__frame__"]["columns"][0]["dtype"] == "int64"
 
 
-def test_a_frame_payload_is_one_parquet_file(cache):
+def test_a_frame_payload_round_trips(cache):
     frames, _ = run_units(frame_unit, [Spec(i=4)])
-    assert sorted(p.name for p in entry(cache, frame_unit, Spec(i=4)).iterdir()) == \
-        ["frame-0.parquet", "manifest.json"]
     back, stats = run_units(frame_unit, [Spec(i=4)])
     assert stats.hits == 1
     pd.testing.assert_frame_equal(frames[0], back[0], check_exact=True)
@@ -273,23 +273,18 @@ def test_an_old_joblib_pickle_is_never_executed(cache, tmp_path):
     assert not (cache / "joblib").exists()
 
 
-def test_a_pickle_dropped_into_the_cache_is_ignored_with_a_warning(cache, tmp_path):
+def test_a_pickle_dropped_into_the_cache_is_never_opened(cache, tmp_path):
     marker = tmp_path / "EXECUTED"
     run_units(frame_unit, [Spec(i=1), Spec(i=2)])
-    d = entry(cache, frame_unit, Spec(i=1))
-    (d / "result.pkl").write_bytes(pickle.dumps(Planted(marker)))
-    (d / "no_suffix").write_bytes(pickle.dumps(Planted(marker)))
+    p = entry(cache, frame_unit, Spec(i=1))
+    (p.parent / "result.pkl").write_bytes(pickle.dumps(Planted(marker)))
     (cache / "results" / "stray.pkl").write_bytes(pickle.dumps(Planted(marker)))
-    # and a pickle in place of a payload file (its sha256 no longer matches)
-    d2 = entry(cache, frame_unit, Spec(i=2))
-    (d2 / "frame-0.parquet").write_bytes(pickle.dumps(Planted(marker)))
-    with pytest.warns(CacheWarning, match="pickle") as record:
-        out, stats = run_units(frame_unit, [Spec(i=1), Spec(i=2)])
-    msgs = "\n".join(str(w.message) for w in record)
-    assert "result.pkl" in msgs and "no_suffix" in msgs and "stray.pkl" in msgs and "frame-0.parquet" in msgs
+    # and a pickle in place of an entry: not JSON, never unpickled
+    entry(cache, frame_unit, Spec(i=2)).write_bytes(pickle.dumps(Planted(marker)))
+    out, stats = run_units(frame_unit, [Spec(i=1), Spec(i=2)])
     assert not marker.exists()
     assert stats.hits == 1 and stats.recomputed == 1  # the intact entry is served, the other redone
-    assert "truncated" in stats.notes[0] or "altered" in stats.notes[0]
+    assert "not JSON" in stats.notes[0]
     assert list(out[1]["i"]) == [2]
 
 
@@ -310,75 +305,63 @@ def _damage_and_rerun(cache, damage):
     return stats.notes[0]
 
 
-def test_a_truncated_payload_is_recomputed(cache):
-    def truncate(d):
-        p = d / "frame-0.parquet"
-        p.write_bytes(p.read_bytes()[:100])
+def test_a_truncated_entry_is_recomputed(cache):
+    def truncate(p):
+        p.write_bytes(p.read_bytes()[:-100])
 
     assert "truncated" in _damage_and_rerun(cache, truncate)
 
 
-def test_an_altered_payload_is_recomputed(cache):
-    def alter(d):
-        p = d / "frame-0.parquet"
+def test_an_altered_entry_is_recomputed(cache):
+    def alter(p):
         data = bytearray(p.read_bytes())
-        data[len(data) // 2] ^= 0xFF
+        data[-len(data) // 3] ^= 0x01
         p.write_bytes(bytes(data))
 
     assert "sha256" in _damage_and_rerun(cache, alter)
 
 
 def test_altered_json_values_are_recomputed(cache):
-    def alter(d):
-        p = d / "values.json"
+    def alter(p):
         p.write_text(p.read_text().replace("0.30000000000000004", "0.99999999999999999"))
 
     assert "altered" in _damage_and_rerun(cache, alter)
 
 
-def test_a_manifest_that_is_not_json_is_recomputed(cache):
-    def garble(d):
-        (d / "manifest.json").write_bytes(b"{\"format\": \"fa_study.results/1\", \x00\xff")
+def test_a_header_that_is_not_json_is_recomputed(cache):
+    def garble(p):
+        p.write_bytes(b"{\"format\": \"fa_study.results/2\", \x00\xff\n" + p.read_bytes().partition(b"\n")[2])
 
     assert "not JSON" in _damage_and_rerun(cache, garble)
 
 
-def test_a_missing_payload_file_or_manifest_is_recomputed(cache):
-    assert "lacks" in _damage_and_rerun(cache, lambda d: (d / "values.json").unlink())
-    CALLS.clear()
-    clear_cache()
-    assert "no manifest" in _damage_and_rerun(cache, lambda d: (d / "manifest.json").unlink())
-
-
 def test_an_entry_of_another_run_is_detected_through_its_spec(cache):
-    def swap(d):  # a valid entry of Spec(i=4) copied to Spec(i=3)'s place
-        shutil.rmtree(d)
-        shutil.copytree(d.parent / spec_key(Spec(i=4)), d)
+    def swap(p):  # a valid entry of Spec(i=4) copied to Spec(i=3)'s place
+        shutil.copyfile(p.with_name(f"{spec_key(Spec(i=4))}.json"), p)
 
     assert "another run" in _damage_and_rerun(cache, swap)
 
 
-def test_a_manifest_naming_files_outside_the_entry_is_refused(cache):
-    def escape(d):
-        man = json.loads((d / "manifest.json").read_text())
-        man["files"]["../../../../etc/passwd"] = {"sha256": "0" * 64, "bytes": 1}
-        (d / "manifest.json").write_text(json.dumps(man))
+@pytest.mark.parametrize("size", [-1, True, 1.5, "2111", None])
+def test_a_header_declaring_a_size_that_is_not_a_count_is_refused(cache, size):
+    def forge(p):
+        man, body = header_and_body(p)
+        man["bytes"] = size
+        p.write_bytes(json.dumps(man).encode() + b"\n" + body)
 
-    assert "malformed" in _damage_and_rerun(cache, escape)
+    assert "incomplete" in _damage_and_rerun(cache, forge)
 
 
 def test_an_entry_written_by_other_code_is_not_served(cache):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fc, "code_fingerprint", lambda: "0.0.0+otherc0de")
         run_units(frame_unit, [Spec(i=1), Spec(i=2)])
-    assert json.loads((entry(cache, frame_unit, Spec(i=1)) / "manifest.json").read_text())[
-        "fingerprint"] == "0.0.0+otherc0de"
+    assert header_and_body(entry(cache, frame_unit, Spec(i=1)))[0]["fingerprint"] == "0.0.0+otherc0de"
     _, stats = run_units(frame_unit, [Spec(i=1), Spec(i=2)])
     # counted as computed (the normal result of editing the code), not as a damaged entry
     assert (stats.hits, stats.computed, stats.recomputed) == (0, 2, 0) and len(CALLS) == 4
     assert len(stats.notes) == 1 and "other code" in stats.notes[0]
-    assert json.loads((entry(cache, frame_unit, Spec(i=1)) / "manifest.json").read_text())[
-        "fingerprint"] == code_fingerprint()
+    assert header_and_body(entry(cache, frame_unit, Spec(i=1)))[0]["fingerprint"] == code_fingerprint()
     assert run_units(frame_unit, [Spec(i=1), Spec(i=2)])[1].hits == 2
 
 
@@ -404,7 +387,8 @@ import json, sys, warnings
 import pandas as pd
 sys.path.insert(0, {tests!r})
 from test_cache import Spec, frame_unit
-from fa_study.cache import CacheWarning, run_units
+from fa_study.cache import CacheWarning
+from fa_study.units import run_units
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter("always")
     out1, s1 = run_units(frame_unit, [Spec(i=1), Spec(i=2)])
@@ -460,7 +444,7 @@ import json, sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from sweep_units import SlowSpec, slow_unit
-from fa_study.cache import run_units
+from fa_study.units import run_units
 go = Path({go!r})
 deadline = time.time() + 120
 while not go.exists() and time.time() < deadline:
@@ -502,24 +486,27 @@ def test_concurrent_writers_leave_one_valid_entry(cache, tmp_path):
     computed = [r["computed"] for r in res]
     assert sum(computed) >= 1 and len(list(markers.iterdir())) == sum(computed)
     unit_dir = cache / "results" / unit_name(slow_unit)
-    assert [p.name for p in unit_dir.iterdir()] == [spec_key(SlowSpec(5, str(markers), 1.0))]  # no temp left
+    key = spec_key(SlowSpec(5, str(markers), 1.0))
+    assert [p.name for p in unit_dir.iterdir()] == [f"{key}.json"]  # no temporary file left
     out, stats = run_units(slow_unit, [SlowSpec(5, str(markers), 1.0)])
     assert stats.hits == 1 and out[0].to_dict("list") == res[0]["frame"]
 
 
-def test_a_writer_that_loses_the_race_keeps_the_winners_entry(cache):
+def test_a_second_writer_replaces_the_entry_atomically(cache):
     rc = ResultsCache()
     text, fp, name = spec_json(Spec(i=1)), code_fingerprint(), unit_name(frame_unit)
     payload = frame_unit(Spec(i=1), fp)
     assert rc.store(name, text, fp, payload) == ""
     final = entry(cache, frame_unit, Spec(i=1))
-    before = (final / "manifest.json").read_text()
-    assert rc.store(name, text, fp, payload) == ""  # os.replace refused: the valid entry stands
-    assert (final / "manifest.json").read_text() == before
-    assert [p.name for p in final.parent.iterdir()] == [final.name]
-    (final / "frame-0.parquet").write_bytes(b"junk")  # a bad entry is replaced
+    assert rc.store(name, text, fp, payload) == ""  # e.g. two processes computed the same spec
+    assert rc.load(name, text, fp).status == "hit"
+    final.write_bytes(b"junk")  # a bad entry is replaced
     assert rc.store(name, text, fp, payload) == ""
     assert rc.load(name, text, fp).status == "hit"
+    final.unlink()
+    final.mkdir()  # a directory in its place (not an entry of ours) too
+    (final / "x").write_text("x")
+    assert rc.store(name, text, fp, payload) == "" and final.is_file()
     assert [p.name for p in final.parent.iterdir()] == [final.name]
 
 
@@ -554,15 +541,18 @@ def test_one_cpu_thread_restores_the_setting():
     assert torch.get_num_threads() == before
 
 
-def test_a_worker_serves_a_unit_written_meanwhile_and_refuses_other_code(cache):
+def test_a_worker_serves_a_unit_written_meanwhile_and_leaves_other_code_to_the_caller(cache):
     fp, text, name = code_fingerprint(), spec_json(Spec(i=5)), unit_name(frame_unit)
-    first = fc._compute_unit(frame_unit, Spec(i=5), fp, str(cache), name, text)
+    first = compute_unit(frame_unit, Spec(i=5), fp, str(cache), name, text)
     assert first[0] == text and first[2] == "stored" and len(CALLS) == 1
-    again = fc._compute_unit(frame_unit, Spec(i=5), fp, str(cache), name, text)  # e.g. a dask retry
+    again = compute_unit(frame_unit, Spec(i=5), fp, str(cache), name, text)  # e.g. a dask retry
     assert again[2] == "hit" and len(CALLS) == 1
     pd.testing.assert_frame_equal(first[1], again[1])
-    with pytest.raises(RuntimeError, match="other fa_study code"):
-        fc._compute_unit(frame_unit, Spec(i=5), "0.0.0+otherc0de", str(cache), name, text)
+    # a worker running other code (e.g. the package edited since the caller imported it)
+    # computes nothing: the caller computes the unit with the code its key names
+    assert compute_unit(frame_unit, Spec(i=5), "0.0.0+otherc0de", str(cache), name, text) == (
+        text, None, "other code", "")
+    assert len(CALLS) == 1
 
 
 # ------------------------------------------------------------------------------ links, pipes, sizes
@@ -645,27 +635,11 @@ def _inode(p: Path):
     return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
-def _link_payload(cache, stash):  # the manifest, a regular file, matches what the link serves
-    d, s = entry(cache, frame_unit, Spec(i=3)), entry(stash, frame_unit, Spec(i=3))
-    shutil.copyfile(s / "manifest.json", d / "manifest.json")
-    (d / "frame-0.parquet").unlink()
-    (d / "frame-0.parquet").symlink_to(s / "frame-0.parquet")
-    return 1, "cache entry holds a symbolic link (frame-0.parquet)"
-
-
-def _link_manifest(cache, stash):
-    d, s = entry(cache, frame_unit, Spec(i=3)), entry(stash, frame_unit, Spec(i=3))
-    shutil.copyfile(s / "frame-0.parquet", d / "frame-0.parquet")
-    (d / "manifest.json").unlink()
-    (d / "manifest.json").symlink_to(s / "manifest.json")
-    return 1, "cache entry holds a symbolic link (manifest.json)"
-
-
 def _link_entry(cache, stash):
-    d = entry(cache, frame_unit, Spec(i=3))
-    shutil.rmtree(d)
-    d.symlink_to(entry(stash, frame_unit, Spec(i=3)), target_is_directory=True)
-    return 1, f"cache entry directory results/{unit_name(frame_unit)}/{d.name} is a symbolic link"
+    p = entry(cache, frame_unit, Spec(i=3))
+    p.unlink()
+    p.symlink_to(entry(stash, frame_unit, Spec(i=3)))
+    return 1, f"cache entry results/{unit_name(frame_unit)}/{p.name} is a symbolic link"
 
 
 def _link_unit(cache, stash):  # Spec(i=4) is not behind the link: it would be written there
@@ -683,21 +657,14 @@ def _link_results(cache, stash):
 
 
 def _link_dangling(cache, stash):
-    d = entry(cache, frame_unit, Spec(i=3))
-    shutil.rmtree(d)
-    d.symlink_to(stash / "nothing-here")
-    return 1, f"cache entry directory results/{unit_name(frame_unit)}/{d.name} is a symbolic link"
-
-
-def _link_stray(cache, stash):  # a link the manifest does not name, in a valid entry
-    (entry(cache, frame_unit, Spec(i=3)) / "extra").symlink_to(
-        entry(stash, frame_unit, Spec(i=3)) / "frame-0.parquet")
-    return 1, "cache entry holds a symbolic link (extra)"
+    p = entry(cache, frame_unit, Spec(i=3))
+    p.unlink()
+    p.symlink_to(stash / "nothing-here")
+    return 1, f"cache entry results/{unit_name(frame_unit)}/{p.name} is a symbolic link"
 
 
 @pytest.mark.parametrize("where", ["outside", "inside"])
-@pytest.mark.parametrize("plant", [_link_payload, _link_manifest, _link_entry, _link_unit,
-                                   _link_results, _link_dangling, _link_stray],
+@pytest.mark.parametrize("plant", [_link_entry, _link_unit, _link_results, _link_dangling],
                          ids=lambda f: f.__name__[6:])
 def test_a_link_in_the_cache_is_a_fault_never_followed(cache, tmp_path, io_spy, where, plant):
     run_units(frame_unit, [Spec(i=3), Spec(i=4)])
@@ -718,9 +685,9 @@ def test_a_link_in_the_cache_is_a_fault_never_followed(cache, tmp_path, io_spy, 
     for i, note in zip((3, 4), stats.notes):
         assert note == f"unit Spec(i={i}): {fault}, recomputed"
     for spec in (Spec(i=3), Spec(i=4)):  # replaced by real directories of real files
-        d = entry(cache, frame_unit, spec)
-        for p in (cache / "results", d.parent, d, *d.iterdir()):
-            assert not p.is_symlink(), p
+        p = entry(cache, frame_unit, spec)
+        for q in (cache / "results", p.parent, p):
+            assert not q.is_symlink() and q.exists(), q
     _, again = run_units(frame_unit, [Spec(i=3), Spec(i=4)])
     assert again.hits == 2 and not again.notes and len(CALLS) == 2 + faults
     watch.assert_untouched(io_spy)
@@ -741,7 +708,8 @@ def test_a_unit_directory_linked_outside_gets_nothing_written_there(cache, tmp_p
     assert [p.name for p in outside.iterdir()] == [old.name]  # nothing written nor removed there
     assert stats.recomputed == 1 and "unit directory" in stats.notes[0]
     assert "symbolic link" in stats.notes[0] and int(out[0]["i"].iloc[0]) == 1
-    assert not unit_dir.is_symlink() and [p.name for p in unit_dir.iterdir()] == [spec_key(Spec(i=1))]
+    assert not unit_dir.is_symlink()
+    assert [p.name for p in unit_dir.iterdir()] == [f"{spec_key(Spec(i=1))}.json"]
     # a link in place of results/ itself: clear_cache() removes the link, not what it points at
     shutil.rmtree(cache / "results")
     (cache / "results").symlink_to(outside, target_is_directory=True)
@@ -779,11 +747,10 @@ def _unix_socket(path: Path):
     return sock
 
 
-@pytest.mark.parametrize("name", ["frame-0.parquet", "manifest.json"])
 @pytest.mark.parametrize("kind", ["named pipe", "socket", "character device", "directory"])
-def test_only_regular_files_are_read_from_the_cache(cache, io_spy, name, kind):
+def test_only_regular_files_are_read_from_the_cache(cache, io_spy, kind):
     run_units(frame_unit, [Spec(i=3), Spec(i=4)])
-    p = entry(cache, frame_unit, Spec(i=3)) / name
+    p = entry(cache, frame_unit, Spec(i=3))
     p.unlink()
     sock = None
     if kind == "named pipe":
@@ -807,138 +774,81 @@ def test_only_regular_files_are_read_from_the_cache(cache, io_spy, name, kind):
         if sock is not None:
             sock.close()
     assert (stats.hits, stats.computed, stats.recomputed) == (1, 0, 1)
-    assert stats.notes == [f"unit Spec(i=3): cache file {name} is a {kind}, recomputed"]
-    if kind != "directory":  # (removing the replaced entry opens a directory to empty it)
+    assert stats.notes == [f"unit Spec(i=3): cache entry results/{unit_name(frame_unit)}/{p.name} "
+                           f"is a {kind}, recomputed"]
+    if kind != "directory":  # (removing the replaced directory opens it to empty it)
         assert inode not in io_spy.opened  # never opened, let alone read
     assert [int(o["i"].iloc[0]) for o in out] == [3, 4]
     assert p.is_file() and not p.is_symlink()  # the entry was replaced
     assert run_units(frame_unit, [Spec(i=3), Spec(i=4)])[1].hits == 2
 
 
-def _sparse_payload(d):  # 3 GiB, costs no disk
-    with open(d / "frame-0.parquet", "r+b") as f:
-        f.truncate(3 * 2**30)
-    return d / "frame-0.parquet", ("cache entry altered (frame-0.parquet: 3,221,225,472 bytes, "
-                                   "the manifest says")
-
-
-def _sparse_manifest(d):
-    with open(d / "manifest.json", "r+b") as f:
-        f.truncate(3 * 2**30)
-    return d / "manifest.json", "cache manifest is larger (3,221,225,472 bytes) than a manifest may be"
-
-
-def _manifest_one_byte_over(d):  # valid JSON (trailing spaces are allowed), one byte too long
-    p = d / "manifest.json"
-    text = p.read_bytes()
-    p.write_bytes(text + b" " * (fc.MANIFEST_MAX_BYTES + 1 - len(text)))
-    return p, f"cache manifest is larger ({fc.MANIFEST_MAX_BYTES + 1:,} bytes) than"
-
-
-def _declared_huge(d):  # a forged manifest declaring 3 GiB, and a sparse file of that size
-    man = json.loads((d / "manifest.json").read_text())
-    man["files"]["frame-0.parquet"]["bytes"] = 3 * 2**30
-    (d / "manifest.json").write_text(json.dumps(man))
-    _sparse_payload(d)
-    return d / "frame-0.parquet", ("cache manifest declares 3,221,225,472 bytes for "
-                                   "frame-0.parquet, more than a cache file may hold")
-
-
-@pytest.mark.parametrize("damage", [_sparse_payload, _sparse_manifest, _manifest_one_byte_over,
-                                    _declared_huge], ids=lambda f: f.__name__[1:])
-def test_an_oversized_file_is_refused_before_it_is_read(cache, io_spy, damage):
+def test_an_oversized_entry_is_refused_before_it_is_read(cache, io_spy):
     run_units(frame_unit, [Spec(i=3), Spec(i=4)])
-    big, needle = damage(entry(cache, frame_unit, Spec(i=3)))
+    big = entry(cache, frame_unit, Spec(i=3))
+    with open(big, "r+b") as f:  # 3 GiB, sparse: costs no disk
+        f.truncate(3 * 2**30)
     inode = _inode(big)
     out, stats = run_units(frame_unit, [Spec(i=3), Spec(i=4)])
     assert (stats.hits, stats.recomputed) == (1, 1) and len(stats.notes) == 1
-    assert stats.notes[0].startswith(f"unit Spec(i=3): {needle}"), stats.notes[0]
-    assert io_spy.asked.get(inode, 0) <= 2  # nothing but the 2-byte pickle check of each file
-    assert [int(o["i"].iloc[0]) for o in out] == [3, 4]
-    assert entry(cache, frame_unit, Spec(i=3)).joinpath(big.name).stat().st_size < 2**20
+    assert stats.notes[0].startswith(f"unit Spec(i=3): cache entry results/{unit_name(frame_unit)}/"
+                                      f"{big.name} is larger (3,221,225,472 bytes) than a cache entry may be")
+    assert io_spy.asked.get(inode, 0) == 0  # never read
+    assert [int(o["i"].iloc[0]) for o in out] == [3, 4] and big.stat().st_size < 2**20
 
 
-def test_a_hit_reads_no_more_than_the_manifest_declares(cache, io_spy):
+def test_a_hit_reads_the_entry_once_and_no_more(cache, io_spy):
     run_units(frame_unit, [Spec(i=3)])
-    d = entry(cache, frame_unit, Spec(i=3))
-    payload = d / "frame-0.parquet"
-    man = json.loads((d / "manifest.json").read_text())
-    declared = man["files"]["frame-0.parquet"]["bytes"]
-    # a manifest of exactly the largest size allowed is still read and served
-    text = (d / "manifest.json").read_bytes()
-    (d / "manifest.json").write_bytes(text + b" " * (fc.MANIFEST_MAX_BYTES - len(text)))
+    p = entry(cache, frame_unit, Spec(i=3))
     io_spy.asked.clear()
     io_spy.read.clear()
     out, stats = run_units(frame_unit, [Spec(i=3)])
     assert stats.hits == 1 and int(out[0]["i"].iloc[0]) == 3
-    # the payload once (asking for one byte more than declared, to see the end of the file),
-    # plus the 2 bytes of the pickle check
-    assert io_spy.read[_inode(payload)] == declared + 2
-    assert io_spy.asked[_inode(payload)] == declared + 1
-    assert io_spy.read[_inode(d / "manifest.json")] == fc.MANIFEST_MAX_BYTES
-    assert io_spy.asked[_inode(d / "manifest.json")] == fc.MANIFEST_MAX_BYTES + 1
+    assert io_spy.read[_inode(p)] == p.stat().st_size
+    assert io_spy.asked[_inode(p)] == p.stat().st_size + 1  # one byte more, to see the end
 
 
-def test_the_payload_size_limit_is_checked_when_reading_and_writing(cache, monkeypatch):
+def test_the_size_limit_is_checked_when_reading_and_writing(cache, monkeypatch):
     run_units(frame_unit, [Spec(i=3)])
-    d = entry(cache, frame_unit, Spec(i=3))
-    size = json.loads((d / "manifest.json").read_text())["files"]["frame-0.parquet"]["bytes"]
-    monkeypatch.setattr(fc, "PAYLOAD_MAX_BYTES", size)  # exactly the limit: served and stored
+    p = entry(cache, frame_unit, Spec(i=3))
+    monkeypatch.setattr(fc, "PAYLOAD_MAX_BYTES", p.stat().st_size)  # exactly the limit: served
     assert run_units(frame_unit, [Spec(i=3)])[1].hits == 1
-    fp = code_fingerprint()
-    assert ResultsCache().store(unit_name(frame_unit), spec_json(Spec(i=3)), fp,
-                                frame_unit(Spec(i=3), fp)) == ""
-    monkeypatch.setattr(fc, "PAYLOAD_MAX_BYTES", size - 1)  # one byte over: refused, not stored
+    body = header_and_body(p)[0]["bytes"]
+    monkeypatch.setattr(fc, "PAYLOAD_MAX_BYTES", body - 1)  # over: refused, and not stored
     out, stats = run_units(frame_unit, [Spec(i=3)])
-    assert stats.recomputed == 1 and "more than a cache file may hold" in stats.notes[0]
+    assert stats.recomputed == 1 and "larger" in stats.notes[0]
     assert "result not cached" in stats.notes[1] and int(out[0]["i"].iloc[0]) == 3
 
 
-@pytest.mark.parametrize("swap", ["named pipe", "symbolic link", "entry directory"])
-def test_what_is_swapped_in_between_the_check_and_the_open_is_still_refused(
+@pytest.mark.parametrize("swap", ["named pipe", "symbolic link"])
+def test_an_entry_swapped_between_the_check_and_the_open_is_still_refused(
         cache, tmp_path, monkeypatch, swap):
-    """The second line of defence: a file or directory replaced by a pipe or a link after it
-    was checked (lstat) and before it is opened is refused by the open itself (O_NONBLOCK,
-    O_NOFOLLOW) and its fstat."""
+    """The second line of defence: an entry replaced by a pipe or a link after it was checked
+    (lstat) and before it is opened is refused by the open itself (O_NONBLOCK, O_NOFOLLOW) and
+    its fstat."""
     run_units(frame_unit, [Spec(i=3)])
-    d = entry(cache, frame_unit, Spec(i=3))
+    p = entry(cache, frame_unit, Spec(i=3))
     outside = tmp_path / "outside"
     s = _stash_entry(outside, Spec(i=3))
-    shutil.copyfile(s / "manifest.json", d / "manifest.json")  # what the link would match
     watch = Watched(outside)
     swapped = []
-    real_open, real_lstat = fc._Dir.open, fc._Dir.lstat
+    real_lstat = os.lstat
 
-    def racing_open(self, name, flags):  # swaps the payload once the manifest has been read
-        if name == "manifest.json":
-            swapped.append("manifest read")
-        elif name == "frame-0.parquet" and swap != "entry directory" and swapped == ["manifest read"]:
-            p = self.path / name
+    def racing_lstat(path, *a, **k):  # swaps the entry right after its check
+        st = real_lstat(path, *a, **k)
+        if Path(path) == p and not swapped:
             p.unlink()
-            os.mkfifo(p) if swap == "named pipe" else p.symlink_to(s / name)
+            os.mkfifo(p) if swap == "named pipe" else p.symlink_to(s)
             swapped.append(p)
-        return real_open(self, name, flags)
-
-    def racing_lstat(self, name):
-        st = real_lstat(self, name)
-        if name == d.name and swap == "entry directory" and d not in swapped:
-            d.rename(d.with_name("moved-away"))
-            d.symlink_to(s, target_is_directory=True)
-            swapped.append(d)
         return st
 
-    monkeypatch.setattr(fc._Dir, "open", racing_open)
-    monkeypatch.setattr(fc._Dir, "lstat", racing_lstat)
-    out, stats = within(60, lambda: run_units(frame_unit, [Spec(i=3)]),
-                         d / "frame-0.parquet" if swap == "named pipe" else None)
-    assert len(swapped) >= 1 + (swap != "entry directory")  # the race happened
+    monkeypatch.setattr(os, "lstat", racing_lstat)
+    out, stats = within(60, lambda: run_units(frame_unit, [Spec(i=3)]), p if swap == "named pipe" else None)
+    monkeypatch.undo()
+    assert swapped  # the race happened
     assert stats.recomputed == 1 and int(out[0]["i"].iloc[0]) == 3
-    if swap == "entry directory":
-        assert stats.notes == [f"unit Spec(i=3): cache entry directory results/"
-                               f"{unit_name(frame_unit)}/{d.name} is a symbolic link or not a "
-                               f"directory, recomputed"]
-    else:
-        assert stats.notes == [f"unit Spec(i=3): cache file frame-0.parquet is a {swap}, recomputed"]
+    assert stats.notes == [f"unit Spec(i=3): cache entry results/{unit_name(frame_unit)}/{p.name} is a "
+                           f"{swap}, recomputed"]
     watch.assert_untouched()
 
 
@@ -954,30 +864,20 @@ def test_files_are_created_never_written_through_a_link(tmp_path):
     assert (tmp_path / "new").read_bytes() == b"data"
 
 
-def test_a_manifest_that_grows_after_its_size_was_checked_is_refused(cache, monkeypatch):
+def test_an_entry_that_grows_after_its_size_was_checked_is_refused(cache, monkeypatch):
     run_units(frame_unit, [Spec(i=3)])
-    man = entry(cache, frame_unit, Spec(i=3)) / "manifest.json"
+    p = entry(cache, frame_unit, Spec(i=3))
+    monkeypatch.setattr(fc, "PAYLOAD_MAX_BYTES", p.stat().st_size)
     real, grown = fc._read_fd, []
 
-    def growing(fd, limit):  # between the fstat and the read: valid JSON, one byte too long
-        if limit == fc.MANIFEST_MAX_BYTES + 1 and not grown:
-            with open(man, "ab") as f:
-                f.write(b" " * fc.MANIFEST_MAX_BYTES)
-            grown.append(man)
+    def growing(fd, limit):  # between the fstat and the read: one byte too long
+        if not grown:
+            with open(p, "ab") as f:
+                f.write(b" ")
+            grown.append(p)
         return real(fd, limit)
 
     monkeypatch.setattr(fc, "_read_fd", growing)
     out, stats = run_units(frame_unit, [Spec(i=3)])
     assert grown and int(out[0]["i"].iloc[0]) == 3
-    assert stats.notes == ["unit Spec(i=3): cache manifest is larger than a manifest may be "
-                           f"({fc.MANIFEST_MAX_BYTES:,} bytes), recomputed"]
-
-
-@pytest.mark.parametrize("size", [-1, True, 1.5, "2111", None])
-def test_a_manifest_declaring_a_size_that_is_not_a_count_is_refused(cache, size):
-    def forge(d):
-        man = json.loads((d / "manifest.json").read_text())
-        man["files"]["frame-0.parquet"]["bytes"] = size
-        (d / "manifest.json").write_text(json.dumps(man))
-
-    assert "malformed file entry" in _damage_and_rerun(cache, forge)
+    assert stats.recomputed == 1 and "is larger" in stats.notes[0]

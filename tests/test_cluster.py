@@ -11,13 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fa_study.cache import (
-    ResultsCache,
-    code_fingerprint,
-    run_units,
-    spec_key,
-    unit_name,
-)
+from fa_study.cache import ResultsCache, code_fingerprint, spec_key, unit_name
+from fa_study.units import run_units
 
 pytestmark = pytest.mark.cluster
 
@@ -53,7 +48,7 @@ def test_sweep_survives_a_killed_worker_on_a_dask_cluster(tmp_path, monkeypatch)
     monkeypatch.setenv("FA_STUDY_CACHE", str(tmp_path / "local_cache"))
     (tmp_path / "local_markers").mkdir()
     local, local_stats = run_units(train_unit, [TrainSpec(i, str(tmp_path / "local_markers"))
-                                                for i in range(N_UNITS)])
+                                                for i in range(N_UNITS)], n_jobs=1)
     assert local_stats.computed == N_UNITS
     t_local = time.perf_counter() - t_start
 
@@ -138,7 +133,7 @@ def test_sweep_survives_a_killed_worker_on_a_dask_cluster(tmp_path, monkeypatch)
         # every unit exactly once in the cache, and finished exactly once
         entries = ResultsCache(shared, quiet=True).entries(unit_name(train_unit))
         assert len(entries) == N_UNITS
-        assert sorted(e.name for e in entries) == sorted(spec_key(s) for s in specs)
+        assert sorted(e.stem for e in entries) == sorted(spec_key(s) for s in specs)
         done = _markers(markers, "done")
         assert {i: len(v) for i, v in done.items()} == {i: 1 for i in range(N_UNITS)}, done
         starts = {i: len(v) for i, v in _markers(markers, "unit").items()}

@@ -349,7 +349,7 @@ def test_read_idx_round_trip_and_header(tmp_path):
     for gz in (False, True):
         p = _write_idx(tmp_path / f"a{gz}-idx3-ubyte", arr, gz)
         assert np.array_equal(data.read_idx(p), arr)
-        assert data.read_idx_header(p) == (np.dtype(np.uint8), (2, 3, 4))
+        assert data.read_idx_header(p) == (torch.uint8, (2, 3, 4))
     extra = tmp_path / "extra"
     _write_idx(extra, arr)
     extra.write_bytes(extra.read_bytes() + b"\0\0")
@@ -417,13 +417,12 @@ def test_a_plain_idx_file_must_have_the_size_its_header_declares(tmp_path):
         with pytest.raises(ValueError) as err:
             data.read_idx(p)
         msg = str(err.value)
-        assert needle in msg and str(p) in msg and "holds 47 bytes" in msg and "announces 40" in msg
+        assert needle in msg and str(p) in msg and "holds 47 bytes" in msg and "announces 40 bytes" in msg
     p.write_bytes(blob[:-5])
     with pytest.raises(ValueError) as err:
         data.read_idx(p)
     msg = str(err.value)
-    assert "truncated" in msg and str(p) in msg and "(40 bytes with the header)" in msg \
-        and "holds 35 bytes" in msg
+    assert "truncated" in msg and str(p) in msg and "announces 40 bytes" in msg and "holds 35 bytes" in msg
     # a padded file is refused from its size, before its data is read: a sparse 3 GiB tail
     with open(p, "wb") as f:
         f.write(blob)
@@ -495,6 +494,56 @@ def test_the_idx_reader_opens_only_regular_files(tmp_path, kind):
     link = tmp_path / "linked-idx1-ubyte"
     link.symlink_to(target)
     assert data.read_idx(link).tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("code,dtype", [(0x08, ">u1"), (0x09, ">i1"), (0x0B, ">i2"), (0x0C, ">i4"),
+                                        (0x0D, ">f4"), (0x0E, ">f8")])
+def test_torchvision_reads_every_idx_type_back_exactly(tmp_path, monkeypatch, gz, code, dtype):
+    """A file written here (big-endian, as the format says) comes back value for value, read by
+    torchvision's reader from the checked descriptor (plain) or the inflated copy (.gz)."""
+    import torchvision.datasets.mnist as tvm
+
+    ref = (np.arange(2 * 3 * 5) * 7 - 40).astype(dtype).reshape(2, 3, 5)
+    p = tmp_path / ("t-idx3-ubyte" + (".gz" if gz else ""))
+    blob = _idx_blob(ref.shape, code, ref.itemsize, ref.tobytes())
+    p.write_bytes(gzip.compress(blob) if gz else blob)
+    calls = []
+    real = tvm.read_sn3_pascalvincent_tensor
+    monkeypatch.setattr(tvm, "read_sn3_pascalvincent_tensor",
+                        lambda f, **kw: calls.append(f) or real(f, **kw))
+    got = data.read_idx(p)
+    assert len(calls) == 1 and isinstance(calls[0], int)  # a descriptor: the path is not opened again
+    assert got.shape == ref.shape and np.array_equal(got.numpy(), ref.astype(ref.dtype.newbyteorder("=")))
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("head,needle", [
+    (struct.pack(">IIIII", 0x0804, 1, 1, 1, 1), "bad magic number 0x00000804"),  # 4 dims: torchvision asserts
+    (struct.pack(">II", 0x0A01, 3), "bad magic number 0x00000A01"),  # type 0x0A: not in torchvision's map
+    (struct.pack(">IIII", 0x0803, 0, 28, 28), "no data at all"),  # torch.frombuffer would refuse
+    (struct.pack(">II", 0x0801, 10)[:6], "truncated header"),
+])
+def test_headers_torchvision_would_refuse_unhelpfully_are_clear_errors(tmp_path, gz, head, needle):
+    p = tmp_path / ("x-idx1-ubyte" + (".gz" if gz else ""))
+    p.write_bytes(gzip.compress(head) if gz else head)
+    for read in (data.read_idx, data.read_idx_header):
+        with pytest.raises(ValueError) as err:
+            read(p)
+        msg = str(err.value)
+        assert needle in msg and str(p) in msg and "download it again" in msg, msg
+
+
+def test_a_truncated_gzip_stream_is_a_clear_error(tmp_path):
+    p = tmp_path / "labels-idx1-ubyte.gz"
+    whole = gzip.compress(_idx_blob((5000,), data=bytes(range(250)) * 20))
+    p.write_bytes(whole[:-12])  # the stream ends before its trailer
+    with pytest.raises(ValueError) as err:
+        data.read_idx(p)
+    msg = str(err.value)
+    assert "gzip stream is damaged or truncated" in msg and str(p) in msg and "FA_STUDY_DATA" in msg
+    p.write_bytes(whole)
+    assert data.read_idx(p).tolist() == list(range(250)) * 20
 
 
 # ---------------------------------------------------------------------------- tensor cache
@@ -858,7 +907,8 @@ def test_iterator_same_seed_same_batches_and_validation():
     ({"batch_size": True}, "batch_size must be an integer >= 1, got True"),
     ({"pad": -1, "augment": True}, "pad must be an integer in [0, 6]"),
     ({"pad": -1}, "got -1"),
-    ({"pad": 7, "augment": True}, "pad must be an integer in [0, 6] (at most the image's smaller side for images of 6x8), got 7"),
+    ({"pad": 7, "augment": True},
+     "pad must be an integer in [0, 6] (at most the image's smaller side for images of 6x8), got 7"),
     ({"pad": 1.5, "augment": True}, "got 1.5"),
     ({"seed": None}, "seed must be an integer"),
 ])

@@ -906,3 +906,17 @@ def test_a_backward_compared_with_itself_is_marked_by_construction():
     fa, xf, yf = make("foreign_fa")
     assert not update_alignment(fa, xf, yf)["by_construction"].any()
     assert not direction_quality(fa, xf, yf, hidden=FA_HIDDEN)["by_construction"].any()
+
+
+def test_position_sum_and_pooling_of_hooked_states_match_the_formulas():
+    """Tokens (batch, T, d) are summed over T (not over d), spatial maps over H and W; pooling
+    takes the class token or the mean over tokens / pixels."""
+    from fa_study.diagnostics.taps import pool_by_rank, sum_positions
+
+    tokens, maps, rows = torch.randn(2, 5, 3), torch.randn(2, 4, 3, 3), torch.randn(2, 6)
+    assert torch.equal(sum_positions(rows), rows)
+    assert torch.allclose(sum_positions(tokens), torch.stack([t.sum(0) for t in tokens]))
+    assert torch.allclose(sum_positions(maps), maps.sum(dim=(2, 3))) and sum_positions(maps).shape == (2, 4)
+    assert torch.equal(pool_by_rank(tokens, "cls"), tokens[:, 0])
+    assert torch.allclose(pool_by_rank(tokens, "mean"), tokens.mean(1))
+    assert torch.allclose(pool_by_rank(maps, "mean"), maps.mean(dim=(2, 3)))

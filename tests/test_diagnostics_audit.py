@@ -1,6 +1,6 @@
-"""fa_study.diagnostics on the package's models: BP reference against autograd (converted models included), D1/D2/D3 and the
-verdict, reports and their round trip, per-layer cosines (credit_cosines, position_sum), direction
-quality, the fresh-feedback null and update alignment."""
+"""fa_study.diagnostics on the package's models: BP reference against autograd (converted models
+included), D1/D2/D3 and the verdict, reports and their round trip, per-layer cosines
+(credit_cosines, position_sum), direction quality, the fresh-feedback null and update alignment."""
 import copy
 import itertools
 import json

@@ -8,9 +8,8 @@ import torch
 from torch import nn
 
 from fa_study.diagnostics import bp_twin, feedback_angles, update_alignment
-from fa_study.feedback import (
-    METHODS, LocalLinear, capture_output_error, convert, feedback_step, local_layers,
-)
+from fa_study.feedback import LocalLinear, capture_output_error, feedback_step, local_layers
+from fa_study.rules import LAYER_RULES, convert
 
 
 def _mlp(dropout=0.0):
@@ -29,7 +28,7 @@ CE = nn.functional.cross_entropy
 def test_bp_and_fa_with_b_equal_w_apply_bp_updates():
     torch.manual_seed(0)
     x, y = _data()
-    model, _ = convert(_mlp(dropout=0.3), "fa")
+    model, _ = convert(_mlp(dropout=0.3), "layer_fa")
     for m in model:
         if isinstance(m, LocalLinear):
             m.set_feedback(m.weight)
@@ -45,7 +44,7 @@ def test_bp_and_fa_with_b_equal_w_apply_bp_updates():
 def test_random_fa_is_exact_only_at_the_output_layer():
     torch.manual_seed(0)
     x, y = _data()
-    model, _ = convert(_mlp(), "fa", generator=torch.Generator().manual_seed(1))
+    model, _ = convert(_mlp(), "layer_fa", generator=torch.Generator().manual_seed(1))
     table = update_alignment(model, x, y).set_index("param")
     # the last layer's gradient needs no feedback matrix, so it is BP's exactly
     assert table.loc["5.weight", "cos_update_bp"] == pytest.approx(1.0, abs=1e-6)
@@ -68,13 +67,13 @@ def test_readout_leaves_the_model_and_the_rng_untouched():
     assert table["cos_update_bp"].notna().all()
 
 
-@pytest.mark.parametrize("method", ["dfa", "dfa_ungated"])
-def test_dfa_readout_captures_the_output_error(method):
+@pytest.mark.parametrize("gated", [True, False])
+def test_dfa_readout_captures_the_output_error(gated):
     torch.manual_seed(0)
     x, y = _data()
-    model, _ = convert(_mlp(), method, dfa_target_dim=3)
+    model, _ = convert(_mlp(), "layer_dfa", gated=gated, num_classes=3)
     table = update_alignment(model, x, y).set_index("param")
-    # dfa: the output layer's grad_out is e itself; dfa_ungated: B_dfa = I there
+    # gated: the output layer's grad_out is e itself; ungated: B_dfa = I there
     assert table.loc["5.weight", "cos_update_bp"] == pytest.approx(1.0, abs=1e-6)
     assert table.loc["0.weight", "cos_update_bp"] < 0.99  # random direct projections differ from BP
     assert table["angle_BW_deg"].isna().all()  # direct feedback has no W-shaped B
@@ -99,6 +98,7 @@ def _bp_grad(model, x, y, i):
 class Blocks(nn.Module):
     def __init__(self):
         super().__init__()
+        self.width = 8  # the blocks' width, read by layer_dfa_block
         self.embed = nn.Linear(6, 8)
         self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Tanh())])
         self.head = nn.Linear(8, 3)
@@ -108,24 +108,21 @@ class Blocks(nn.Module):
         return self.head(h + self.blocks[0](h))
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_readouts_work_for_every_rule(method):
+@pytest.mark.parametrize("method, options",
+                         [(c.name, {}) for c in LAYER_RULES] + [("layer_dfa", {"gated": False})])
+def test_readouts_work_for_every_rule(method, options):
     torch.manual_seed(0)
     x, y = _data()
-    model, _ = convert(Blocks(), method, generator=torch.Generator().manual_seed(1),
-                       dfa_target_dim=3 if method in ("dfa", "dfa_ungated") else None,
-                       dfa_block_dim=8 if method == "dfa_block" else None, fa_grape=method == "fa")
+    model, _ = convert(Blocks(), method, generator=torch.Generator().manual_seed(1), num_classes=3, **options)
     state = copy.deepcopy(model.state_dict())
     table = update_alignment(model, x, y)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k  # brsf's redraw and GrAPE ran on the copy
     assert list(table["param"]) == ["embed.weight", "blocks.0.0.weight", "head.weight"]
     assert table["cos_update_bp"].notna().all() and (table["update_norm"] > 0).all()
-    direct = method in ("dfa", "dfa_ungated", "dfa_block")
+    direct = method in ("layer_dfa", "layer_dfa_block")
     assert table["angle_BW_deg"].isna().all() == direct
     assert table["angle_BW_deg"].notna().all() == (not direct)
-    if method == "bp":
-        assert table["cos_update_bp"].tolist() == pytest.approx([1.0] * 3, abs=1e-6)
     # the BP twin is BP for every rule: the same outputs, BP's gradients
     twin = bp_twin(model, x).model
     assert not local_layers(twin) and twin is not model  # every local layer back on plain BP
@@ -163,10 +160,10 @@ def test_feedback_alignment_for_sign_concordant_matches_formula(method):
 
 def test_bp_twin_is_bp():
     torch.manual_seed(0)
-    model, _ = convert(_mlp(), "fa")
+    model, _ = convert(_mlp(), "layer_fa")
     twin = bp_twin(model).model
     assert all(type(m) is nn.Linear for m in twin if isinstance(m, nn.Linear))
-    assert all(m.method == "fa" for m in model if isinstance(m, LocalLinear))
+    assert all(m.method == "layer_fa" for m in model if isinstance(m, LocalLinear))
     x, _ = _data()
     assert torch.equal(twin(x), model(x))
 
@@ -177,6 +174,7 @@ def test_dfa_block_readout_with_taps_in_a_copy():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
+            self.width = 6
             self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(6, 6), nn.Tanh())])
             self.head = nn.Linear(6, 3)
 
@@ -184,7 +182,7 @@ def test_dfa_block_readout_with_taps_in_a_copy():
             return self.head(x + self.blocks[0](x))
 
     x, y = _data()
-    model, _ = convert(Net(), "dfa_block", dfa_block_dim=6)
+    model, _ = convert(Net(), "layer_dfa_block")
     table = update_alignment(model, x, y).set_index("param")
     assert table.loc["head.weight", "cos_update_bp"] == pytest.approx(1.0, abs=1e-6)
     assert not math.isnan(table.loc["blocks.0.0.weight", "cos_update_bp"])

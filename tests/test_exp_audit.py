@@ -384,8 +384,8 @@ def test_panel_status_line_names_a_cache_entry_that_was_recomputed(cache, monkey
     panel.run_button.click()
     assert panel.last_error is None, panel.last_error
     assert panel.last_result.units == 2 and "recomputed" not in panel.status.value
-    # damage one payload file of one entry: truncated to half its size
-    frames = sorted((cache / "results").glob("*/*/frame-0.parquet"))
+    # damage one entry: its file truncated to half its size
+    frames = sorted((cache / "results").glob("*/[!.]*.json"))
     assert len(frames) == 2
     data = frames[0].read_bytes()
     frames[0].write_bytes(data[: len(data) // 2])
@@ -413,7 +413,7 @@ def test_rules_control_offers_a_rule_registered_at_runtime(request):
         name = "my_dfa"
         summary = "block DFA under another name (a rule of the notebook's own)"
 
-    class MyLayerFA(rules.LayerFA):
+    class MyLayerFA(rules.RULES["layer_fa"]):
         name = "my_layer_fa"
 
     for name in ("my_dfa", "my_layer_fa"):  # registered for this test only

@@ -52,7 +52,7 @@ def test_a_layer_the_model_lacks_is_refused_before_anything_trains(cache, monkey
         DirectionStudy(read_layer=3, **{**TINY, "num_blocks": 2})
     with pytest.raises(ValueError, match="read_layer"):
         direction_view(DirectionStudy.for_profile("quick", **TINY), read_layer=9)
-    assert not cache.exists() or not any(cache.rglob("manifest.json"))
+    assert not cache.exists() or not any((cache / "results").glob("*/*.json"))
 
 
 def test_specs_pair_vanilla_and_penalised_and_match_notebook_03():

@@ -114,12 +114,12 @@ def test_kolen_pollack_gets_ws_own_step_and_decay_under_sgd():
     rule.setup(model, 10, torch.Generator().manual_seed(0), train_cfg=spec.train)
     opts = [layer.rule for _, layer in feedback.local_layers(model)]
     assert len(opts) == 3
-    assert all(o.lr_b == pytest.approx(0.1) and o.b_decay == pytest.approx(1e-4) for o in opts)
+    assert all(o.step_size == pytest.approx(0.1) and o.decay == pytest.approx(1e-4) for o in opts)
     # a step of its own, and the other rules' settings
     assert dict(dataclasses.replace(study, kp_lr_b=3.0).spec("kolen_pollack", 0).options) == {"lr_b": 3.0}
     grape = dataclasses.replace(study, grape_lr_b=3.0).spec("layer_grape", 0)
     assert dict(grape.options) == {"lr_b": 3.0} and grape.label == "layer_grape η=3"
-    assert grape.rule_class(**dict(grape.options)).convert_options(grape.train)["fa_grape"] is True
+    assert grape.rule_class(**dict(grape.options)).has_after_backward  # B moved after each backward
 
 
 # ---------------------------------------------------------------------------- the training loop
@@ -306,15 +306,15 @@ def test_panel_run_renders_figures_and_table_and_second_run_is_cached(cache):
 # ---------------------------------------------------------------------------- converter
 
 def test_converter_demo_keeps_outputs_and_reads_every_layer(cache):
-    conv = ft.converter_demo("resnet18", rules=("bp", "fa"), batch_size=4)
-    assert conv.output_change == {"bp": 0.0, "fa": 0.0}  # the converted layers share W and b
+    conv = ft.converter_demo("resnet18", rules=("bp", "layer_fa"), batch_size=4)
+    assert conv.output_change == {"bp": 0.0, "layer_fa": 0.0}  # the converted layers share W and b
     counts = conv.counts.set_index(["action", "type"])["modules"]
     assert counts[("converted", "Conv2d")] == 20 and counts[("converted", "Linear")] == 1
     assert counts[("kept_bp", "BatchNorm2d")] == 20
     a = conv.alignment
     assert len(a) == 2 * 21
     assert np.allclose(a.loc[a["rule"] == "bp", "cos_update_bp"], 1.0, atol=1e-5)
-    fa = a[a["rule"] == "fa"].set_index("layer")["cos_update_bp"]
+    fa = a[a["rule"] == "layer_fa"].set_index("layer")["cos_update_bp"]
     assert fa["fc"] == pytest.approx(1.0, abs=1e-5) and fa.drop("fc").abs().max() < 0.5
-    with pytest.raises(ValueError, match="'bp', 'fa', 'sign_sym'"):
-        ft.converter_demo("resnet18", rules=("dfa_block",))
+    with pytest.raises(ValueError, match="'bp', 'layer_fa', 'sign_sym'"):
+        ft.converter_demo("resnet18", rules=("layer_dfa_block",))

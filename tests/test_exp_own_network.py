@@ -16,7 +16,7 @@ from fa_study.diagnostics import audit, find_hidden_states  # noqa: E402
 from fa_study.experiments import own_network as on  # noqa: E402
 
 # two ViTs of width 8 and two blocks, 25 steps on 256 digits: a few seconds for all four runs
-TINY = dict(networks=("vit_mini", "torchvision_vit"), rules=("bp", "fa"), width=8, depth=2, steps=25,
+TINY = dict(networks=("vit_mini", "torchvision_vit"), rules=("bp", "layer_fa"), width=8, depth=2, steps=25,
             batch_size=32, n_train=256, n_test=128, n_eval=64, n_direction=64, seed=0)
 EXACT = 1 - 1e-6  # "is BP's": cosines of two computations of the same gradient
 
@@ -36,8 +36,9 @@ def tiny():
 def test_config_rejects_bad_values_naming_the_allowed_ones():
     with pytest.raises(ValueError, match="'vit_mini', 'torchvision_vit', 'small_resnet', 'resnet18'"):
         on.OwnNetworkStudy(networks=("vgg11",))
-    with pytest.raises(ValueError, match="'bp', 'fa', 'sign_sym'"):
-        on.OwnNetworkStudy(rules=("dfa_block",))  # no Conv2d form: convert would refuse the patch embedding
+    with pytest.raises(ValueError, match="'bp', 'layer_fa', 'sign_sym'"):
+        # no Conv2d form: convert would refuse the patch embedding
+        on.OwnNetworkStudy(rules=("layer_dfa_block",))
     with pytest.raises(ValueError, match="non-empty tuple"):
         on.OwnNetworkStudy(rules=())
     with pytest.raises(ValueError, match="must not repeat"):
@@ -50,16 +51,16 @@ def test_config_rejects_bad_values_naming_the_allowed_ones():
         on.OwnNetworkStudy.for_profile("quick", epochs=3)
     assert on.OwnNetworkStudy.for_profile("paper").width == 128  # the reference ViTMini's d_model
     assert on.OwnNetworkStudy.for_profile("default") == on.OwnNetworkStudy()
-    assert on.OwnNetworkStudy().arms() == [("vit_mini", "bp"), ("vit_mini", "fa"),
-                                           ("torchvision_vit", "bp"), ("torchvision_vit", "fa")]
+    assert on.OwnNetworkStudy().arms() == [("vit_mini", "bp"), ("vit_mini", "layer_fa"),
+                                           ("torchvision_vit", "bp"), ("torchvision_vit", "layer_fa")]
 
 
 def test_every_rule_offered_converts_every_network():
     """The panel offers exactly the rules convert runs on Linear and Conv2d layers alike (every
     network has a Conv2d)."""
-    from fa_study.feedback import CONV_METHODS
+    from fa_study.rules import LAYER_RULES, build_rule
 
-    assert set(on.OWN_RULES) == set(CONV_METHODS)
+    assert set(on.OWN_RULES) == {"bp"} | {c.name for c in LAYER_RULES if build_rule(c.name).has_conv_form}
     assert on.OwnNetworkStudy.rule_choices() == on.OWN_RULES
 
 
@@ -83,9 +84,9 @@ def test_train_plain_lowers_the_loss_of_a_converted_network():
     torch.manual_seed(0)
     x = torch.randn(128, 3, 28, 28)
     y = (x[:, 0, :14].mean((1, 2)) > 0).long()  # top half brighter: learnable by a ViT
-    from fa_study.feedback import convert
+    from fa_study.rules import convert
 
-    model, _ = convert(on.build_network("vit_mini", width=8, depth=1, num_classes=2), "fa",
+    model, _ = convert(on.build_network("vit_mini", width=8, depth=1, num_classes=2), "layer_fa",
                        generator=torch.Generator().manual_seed(1))
     losses = on.train_plain(model, x, y, steps=60, batch_size=32, lr=3e-3)
     assert len(losses) == 60 and sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
@@ -94,10 +95,10 @@ def test_train_plain_lowers_the_loss_of_a_converted_network():
 def test_dfa_trains_through_the_plain_loop():
     """The loop's capture_output_error call is what DFA layers need: without it their backward
     raises."""
-    from fa_study.feedback import convert
+    from fa_study.rules import convert
 
     x, y = torch.randn(16, 3, 28, 28), torch.randint(0, 10, (16,))
-    model, _ = convert(on.build_network("vit_mini", width=8, depth=1), "dfa", dfa_target_dim=10,
+    model, _ = convert(on.build_network("vit_mini", width=8, depth=1), "layer_dfa", num_classes=10,
                        generator=torch.Generator().manual_seed(1))
     losses = on.train_plain(model, x, y, steps=2, batch_size=8)
     assert all(math.isfinite(v) for v in losses)
@@ -151,7 +152,7 @@ def test_bp_credit_and_updates_are_bps_on_every_weight_and_state(tiny):
 
 def test_fa_updates_leave_bps_direction_below_the_head(tiny):
     for network in TINY["networks"]:
-        r = tiny[network, "fa"]
+        r = tiny[network, "layer_fa"]
         hidden = r.hidden_updates()["cos_update_bp"]
         assert len(hidden) == len(r.updates) - 1
         assert hidden.min() < 0.9, r.updates  # a hidden weight far from BP's direction
@@ -162,7 +163,7 @@ def test_fa_updates_leave_bps_direction_below_the_head(tiny):
 
 def test_fa_twin_puts_every_converted_layer_back_on_bp(tiny):
     for network in TINY["networks"]:
-        r = tiny[network, "fa"]
+        r = tiny[network, "layer_fa"]
         converted = int((r.conversion["action"] == "converted").sum())
         assert converted > 0
         assert r.report.twin.startswith(f"a copy with {converted} layer(s) on plain BP")
@@ -188,7 +189,7 @@ def test_runs_read_the_documented_states_and_decide_d3(tiny):
 
 
 def test_two_line_audit_of_a_trained_network_matches_the_runs_report(tiny):
-    r = tiny["vit_mini", "fa"]
+    r = tiny["vit_mini", "layer_fa"]
     again = audit(r.model, tiny.x_eval, tiny.y_eval, frozen_acc=tiny.frozen_acc["vit_mini"],
                   test_acc=r.test_acc)
     assert again == r.report
@@ -228,12 +229,12 @@ def test_panel_offers_networks_and_rules_and_runs_the_view(monkeypatch):
     assert tuple(panel.controls["rules"].options) == on.OWN_RULES
     assert {"dataset", "steps", "lr", "width", "depth", "seed"} <= set(panel.controls)
     panel.controls["networks"].value = ("small_resnet",)
-    panel.controls["rules"].value = ("bp", "fa")
+    panel.controls["rules"].value = ("bp", "layer_fa")
     panel.controls["width"].value = 8
     panel.run_button.click()
     assert panel.last_error is None, panel.last_error
     res = panel.last_result
-    assert res.config.networks == ("small_resnet",) and list(res.table["rule"]) == ["bp", "fa"]
+    assert res.config.networks == ("small_resnet",) and list(res.table["rule"]) == ["bp", "layer_fa"]
     assert panel.status.value == "done"
     mimes = [k for o in panel.output.outputs for k in o.get("data", {})]
     assert mimes.count("image/png") == 1 and "text/html" in mimes
@@ -252,19 +253,19 @@ def test_tick_labels_shorten_torchvision_names():
 
 
 @pytest.mark.parametrize("network, rule", [(n, r) for n in ("vit_mini", "small_resnet") for r in on.OWN_RULES]
-                         + [("torchvision_vit", "dfa"), ("resnet18", "fa")])
+                         + [("torchvision_vit", "layer_dfa"), ("resnet18", "layer_fa")])
 def test_every_rule_offered_trains_and_is_read_on_the_networks(network, rule):
     """What the panel offers runs: converted (except bp), trained two steps by the plain loop,
     audited, read for direction quality and update alignment."""
-    from fa_study.feedback import convert, local_layers
+    from fa_study.feedback import local_layers
+    from fa_study.rules import convert
 
     torch.manual_seed(0)
     x, y = torch.randn(16, 3, 28, 28), torch.randint(0, 10, (16,))
     model = on.build_network(network, width=8, depth=2)
     if rule != "bp":
-        model, _ = convert(model, rule, generator=torch.Generator().manual_seed(1),
-                           **({"dfa_target_dim": 10} if rule == "dfa" else {}))
-    learned = rule in ("kolen_pollack", "weight_mirror")
+        model, _ = convert(model, rule, generator=torch.Generator().manual_seed(1), num_classes=10)
+    learned = rule in ("layer_grape", "kolen_pollack", "weight_mirror")
     before = [m.feedback_matrix().clone() for _, m in local_layers(model)] if learned else None
     losses = on.train_plain(model, x, y, steps=2, batch_size=8)
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)

@@ -1,4 +1,5 @@
 """LocalConv2d against nn.Conv2d, the transposed convolution with B, and gradcheck."""
+import copy
 import math
 
 import pytest
@@ -7,9 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from fa_study.feedback import (
-    CONV_METHODS, LocalConv2d, LocalLinear, capture_output_error, initialize_dfa_targets,
-)
+from fa_study.feedback import LocalConv2d, capture_output_error
+from fa_study.rules import LAYER_RULES, build_rule, convert
 
 D64 = torch.float64
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding=.same.:UserWarning")
@@ -25,10 +25,13 @@ CONFIGS = [
 ]
 
 
-def _pair(method, cfg, dtype=D64, seed=0, **kw):
+CONV_RULES = [cls.name for cls in LAYER_RULES if build_rule(cls.name).has_conv_form]
+
+
+def _pair(rule, cfg, dtype=D64, seed=0, **options):
     torch.manual_seed(seed)
     ref = nn.Conv2d(4, 6, dtype=dtype, **cfg)
-    loc = LocalConv2d(4, 6, method=method, dtype=dtype, **cfg, **kw)
+    loc = LocalConv2d(4, 6, rule=build_rule(rule, **options), dtype=dtype, **cfg)
     with torch.no_grad():
         loc.weight.copy_(ref.weight)
         if ref.bias is not None:
@@ -43,19 +46,31 @@ def _grads(layer, x, go=None):
     return out, x.grad, layer.weight.grad, None if layer.bias is None else layer.bias.grad
 
 
+def _dfa_pair(cfg, classes, seed=1):
+    """A plain conv and its copy converted to gated layer_dfa (B_dfa drawn by convert)."""
+    ref, _ = _pair("layer_fa", cfg)
+    loc, report = convert(copy.deepcopy(ref), "layer_dfa", num_classes=classes,
+                          generator=torch.Generator().manual_seed(seed))
+    assert isinstance(loc, LocalConv2d) and list(report.action) == ["converted"]
+    return ref, loc
+
+
 @pytest.mark.parametrize("cfg", CONFIGS)
-def test_bp_is_nn_conv2d(cfg):
-    ref, loc = _pair("bp", cfg, dtype=torch.float32)
+def test_local_conv_is_an_nn_conv2d_with_the_same_forward(cfg):
+    # BP convolutions stay plain nn.Conv2d; a local one's forward and weight gradient are theirs
+    ref, loc = _pair("layer_fa", cfg, dtype=torch.float32)
     assert isinstance(loc, nn.Conv2d)
     x = torch.randn(2, 4, 9, 8)
-    for a, b in zip(_grads(ref, x), _grads(loc, x)):
-        assert (a is None and b is None) or torch.equal(a, b)
+    (out_r, _, gw_r, gb_r), (out_l, _, gw_l, gb_l) = _grads(ref, x), _grads(loc, x)
+    assert torch.equal(out_r, out_l)
+    torch.testing.assert_close(gw_l, gw_r)
+    assert (gb_r is None and gb_l is None) or torch.allclose(gb_l, gb_r)
 
 
-@pytest.mark.parametrize("method", ["fa", "kolen_pollack", "weight_mirror"])
+@pytest.mark.parametrize("rule", ["layer_fa", "layer_grape", "kolen_pollack", "weight_mirror"])
 @pytest.mark.parametrize("cfg", CONFIGS)
-def test_fa_with_b_equal_w_reproduces_bp(cfg, method):
-    ref, loc = _pair(method, cfg)
+def test_fa_with_b_equal_w_reproduces_bp(cfg, rule):
+    ref, loc = _pair(rule, cfg)
     loc.set_feedback(loc.weight)
     x = torch.randn(2, 4, 9, 8, dtype=D64)
     go = torch.randn_like(ref(x))
@@ -67,7 +82,7 @@ def test_fa_with_b_equal_w_reproduces_bp(cfg, method):
 
 
 def test_unbatched_input_matches_nn_conv2d():
-    ref, loc = _pair("fa", dict(kernel_size=3, padding=1))
+    ref, loc = _pair("layer_fa", dict(kernel_size=3, padding=1))
     loc.set_feedback(loc.weight)
     x = torch.randn(4, 7, 7, dtype=D64)
     for a, b in zip(_grads(ref, x), _grads(loc, x)):
@@ -76,7 +91,7 @@ def test_unbatched_input_matches_nn_conv2d():
 
 @pytest.mark.parametrize("cfg", CONFIGS[:4])
 def test_fa_input_gradient_is_transposed_conv_with_b(cfg):
-    ref, loc = _pair("fa", cfg)
+    ref, loc = _pair("layer_fa", cfg)
     B = loc.B.clone()
     x = torch.randn(2, 4, 9, 8, dtype=D64)
     out = ref(x)
@@ -104,9 +119,14 @@ def test_sign_sym_input_gradient_matches_formula():
     torch.testing.assert_close(gw, _grads(ref, x, go)[2], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", CONV_METHODS)
-def test_gradcheck_weight_and_bias_gradients(method):
-    _, loc = _pair(method, dict(kernel_size=3, stride=2, padding=1))
+def test_conv_rules_are_every_rule_but_the_post_backward_direct_ones():
+    assert CONV_RULES == ["layer_fa", "sign_sym", "frsf", "brsf", "layer_grape", "kolen_pollack",
+                          "weight_mirror", "layer_dfa"]
+
+
+@pytest.mark.parametrize("rule", CONV_RULES)
+def test_gradcheck_weight_and_bias_gradients(rule):
+    _, loc = _pair(rule, dict(kernel_size=3, stride=2, padding=1))
     x = torch.randn(2, 4, 5, 5, dtype=D64)
     w = loc.weight.detach().clone().requires_grad_(True)
     b = loc.bias.detach().clone().requires_grad_(True)
@@ -114,36 +134,37 @@ def test_gradcheck_weight_and_bias_gradients(method):
         lambda w, b: functional_call(loc, {"weight": w, "bias": b}, (x,)), (w, b))
 
 
-@pytest.mark.parametrize("method", ["bp", "fa"])
-def test_gradcheck_input_gradient_with_b_equal_w(method):
-    _, loc = _pair(method, dict(kernel_size=3, padding=1))
-    if method == "fa":
-        loc.set_feedback(loc.weight)
+@pytest.mark.parametrize("rule", ["layer_fa", "kolen_pollack"])
+def test_gradcheck_input_gradient_with_b_equal_w(rule):
+    _, loc = _pair(rule, dict(kernel_size=3, padding=1))
+    loc.set_feedback(loc.weight)
     x = torch.randn(1, 4, 4, 4, dtype=D64, requires_grad=True)
     assert torch.autograd.gradcheck(loc, (x,))
 
 
-@pytest.mark.parametrize("method", ["dfa_ungated", "dfa_block"])
-def test_conv_rejects_post_backward_direct_rules(method):
-    with pytest.raises(ValueError, match=f"'{method}'.*allowed.*'bp'.*'dfa'"):
-        LocalConv2d(2, 3, 3, method=method)
+@pytest.mark.parametrize("rule, options", [("layer_dfa", {"gated": False}), ("layer_dfa_block", {})])
+def test_conv_rejects_post_backward_direct_rules(rule, options):
+    with pytest.raises(ValueError, match=f"rule '{rule}' has no Conv2d form.*has_conv_form"):
+        LocalConv2d(2, 3, 3, rule=build_rule(rule, **options))
+    with pytest.raises(ValueError, match=f"rule '{rule}' has no Conv2d form"):
+        LocalConv2d.from_conv(nn.Conv2d(2, 3, 3), build_rule(rule, **options))
 
 
 def test_conv_sizes_are_checked():
     with pytest.raises(ValueError, match="LocalConv2d in_channels must be an integer >= 1"):
-        LocalConv2d(0, 3, 3, method="fa")
+        LocalConv2d(0, 3, 3, rule=build_rule("layer_fa"))
     with pytest.raises(ValueError, match="out_channels"):
-        LocalConv2d(2, 0, 3)
+        LocalConv2d(2, 0, 3, rule=build_rule("sign_sym"))
 
 
 # --------------------------------------------------------------------------------------------
 # frsf / brsf: |M| * sign(W)
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["frsf", "brsf"])
+@pytest.mark.parametrize("rule", ["frsf", "brsf"])
 @pytest.mark.parametrize("cfg", CONFIGS[:4])
-def test_sign_concordant_input_gradient_is_transposed_conv_with_abs_m_sign_w(cfg, method):
-    ref, loc = _pair(method, cfg)
+def test_sign_concordant_input_gradient_is_transposed_conv_with_abs_m_sign_w(cfg, rule):
+    ref, loc = _pair(rule, cfg)
     x = torch.randn(2, 4, 9, 8, dtype=D64)
     go = torch.randn_like(ref(x))
     out, gx, gw, gb = _grads(loc, x, go)
@@ -178,8 +199,7 @@ def _explicit_dfa_input_grad(loc, cfg, x, B, e):
 
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_dfa_conv_input_gradient_is_the_projected_output_error(cfg):
-    ref, loc = _pair("dfa", cfg)
-    initialize_dfa_targets(loc, 3, generator=torch.Generator().manual_seed(1))
+    ref, loc = _dfa_pair(cfg, 3)
     assert loc.B_dfa.shape == (3, 4, *loc.kernel_size)
     x = torch.randn(2, 4, 9, 8, dtype=D64, requires_grad=True)
     head = nn.Linear(ref(x).flatten(1).shape[1], 3, dtype=D64)  # a plain head after the layer
@@ -199,8 +219,7 @@ def test_dfa_conv_input_gradient_is_the_projected_output_error(cfg):
 
 
 def test_dfa_conv_unbatched_input():
-    _, loc = _pair("dfa", dict(kernel_size=3, padding=1))
-    initialize_dfa_targets(loc, 3)
+    _, loc = _dfa_pair(dict(kernel_size=3, padding=1), 3)
     x = torch.randn(4, 6, 6, dtype=D64, requires_grad=True)
     out = loc(x).sum((1, 2))[:3]  # an (unbatched) output of size 3
     capture_output_error(loc, out)
@@ -213,9 +232,9 @@ def test_dfa_conv_unbatched_input():
 class ConvNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.c1 = LocalConv2d(3, 4, 3, padding=1, method="dfa", dtype=D64)
-        self.c2 = LocalConv2d(4, 5, 3, stride=2, padding=1, method="dfa", dtype=D64)
-        self.head = LocalLinear(5 * 3 * 3, 4, method="dfa", dtype=D64)
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1, dtype=D64)
+        self.c2 = nn.Conv2d(4, 5, 3, stride=2, padding=1, dtype=D64)
+        self.head = nn.Linear(5 * 3 * 3, 4, dtype=D64)
 
     def forward(self, x):
         return self.head(torch.relu(self.c2(torch.relu(self.c1(x)))).flatten(1))
@@ -223,8 +242,7 @@ class ConvNet(nn.Module):
 
 def test_dfa_conv_network_matches_the_gated_formula():
     torch.manual_seed(0)
-    model = ConvNet()
-    initialize_dfa_targets(model, 4, generator=torch.Generator().manual_seed(2))
+    model, _ = convert(ConvNet(), "layer_dfa", num_classes=4, generator=torch.Generator().manual_seed(2))
     assert model.c2.B_dfa.shape == (4, 4, 3, 3) and model.head.B_dfa.shape == (4, 45)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 3, 6, 6, generator=g, dtype=D64)
@@ -257,8 +275,7 @@ def test_dfa_conv_network_matches_the_gated_formula():
 
 
 def test_dfa_conv_error_of_the_wrong_shape():
-    _, loc = _pair("dfa", dict(kernel_size=3))
-    initialize_dfa_targets(loc, 3)
+    _, loc = _dfa_pair(dict(kernel_size=3), 3)
     x = torch.randn(2, 4, 6, 6, dtype=D64, requires_grad=True)
     out = loc(x).mean((2, 3))[:, :3].repeat(2, 1)  # batch 4 != the layer's batch 2
     capture_output_error(loc, out)

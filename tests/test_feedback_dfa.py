@@ -10,10 +10,10 @@ from torch.nn import functional as F
 from fa_study.diagnostics import bp_twin
 
 from fa_study.feedback import (
-    LocalLinear, apply_dfa_block_update, apply_dfa_update, capture_output_error,
-    feedback_step, has_feedback_step, initialize_dfa_block_targets, initialize_dfa_targets,
-    needs_output_error,
+    LocalLinear, capture_output_error, feedback_step, has_feedback_step, needs_output_error,
 )
+from fa_study.feedback.dfa import BlockErrorTap, tap_blocks, write_projection_grads
+from fa_study.rules import build_rule, convert
 
 D64 = torch.float64
 ACTS = {"relu": (nn.ReLU, lambda a: (a > 0).to(a.dtype)),
@@ -26,10 +26,28 @@ def _ce_error(out, y):
     return (torch.softmax(out, -1) - F.one_hot(y, out.shape[-1]).to(out.dtype)) / n
 
 
-def _mlp(method, act, bias, d_in=6, h1=9, h2=7, k=4):
-    return nn.Sequential(LocalLinear(d_in, h1, bias=bias, method=method, dtype=D64), ACTS[act][0](),
-                         LocalLinear(h1, h2, bias=bias, method=method, dtype=D64), ACTS[act][0](),
-                         LocalLinear(h2, k, bias=bias, method=method, dtype=D64))
+def _plain_mlp(act, bias, d_in=6, h1=9, h2=7, k=4):
+    return nn.Sequential(nn.Linear(d_in, h1, bias=bias, dtype=D64), ACTS[act][0](),
+                         nn.Linear(h1, h2, bias=bias, dtype=D64), ACTS[act][0](),
+                         nn.Linear(h2, k, bias=bias, dtype=D64))
+
+
+def _mlp(act, bias, k=4, seed=None, **options):
+    """A 3-layer MLP converted to layer_dfa (``options``: gated=...), B_dfa drawn for ``k``."""
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    model, _ = convert(_plain_mlp(act, bias), "layer_dfa", num_classes=k, generator=g, **options)
+    return model
+
+
+def _direct(in_f, out_f, rule="layer_dfa", dtype=torch.float32, **options):
+    """A local layer built directly (never converted: no direct feedback drawn)."""
+    return LocalLinear(in_f, out_f, rule=build_rule(rule, **options), dtype=dtype)
+
+
+def _converted(in_f, out_f, k, **options):
+    """One nn.Linear converted on its own to layer_dfa with B_dfa drawn for ``k`` outputs."""
+    layer, _ = convert(nn.Linear(in_f, out_f, dtype=D64), "layer_dfa", num_classes=k, **options)
+    return layer
 
 
 def _data(n=5, d_in=6, k=4, seed=0):
@@ -45,10 +63,9 @@ def _data(n=5, d_in=6, k=4, seed=0):
 @pytest.mark.parametrize("act", ["relu", "tanh"])
 def test_dfa_equals_the_published_gated_update(act, bias):
     torch.manual_seed(0)
-    model = _mlp("dfa", act, bias)
+    model = _mlp(act, bias, seed=1)
     assert needs_output_error(model) and not has_feedback_step(model)
-    kinds = initialize_dfa_targets(model, 4, generator=torch.Generator().manual_seed(1))
-    assert kinds == {"0": "random", "2": "random", "4": "random"}
+    assert all(model[i].has_random_feedback for i in (0, 2, 4))  # gated: the output layer's too
     assert [model[i].B_dfa.shape for i in (0, 2, 4)] == [(4, 6), (4, 9), (4, 7)]
     x, y = _data()
     x.requires_grad_(True)
@@ -84,9 +101,9 @@ class TokenNet(nn.Module):
 
     def __init__(self, act, bias, d=5, h=8, k=3):
         super().__init__()
-        self.l1 = LocalLinear(d, h, bias=bias, method="dfa", dtype=D64)
-        self.l2 = LocalLinear(h, h, bias=bias, method="dfa", dtype=D64)
-        self.head = LocalLinear(h, k, bias=bias, method="dfa", dtype=D64)
+        self.l1 = nn.Linear(d, h, bias=bias, dtype=D64)
+        self.l2 = nn.Linear(h, h, bias=bias, dtype=D64)
+        self.head = nn.Linear(h, k, bias=bias, dtype=D64)
         self.act = ACTS[act][0]()
 
     def forward(self, x):
@@ -97,8 +114,8 @@ class TokenNet(nn.Module):
 @pytest.mark.parametrize("act", ["relu", "tanh"])
 def test_dfa_with_token_inputs_broadcasts_the_error_over_tokens(act, bias):
     torch.manual_seed(1)
-    model = TokenNet(act, bias)
-    initialize_dfa_targets(model, 3, generator=torch.Generator().manual_seed(3))
+    model, _ = convert(TokenNet(act, bias), "layer_dfa", num_classes=3,
+                       generator=torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(4)
     x = torch.randn(4, 6, 5, generator=g, dtype=D64)
     y = torch.randint(0, 3, (4,), generator=g)
@@ -108,7 +125,10 @@ def test_dfa_with_token_inputs_broadcasts_the_error_over_tokens(act, bias):
 
     fprime, T = ACTS[act][1], x.shape[1]
     W1, W2, W3 = model.l1.weight.detach(), model.l2.weight.detach(), model.head.weight.detach()
-    z = (lambda m: m.bias.detach() if bias else 0.0)
+
+    def z(m):
+        return m.bias.detach() if bias else 0.0
+
     a1 = x @ W1.t() + z(model.l1)
     h1 = model.act(a1)
     a2 = h1 @ W2.t() + z(model.l2)
@@ -129,8 +149,7 @@ def test_dfa_with_token_inputs_broadcasts_the_error_over_tokens(act, bias):
 def test_dfa_token_error_per_position_pairs_row_by_row():
     # an LM-style error (batch, T, K) pairs with the input (batch, T, in) position by position
     torch.manual_seed(0)
-    layer = LocalLinear(4, 3, method="dfa", dtype=D64)
-    initialize_dfa_targets(layer, 3)
+    layer = _converted(4, 3, 3)
     x = torch.randn(2, 5, 4, dtype=D64, requires_grad=True)
     out = layer(x)
     capture_output_error(layer, out)
@@ -142,13 +161,15 @@ def test_dfa_token_error_per_position_pairs_row_by_row():
 
 def test_dfa_misuse_is_a_clear_error():
     torch.manual_seed(0)
-    model = _mlp("dfa", "relu", True)
+    # layers built directly: no B_dfa until convert() draws it
+    direct = nn.Sequential(_direct(6, 9, dtype=D64), nn.ReLU(), _direct(9, 4, dtype=D64))
     x, y = _data()
-    out = model(x)
-    capture_output_error(model, out)
-    with pytest.raises(RuntimeError, match=r"initialize_dfa_targets\(model, target_dim\)"):
+    out = direct(x)
+    capture_output_error(direct, out)
+    with pytest.raises(RuntimeError, match=r"no feedback matrix: convert the model with "
+                                           r"fa_study.rules.convert\(model, 'layer_dfa', num_classes=...\)"):
         F.cross_entropy(out, y).backward()
-    initialize_dfa_targets(model, 4)
+    model = _mlp("relu", True)
     # no capture: the backward refuses rather than use no error, or a stale one
     out = model(x)
     with pytest.raises(RuntimeError, match=r"capture_output_error\(model, output\)"):
@@ -160,23 +181,27 @@ def test_dfa_misuse_is_a_clear_error():
     with pytest.raises(RuntimeError, match="capture_output_error"):
         F.cross_entropy(out, y).backward()
     # the error of the wrong size or shape
-    initialize_dfa_targets(model, 3)
+    model = _mlp("relu", True, k=3)  # B_dfa drawn for 3 classes, the output has 4
     out = model(x)
     capture_output_error(model, out)
-    with pytest.raises(ValueError, match="target_dim=3"):
+    with pytest.raises(ValueError, match="the output error has last dimension 4 but B_dfa was drawn for 3"):
         F.cross_entropy(out, y).backward()
-    layer = LocalLinear(4, 3, method="dfa")
-    initialize_dfa_targets(layer, 3)
-    z = layer(torch.randn(2, 7, 4, requires_grad=True)).transpose(0, 1)  # "output" (7, 2, 3)
+    layer = _converted(4, 3, 3)
+    z = layer(torch.randn(2, 7, 4, dtype=D64, requires_grad=True)).transpose(0, 1)  # "output" (7, 2, 3)
     capture_output_error(layer, z)
     with pytest.raises(ValueError, match="does not match the layer input"):
         z.sum().backward()
 
 
+@pytest.mark.parametrize("num_classes", [0, -1, 2.5])
+def test_bad_num_classes_is_a_value_error(num_classes):
+    with pytest.raises(ValueError, match=f"num_classes.*{num_classes}"):
+        convert(_plain_mlp("relu", True), "layer_dfa", num_classes=num_classes)
+
+
 def test_capture_output_error_records_dl_dout_and_is_harmless_elsewhere():
     torch.manual_seed(0)
-    model = _mlp("dfa", "tanh", True)
-    initialize_dfa_targets(model, 4)
+    model = _mlp("tanh", True)
     holder = model[0]._output_error
     assert all(model[i]._output_error is holder for i in (2, 4))  # one holder, shared
     x, y = _data()
@@ -185,7 +210,7 @@ def test_capture_output_error_records_dl_dout_and_is_harmless_elsewhere():
     F.cross_entropy(out, y).backward()
     torch.testing.assert_close(holder.error, _ce_error(out.detach(), y), rtol=1e-12, atol=1e-14)
     # models without such layers: nothing to do
-    plain = nn.Sequential(LocalLinear(3, 2, method="fa"))
+    plain = nn.Sequential(_direct(3, 2, "layer_fa"))
     assert capture_output_error(plain, plain(torch.randn(2, 3))) is None
     assert not needs_output_error(plain)
     with torch.no_grad():
@@ -196,8 +221,7 @@ def test_capture_output_error_records_dl_dout_and_is_harmless_elsewhere():
 
 def test_dfa_copy_has_its_own_empty_holder():
     torch.manual_seed(0)
-    model = _mlp("dfa", "relu", True)
-    initialize_dfa_targets(model, 4)
+    model = _mlp("relu", True)
     x, y = _data()
     out = model(x)
     capture_output_error(model, out)
@@ -214,15 +238,16 @@ def test_dfa_copy_has_its_own_empty_holder():
 # --------------------------------------------------------------------------------------------
 
 class Blocky(nn.Module):
-    """embed -> two residual blocks (each returns its branch) -> head."""
+    """embed -> two residual blocks (each returns its branch) -> head; ``width`` the blocks' d."""
 
-    def __init__(self, method, d_in=6, d=8, n_out=3):
+    def __init__(self, d_in=6, d=8, n_out=3):
         super().__init__()
-        self.embed = LocalLinear(d_in, d, method=method, dtype=D64)
+        self.width = d
+        self.embed = nn.Linear(d_in, d, dtype=D64)
         self.blocks = nn.ModuleList(
-            nn.Sequential(LocalLinear(d, d, method=method, dtype=D64), nn.Tanh(),
-                          LocalLinear(d, d, method=method, dtype=D64)) for _ in range(2))
-        self.head = LocalLinear(d, n_out, method=method, dtype=D64)
+            nn.Sequential(nn.Linear(d, d, dtype=D64), nn.Tanh(), nn.Linear(d, d, dtype=D64))
+            for _ in range(2))
+        self.head = nn.Linear(d, n_out, dtype=D64)
 
     def forward(self, x):
         h = self.embed(x)
@@ -252,18 +277,21 @@ def _run(model, x, y, capture=False):
 @pytest.mark.parametrize("source", ["captured", "explicit"])
 def test_dfa_ungated_update_equals_explicit_outer_product(source):
     torch.manual_seed(0)
-    model = Blocky("dfa_ungated")
+    model, _ = convert(Blocky(), "layer_dfa", gated=False, num_classes=3,
+                       generator=torch.Generator().manual_seed(1))
     assert needs_output_error(model) and has_feedback_step(model)
-    kinds = initialize_dfa_targets(model, 3, generator=torch.Generator().manual_seed(1))
-    assert kinds == {"embed": "random", "blocks.0.0": "random", "blocks.0.2": "random",
-                     "blocks.1.0": "random", "blocks.1.2": "random", "head": "identity"}
+    random = {n: m.has_random_feedback for n, m in model.named_modules() if isinstance(m, LocalLinear)}
+    assert random == {"embed": True, "blocks.0.0": True, "blocks.0.2": True,
+                      "blocks.1.0": True, "blocks.1.2": True, "head": False}
+    assert model.embed.B_dfa.shape == (8, 3)
+    torch.testing.assert_close(model.head.B_dfa, torch.eye(3, dtype=D64))
     inputs = _record_inputs(model)
     x, y = torch.randn(5, 6, dtype=D64), torch.tensor([0, 1, 2, 1, 0])
     out = _run(model, x, y, capture=source == "captured")
     e = _ce_error(out.detach(), y)
     torch.testing.assert_close(out.grad, e)
     counts = feedback_step(model) if source == "captured" else feedback_step(model, e=e)
-    assert counts == {"dfa_ungated": 6}
+    assert counts == {"layer_dfa": 6}
     for name, m in model.named_modules():
         if isinstance(m, LocalLinear):
             delta = e @ m.B_dfa.t()
@@ -278,12 +306,10 @@ def test_gated_and_ungated_differ_on_a_hidden_layer_by_f_prime_only(act):
     # Give the ungated hidden layer the very projection the gated rule uses for it
     # (B_dfa = B^T of the layer above): the updates then differ exactly by the f' gating.
     torch.manual_seed(0)
-    gated = _mlp("dfa", act, True)
-    initialize_dfa_targets(gated, 4, generator=torch.Generator().manual_seed(5))
-    ungated = _mlp("dfa_ungated", act, True)
-    ungated.load_state_dict({k: v for k, v in gated.state_dict().items() if "B_dfa" not in k},
-                            strict=False)
-    initialize_dfa_targets(ungated, 4)
+    plain = _plain_mlp(act, True)
+    gated, _ = convert(copy.deepcopy(plain), "layer_dfa", num_classes=4,
+                       generator=torch.Generator().manual_seed(5))
+    ungated, _ = convert(copy.deepcopy(plain), "layer_dfa", gated=False, num_classes=4)
     ungated[0].B_dfa = gated[2].B_dfa.t().clone()  # (h1, K)
     x, y = _data()
     for model in (gated, ungated):
@@ -304,33 +330,24 @@ def test_gated_and_ungated_differ_on_a_hidden_layer_by_f_prime_only(act):
     torch.testing.assert_close(gated[4].weight.grad, ungated[4].weight.grad, rtol=1e-12, atol=1e-14)
 
 
-def test_dfa_ungated_output_layer_choice():
+def test_dfa_ungated_without_a_layer_of_the_class_count_has_no_identity_layer():
     torch.manual_seed(0)
-    model = Blocky("dfa_ungated")
-    assert set(initialize_dfa_targets(model, 3, output_layer=None).values()) == {"random"}
-    assert initialize_dfa_targets(model, 3, output_layer="head")["head"] == "identity"
-    assert not model.head.has_random_feedback and model.embed.has_random_feedback
-    with pytest.raises(ValueError, match="'nope'.*allowed.*'head'"):
-        initialize_dfa_targets(model, 3, output_layer="nope")
-    with pytest.raises(ValueError, match="target_dim"):
-        initialize_dfa_targets(model, 3, output_layer="embed")
-    with pytest.raises(ValueError, match="target_dim must be an integer >= 1"):
-        initialize_dfa_targets(model, 0)
-    # a gated dfa model has no identity output layer to pick
-    gated = _mlp("dfa", "relu", True)
-    with pytest.raises(ValueError, match="not a 'dfa_ungated' layer"):
-        initialize_dfa_targets(gated, 4, output_layer="4")
+    model, _ = convert(Blocky(n_out=3), "layer_dfa", gated=False, num_classes=5)
+    assert all(m.has_random_feedback for m in model.modules() if isinstance(m, LocalLinear))
+    assert model.head.B_dfa.shape == (3, 5)
+    # gated: every layer's B_dfa maps the error to its input, the output layer's included
+    gated, _ = convert(Blocky(n_out=3), "layer_dfa", num_classes=3)
+    assert gated.head.has_random_feedback and gated.head.B_dfa.shape == (3, 8)
 
 
 def test_dfa_ungated_with_token_inputs_and_per_sample_error():
     # x (batch, T, in) with e (batch, V): every token of a sample gets the sample's error.
     torch.manual_seed(0)
-    layer = LocalLinear(4, 5, method="dfa_ungated", dtype=D64)
-    initialize_dfa_targets(layer, 3)
+    layer = _converted(4, 5, 3, gated=False)
     x = torch.randn(2, 7, 4, dtype=D64)
     layer(x).sum().backward()
     e = torch.randn(2, 3, dtype=D64)
-    apply_dfa_update(layer, e)
+    assert layer.feedback_step(e=e)
     delta = e @ layer.B_dfa.t()  # (2, 5)
     expected = torch.einsum("bo,bti->oi", delta, x)
     torch.testing.assert_close(layer.weight.grad, expected, rtol=1e-12, atol=1e-12)
@@ -338,24 +355,32 @@ def test_dfa_ungated_with_token_inputs_and_per_sample_error():
 
 
 def test_dfa_ungated_rejects_mismatched_error_shapes():
-    layer = LocalLinear(4, 5, method="dfa_ungated")
-    initialize_dfa_targets(layer, 3)
-    layer(torch.randn(2, 7, 4)).sum().backward()
+    layer = _converted(4, 5, 3, gated=False)
+    layer(torch.randn(2, 7, 4, dtype=D64)).sum().backward()
     with pytest.raises(ValueError, match="does not match"):
-        apply_dfa_update(layer, torch.randn(3, 3))
-    layer(torch.randn(2, 4)).sum().backward()
-    with pytest.raises(ValueError, match="target_dim=3"):
-        apply_dfa_update(layer, torch.randn(2, 4))
+        layer.feedback_step(e=torch.randn(3, 3, dtype=D64))
+    layer(torch.randn(2, 4, dtype=D64)).sum().backward()
+    with pytest.raises(ValueError, match=r"last dimension 4 but the layer's feedback matrix \(5, 3\) "
+                                         "was drawn for 3"):
+        layer.feedback_step(e=torch.randn(2, 4, dtype=D64))
+
+
+@pytest.mark.parametrize("rule, options", [("layer_dfa", {"gated": False}), ("layer_dfa_block", {})])
+def test_a_direct_layer_never_converted_names_convert(rule, options):
+    # built directly, the layer has no direct feedback drawn (and no block): its post-backward
+    # step must say so, not crash on a None matrix or silently keep BP's gradient
+    direct = nn.Sequential(_direct(6, 3, rule, dtype=D64, **options))
+    x, y = torch.randn(5, 6, dtype=D64), torch.tensor([0, 1, 2, 1, 0])
+    out = _run(direct, x, y)
+    with pytest.raises(RuntimeError, match=rf"fa_study.rules.convert\(model, '{rule}'"):
+        feedback_step(direct, e=out.grad)
 
 
 def test_dfa_ungated_misuse_raises_runtime_error_naming_the_call():
     torch.manual_seed(0)
-    model = Blocky("dfa_ungated")
     x, y = torch.randn(5, 6, dtype=D64), torch.tensor([0, 1, 2, 1, 0])
+    model, _ = convert(Blocky(), "layer_dfa", gated=False, num_classes=3)
     out = _run(model, x, y)
-    with pytest.raises(RuntimeError, match=r"initialize_dfa_targets\(model, target_dim\)"):
-        apply_dfa_update(model, out.grad)
-    initialize_dfa_targets(model, 3)
     with pytest.raises(RuntimeError, match="capture_output_error.*or pass e="):
         feedback_step(model)
     feedback_step(model, e=out.grad)
@@ -375,12 +400,15 @@ def test_dfa_ungated_misuse_raises_runtime_error_naming_the_call():
 
 def test_dfa_block_uses_error_at_block_output():
     torch.manual_seed(0)
-    model = Blocky("dfa_block")
+    model, report = convert(Blocky(), "layer_dfa_block", generator=torch.Generator().manual_seed(2))
+    assert set(report.method) == {"layer_dfa_block"}
     bp = bp_twin(model).model
-    assert all(m.method == "bp" for m in bp.modules() if isinstance(m, LocalLinear))
-    assignment = initialize_dfa_block_targets(model, 8, generator=torch.Generator().manual_seed(2))
+    assert not any(isinstance(m, LocalLinear) for m in bp.modules())  # the twin is plain nn.Linear
+    assignment = {n: (m._block_tap and m._block_tap.index) for n, m in model.named_modules()
+                  if isinstance(m, LocalLinear)}
     assert assignment == {"embed": None, "blocks.0.0": 0, "blocks.0.2": 0, "blocks.1.0": 1,
                           "blocks.1.2": 1, "head": None}
+    assert model.embed.B_dfa_block is None and model.blocks[0][2].B_dfa_block.shape == (8, 8)
     assert not needs_output_error(model) and has_feedback_step(model)
     inputs = _record_inputs(model)
     # Reference block errors: retain the gradient at each block's output on the BP twin.
@@ -395,7 +423,7 @@ def test_dfa_block_uses_error_at_block_output():
     x, y = torch.randn(5, 6, dtype=D64), torch.tensor([0, 1, 2, 1, 0])
     _run(bp, x, y)
     _run(model, x, y)
-    assert feedback_step(model) == {"dfa_block": 4}
+    assert feedback_step(model) == {"layer_dfa_block": 4}
     for i, block in enumerate(model.blocks):
         err = outs[i].grad
         for j in (0, 2):
@@ -411,38 +439,38 @@ def test_dfa_block_uses_error_at_block_output():
 
 def test_dfa_block_explicit_update_and_misuse():
     torch.manual_seed(0)
-    model = Blocky("dfa_block")
     x, y = torch.randn(5, 6, dtype=D64), torch.tensor([0, 1, 2, 1, 0])
+    model, _ = convert(Blocky(), "layer_dfa_block")
     _run(model, x, y)
-    with pytest.raises(RuntimeError, match=r"initialize_dfa_block_targets\(model, d_block\)"):
-        feedback_step(model)
-    with pytest.raises(RuntimeError, match="initialize_dfa_block_targets"):
-        apply_dfa_block_update(model.blocks[0], torch.randn(5, 8, dtype=D64))
-    initialize_dfa_block_targets(model, 8)
-    initialize_dfa_block_targets(model, 8)  # again: replaces, does not stack hooks
+    feedback_step(model)
+    with pytest.raises(RuntimeError, match="no gradient reached the output of block 0.*loss.backward"):
+        feedback_step(model)  # the block errors are used once
+    tap_blocks(model.blocks)  # again: replaces, does not stack hooks
     assert sum(len(b._forward_hooks) for b in model.blocks) == 2
+    assert all(isinstance(h, BlockErrorTap) for b in model.blocks for h in b._forward_hooks.values())
     inputs = _record_inputs(model)
     _run(model, x, y)
     err = torch.randn(5, 8, dtype=D64)
-    assert apply_dfa_block_update(model.blocks[1], err) == 2
     m = model.blocks[1][2]
+    write_projection_grads(m, err, m.B_dfa_block, mean=True)
     delta = err @ m.B_dfa_block.t()
     torch.testing.assert_close(m.weight.grad, delta.t() @ inputs["blocks.1.2"] / 5)
-    with pytest.raises(ValueError, match="d_block=8"):
-        apply_dfa_block_update(model.blocks[0], torch.randn(5, 3, dtype=D64))
-    with pytest.raises(ValueError, match="no .blocks"):
-        initialize_dfa_block_targets(nn.Sequential(LocalLinear(2, 2, method="dfa_block")), 2)
+    m = model.blocks[0][0]
+    with pytest.raises(ValueError, match=r"last dimension 3 but the layer's feedback matrix \(8, 8\)"):
+        write_projection_grads(m, torch.randn(5, 3, dtype=D64), m.B_dfa_block, mean=True)
+    with pytest.raises(ValueError, match="'layer_dfa_block' cannot train Sequential.*blocks with a width"):
+        convert(nn.Sequential(nn.Linear(2, 2)), "layer_dfa_block")
 
 
 def test_dfa_ungated_auto_output_layer_is_the_last_layer_of_the_target_size():
-    """'auto' gives B_dfa = I to the layer that produces the output: the LAST dfa_ungated layer
-    whose out_features equal target_dim, not an earlier hidden layer of the same width."""
+    """Ungated layer_dfa gives B_dfa = I to the layer that produces the output: the LAST layer
+    whose out_features equal num_classes, not an earlier hidden layer of the same width."""
     torch.manual_seed(0)
-    model = nn.Sequential(LocalLinear(6, 4, method="dfa_ungated", dtype=D64), nn.ReLU(),
-                          LocalLinear(4, 4, method="dfa_ungated", dtype=D64), nn.ReLU(),
-                          LocalLinear(4, 4, method="dfa_ungated", dtype=D64))
-    kinds = initialize_dfa_targets(model, 4, generator=torch.Generator().manual_seed(1))
-    assert kinds == {"0": "random", "2": "random", "4": "identity"}
+    model = nn.Sequential(nn.Linear(6, 4, dtype=D64), nn.ReLU(), nn.Linear(4, 4, dtype=D64), nn.ReLU(),
+                          nn.Linear(4, 4, dtype=D64))
+    model, _ = convert(model, "layer_dfa", gated=False, num_classes=4,
+                       generator=torch.Generator().manual_seed(1))
+    assert [model[i].has_random_feedback for i in (0, 2, 4)] == [True, True, False]
     torch.testing.assert_close(model[4].B_dfa, torch.eye(4, dtype=D64))
 
 
@@ -451,16 +479,17 @@ def test_dfa_block_per_sample_error_on_tokens_is_the_error_repeated_over_positio
     all batch * T rows, exactly as if the error had been repeated along the tokens:
     grad_W = sum_{n,t} delta_n x_{n,t}^T / (N T), grad_b = sum_{n,t} delta_n / (N T)."""
     torch.manual_seed(0)
-    layer = LocalLinear(6, 5, method="dfa_block", dtype=D64)
     model = nn.Module()
-    model.blocks = nn.ModuleList([nn.Sequential(layer)])
-    initialize_dfa_block_targets(model, 8, generator=torch.Generator().manual_seed(2))
+    model.width = 8
+    model.blocks = nn.ModuleList([nn.Sequential(nn.Linear(6, 5, dtype=D64))])
+    model, _ = convert(model, "layer_dfa_block", generator=torch.Generator().manual_seed(2))
+    layer = model.blocks[0][0]
     x = torch.randn(4, 3, 6, dtype=D64)
     err = torch.randn(4, 8, dtype=D64)
 
     def grads(block_error):
         layer(x).sum().backward()  # caches the input
-        apply_dfa_block_update(model.blocks[0], block_error)
+        write_projection_grads(layer, block_error, layer.B_dfa_block, mean=True)
         return layer.weight.grad.clone(), layer.bias.grad.clone()
 
     gw, gb = grads(err)

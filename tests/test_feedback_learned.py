@@ -9,8 +9,17 @@ from fa_study.feedback import (
     LocalConv2d, LocalLinear, feedback_step, grape_step, has_feedback_step, kolen_pollack_step,
     probe_jacobian, weight_mirror_step,
 )
+from fa_study.rules import build_rule
 
 D64 = torch.float64
+
+
+def _linear(in_f, out_f, rule, dtype=None, **options):
+    return LocalLinear(in_f, out_f, rule=build_rule(rule, **options), dtype=dtype)
+
+
+def _conv(in_c, out_c, k, rule, padding=0, **options):
+    return LocalConv2d(in_c, out_c, k, padding=padding, rule=build_rule(rule, **options))
 
 
 def _cos(a, b):
@@ -20,15 +29,15 @@ def _cos(a, b):
 
 def test_grape_increases_cos_and_leaves_w_untouched():
     torch.manual_seed(0)
-    model = nn.Sequential(LocalLinear(12, 10, method="fa", fa_grape=True, lr_b=0.5),
-                          nn.ReLU(), LocalLinear(10, 4, method="fa", fa_grape=True, lr_b=0.5))
+    grape = build_rule("layer_grape", lr_b=0.5)  # one rule instance may drive many layers
+    model = nn.Sequential(LocalLinear(12, 10, rule=grape), nn.ReLU(), LocalLinear(10, 4, rule=grape))
     assert has_feedback_step(model)
     ws = [m.weight.detach().clone() for m in model if isinstance(m, LocalLinear)]
     before = [_cos(m.B, m.weight) for m in model if isinstance(m, LocalLinear)]
     g = torch.Generator().manual_seed(0)
     history = []
     for _ in range(30):
-        assert feedback_step(model, generator=g) == {"fa+grape": 2}
+        assert feedback_step(model, generator=g) == {"layer_grape": 2}
         history.append([_cos(m.B, m.weight) for m in model if isinstance(m, LocalLinear)])
     after = history[-1]
     for b, a in zip(before, after):
@@ -111,14 +120,13 @@ def test_grape_step_leaves_zero_b_unchanged():
 def test_layer_grape_steps_toward_the_probed_jacobian(scale_free):
     # The layer estimates J_hat = (p W^T)^T p / n from forward probes and calls grape_step.
     torch.manual_seed(2)
-    layer = LocalLinear(7, 5, method="fa", fa_grape=True, lr_b=0.2, grape_n_probe=16,
-                        grape_scale_free=scale_free, dtype=D64)
+    layer = _linear(7, 5, "layer_grape", lr_b=0.2, n_probe=16, scale_free=scale_free, dtype=D64)
     W, B0 = layer.weight.detach().clone(), layer.B.clone()
     p = torch.randn(16, 7, generator=torch.Generator().manual_seed(9), dtype=D64)
     J = (p @ W.t()).t() @ p / 16
     torch.testing.assert_close(probe_jacobian(W, 16, torch.Generator().manual_seed(9)), J)
     assert feedback_step(nn.Sequential(layer), generator=torch.Generator().manual_seed(9)) == \
-        {"fa+grape": 1}
+        {"layer_grape": 1}
     cos = float((B0 * J).sum() / (B0.norm() * J.norm()))
     if scale_free:
         expected = B0 + 0.2 * (B0.norm() / J.norm() * J - cos * B0)
@@ -131,7 +139,7 @@ def test_layer_grape_steps_toward_the_probed_jacobian(scale_free):
 
 def test_grape_on_conv_and_column_normalisation():
     torch.manual_seed(0)
-    conv = LocalConv2d(3, 4, 3, method="fa", fa_grape=True, grape_normalize_columns=True, lr_b=0.5)
+    conv = _conv(3, 4, 3, "layer_grape", normalize_columns=True, lr_b=0.5)
     before = _cos(conv.B, conv.weight)
     for _ in range(20):
         conv.feedback_step()
@@ -141,9 +149,9 @@ def test_grape_on_conv_and_column_normalisation():
 
 def _sgd_kp_model(decay, lr):
     torch.manual_seed(0)
-    model = nn.Sequential(LocalLinear(6, 8, method="kolen_pollack", dtype=D64, lr_b=lr, b_decay=decay),
+    model = nn.Sequential(_linear(6, 8, "kolen_pollack", dtype=D64, lr_b=lr, b_decay=decay),
                           nn.Tanh(),
-                          LocalLinear(8, 3, method="kolen_pollack", dtype=D64, lr_b=lr, b_decay=decay))
+                          _linear(8, 3, "kolen_pollack", dtype=D64, lr_b=lr, b_decay=decay))
     # W trained by SGD with the same step and the same multiplicative decay as B.
     opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=decay / lr)
     return model, opt
@@ -169,22 +177,22 @@ def test_kolen_pollack_drives_b_minus_w_to_zero_geometrically():
 
 def test_kolen_pollack_step_formula_and_conv():
     torch.manual_seed(0)
-    conv = LocalConv2d(2, 3, 3, method="kolen_pollack", lr_b=0.1, b_decay=0.2, padding=1)
+    conv = _conv(2, 3, 3, "kolen_pollack", lr_b=0.1, b_decay=0.2, padding=1)
     B0 = conv.B.clone()
     with pytest.raises(RuntimeError, match=r"loss.backward\(\)"):
         conv.feedback_step()
     conv(torch.randn(2, 2, 5, 5)).square().sum().backward()
     conv.feedback_step()
     torch.testing.assert_close(conv.B, 0.8 * B0 - 0.1 * conv.weight.grad)
-    # the override for one call
+    # the step function on its own
     B1 = conv.B.clone()
     kolen_pollack_step(conv.B, conv.weight.grad, lr_b=1.0)
     torch.testing.assert_close(conv.B, B1 - conv.weight.grad)
 
 
 @pytest.mark.parametrize("make", [
-    lambda: LocalLinear(20, 12, method="weight_mirror", lr_b=0.02, mirror_n=32),
-    lambda: LocalConv2d(3, 6, 3, method="weight_mirror", lr_b=0.02, mirror_n=32),
+    lambda: _linear(20, 12, "weight_mirror", lr_b=0.02, n_noise=32),
+    lambda: _conv(3, 6, 3, "weight_mirror", lr_b=0.02, n_noise=32),
 ])
 def test_weight_mirror_aligns_b_with_w(make):
     torch.manual_seed(0)
@@ -210,16 +218,30 @@ def test_weight_mirror_expected_step_is_sigma_squared_w():
 
 
 def test_plain_rules_have_no_post_backward_update():
-    model = nn.Sequential(LocalLinear(3, 3, method="fa"), LocalLinear(3, 3, method="sign_sym"),
-                          LocalLinear(3, 3, method="bp"))
+    model = nn.Sequential(_linear(3, 3, "layer_fa"), _linear(3, 3, "sign_sym"), _linear(3, 3, "frsf"),
+                          nn.Linear(3, 3))
     assert not has_feedback_step(model)
     B = model[0].B.clone()
     assert feedback_step(model) == {}
     assert torch.equal(model[0].B, B)
-    with pytest.raises(ValueError, match=r"decay must be a finite number >= 0 and < 1.*got 1.5"):
-        feedback_step(model, decay=1.5)
+
+
+def test_learned_feedback_options_are_checked_by_their_rule():
+    # the step sizes and decays are the rule's own options (no per-call override)
+    with pytest.raises(ValueError, match=r"b_decay must be a finite number >= 0 and < 1.*got 1.5"):
+        build_rule("kolen_pollack", b_decay=1.5)
+    with pytest.raises(ValueError, match="lr_b must be a finite number > 0 or None.*inf"):
+        build_rule("kolen_pollack", lr_b=float("inf"))
     with pytest.raises(ValueError, match="lr_b must be a finite number >= 0.*inf"):
-        feedback_step(model, lr_b=float("inf"))
+        build_rule("layer_grape", lr_b=float("inf"))
+    with pytest.raises(ValueError, match="n_probe must be an integer >= 1, got 2.5"):
+        build_rule("layer_grape", n_probe=2.5)
+    with pytest.raises(ValueError, match="scale_free must be True or False"):
+        build_rule("layer_grape", scale_free="yes")
+    with pytest.raises(ValueError, match=r"weight_mirror needs lr_b \* sigma\*\*2 < 1"):
+        build_rule("weight_mirror", lr_b=0.5, sigma=2.0)
+    with pytest.raises(ValueError, match="'weight_mirror' has no option 'mirror_n'.*'n_noise'"):
+        build_rule("weight_mirror", mirror_n=8)
 
 
 def test_scale_free_grape_keeps_the_feedback_norm_under_noisy_targets():
@@ -239,8 +261,7 @@ def test_weight_mirror_default_decay_makes_w_its_fixed_point_for_any_sigma(sigma
     """The default decay is lr_b * sigma**2 (Akrout 2019): B* = W whatever sigma. A decay of
     lr_b * sigma would give B* = sigma W (half or twice W here)."""
     torch.manual_seed(0)
-    layer = LocalLinear(12, 8, method="weight_mirror", lr_b=0.05 / sigma ** 2, mirror_sigma=sigma,
-                        mirror_n=64)
+    layer = _linear(12, 8, "weight_mirror", lr_b=0.05 / sigma ** 2, sigma=sigma, n_noise=64)
     g = torch.Generator().manual_seed(2)
     for _ in range(600):
         feedback_step(nn.Sequential(layer), generator=g)

@@ -6,17 +6,26 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fa_study.feedback import (
-    CONV_METHODS, FA_INIT_MODES, METHODS, LocalLinear, init_feedback, sign_feedback,
-)
+from fa_study.feedback import FA_INIT_MODES, LocalLinear, init_feedback, sign_feedback
+from fa_study.rules import LAYER_RULES, build_rule
 
 D64 = torch.float64
+# every layer rule with its default options, and ungated DFA (seed 000's form)
+RULE_CASES = [(cls.name, {}) for cls in LAYER_RULES] + [("layer_dfa", {"gated": False})]
 
 
-def _pair(method, in_f=5, out_f=4, bias=True, dtype=D64, seed=0, **kw):
+def _id(case):
+    return case if isinstance(case, str) else ",".join(f"{k}={v}" for k, v in case.items()) or "default"
+
+
+def _local(in_f, out_f, rule, generator=None, **options):
+    return LocalLinear(in_f, out_f, rule=build_rule(rule, **options), generator=generator)
+
+
+def _pair(rule, in_f=5, out_f=4, bias=True, dtype=D64, seed=0, **options):
     torch.manual_seed(seed)
     ref = nn.Linear(in_f, out_f, bias=bias, dtype=dtype)
-    loc = LocalLinear(in_f, out_f, bias=bias, method=method, dtype=dtype, **kw)
+    loc = LocalLinear(in_f, out_f, bias=bias, rule=build_rule(rule, **options), dtype=dtype)
     with torch.no_grad():
         loc.weight.copy_(ref.weight)
         if bias:
@@ -31,30 +40,33 @@ def _grads(layer, x, go):
     return out, x.grad, layer.weight.grad, None if layer.bias is None else layer.bias.grad
 
 
-def test_methods_tuple_lists_every_rule():
-    assert METHODS == ("bp", "fa", "sign_sym", "frsf", "brsf", "dfa", "dfa_ungated",
-                       "dfa_block", "kolen_pollack", "weight_mirror")
-    assert CONV_METHODS == ("bp", "fa", "sign_sym", "frsf", "brsf", "dfa", "kolen_pollack",
-                            "weight_mirror")
+def test_layer_rules_list_every_rule_and_its_conv_form():
+    names = tuple(cls.name for cls in LAYER_RULES)
+    assert names == ("layer_fa", "sign_sym", "frsf", "brsf", "layer_grape", "kolen_pollack",
+                     "weight_mirror", "layer_dfa", "layer_dfa_block")
+    conv = [n for n in names if build_rule(n).has_conv_form]
+    assert conv == ["layer_fa", "sign_sym", "frsf", "brsf", "layer_grape", "kolen_pollack",
+                    "weight_mirror", "layer_dfa"]
+    assert not build_rule("layer_dfa", gated=False).has_conv_form
     assert FA_INIT_MODES == ("gaussian", "orthogonal", "ortho_he", "sparse")
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_bp_is_nn_linear_for_any_leading_shape(bias):
-    ref, loc = _pair("bp", bias=bias, dtype=torch.float32)
+def test_local_linear_is_an_nn_linear_with_the_same_output_for_any_leading_shape(bias):
+    # BP layers stay plain nn.Linear; a local layer's forward is theirs exactly
+    ref, loc = _pair("layer_fa", bias=bias, dtype=torch.float32)
     assert isinstance(loc, nn.Linear)
     x = torch.randn(2, 3, 5)
     go = torch.randn(2, 3, 4)
-    for a, b in zip(_grads(ref, x, go), _grads(loc, x, go)):
-        if a is None:
-            assert b is None
-        else:
-            assert torch.equal(a, b)
+    (out_r, _, gw_r, gb_r), (out_l, _, gw_l, gb_l) = _grads(ref, x, go), _grads(loc, x, go)
+    assert torch.equal(out_r, out_l)
+    torch.testing.assert_close(gw_l, gw_r)
+    assert (gb_l is None) == (not bias) and (gb_l is None or torch.allclose(gb_l, gb_r))
 
 
-@pytest.mark.parametrize("method", ["fa", "kolen_pollack", "weight_mirror"])
-def test_fa_with_b_equal_w_reproduces_bp(method):
-    ref, loc = _pair(method)
+@pytest.mark.parametrize("rule", ["layer_fa", "layer_grape", "kolen_pollack", "weight_mirror"])
+def test_fa_with_b_equal_w_reproduces_bp(rule):
+    ref, loc = _pair(rule)
     loc.set_feedback(loc.weight)
     x = torch.randn(3, 2, 5, dtype=D64)
     go = torch.randn(3, 2, 4, dtype=D64)
@@ -63,7 +75,7 @@ def test_fa_with_b_equal_w_reproduces_bp(method):
 
 
 def test_fa_input_gradient_is_grad_out_times_b():
-    ref, loc = _pair("fa")
+    ref, loc = _pair("layer_fa")
     B = loc.B.clone()
     assert not torch.allclose(B, loc.weight)
     x = torch.randn(7, 5, dtype=D64)
@@ -91,11 +103,11 @@ def test_sign_sym_feedback_matches_formula():
     torch.testing.assert_close(gw, go.t() @ x, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_gradcheck_weight_and_bias_gradients(method):
+@pytest.mark.parametrize("rule, options", RULE_CASES, ids=_id)
+def test_gradcheck_weight_and_bias_gradients(rule, options):
     # functional_call runs the module's own forward (and so its custom backward) with the
     # weight and bias that gradcheck perturbs; B stays random, so only W/b grads are exact.
-    _, loc = _pair(method)
+    _, loc = _pair(rule, **options)
     x = torch.randn(3, 2, 5, dtype=D64)
     w = loc.weight.detach().clone().requires_grad_(True)
     b = loc.bias.detach().clone().requires_grad_(True)
@@ -103,11 +115,10 @@ def test_gradcheck_weight_and_bias_gradients(method):
         lambda w, b: functional_call(loc, {"weight": w, "bias": b}, (x,)), (w, b))
 
 
-@pytest.mark.parametrize("method", ["bp", "fa"])
-def test_gradcheck_input_gradient_of_bp_and_fa_with_b_equal_w(method):
-    _, loc = _pair(method)
-    if method == "fa":
-        loc.set_feedback(loc.weight)
+@pytest.mark.parametrize("rule", ["layer_fa", "kolen_pollack"])
+def test_gradcheck_input_gradient_with_b_equal_w(rule):
+    _, loc = _pair(rule)
+    loc.set_feedback(loc.weight)
     x = torch.randn(3, 2, 5, dtype=D64, requires_grad=True)
     w = loc.weight.detach().clone().requires_grad_(True)
     b = loc.bias.detach().clone().requires_grad_(True)
@@ -117,7 +128,7 @@ def test_gradcheck_input_gradient_of_bp_and_fa_with_b_equal_w(method):
 
 def test_gradcheck_detects_a_wrong_input_gradient():
     # The reference check has teeth: with a random B, fa's input gradient is not exact.
-    _, loc = _pair("fa")
+    _, loc = _pair("layer_fa")
     x = torch.randn(3, 5, dtype=D64, requires_grad=True)
     assert not torch.autograd.gradcheck(loc, (x,), raise_exception=False)
 
@@ -153,48 +164,53 @@ def test_conv_shaped_init_uses_fan_in_view():
 
 def test_default_b_scale_matches_weight_rms():
     torch.manual_seed(0)
-    loc = LocalLinear(128, 96, method="fa")
+    loc = _local(128, 96, "layer_fa")
     ratio = (loc.B.norm() / loc.weight.norm()).item()
     assert 0.95 < ratio < 1.05
-    loc = LocalLinear(128, 96, method="fa", init_std=0.02)  # the reference's fixed scale
+    loc = _local(128, 96, "layer_fa", init_std=0.02)  # the reference's fixed scale
     assert abs(loc.B.std().item() - 0.02) < 0.002
 
 
 def test_same_generator_seed_gives_same_b():
-    kw = dict(method="fa", fa_init_mode="sparse", fa_sparse_k=2, init_std=0.1)
-    a = LocalLinear(6, 4, generator=torch.Generator().manual_seed(3), **kw)
-    b = LocalLinear(6, 4, generator=torch.Generator().manual_seed(3), **kw)
+    kw = dict(init="sparse", sparse_k=2, init_std=0.1)
+    a = _local(6, 4, "layer_fa", torch.Generator().manual_seed(3), **kw)
+    b = _local(6, 4, "layer_fa", torch.Generator().manual_seed(3), **kw)
     assert torch.equal(a.B, b.B) and torch.equal(a.B != 0, b.B != 0)
 
 
-def test_bad_method_and_init_mode_raise_value_error_listing_choices():
-    with pytest.raises(ValueError, match="'nope'.*'bp'.*'frsf'.*'dfa_ungated'.*'weight_mirror'"):
-        LocalLinear(3, 2, method="nope")
+def test_bad_rule_and_options_raise_value_error_listing_choices():
+    with pytest.raises(ValueError, match="'nope'.*'layer_fa'.*'frsf'.*'weight_mirror'.*'layer_dfa_block'"):
+        build_rule("nope")
     with pytest.raises(ValueError, match="'uniform'.*'gaussian'.*'sparse'"):
-        LocalLinear(3, 2, method="fa", fa_init_mode="uniform")
-    with pytest.raises(ValueError, match="fa_grape.*'sign_sym'.*needs method 'fa'"):
-        LocalLinear(3, 2, method="sign_sym", fa_grape=True)
+        build_rule("layer_fa", init="uniform")
+    with pytest.raises(ValueError, match="'sign_sym' has no option 'lr_b'; allowed options: none"):
+        build_rule("sign_sym", lr_b=0.1)
+    with pytest.raises(ValueError, match="LocalLinear needs a layer rule.*got 'layer_fa'"):
+        LocalLinear(3, 2, rule="layer_fa")
+    with pytest.raises(ValueError, match="LocalLinear needs a layer rule"):
+        LocalLinear(3, 2, rule=build_rule("bp"))
     with pytest.raises(ValueError, match="shape"):
-        LocalLinear(3, 2, method="fa").set_feedback(torch.zeros(3, 2))
-    with pytest.raises(ValueError, match="'frsf' stores no B.*'fa'"):
-        LocalLinear(3, 2, method="frsf").set_feedback(torch.zeros(2, 3))
+        _local(3, 2, "layer_fa").set_feedback(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="'frsf' stores no B.*layer_fa"):
+        _local(3, 2, "frsf").set_feedback(torch.zeros(2, 3))
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")
 @pytest.mark.parametrize("sizes, name", [((0, 3), "in_features"), ((3, 0), "out_features"),
                                          ((2.0, 3), "in_features")])
 def test_zero_or_fractional_sizes_are_value_errors(sizes, name):
-    for method in ("bp", "fa", "frsf"):
+    for rule in ("layer_fa", "frsf", "layer_dfa"):
         with pytest.raises(ValueError, match=f"LocalLinear {name} must be an integer >= 1"):
-            LocalLinear(*sizes, method=method)
+            _local(*sizes, rule)
     with pytest.raises(ValueError, match="in_features"):
-        LocalLinear.from_linear(nn.Linear(0, 3), "fa")
+        LocalLinear.from_linear(nn.Linear(0, 3), build_rule("layer_fa"))
 
 
-@pytest.mark.parametrize("method", ["dfa", "dfa_ungated", "dfa_block", "brsf"])
-def test_no_grad_forward_is_plain_and_caches_or_draws_nothing(method):
+@pytest.mark.parametrize("rule, options", [("layer_dfa", {}), ("layer_dfa", {"gated": False}),
+                                           ("layer_dfa_block", {}), ("brsf", {})], ids=_id)
+def test_no_grad_forward_is_plain_and_caches_or_draws_nothing(rule, options):
     torch.manual_seed(0)
-    loc = LocalLinear(5, 3, method=method)
+    loc = _local(5, 3, rule, **options)
     state = {k: v.clone() for k, v in loc.state_dict().items()}
     x = torch.randn(4, 5)
     with torch.no_grad():
@@ -204,12 +220,12 @@ def test_no_grad_forward_is_plain_and_caches_or_draws_nothing(method):
     torch.testing.assert_close(y, x @ loc.weight.t() + loc.bias)
     # with gradients the post-backward rules cache their input
     loc(x)
-    assert (loc._cached_input is not None) == (method in ("dfa_ungated", "dfa_block"))
+    assert (loc._cached_input is not None) == (rule == "layer_dfa_block" or options == {"gated": False})
 
 
 def test_autocast_bf16_gives_float32_gradients():
     torch.manual_seed(0)
-    loc = LocalLinear(8, 4, method="fa")
+    loc = _local(8, 4, "layer_fa")
     x = torch.randn(3, 8, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = loc(x)
@@ -240,8 +256,8 @@ def test_init_under_float64_default_dtype_matches_the_float32_draw(mode):
         B = init_feedback((6, 40), mode, 0.1, sparse_k=3, generator=torch.Generator().manual_seed(2))
         assert B.dtype == torch.float64
         torch.testing.assert_close(B, ref.double(), rtol=0, atol=0)
-        loc = LocalLinear(40, 6, method="fa", fa_init_mode=mode, fa_sparse_k=3, init_std=0.1,
-                          generator=torch.Generator().manual_seed(2))
+        loc = _local(40, 6, "layer_fa", torch.Generator().manual_seed(2), init=mode, sparse_k=3,
+                     init_std=0.1)
         assert loc.weight.dtype == torch.float64 and loc.B.dtype == torch.float64
         torch.testing.assert_close(loc.B, ref.double(), rtol=0, atol=0)
     finally:

@@ -7,8 +7,13 @@ import torch
 from torch import nn
 
 from fa_study.feedback import LocalLinear
+from fa_study.rules import build_rule
 
 D64 = torch.float64
+
+
+def _layer(in_f, out_f, rule, dtype=None, generator=None, **options):
+    return LocalLinear(in_f, out_f, rule=build_rule(rule, **options), dtype=dtype, generator=generator)
 
 
 def _input_grad(layer, x, go):
@@ -17,11 +22,11 @@ def _input_grad(layer, x, go):
     return x.grad
 
 
-@pytest.mark.parametrize("method", ["frsf", "brsf"])
-def test_input_gradient_is_grad_out_times_abs_m_sign_w(method):
+@pytest.mark.parametrize("rule", ["frsf", "brsf"])
+def test_input_gradient_is_grad_out_times_abs_m_sign_w(rule):
     torch.manual_seed(0)
     ref = nn.Linear(6, 4, dtype=D64)
-    layer = LocalLinear(6, 4, method=method, dtype=D64, generator=torch.Generator().manual_seed(1))
+    layer = _layer(6, 4, rule, dtype=D64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         layer.weight.copy_(ref.weight)
         layer.bias.copy_(ref.bias)
@@ -44,7 +49,7 @@ def test_input_gradient_is_grad_out_times_abs_m_sign_w(method):
 
 def test_frsf_magnitude_is_fixed_and_follows_the_signs_of_w():
     torch.manual_seed(0)
-    layer = LocalLinear(5, 3, method="frsf", dtype=D64)
+    layer = _layer(5, 3, "frsf", dtype=D64)
     M = layer.B_abs.clone()
     x, go = torch.randn(4, 5, dtype=D64), torch.randn(4, 3, dtype=D64)
     opt = torch.optim.SGD(layer.parameters(), lr=0.5)
@@ -63,8 +68,10 @@ def test_frsf_magnitude_is_fixed_and_follows_the_signs_of_w():
 
 def test_brsf_redraws_every_batch_reproducibly():
     torch.manual_seed(0)
-    make = lambda: LocalLinear(5, 3, method="brsf", dtype=D64, init_std=0.1,
-                               generator=torch.Generator().manual_seed(7))
+
+    def make():
+        return _layer(5, 3, "brsf", dtype=D64, init_std=0.1, generator=torch.Generator().manual_seed(7))
+
     a, b = make(), make()
     assert torch.equal(a.B_abs, b.B_abs)
     with torch.no_grad():
@@ -87,15 +94,14 @@ def test_brsf_redraws_every_batch_reproducibly():
     _input_grad(c, x, go)
     assert torch.equal(a.B_abs, c.B_abs)
     # another seed, another stream
-    d = LocalLinear(5, 3, method="brsf", dtype=D64, init_std=0.1,
-                    generator=torch.Generator().manual_seed(8))
+    d = _layer(5, 3, "brsf", dtype=D64, init_std=0.1, generator=torch.Generator().manual_seed(8))
     _input_grad(d, x, go)
     assert not torch.equal(d.B_abs, a.B_abs)
 
 
 def test_brsf_layer_called_twice_keeps_each_calls_draw():
     torch.manual_seed(0)
-    layer = LocalLinear(4, 4, method="brsf", dtype=D64)
+    layer = _layer(4, 4, "brsf", dtype=D64)
     x = torch.randn(3, 4, dtype=D64, requires_grad=True)
     h = layer(x)
     B1 = layer.B_abs * torch.sign(layer.weight.detach())
@@ -107,21 +113,24 @@ def test_brsf_layer_called_twice_keeps_each_calls_draw():
     torch.testing.assert_close(x.grad, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["frsf", "brsf"])
-def test_magnitude_scale_matches_w_rms_by_default_and_init_std_when_given(method):
+@pytest.mark.parametrize("rule", ["frsf", "brsf"])
+def test_magnitude_scale_matches_w_rms_by_default_and_init_std_when_given(rule):
     torch.manual_seed(0)
-    layer = LocalLinear(256, 128, method=method)
+    layer = _layer(256, 128, rule)
     x = torch.randn(2, 256, requires_grad=True)
     layer(x).sum().backward()  # brsf: a fresh draw at the same scale
     ratio = float(layer.feedback_matrix().norm() / layer.weight.detach().norm())
     assert 0.97 < ratio < 1.03  # E|M|^2 = std^2 = RMS(W)^2
-    layer = LocalLinear(256, 128, method=method, init_std=0.05)
+    layer = _layer(256, 128, rule, init_std=0.05)
     layer(x).sum().backward()
     rms = float(layer.B_abs.norm() / math.sqrt(layer.B_abs.numel()))
     assert rms == pytest.approx(0.05, rel=0.03)
 
 
-def test_frsf_uses_the_fa_init_mode_for_m():
-    layer = LocalLinear(64, 8, method="frsf", fa_init_mode="sparse", fa_sparse_k=4,
-                        generator=torch.Generator().manual_seed(0))
-    assert torch.equal((layer.B_abs != 0).sum(1), torch.full((8,), 4))
+@pytest.mark.parametrize("rule", ["frsf", "brsf"])
+def test_sign_concordant_magnitudes_are_gaussian_and_take_only_init_std(rule):
+    # M is |N(0, std^2)|: no init mode (a sparse M would zero feedback entries W has)
+    layer = _layer(64, 8, rule, init_std=0.1, generator=torch.Generator().manual_seed(0))
+    assert (layer.B_abs != 0).all()
+    with pytest.raises(ValueError, match=f"rule '{rule}' has no option 'init'; allowed options: 'init_std'"):
+        build_rule(rule, init="sparse")

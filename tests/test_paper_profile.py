@@ -42,7 +42,8 @@ def _paper_studies():
         "04 fashion check": direction.cross_check("paper"),
         "05 learned": learned,
         "05 fashion check": learned.cross_check("paper"),
-        "06 byo rule": AuditStudy.for_profile("paper", rules=("bp", "dfa"), archs=("resmlp", "vit", "resnet")),
+        "06 byo rule": AuditStudy.for_profile("paper", rules=("bp", "dfa"),
+                                              archs=("resmlp", "vit", "resnet")),
     }
 
 
@@ -63,7 +64,8 @@ def test_the_paper_profiles_name_the_reference_inventory():
     audit = AuditStudy.for_profile("paper")
     assert audit.archs == ("resmlp", "resmlp_d512_L2", "vit", "resnet") and audit.epochs == 100
     assert audit.augment and audit.seeds == (42, 123, 456)
-    assert PenaltyStudy.for_profile("paper").epochs == 30 and DirectionStudy.for_profile("paper").epochs == 100
+    assert PenaltyStudy.for_profile("paper").epochs == 30
+    assert DirectionStudy.for_profile("paper").epochs == 100
     assert RAStudy.for_profile("paper").epochs == 10 and LearnedStudy.for_profile("paper").d == 256
 
 

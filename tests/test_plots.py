@@ -182,3 +182,42 @@ def test_failed_runs_are_named_under_a_figure_and_an_empty_source_is_left_out():
     texts = [t.get_text() for t in fig.texts]
     assert text in texts and any(t.startswith("data: synthetic  (stand-in") for t in texts)
     assert plots.annotate_failures(fig, runs.iloc[:1]) == ""  # none failed: nothing written
+
+
+# ---------------------------------------------------------------------------- the helpers' axes and colours
+
+def test_plot_helpers_take_and_return_an_axis():
+    df = pd.DataFrame({"epoch": [0, 1, 0, 1], "v": [1.0, 1e4, 2.0, 2e4], "arm": ["bp", "bp", "fa", "fa"],
+                       "g_0": [1e-3, 1e-3, 1e-4, 1e-4], "g_1": [1e-1, 1e-1, 1e-2, 1e-2]})
+    fig, ax = plt.subplots()
+    assert plots.plot_curves(df, "epoch", "v", hue="arm", ax=ax) is ax
+    assert ax.get_yscale() == "log"  # four decades -> log axis chosen automatically
+    assert ax.lines[0].get_color().lower() == plots.RULE_COLOURS["bp"].lower()
+    ax2 = plots.plot_layers(df, "g_", hue="arm")
+    assert ax2.get_yscale() == "log" and len(ax2.lines) == 2
+    with pytest.raises(ValueError, match="no columns named"):
+        plots.plot_layers(df, "h_")
+
+
+def test_plot_curves_with_colours_fixes_order_colour_style_and_draws_the_mean():
+    df = pd.DataFrame({"arm": ["a", "a", "b", "b", "c", "c"], "seed": [0, 1] * 3,
+                       "epoch": [1] * 6, "v": [1.0, 3.0, 10.0, 10.0, 5.0, 5.0]})
+    ax = plots.plot_curves(df, "epoch", "v", hue="arm", logy=False,
+                           colours={"b": "#111111", "a": "#222222"}, styles={"a": ":"})
+    assert [ln.get_label() for ln in ax.lines] == ["b", "a"]  # the mapping's order; "c" left out
+    assert [ln.get_color() for ln in ax.lines] == ["#111111", "#222222"]
+    assert ax.lines[1].get_linestyle() == ":" and ax.lines[0].get_linestyle() == "-"
+    assert ax.lines[1].get_ydata()[0] == 2.0  # mean over the two seeds of "a"
+
+
+def test_live_plot_redraws_every_n_steps_and_is_silent_in_quick():
+    seen = []
+    live = plots.LivePlot(["loss", "alignment"], every=3, sink=seen.append, profile="default", group="arm")
+    for step in range(1, 8):
+        live({"step": step, "loss": 1.0 / step, "alignment": [0.5, 0.4], "arm": "fa"})
+    assert len(seen) == 2 and live.redraws == 2
+    live({"step": 1, "loss": 1.0, "alignment": [0.5, 0.4], "arm": "bp"})  # new arm: fresh history
+    assert len(live.history) == 1
+    quiet = plots.LivePlot(["loss"], every=1, sink=seen.append, profile="quick")
+    quiet({"step": 1, "loss": 1.0})
+    assert len(seen) == 3 and not quiet.history

@@ -361,8 +361,8 @@ def test_rule_options_belong_to_the_rule_that_takes_them():
     with pytest.raises(ValueError, match="rule 'ra_recon' has no option 'rev_feedback'"):
         build_rule("ra_recon", rev_feedback="forward_ln")
     assert not RULES["ra_fa"].learns_feedback and RULES["ra_comb"].learns_feedback
-    assert all(RULES[n].has_random_feedback and RULES[n].archs == ("matrix_mlp",)
-               for n in ("ra_fa", "ra_rev", "ra_recon", "ra_comb"))
+    assert all(RULES[n].has_random_feedback and RULES[n].supports("matrix_mlp")
+               and not RULES[n].supports("resmlp") for n in ("ra_fa", "ra_rev", "ra_recon", "ra_comb"))
 
 
 def test_rule_option_defaults_and_coercion():
@@ -806,3 +806,84 @@ def test_stability_tables_share_trained_and_accuracy_with_diverged_cells_blank()
     assert acc.loc[("ra_rev", False, 0.05), 1e-4] == pytest.approx(0.9)
     assert math.isnan(acc.loc[("ra_rev", False, 0.05), 1e-3])  # diverged: no accuracy shown
     assert acc.loc[("ra_rev", True, 0.05), 1e-3] == pytest.approx(0.92)
+
+
+# --------------------------------------------------------------------------------------------
+# the RA study (fa_study.experiments.ra_study): cached runs, stability map, failed and
+# diverged runs in the view and the summaries
+# --------------------------------------------------------------------------------------------
+
+def _tiny_ra_study(rules=("bp", "ra_fa"), epochs=1):
+    from fa_study.experiments import RAStudy
+
+    return RAStudy.for_profile("quick", rules=rules, epochs=epochs, n_train=300, n_test=200, hidden=32)
+
+
+def test_run_ra_is_tidy_and_cached(cache):
+    import dataclasses
+
+    from fa_study.experiments import ra_summary, run_ra
+    from fa_study.runs import Results
+
+    study = _tiny_ra_study()
+    first = run_ra(study)
+    assert isinstance(first, Results) and first.from_cache == 0 and first.units == 2
+    hist = first.history
+    assert set(hist["arm"]) == {"bp", "ra_fa"} and set(hist["epoch"]) == {0, 1}
+    assert {"data_source", "seed", "lr", "d", "rule", "test_acc", "align_0", "status"} <= set(hist.columns)
+    assert set(hist["d"]) == {32} and set(first.runs["model"]) == {"matrix_mlp"}
+    again = run_ra(study)
+    assert again.from_cache == 2
+    pd.testing.assert_frame_equal(hist, again.history)
+    # one changed setting reuses nothing for that setting but everything for the rest
+    three = dataclasses.replace(study, rules=("bp", "ra_fa", "ra_recon"))
+    more = run_ra(three)
+    assert more.from_cache == 2 and more.units == 3
+    table = ra_summary(more.history)
+    assert list(table["arm"]) == [s.label for s in three.specs()]
+    assert (table["diverged"] == 0).all()
+
+
+def test_stability_map_keeps_the_row_of_a_run_that_diverged_early(cache):
+    from fa_study.experiments import stability_figure, stability_map
+
+    study = _tiny_ra_study(rules=("bp", "ra_rev"), epochs=2)
+    table = stability_map(study, lrs=(0.05, 1e4), lr_bs=(1e-3,))
+    assert list(zip(table["rule"], table["lr"], table["lr_b"])) == \
+        [("ra_rev", 0.05, 1e-3), ("ra_rev", 1e4, 1e-3)]
+    ok, bad = table.iloc[0], table.iloc[1]
+    assert ok["status"] == "ok" and math.isnan(ok["diverged_epoch"]) and np.isfinite(ok["mean_alignment"])
+    # diverged in epoch 1 of 2; the same label at the lower lr ran both epochs
+    assert bad["status"] == "diverged" and bad["diverged_epoch"] == 1.0 and math.isnan(bad["test_acc"])
+    fig = stability_figure(table)
+    assert "✗" in [t.get_text() for t in fig.axes[0].texts]
+
+
+def test_ra_view_leaves_a_diverged_run_out_of_the_plots(cache, monkeypatch):
+    from fa_study.experiments import ra_view
+    from study_helpers import assert_not_drawn, diverge
+
+    diverge(monkeypatch, "ra_fa")
+    out = ra_view(_tiny_ra_study(rules=("bp", "ra_fa", "ra_recon")))
+    status = out.extra.runs.set_index("arm")["status"]
+    assert status["ra_fa"] == "diverged" and (status.drop("ra_fa") == "ok").all()
+    assert any(n.startswith("Diverged runs") and "ra_fa (seed 42)" in n for n in out.notes)
+    assert_not_drawn(out.figures, "ra_fa")
+    t = out.table.set_index("arm")
+    assert t.loc["ra_fa", "diverged"] == 1 and t.loc["ra_fa", "test_acc_text"] == "n/a"
+
+
+def test_ra_final_and_summary_name_a_rule_whose_runs_failed(cache, fail_runs):
+    from fa_study.experiments import ra_final, ra_summary, ra_view
+
+    fail_runs("ra_fa")
+    out = ra_view(_tiny_ra_study())
+    final = ra_final(out.results, out.extra.runs)
+    assert final.loc["ra_fa", "status"] == "error" and math.isnan(final.loc["ra_fa", "test_acc"])
+    assert "injected failure of ra_fa" in final.loc["ra_fa", "error"] and final.loc["bp", "error"] == ""
+    assert final.loc["bp", "status"] == "ok" and np.isfinite(final.loc["bp", "test_acc"])
+    assert "ra_fa" not in ra_final(out.results).index  # the history alone has no trace of it
+    table = ra_summary(out.results, out.extra.runs).set_index("arm")
+    assert table.loc["ra_fa", "diverged"] == 1 and table.loc["ra_fa", "test_acc_text"] == "n/a"
+    empty = ra_summary(pd.DataFrame(), out.extra.runs)  # no history at all: no KeyError
+    assert empty["arm"].tolist() == ["bp", "ra_fa"] and (empty["test_acc_text"] == "n/a").all()

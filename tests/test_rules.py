@@ -143,7 +143,8 @@ def test_ra_rules_and_block_rules_train_the_explicit_matrix_mlp(name):
     model = build_model("matrix_mlp", input_shape=SHAPE, num_classes=4, d=12, num_blocks=1)
     rule = RULES[name]()
     hist = train(model, rule, train_ds, test_ds,
-                 TrainConfig(epochs=1, batch_size=16, optimizer="sgd", lr=0.05, momentum=0.0, weight_decay=0.0,
+                 TrainConfig(epochs=1, batch_size=16, optimizer="sgd", lr=0.05, momentum=0.0,
+                             weight_decay=0.0,
                              schedule="constant", eval_batch=16, feedback_quality=True))
     assert (hist["status"] == "ok").all()
     if RULES[name].family == "ra":
@@ -166,7 +167,8 @@ def test_protocol_reference_of_a_converted_model_is_the_unconverted_networks_gra
     rule = RULES[name]()
     train(model, rule, train_ds, test_ds, TrainConfig(epochs=1, batch_size=16, eval_batch=16))
     # the unconverted twin carries the trained weights
-    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k in plain.state_dict()}, strict=True)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k in plain.state_dict()},
+                          strict=True)
     x, y = test_ds.x[:16], test_ds.y[:16]
     plain.eval()
     h = plain.embed(x)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fa_study import feedback
 from fa_study.models import build_model
 from fa_study.diagnostics import bp_reference, bp_twin
-from fa_study.rules import RULES, build_rule
+from fa_study.rules import RULES, build_rule, convert
 from fa_study.rules.base import draw_seed
 from fa_study.train import TrainConfig
 
@@ -41,18 +41,19 @@ def _rule(name, model, seed=4, **opts):
     return rule
 
 
-# how each registered layer rule converts a model, written out by hand from the feedback API
+# how each registered layer rule converts a model, written out by hand: convert() with every
+# option spelled out (Kolen-Pollack without a trainer config: step 0.01, no decay)
 BY_HAND = {
-    ("layer_fa", ()): ("fa", {"fa_init_mode": "gaussian"}),
-    ("sign_sym", ()): ("sign_sym", {}),
-    ("frsf", ()): ("frsf", {}),
-    ("brsf", ()): ("brsf", {}),
-    ("layer_grape", ()): ("fa", {"fa_grape": True, "lr_b": 0.05, "grape_n_probe": 32}),
-    ("kolen_pollack", ()): ("kolen_pollack", {"lr_b": 0.01, "b_decay": 0.0}),
-    ("weight_mirror", ()): ("weight_mirror", {"lr_b": 0.05, "mirror_sigma": 1.0, "mirror_n": 64}),
-    ("layer_dfa", ()): ("dfa", {"dfa_target_dim": CLASSES}),
-    ("layer_dfa", (("gated", False),)): ("dfa_ungated", {"dfa_target_dim": CLASSES}),
-    ("layer_dfa_block", ()): ("dfa_block", {"dfa_block_dim": D, "conv_method": "bp"}),
+    ("layer_fa", ()): {"init": "gaussian", "sparse_k": None, "init_std": None},
+    ("sign_sym", ()): {},
+    ("frsf", ()): {"init_std": None},
+    ("brsf", ()): {"init_std": None},
+    ("layer_grape", ()): {"lr_b": 0.05, "n_probe": 32, "scale_free": True, "normalize_columns": False},
+    ("kolen_pollack", ()): {"lr_b": 0.01, "b_decay": 0.0},
+    ("weight_mirror", ()): {"lr_b": 0.05, "sigma": 1.0, "n_noise": 64},
+    ("layer_dfa", ()): {"gated": True, "init_std": 0.02},
+    ("layer_dfa", (("gated", False),)): {"gated": False, "init_std": 0.02},
+    ("layer_dfa_block", ()): {},
 }
 
 
@@ -69,9 +70,8 @@ def test_layer_rule_is_autograd_plus_the_feedback_step(name, opts):
         rule.fill_grads(ours, x, y)
 
     ref = _model()  # the same weights, converted and stepped by hand
-    method, kw = BY_HAND[(name, opts)]
     g = torch.Generator().manual_seed(4)
-    feedback.convert(ref, method, generator=g, **kw)
+    convert(ref, name, generator=g, num_classes=CLASSES, **BY_HAND[(name, opts)])
     step_gen = torch.Generator().manual_seed(draw_seed(g))  # the rule's own noise stream
     for _ in range(2):
         for p in ref.parameters():
@@ -124,7 +124,8 @@ def test_layer_dfa_is_noklands_gated_update():
 
     ungated = _model()
     rule_u = _rule("layer_dfa", ungated, gated=False)
-    assert rule_u.layer_rule == "dfa_ungated" and rule.layer_rule == "dfa"
+    assert rule_u.gated is False and rule.gated is True
+    assert not rule_u.credit_uses_feedback(rule_u.options()) and rule.credit_uses_feedback(rule.options())
     rule_u.fill_grads(ungated, x, y)
     with torch.no_grad():
         blk = ungated.blocks[0]
@@ -184,7 +185,7 @@ def test_layer_rule_options_names_and_refusals():
     assert build_rule("layer_fa").options() == {"init": "gaussian", "sparse_k": None, "init_std": None}
     model = _model()
     _rule("layer_fa", model, init="orthogonal")
-    assert {m.strategy.options.fa_init_mode for _, m in feedback.local_layers(model)} == {"orthogonal"}
+    assert {m.rule.init for _, m in feedback.local_layers(model)} == {"orthogonal"}
     assert RULES["layer_fa"].label_for({"init": "sparse"}) == "layer_fa init=sparse"
     with pytest.raises(ValueError, match="unknown rule 'layer'"):
         build_rule("layer", rule="fa")
@@ -196,17 +197,17 @@ def test_layer_rule_options_names_and_refusals():
         _rule("weight_mirror", _model(), lr_b=2.0)
     with pytest.raises(RuntimeError, match="setup"):
         build_rule("layer_fa").fill_grads(_model(), *_batch())
-    with pytest.raises(ValueError, match="cannot train a 'matrix_mlp' model"):
+    with pytest.raises(ValueError, match="'layer_fa' cannot train a 'matrix_mlp' model: it needs an nn.Lin"):
         build_rule("layer_fa").setup(build_model("matrix_mlp", input_shape=SHAPE, num_classes=CLASSES, d=8),
                                      CLASSES, torch.Generator())
-    with pytest.raises(ValueError, match="cannot train a 'resnet' model"):
+    with pytest.raises(ValueError, match="'layer_dfa_block' cannot train a 'resnet' model"):
         resnet = build_model("resnet", input_shape=SHAPE, num_classes=CLASSES, d=4)
         build_rule("layer_dfa_block").setup(resnet, CLASSES, torch.Generator())
 
 
 def test_a_model_converted_by_the_caller_keeps_its_own_layers():
     model = _model()
-    feedback.convert(model, "fa", generator=torch.Generator().manual_seed(0), fa_init_mode="orthogonal")
+    convert(model, "layer_fa", generator=torch.Generator().manual_seed(0), init="orthogonal")
     B = [m.B.clone() for _, m in feedback.local_layers(model)]
     _rule("layer_fa", model)  # default init gaussian: but the caller's conversion stands
     assert all(torch.equal(b, m.B) for b, (_, m) in zip(B, feedback.local_layers(model)))
@@ -216,19 +217,17 @@ def test_kolen_pollack_matches_the_step_of_the_trainers_optimizer():
     sgd = TrainConfig(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-3)
     model = _model()
     build_rule("kolen_pollack").setup(model, CLASSES, torch.Generator(), train_cfg=sgd)
-    opts = {(m.strategy.options.lr_b, m.strategy.options.b_decay) for _, m in feedback.local_layers(model)}
+    opts = {(m.rule.step_size, m.rule.decay) for _, m in feedback.local_layers(model)}
     (lr_b, decay), = opts
     assert lr_b == pytest.approx(0.1 / (1 - 0.9)) and decay == pytest.approx(1e-3 * 0.1 / (1 - 0.9))
     adamw = TrainConfig(lr=2e-3, weight_decay=0.05)
     model = _model()
     build_rule("kolen_pollack").setup(model, CLASSES, torch.Generator(), train_cfg=adamw)
-    (lr_b, decay), = {(m.strategy.options.lr_b, m.strategy.options.b_decay)
-                      for _, m in feedback.local_layers(model)}
+    (lr_b, decay), = {(m.rule.step_size, m.rule.decay) for _, m in feedback.local_layers(model)}
     assert lr_b == pytest.approx(2e-3) and decay == pytest.approx(2e-3 * 0.05)
     model = _model()
     build_rule("kolen_pollack", lr_b=0.3, b_decay=0.1).setup(model, CLASSES, torch.Generator(), train_cfg=sgd)
-    assert {(m.strategy.options.lr_b, m.strategy.options.b_decay)
-            for _, m in feedback.local_layers(model)} == {(0.3, 0.1)}
+    assert {(m.rule.step_size, m.rule.decay) for _, m in feedback.local_layers(model)} == {(0.3, 0.1)}
     with pytest.raises(ValueError, match="derived decay of B is 10"):
         build_rule("kolen_pollack").setup(_model(), CLASSES, torch.Generator(),
                                           train_cfg=TrainConfig(optimizer="sgd", lr=1.0, momentum=0.9,

@@ -368,8 +368,28 @@ def test_run_specs_refuses_an_empty_list():
 
 
 def test_results_counts_units_and_cache_hits():
-    from fa_study.cache import CacheStats
+    from fa_study.units import CacheStats
 
     res = Results([tiny()], pd.DataFrame(), pd.DataFrame(), pd.DataFrame({"status": ["ok"]}),
                   pd.DataFrame(), pd.DataFrame(), [None], CacheStats(hits=1))
     assert res.units == 1 and res.from_cache == 1
+
+
+# ---------------------------------------------------------------------------- determinism
+
+def test_run_specs_is_bitwise_reproducible_in_one_process_and_across_workers(tmp_path, monkeypatch):
+    """Holds: ``run_specs`` computes every unit under one intra-op thread (``one_cpu_thread``), in
+    this process or in a joblib worker (``n_jobs=2``), from the spec's seed alone."""
+    from fa_study.experiments import RAStudy
+    from fa_study.runs import run_specs
+
+    specs = RAStudy.for_profile("quick", rules=("bp", "ra_rev"), seeds=(5,), epochs=1,
+                                n_train=300, n_test=200, hidden=32).specs()
+    out = {}
+    for name, jobs in (("first", 1), ("again", 1), ("workers", 2)):
+        monkeypatch.setenv("FA_STUDY_CACHE", str(tmp_path / name))  # an empty cache: computed each time
+        out[name] = run_specs(specs, n_jobs=jobs)
+        assert out[name].from_cache == 0
+    for name in ("again", "workers"):
+        pd.testing.assert_frame_equal(out["first"].history, out[name].history, check_exact=True)
+        pd.testing.assert_frame_equal(out["first"].runs, out[name].runs, check_exact=True)

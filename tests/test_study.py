@@ -1,10 +1,21 @@
 """`make study`'s runner: executes notebooks with the profile injected and writes the report."""
 import json
+import os
 
 import nbformat
 import pytest
 
 from fa_study import study
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ(monkeypatch):
+    """main() exports the profile, the report directory and the core share to its kernels."""
+    before = dict(os.environ)
+    monkeypatch.setenv("FA_STUDY_CORES", "5")  # the budget a caller gave (split between kernels)
+    yield
+    os.environ.clear()
+    os.environ.update(before)
 
 
 def test_no_notebooks_still_succeeds(tmp_path, capsys):
@@ -56,7 +67,8 @@ def test_two_notebooks_at_once_report_in_notebook_order(tmp_path):
     """--jobs 2: both notebooks run (one fails), the summary keeps their order, the exit code says so."""
     folder = tmp_path / "nb"
     folder.mkdir()
-    for name, source in [("01_ok", "from fa_study import study\nstudy.record('01_ok', {'x': 1.5})"),
+    for name, source in [("01_ok", "import os\nfrom fa_study import study, units\n"
+                                   "study.record('01_ok', {'x': 1.5, 'cores': units.core_budget()})"),
                          ("02_fail", "raise RuntimeError('boom')")]:
         nb = nbformat.v4.new_notebook()
         nb.cells = [nbformat.v4.new_code_cell(source)]
@@ -67,6 +79,8 @@ def test_two_notebooks_at_once_report_in_notebook_order(tmp_path):
     summary = (tmp_path / "r" / "summary.md").read_text()
     assert summary.index("## 01_ok  (ok") < summary.index("## 02_fail  (FAILED")
     assert "x: 1.5" in summary and "with 2 notebook(s) at a time" in summary
+    # each of two kernels at once spreads its units over half the caller's 5 cores, rounded down
+    assert "cores: 2" in summary
 
 
 @pytest.mark.parametrize("jobs", ["0", "two", "1.5"])

@@ -21,7 +21,8 @@ def _executions(markers: Path) -> dict[int, int]:
 def test_killed_sweep_resumes_without_recomputing_finished_units(tmp_path, monkeypatch):
     markers = tmp_path / "markers"
     markers.mkdir()
-    env = dict(os.environ, FA_STUDY_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(HERE))
+    # one unit at a time, so that "every unit before the one in flight" has finished
+    env = dict(os.environ, FA_STUDY_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(HERE), FA_STUDY_JOBS="1")
     n, delay = 6, 0.6
     code = f"from sweep_units import sweep; sweep({str(markers)!r}, {n}, {delay})"
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
@@ -54,13 +55,11 @@ def test_killed_sweep_resumes_without_recomputing_finished_units(tmp_path, monke
         assert after.get(i, 0) >= 1
 
 
-def _entries(cache: Path) -> dict[str, tuple[int, str]]:
-    """Published cache entries of the study's runs: directory name -> (manifest mtime, text);
-    a writer's temporary directory (``.tmp-...``, published by one rename) is not one."""
-    out = {}
-    for m in (cache / "results" / "fa_study.runs.execute").glob("[!.]*/manifest.json"):
-        out[m.parent.name] = (m.stat().st_mtime_ns, m.read_text())
-    return out
+def _entries(cache: Path) -> dict[str, tuple[int, bytes]]:
+    """Published cache entries of the study's runs: spec key -> (mtime, content); a writer's
+    temporary file (``.tmp-...``, published by one rename) is not one."""
+    return {m.stem: (m.stat().st_mtime_ns, m.read_bytes())
+            for m in (cache / "results" / "fa_study.runs.execute").glob("[!.]*.json")}
 
 
 def test_killed_study_resumes_without_recomputing_finished_runs(tmp_path, monkeypatch):
@@ -68,7 +67,7 @@ def test_killed_study_resumes_without_recomputing_finished_runs(tmp_path, monkey
 
     cache = tmp_path / "cache"
     env = dict(os.environ, FA_STUDY_CACHE=str(cache), PYTHONPATH=str(HERE), FA_STUDY_OFFLINE="1",
-               FA_STUDY_PROFILE="quick", OMP_NUM_THREADS="1")
+               FA_STUDY_PROFILE="quick", OMP_NUM_THREADS="1", FA_STUDY_JOBS="1")
     n = 6
     code = f"from sweep_units import study_sweep; study_sweep({n}).run()"
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,

@@ -17,7 +17,7 @@ from fa_study.config import seed_everything
 from fa_study.data import Dataset
 from fa_study.diagnostics import audit
 from fa_study.models import build_model
-from fa_study.rules import RULES, build_rule
+from fa_study.rules import RULES, build_rule, convert
 from fa_study.train import TrainConfig, frozen_baseline, train
 
 SHAPE = (3, 8, 8)
@@ -140,7 +140,7 @@ def test_layer_dfa_on_a_plain_cnn_is_set_up_for_the_datasets_classes():
 
 @pytest.mark.parametrize("name", ANY_MODEL_RULES)
 def test_every_rule_that_needs_no_blocks_trains_a_plain_cnn(name):
-    assert not RULES[name].needs_blocks and RULES[name].trains(PlainCNN())
+    assert not RULES[name].needs_blocks and RULES[name].fits(PlainCNN())
     hist = train(_cnn(), build_rule(name), TRAIN, TEST, TrainConfig(epochs=1, batch_size=32, eval_batch=16),
                  hidden=HIDDEN)
     assert list(hist["status"]) == ["ok", "ok"] and hist["train_loss"].map(math.isfinite).all()
@@ -164,7 +164,7 @@ def test_rules_that_need_blocks_refuse_a_plain_cnn_at_setup(name):
         train(model, build_rule(name), TRAIN, TEST, CFG, hidden=HIDDEN)
     text = str(err.value)
     assert f"rule {name!r} cannot train PlainCNN" in text and LACKS[name] in text
-    assert "Rules that train any classifier nn.Module: bp, frozen, layer_fa" in text
+    assert "Rules that train it: bp, frozen, layer_fa" in text
     assert "layer_dfa_block" not in text.split("Rules that train")[1]
     # refused before anything was touched, and by the rule's own setup too
     assert not feedback.local_layers(model) and all(p.requires_grad for p in model.parameters())
@@ -311,7 +311,7 @@ def test_frozen_baseline_trains_a_converted_network_by_bp(monkeypatch):
     the unconverted network's (the same trained weights, not FA's)."""
     init = _cnn()
     converted = copy.deepcopy(init)
-    feedback.convert(converted, "fa", generator=torch.Generator().manual_seed(0))
+    convert(converted, "layer_fa", generator=torch.Generator().manual_seed(0))
     seen = _spy(monkeypatch)
     seed_everything(1)
     plain = frozen_baseline(init, TRAIN, TEST, CFG, hidden=HIDDEN)

@@ -26,59 +26,17 @@ Two lines audit a network the package did not build::
     from fa_study.diagnostics import audit
     print(audit(model, x_eval, y_eval, frozen_acc=0.41))
 """
-from .audit import (
-    D1_THRESHOLD,
-    D2_EPS,
-    D2_FACTOR,
-    D2_FLOOR,
-    D3_MARGIN_PP,
-    PROTOCOL_EVAL,
-    AuditReport,
-    audit,
-    decide_d3,
-    fired_flags,
-    growth_since_init,
-    report_from_dict,
-    verdict_from_flags,
-    with_baseline,
-)
-from .direction import (
-    COMPARES,
-    DIRECTION_EVAL,
-    HEALTHY_G,
-    MEDIOCRE_COS,
-    NULL_SEED,
-    POOR_COS,
-    READINGS,
-    credit_cosines,
-    direction_quality,
-    direction_reading,
-    fresh_feedback_null,
-    read_direction_quality,
-)
-from .signals import (
-    COSINE_EPS,
-    bp_reference,
-    buffers_preserved,
-    eval_mode,
-    hidden_gradients,
-    model_credit,
-    per_sample_cosine,
-    prepare,
-)
-from .taps import BlockStates, HiddenStates, HookedStates, Tap, find_hidden_states
-from .twin import Twin, bp_twin
-from .updates import feedback_angles, feedback_matrix, update_alignment
+from .audit import (D1_THRESHOLD, D2_EPS, D2_FACTOR, D2_FLOOR, D3_MARGIN_PP, PROTOCOL_EVAL,  # noqa: F401
+                    AuditReport, audit, decide_d3, fired_flags, growth_since_init, report_from_dict,
+                    verdict_from_flags, with_baseline)
+from .direction import (COMPARES, DIRECTION_EVAL, HEALTHY_G, MEDIOCRE_COS, NULL_SEED, POOR_COS, READINGS,  # noqa: F401
+                        credit_cosines, direction_quality, direction_reading, fresh_feedback_null,
+                        read_direction_quality)
+from .signals import (COSINE_EPS, bp_reference, buffers_preserved, eval_mode, hidden_gradients, model_credit,  # noqa: F401
+                      per_sample_cosine, prepare)
+from .taps import BlockStates, HiddenStates, HookedStates, Tap, find_hidden_states  # noqa: F401
+from .twin import Twin, bp_twin  # noqa: F401
+from .updates import feedback_angles, feedback_matrix, update_alignment  # noqa: F401
 
-__all__ = [
-    "D1_THRESHOLD", "D2_EPS", "D2_FACTOR", "D2_FLOOR", "D3_MARGIN_PP", "PROTOCOL_EVAL",
-    "AuditReport", "audit", "decide_d3", "fired_flags", "growth_since_init", "report_from_dict",
-    "verdict_from_flags", "with_baseline",
-    "COMPARES", "DIRECTION_EVAL", "HEALTHY_G", "MEDIOCRE_COS", "NULL_SEED", "POOR_COS", "READINGS",
-    "credit_cosines", "direction_quality", "direction_reading", "fresh_feedback_null",
-    "read_direction_quality",
-    "COSINE_EPS", "bp_reference", "buffers_preserved", "eval_mode", "hidden_gradients",
-    "model_credit", "per_sample_cosine", "prepare",
-    "BlockStates", "HiddenStates", "HookedStates", "Tap", "find_hidden_states",
-    "Twin", "bp_twin", "feedback_angles", "feedback_matrix", "update_alignment",
-]
+# every name imported above (the submodules themselves are not part of the interface)
+__all__ = [n for n, v in dict(globals()).items() if not n.startswith("_") and type(v).__name__ != "module"]

@@ -112,10 +112,9 @@ class AuditReport:
             lines.append(f"D3 depth utility:     margin over frozen blocks "
                          f"{100 * self.depth_margin:+.1f} pp (frozen {self.frozen_acc:.4f}, needs "
                          f"{100 * self.d3_margin:+.1f} pp) -> {fire(self.d3)}")
-        norms = ", ".join(f"{v:.3g}" for v in self.hidden_norms)
-        grads = ", ".join(f"{v:.2e}" for v in self.grad_norms)
-        lines.append(f"||h_l||, l = 0..{len(self.hidden_norms) - 1}: {norms}")
-        lines.append(f"||g_l||, l = 0..{len(self.grad_norms) - 1}: {grads}")
+        top = len(self.hidden_norms) - 1
+        lines += [f"||h_l||, l = 0..{top}: " + ", ".join(f"{v:.3g}" for v in self.hidden_norms),
+                  f"||g_l||, l = 0..{top}: " + ", ".join(f"{v:.2e}" for v in self.grad_norms)]
         if self.init_ratio:
             k = int(np.argmax(self.init_ratio))
             ratios = ", ".join(f"{v:.3g}" for v in self.init_ratio)
@@ -183,48 +182,41 @@ def audit(model: nn.Module, x_eval: torch.Tensor, y_eval: torch.Tensor, *,
     growth-since-initialisation reading. The model runs in eval mode; each module's mode is
     restored after.
     """
-    for name, value in (("d1_threshold", d1_threshold), ("d2_eps", d2_eps),
-                        ("d2_factor", d2_factor)):
+    for name, value in (("d1_threshold", d1_threshold), ("d2_eps", d2_eps), ("d2_factor", d2_factor)):
         if isinstance(value, bool) or not (isinstance(value, numbers.Real) and value > 0):
             raise ValueError(f"{name} must be a positive number, got {value!r}")
-    for name, value in (("frozen_acc", frozen_acc), ("test_acc", test_acc)):
-        if value is not None and not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"{name} is an accuracy in [0, 1], got {value!r} "
-                             "(pass a fraction, not a percentage)")
+    _check_accuracies(frozen_acc=frozen_acc, test_acc=test_acc)
     check_batch(x_eval, y_eval)
-
     states, tw = prepare(model, x_eval, hidden=hidden, pool=pool, twin=twin)
     with eval_mode(model):
         sync_modes(model, tw.model)
         hiddens, grads, logits = hidden_gradients(tw.model, x_eval, y_eval, states)
-        h_norms = states.norms(hiddens)
-        g_norms = states.norms(grads)
-    init_ratio = _init_ratio(initial, h_norms, states, x_eval)
-
+        h_norms, g_norms = states.norms(hiddens), states.norms(grads)
+    source = "eval batch" if test_acc is None else "given"
     if test_acc is None:
-        test_acc = float((logits.argmax(-1) == y_eval).double().mean())
-        source = "eval batch"
-    else:
-        test_acc, source = float(test_acc), "given"
-
+        test_acc = (logits.argmax(-1) == y_eval).double().mean()
     growth = [h_norms[i + 1] / max(h_norms[i], 1e-12) for i in range(len(h_norms) - 1)]
     max_growth = max(growth) if growth else 1.0
-    d1 = bool(max_growth > d1_threshold)
-    d2_floor = float(d2_factor * d2_eps)
-    g_L = g_norms[-1]
-    d2 = bool(g_L < d2_floor)
-    d3_margin = d3_margin_pp / 100.0
-    depth_margin, d3 = decide_d3(test_acc, frozen_acc, d3_margin_pp)
-
-    return AuditReport(
-        verdict=verdict_from_flags(d1, d2, d3), flags=fired_flags(d1, d2, d3), mode1=d1 and d2,
-        test_acc=test_acc, test_acc_source=source, n_eval=int(x_eval.shape[0]),
+    d1, d2_floor = bool(max_growth > d1_threshold), float(d2_factor * d2_eps)
+    d2 = bool(g_norms[-1] < d2_floor)
+    report = AuditReport(
+        verdict=verdict_from_flags(d1, d2, None), flags=fired_flags(d1, d2, None), mode1=d1 and d2,
+        test_acc=float(test_acc), test_acc_source=source, n_eval=int(x_eval.shape[0]),
         hidden_norms=tuple(h_norms), growth=tuple(growth), max_growth=float(max_growth),
-        d1_threshold=float(d1_threshold), d1=d1, grad_norms=tuple(g_norms), g_L=float(g_L),
-        d2_floor=d2_floor, d2=d2, frozen_acc=None if frozen_acc is None else float(frozen_acc),
-        depth_margin=depth_margin, d3_margin=d3_margin, d3=d3,
+        d1_threshold=float(d1_threshold), d1=d1, grad_norms=tuple(g_norms), g_L=float(g_norms[-1]),
+        d2_floor=d2_floor, d2=d2, frozen_acc=None, depth_margin=None, d3_margin=d3_margin_pp / 100.0, d3=None,
         hidden_read=tuple(states.labels()), hidden_how=getattr(states, "how", "the model's blocks"),
-        twin=tw.describe(), unvouched=tuple(tw.unvouched), init_ratio=tuple(init_ratio))
+        twin=tw.describe(), unvouched=tuple(tw.unvouched),
+        init_ratio=tuple(_init_ratio(initial, h_norms, states, x_eval)))
+    return with_baseline(report, frozen_acc, d3_margin_pp)
+
+
+def _check_accuracies(**values) -> None:
+    """Accuracies are fractions in [0, 1]: a percentage (35.0) is refused, not silently read."""
+    for name, value in values.items():
+        if value is not None and not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{name} is an accuracy in [0, 1], got {value!r} "
+                             "(pass a fraction, not a percentage)")
 
 
 def _init_ratio(initial, h_norms: list[float], states, x: torch.Tensor) -> list[float]:
@@ -255,10 +247,7 @@ def decide_d3(test_acc: float, frozen_acc: float | None, d3_margin_pp: float = D
     [0, 1]: a percentage (35.0) is refused, as by :func:`audit`, instead of silently firing D3."""
     if frozen_acc is None or not math.isfinite(float(frozen_acc)):
         return None, None
-    for name, value in (("frozen_acc", frozen_acc), ("test_acc", test_acc)):
-        if not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"{name} is an accuracy in [0, 1], got {value!r} "
-                             "(pass a fraction, not a percentage)")
+    _check_accuracies(frozen_acc=frozen_acc, test_acc=test_acc)
     margin = float(test_acc) - float(frozen_acc)
     return margin, bool(margin < d3_margin_pp / 100.0)
 

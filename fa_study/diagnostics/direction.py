@@ -23,16 +23,8 @@ import torch
 from torch import nn
 
 from ..config import check_choice
-from .signals import (
-    COSINE_EPS,
-    check_signals,
-    eval_mode,
-    hidden_gradients,
-    model_credit,
-    per_sample_cosine,
-    prepare,
-    sync_modes,
-)
+from .signals import (COSINE_EPS, check_signals, eval_mode, hidden_gradients, model_credit, per_sample_cosine,
+                      prepare, sync_modes)
 from .taps import HiddenStates
 
 DIRECTION_EVAL = 1024  # 004 read direction quality on 1,024 test samples
@@ -118,15 +110,7 @@ def fresh_feedback_null(model: nn.Module, rule, x: torch.Tensor, y: torch.Tensor
     ``fresh_deep_cos`` (list), ``z_score`` (training minus fresh mean, in fresh std),
     ``training_layer_cos`` (list over ``layers``), ``layers``, ``n_draws``.
     """
-    if isinstance(n_draws, bool) or not isinstance(n_draws, int) or n_draws < 2:
-        raise ValueError(f"n_draws must be an integer >= 2 (a standard deviation is reported), "
-                         f"got {n_draws!r}")
-    if rule is None or not hasattr(rule, "fresh"):
-        raise ValueError("the fresh-feedback null redraws a package rule's feedback: pass the rule "
-                         "the network was trained with (e.g. build_rule('dfa') after training)")
-    if not getattr(type(rule), "has_random_feedback", callable(getattr(rule, "fresh", None))):
-        raise ValueError(f"rule {getattr(rule, 'name', rule)!r} has no random feedback to redraw "
-                         "(has_random_feedback is False): the fresh-feedback null does not apply to it")
+    _check_null(rule, n_draws)
     gen = generator if generator is not None else torch.Generator().manual_seed(NULL_SEED)
     states, tw = prepare(model, x, hidden=hidden, pool=pool, twin=twin)
     layers = _check_layers(layers, states.num_states - 1)
@@ -137,27 +121,39 @@ def fresh_feedback_null(model: nn.Module, rule, x: torch.Tensor, y: torch.Tensor
         train_layer = _layer_cosines(states, grads, trained, layers, eps, compare)
         fresh = []
         for draw in range(n_draws):
-            redrawn = rule_credit(model, rule.fresh(gen), x, y, states, hiddens)
-            if all(torch.equal(a, b) for a, b in zip(redrawn, trained)):
-                # A null that contains the training feedback itself is biased towards it.
-                raise ValueError(
-                    f"fresh draw {draw} gave exactly the training credit signals: either the rule "
-                    f"({getattr(rule, 'name', rule)!r}) has no random feedback in use on this model, "
-                    "or the generator was seeded like the one given to rule.setup(); pass a "
-                    "differently seeded generator")
+            redrawn = _fresh_credit(model, rule, gen, x, y, states, hiddens, trained, draw)
             fresh.append(float(np.mean(_layer_cosines(states, grads, redrawn, layers, eps, compare))))
     train = float(np.mean(train_layer))
     mean, std = float(np.mean(fresh)), float(np.std(fresh, ddof=1))
-    return {
-        "training_deep_cos": train,
-        "fresh_deep_mean": mean,
-        "fresh_deep_std": std,
-        "fresh_deep_cos": fresh,
-        "z_score": _z_score(train, mean, std),
-        "training_layer_cos": train_layer,
-        "layers": layers,
-        "n_draws": n_draws,
-    }
+    return {"training_deep_cos": train, "fresh_deep_mean": mean, "fresh_deep_std": std,
+            "fresh_deep_cos": fresh, "z_score": _z_score(train, mean, std),
+            "training_layer_cos": train_layer, "layers": layers, "n_draws": n_draws}
+
+
+def _check_null(rule, n_draws) -> None:
+    """The null needs at least two draws and a package rule with random feedback to redraw."""
+    if isinstance(n_draws, bool) or not isinstance(n_draws, int) or n_draws < 2:
+        raise ValueError(f"n_draws must be an integer >= 2 (a standard deviation is reported), "
+                         f"got {n_draws!r}")
+    if rule is None or not hasattr(rule, "fresh"):
+        raise ValueError("the fresh-feedback null redraws a package rule's feedback: pass the rule "
+                         "the network was trained with (e.g. build_rule('dfa') after training)")
+    if not getattr(type(rule), "has_random_feedback", callable(getattr(rule, "fresh", None))):
+        raise ValueError(f"rule {getattr(rule, 'name', rule)!r} has no random feedback to redraw "
+                         "(has_random_feedback is False): the fresh-feedback null does not apply to it")
+
+
+def _fresh_credit(model, rule, gen, x, y, states, hiddens, trained, draw: int) -> list[torch.Tensor]:
+    """The credit with freshly drawn feedback (draw number ``draw``); refused when it is the
+    training credit itself, since a null that contains the training feedback is biased towards it."""
+    redrawn = rule_credit(model, rule.fresh(gen), x, y, states, hiddens)
+    if all(torch.equal(a, b) for a, b in zip(redrawn, trained)):
+        raise ValueError(
+            f"fresh draw {draw} gave exactly the training credit signals: either the rule "
+            f"({getattr(rule, 'name', rule)!r}) has no random feedback in use on this model, "
+            "or the generator was seeded like the one given to rule.setup(); pass a "
+            "differently seeded generator")
+    return redrawn
 
 
 def _layer_cosines(states, grads, credit, layers, eps, compare) -> list[float]:

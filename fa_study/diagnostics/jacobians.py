@@ -17,7 +17,6 @@ CPU flash kernel and the fast path have no forward-mode derivative).
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -25,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .signals import buffers_preserved, eval_mode
+from .updates import _cos
 from .taps import BlockStates
 
 
@@ -93,11 +93,6 @@ def per_sample_gradients(model, x: torch.Tensor, y: torch.Tensor) -> list[torch.
     _, grads, _ = bp_reference(model, x, y, hidden=states)
     # bp_reference differentiates the batch mean: the per-sample loss's gradient is n times it
     return [states.position_sum(g) * x.shape[0] for g in grads]
-
-
-def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
-    den = float(a.norm() * b.norm())
-    return float((a * b).sum()) / den if den > 0 else math.nan
 
 
 def block_feedback_quality(B: Sequence[torch.Tensor], model, x: torch.Tensor,

@@ -11,47 +11,17 @@ size N; reports record N.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .modes import buffers_preserved, eval_mode  # noqa: F401 - part of this module's API
 from .taps import HiddenStates, find_hidden_states
 from .twin import Twin, bp_twin
 
 COSINE_EPS = 1e-30  # every cosine's floor: the true cosine even when ||g|| is 1e-12
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Every submodule in eval mode; afterwards each module's own flag is restored (so BatchNorm
-    pinned to eval inside frozen blocks stays so)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, was_training in flags:
-            m.training = was_training
-
-
-@contextmanager
-def buffers_preserved(model: nn.Module) -> Iterator[None]:
-    """Restore every buffer afterwards when any module is training, so a diagnostic forward
-    never moves BatchNorm running statistics."""
-    if not any(m.training for m in model.modules()):
-        yield
-        return
-    saved = {name: buf.detach().clone() for name, buf in model.named_buffers()}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                if name in saved:
-                    buf.copy_(saved[name])
 
 
 def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .modes import buffers_preserved, eval_mode
+
 POOLS: tuple[str, ...] = ("auto", "cls", "mean", "flat")
 SIDES: tuple[str, ...] = ("output", "input")
 CONTAINER_NAMES: tuple[str, ...] = ("blocks", "layers")  # block containers found automatically
@@ -103,6 +105,12 @@ class HiddenStates:
         return len(self.labels())
 
 
+def _check_pool(pool):
+    if not (callable(pool) or pool in POOLS):
+        raise ValueError(f"pool must be one of {', '.join(POOLS)} or a callable, got {pool!r}")
+    return pool
+
+
 def _graph_input(x: torch.Tensor) -> torch.Tensor:
     return x.detach().requires_grad_(True) if x.is_floating_point() else x
 
@@ -120,8 +128,7 @@ class BlockStates(HiddenStates):
     """The package's models: ``h_0 = embed(x)``, ``h_{l+1} = step(l, h_l)`` (their own forward)."""
 
     def __init__(self, model: nn.Module):
-        self.model = model
-        self.num_blocks = model.num_blocks
+        self.model, self.num_blocks = model, model.num_blocks
 
     def labels(self) -> list[str]:
         return ["embed(x)"] + [f"step {l} (blocks.{l}, skip included)" for l in range(self.num_blocks)]
@@ -159,11 +166,7 @@ def pool_by_rank(h: torch.Tensor, pool: str | Callable) -> torch.Tensor:
 
 def sum_positions(t: torch.Tensor) -> torch.Tensor:
     """``(batch, d)``: tokens summed over dim 1, spatial maps over their trailing dims."""
-    if t.dim() == 2:
-        return t
-    if t.dim() == 3:
-        return t.sum(dim=1)
-    return t.sum(dim=tuple(range(2, t.dim())))
+    return t if t.dim() == 2 else t.sum(dim=1 if t.dim() == 3 else tuple(range(2, t.dim())))
 
 
 class HookedStates(HiddenStates):
@@ -180,9 +183,7 @@ class HookedStates(HiddenStates):
         self.taps = [t if isinstance(t, Tap) else Tap.parse(t) for t in taps]
         if not self.taps:
             raise ValueError("name at least one hidden state (a module whose output is h_0)")
-        if not (callable(pool) or pool in POOLS):
-            raise ValueError(f"pool must be one of {', '.join(POOLS)} or a callable, got {pool!r}")
-        self._pool = "cls" if pool == "auto" else pool
+        self._pool = "cls" if _check_pool(pool) == "auto" else pool
         self.blocks = list(blocks) if blocks is not None else [t.module for t in self.taps[1:]]
         self.how = how
 
@@ -259,7 +260,8 @@ def _containers(model: nn.Module) -> list[tuple[str, list[str]]]:
 
 
 def _has_class_token(model: nn.Module) -> bool:
-    return any(n.rsplit(".", 1)[-1] in ("cls_token", "class_token", "cls") for n, _ in model.named_parameters())
+    return any(n.rsplit(".", 1)[-1] in ("cls_token", "class_token", "cls")
+               for n, _ in model.named_parameters())
 
 
 def _same(a, b) -> bool:
@@ -270,13 +272,9 @@ def _same(a, b) -> bool:
 def _probe(model: nn.Module, x: torch.Tensor):
     """Run the model once recording, in call order, every module's input and output."""
     events: list[tuple[str, str, object]] = []
-    handles = []
-    for name, m in model.named_modules():
-        handles.append(m.register_forward_pre_hook(
-            lambda mod, a, name=name: events.append((name, "in", a[0] if a else None))))
-        handles.append(m.register_forward_hook(
-            lambda mod, a, out, name=name: events.append((name, "out", out))))
-    from .signals import buffers_preserved, eval_mode
+    handles = [h for name, m in model.named_modules() for h in (
+        m.register_forward_pre_hook(lambda _, a, name=name: events.append((name, "in", a[0] if a else None))),
+        m.register_forward_hook(lambda _, a, out, name=name: events.append((name, "out", out))))]
 
     try:
         with torch.no_grad(), eval_mode(model), buffers_preserved(model):
@@ -360,9 +358,7 @@ def find_hidden_states(model: nn.Module, x: torch.Tensor | None = None, *,
 
     if isinstance(hidden, HiddenStates):
         return hidden
-    if not (callable(pool) or pool in POOLS):
-        raise ValueError(f"pool must be one of {', '.join(POOLS)} or a callable, got {pool!r}")
-    if pool == "auto":
+    if _check_pool(pool) == "auto":
         pool = "cls" if _has_class_token(model) else "mean"
     if hidden is not None:
         if isinstance(hidden, str):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .modes import eval_mode
 from .taps import _logits
 
 PLAIN_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -40,10 +41,6 @@ class Twin:
     unvouched: tuple[str, ...] = ()  # modules / Functions with a backward of their own left in
     given: bool = False  # passed by the user
     notes: list[str] = field(default_factory=list)
-
-    @property
-    def is_model(self) -> bool:
-        return not self.replaced and not self.given
 
     def describe(self) -> str:
         if self.given:
@@ -80,15 +77,11 @@ def _plain_copy(m: nn.Module, base: type[nn.Module]) -> nn.Module:
         new = base(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
                    dilation=m.dilation, groups=m.groups, bias=has_bias, padding_mode=m.padding_mode,
                    device="meta")
-    for key in ("weight", "bias"):
-        value = getattr(m, key, None)
-        if key == "bias" and not has_bias:
-            continue
-        if isinstance(value, nn.Parameter):
-            setattr(new, key, value)
-        else:  # a layer keeping its weight as a plain tensor: keep it so
+    for key in ("weight", "bias") if has_bias else ("weight",):
+        value = getattr(m, key)
+        if not isinstance(value, nn.Parameter):  # a layer keeping its weight as a plain tensor: keep it so
             delattr(new, key)
-            setattr(new, key, value)
+        setattr(new, key, value)
     new.train(m.training)
     return new
 
@@ -128,13 +121,8 @@ def _unvouched(model: nn.Module, x: torch.Tensor) -> list[str]:
     finally:
         for h in handles:
             h.remove()
-    names = []
-    for node in nodes:
-        label = owner.get(id(node))
-        label = f"{label} ({type(node).__name__})" if label else type(node).__name__
-        if label not in names:
-            names.append(label)
-    return names
+    return list(dict.fromkeys(f"{owner[id(n)]} ({type(n).__name__})" if owner.get(id(n)) else type(n).__name__
+                              for n in nodes))
 
 
 def bp_twin(model: nn.Module, x: torch.Tensor | None = None, *, twin: nn.Module | None = None) -> Twin:
@@ -144,7 +132,6 @@ def bp_twin(model: nn.Module, x: torch.Tensor | None = None, *, twin: nn.Module 
     backward nodes and its logits are checked against the model's (two samples, eval mode).
     ``twin``: a module of your own to use as the BP network (it is not checked).
     """
-    from .signals import eval_mode
 
     if twin is not None:
         if not isinstance(twin, nn.Module):

@@ -41,7 +41,7 @@ def feedback_matrix(layer: nn.Module) -> tuple[str, torch.Tensor] | None:
     W = getattr(layer, "weight", None)
     if not isinstance(W, torch.Tensor) or W.dim() < 2:
         return None
-    tensors = {n: t for n, t in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]}
+    tensors = dict([*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)])
     tensors.update({n: t for n, t in vars(layer).items() if isinstance(t, torch.Tensor)})
     names = [n for n in FEEDBACK_NAMES if n in tensors] + sorted(set(tensors) - set(FEEDBACK_NAMES))
     for n in names:
@@ -128,13 +128,11 @@ def update_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule=No
     check_batch(x, y)
     tw = twin if isinstance(twin, Twin) else bp_twin(model, x, twin=twin)
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    # each pass in a fork of the random state: both see the same (dropout masks), and the
+    # global state is left as it was
     with torch.random.fork_rng(devices=devices):
-        cpu_state = torch.get_rng_state()
-        cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
         net = own_update(model, x, y, rule, loss_fn)
-        torch.set_rng_state(cpu_state)
-        for d, s in zip(devices, cuda_states):
-            torch.cuda.set_rng_state(s, d)
+    with torch.random.fork_rng(devices=devices):
         bp = tw.model
         sync_modes(model, bp)
         params = {n: p for n, p in bp.named_parameters() if p.requires_grad}
@@ -152,11 +150,8 @@ def update_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule=No
         if p.dim() < 2 or not p.requires_grad or name not in bp_grads:
             continue
         u, g = p.grad, bp_grads[name]
-        if u is None or g is None:
-            cos, un, gn = math.nan, math.nan, math.nan
-        else:
-            cos = _cos(u, g)
-            un, gn = float(u.double().norm()), float(g.double().norm())
+        cos, un, gn = (math.nan,) * 3 if u is None or g is None else \
+            (_cos(u, g), float(u.double().norm()), float(g.double().norm()))
         a, r = angles.get(name, (math.nan, math.nan))
         rows.append({"param": name, "cos_update_bp": cos, "update_norm": un, "bp_grad_norm": gn,
                      "angle_BW_deg": a, "norm_ratio_BW": r, "by_construction": same})

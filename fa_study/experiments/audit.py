@@ -34,15 +34,18 @@ from typing import Callable
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from ..config import MAX_BLOCKS, MAX_WIDTH, check_choice, check_float, check_int, check_seeds, get_profile
+from ..config import get_profile
 from ..data import DATASETS
 from ..diagnostics import D2_FLOOR, D3_MARGIN_PP, PROTOCOL_EVAL
+from ..fields import boolean, choice, nonnegative, option, positive, positive_int
+from ..fields import seeds as seed_tuple
+from ..models import ARCHITECTURES, AUDIT_ARCHS, AUDIT_MODELS, resolve  # AUDIT_MODELS: names a study takes
 from ..rules import BP_REFERENCE, D3_BASELINE, RULES, get_rule
 from ..runs import INIT_RATIO_COLUMNS, DataSpec, ModelSpec, ReadSpec, Results, RunSpec
 from ..train import TrainConfig
-from .core import Study, StudyResult, finished, last_epoch, layer_long, resolve_study
+from .core import (SUBSET, WIDTH, Study, StudyResult, depth, finished, last_epoch, layer_long, model_names,
+                   names, null_count, resolve_study, rule_names, study_runner)
 
-AUDIT_MODELS: tuple[str, ...] = ("resmlp", "resmlp_d512_L2", "vit", "resnet")  # names a study takes
 RULE_ORDER: tuple[str, ...] = ("bp", "oracle", "fa", "grape_fa", "dfa", "stiefel_dfa", "frozen", "shallow")
 # The label every table, figure and note carries next to the growth since initialisation.
 BEYOND_REFERENCE = ("Beyond the reference (not in the verdict): h0_init_ratio, hL_init_ratio and "
@@ -73,26 +76,30 @@ def audit_spec(rule: str, model: str, seed: int, *, options: dict | None = None,
 
 def audit_rules() -> tuple[str, ...]:
     """Registered rules that train the audit's architectures (for the panel's choices)."""
-    return tuple(n for n, c in RULES.items() if all(c.supports(a) for a in ("resmlp", "vit", "resnet")))
+    return tuple(n for n, c in RULES.items() if all(c.supports(a) for a in AUDIT_ARCHS))
 
 
 @dataclass(frozen=True)
 class AuditStudy(Study):
     """BP / FA / DFA (or any rule) against the frozen-blocks baseline, audited by D1-D3."""
 
-    rules: tuple = ("bp", "fa", "dfa")  # learning rules audited (frozen baseline added for D3)
-    archs: tuple = ("resmlp",)  # models (AUDIT_MODELS or any arch); the paper profile runs all four
-    seeds: tuple = (42,)  # one run per rule, model and seed
-    dataset: str = "cifar10"  # cifar100 is the reference's appendix; fashion_mnist the real-data check
-    d: int | None = None  # width (None: the reference's per architecture; named variants keep theirs)
-    num_blocks: int | None = None  # depth (None: the reference's; named variants keep theirs)
-    penalty: float = 0.0  # residual-branch penalty λ of the rules that take one (0: none)
-    epochs: int = 10  # passes over the training subset (ViT: 60 % when >= 50, as the reference)
-    n_train: int | None = None  # training subset (None: the whole split)
-    n_test: int | None = None  # test subset (None: the whole split)
-    lr: float = 1e-3  # AdamW learning rate, as the reference
-    augment: bool = False  # batched random crop + flip (the reference used it on real CIFAR)
-    null_draws: int = 0  # fresh feedback draws per run with random feedback (0: no null)
+    rules: tuple = option(("bp", "fa", "dfa"), names(rule_names),
+                          "learning rules audited (frozen baseline added for D3)")
+    archs: tuple = option(("resmlp",), names(model_names),
+                          "models (AUDIT_MODELS or any arch); the paper profile runs all four")
+    seeds: tuple = option((42,), seed_tuple, "one run per rule, model and seed")
+    dataset: str = option("cifar10", choice(*DATASETS),
+                          "cifar100 is the reference's appendix; fashion_mnist the real-data check")
+    d: int | None = option(None, WIDTH, "width (None: the reference's; named variants keep theirs)")
+    num_blocks: int | None = option(None, depth(0),
+                                    "depth (None: the reference's; named variants keep theirs)")
+    penalty: float = option(0.0, nonnegative, "residual-branch penalty λ of the rules taking one (0: none)")
+    epochs: int = option(10, positive_int, "passes over the training subset (ViT: 60 % when >= 50)")
+    n_train: int | None = option(None, SUBSET, "training subset (None: the whole split)")
+    n_test: int | None = option(None, SUBSET, "test subset (None: the whole split)")
+    lr: float = option(1e-3, positive, "AdamW learning rate, as the reference")
+    augment: bool = option(False, boolean, "batched random crop + flip (the reference used it on real CIFAR)")
+    null_draws: int = option(0, null_count, "fresh feedback draws per run with random feedback (0: no null)")
 
     # The paper profile is the reference's run_all.sh inventory: ResidualMLP d=256 L=4 and
     # d=512 L=2, ViTMini (60 % of the epochs), SmallResNet; 3 seeds, 100 epochs, crop + flip.
@@ -100,7 +107,7 @@ class AuditStudy(Study):
         "quick": dict(epochs=5, n_train=4000, n_test=1000, d=64, seeds=(42, 1), null_draws=10),
         "default": dict(epochs=10, n_train=10000, n_test=2000, seeds=(42,), null_draws=10),
         "paper": dict(epochs=100, n_train=None, n_test=None, seeds=(42, 123, 456),
-                      archs=("resmlp", "resmlp_d512_L2", "vit", "resnet"), augment=True, null_draws=20),
+                      archs=AUDIT_MODELS, augment=True, null_draws=20),
     }
     # Fashion-MNIST: the whole split when the real files are there (60,000 images)
     CROSS_CHECK = {
@@ -132,34 +139,6 @@ class AuditStudy(Study):
         your own appears here too)."""
         return audit_rules()
 
-    def __post_init__(self):
-        from ..models import MODEL_NAMES
-
-        for name in ("rules", "archs"):
-            v = getattr(self, name)
-            if not isinstance(v, tuple) or not v:
-                raise ValueError(f"{name} must be a non-empty tuple, got {v!r}")
-        for r in self.rules:
-            check_choice("rule", r, tuple(RULES))
-        for a in self.archs:
-            check_choice("arch", a, MODEL_NAMES)
-        object.__setattr__(self, "seeds", check_seeds("seeds", self.seeds))
-        check_choice("dataset", self.dataset, DATASETS)
-        check_float("penalty", self.penalty, 0.0)
-        check_float("lr", self.lr, 0.0, low_open=True)
-        check_int("epochs", self.epochs, 1)
-        check_int("d", self.d, 1, MAX_WIDTH, none_ok=True, none_means="the reference's width",
-                  bound="fa_study.config.MAX_WIDTH")
-        check_int("num_blocks", self.num_blocks, 0, MAX_BLOCKS, none_ok=True,
-                  none_means="the reference's depth", bound="fa_study.config.MAX_BLOCKS")
-        check_int("n_train", self.n_train, 1, none_ok=True, none_means="the whole split")
-        check_int("n_test", self.n_test, 1, none_ok=True, none_means="the whole split")
-        check_int("null_draws", self.null_draws, 0)
-        if self.null_draws == 1:
-            raise ValueError("null_draws must be 0 (no null) or >= 2 (the null reports a standard "
-                             "deviation), got 1")
-        self.specs()  # every run validated now (rule x architecture, options), before any training
-
     def blind_spot(self, profile: str | None = None) -> "AuditStudy":
         """The run that shows D1's blind spot (:attr:`BLIND_SPOT` of the profile): BP and block
         DFA (plus the frozen baseline) on the reference ResidualMLP and 12,000 Fashion-MNIST
@@ -169,8 +148,10 @@ class AuditStudy(Study):
         return dataclasses.replace(self, **self.BLIND_SPOT[get_profile(profile)])
 
     def epochs_for(self, model: str) -> int:
-        """The reference trained ViT for 60 % of the epochs (60 of 100)."""
-        return max(1, round(self.epochs * 0.6)) if model == "vit" and self.epochs >= 50 else self.epochs
+        """The epochs of ``model``: a share of long runs where the reference trained it shorter
+        (ViTMini: 60 of 100; the architecture's ``long_run_share``)."""
+        share = ARCHITECTURES[resolve(model)[0]].long_run_share
+        return max(1, round(self.epochs * share)) if share != 1.0 and self.epochs >= 50 else self.epochs
 
     def spec(self, rule: str, model: str, seed: int) -> RunSpec:
         """The run of ``rule`` on ``model`` with ``seed`` (the penalty for rules that take one)."""
@@ -185,13 +166,8 @@ class AuditStudy(Study):
         return [self.spec(r, a, s) for a in self.archs for s in self.seeds for r in rules]
 
 
-def run_audit(study: AuditStudy | None = None, *, profile: str | None = None,
-              callback: Callable | None = None, n_jobs: int = 1, progress: Callable | None = None,
-              **overrides) -> Results:
-    """Run every rule, model and seed of ``study`` plus the frozen baseline; see
-    :class:`fa_study.runs.Results`."""
-    study = resolve_study(AuditStudy, study, profile, overrides)
-    return study.run(callback=callback, n_jobs=n_jobs, progress=progress)
+run_audit = study_runner(AuditStudy, """Run every rule, model and seed of the study (default: the
+    profile's, with ``overrides``) plus the frozen baseline; see :class:`fa_study.runs.Results`.""")
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,8 +216,8 @@ def verdict_table(results: Results) -> pd.DataFrame:
         sub_ok = ok[(ok["model"] == row["model"]) & (ok["arm"] == row["arm"])]
         frozen = sub["rule"].map(lambda r: get_rule(r).is_baseline).all()
         m, half = row["depth_margin_pp"], row["depth_margin_pp_ci"]
-        row["depth_margin_pp_text"] = "—" if frozen else (
-            "n/a" if not math.isfinite(m) else f"{m:+.1f}" + (f" ± {half:.1f}" if math.isfinite(half) else ""))
+        spread = f" ± {half:.1f}" if math.isfinite(half) else ""
+        row["depth_margin_pp_text"] = "—" if frozen else f"{m:+.1f}{spread}" if math.isfinite(m) else "n/a"
         row["max_growth_text"] = format_mean_ci(row["max_growth"], row["max_growth_ci"])
         for flag in ("d1", "d2", "d3"):
             fired = sum(bool(v) for v in sub_ok[flag] if v is not None and v == v)
@@ -256,8 +232,8 @@ def verdict_table(results: Results) -> pd.DataFrame:
     out = pd.DataFrame(rows).rename(columns={"model": "arch", "arm": "rule"})
     text = [f"{c}_text" for c in cols]
     raw = [c for c in cols] + [f"{c}_ci" for c in cols]
-    return out[["arch", "rule", "n", "n_rows", *text, "d1_fired", "d2_fired", "d3_fired", "verdict", "diverged",
-                "error", "data_source", *raw]]
+    return out[["arch", "rule", "n", "n_rows", *text, "d1_fired", "d2_fired", "d3_fired", "verdict",
+                "diverged",                 "error", "data_source", *raw]]
 
 
 def _log_profile(frame: pd.DataFrame, x: str, y: str, *, ax, title: str, ylabel: str):
@@ -288,16 +264,23 @@ def audit_figures(results: Results) -> list:
     """
     from .. import plots
 
-    runs, history, layers = results.runs, results.history, results.layers
-    archs = list(dict.fromkeys(runs["model"]))
-    sources = sorted(runs["data_source"].dropna().unique())
-    figs = []
+    archs = list(dict.fromkeys(results.runs["model"]))
+    history = finished(results.history) if "model" in results.history else \
+        results.history.iloc[:0].assign(model=[])
+    figs = [_accuracy_figure(results, archs),
+            _per_arch(archs, last_epoch(history), _layer_row, results.layers),
+            _per_arch(archs, _with_top_norm(history), _curves_row)]
+    return [plots.finish(fig, results.runs, bottom=0.03) for fig in figs]
 
-    # 1. accuracy against the frozen baseline: one bar per rule (mean), a dot per seed, the
-    # 95 % CI from three seeds on; a rule whose runs failed or diverged reads so under its bar
+
+def _accuracy_figure(results: Results, archs: list[str]):
+    """Accuracy against the frozen baseline: one bar per rule (mean), a dot per seed, the 95 % CI
+    from three seeds on; a rule whose runs failed or diverged reads so under its bar."""
+    from .. import plots
+
     fig, axes = plt.subplots(1, len(archs), figsize=(max(5.6, 4.6 * len(archs)), 3.6), squeeze=False)
     table = verdict_table(results)
-    done = runs[runs["status"] == "ok"]
+    done = results.runs[results.runs["status"] == "ok"]
     for ax, arch in zip(axes[0], archs):
         t = table[(table["arch"] == arch) & (table["verdict"] != "baseline")]
         frozen = table.loc[(table["arch"] == arch) & (table["rule"] == D3_BASELINE), "test_acc"].dropna()
@@ -309,65 +292,71 @@ def audit_figures(results: Results) -> list:
                         reference=ref, reference_label="frozen blocks",
                         ylabel="test accuracy", title=f"{arch}: accuracy vs frozen blocks")
         if ref is not None:
-            ax.axhline(ref + D3_MARGIN_PP / 100, color="k", ls=":", lw=0.8, label=f"frozen + {D3_MARGIN_PP:g} pp (D3)")
+            ax.axhline(ref + D3_MARGIN_PP / 100, color="k", ls=":", lw=0.8,
+                       label=f"frozen + {D3_MARGIN_PP:g} pp (D3)")
             ax.legend(fontsize=7, frameon=False, loc="upper right")
         ax.set_xticks(range(len(t)), [f"{r}\n{v}" for r, v in zip(t["rule"], t["verdict"])], fontsize=8)
         ax.set_ylim(0, 1.08)
-    figs.append(fig)
+    return fig
 
-    # 2. per-layer profile at the end of training
-    last = last_epoch(finished(history)) if "model" in history else history.iloc[:0].assign(model=[])
-    fig, axes = plt.subplots(len(archs), 3, figsize=(13.5, 3.4 * len(archs)), squeeze=False)
+
+def _per_arch(archs: list[str], frame: pd.DataFrame, draw: Callable, *args):
+    """One row of three panels per architecture, drawn by ``draw(row, arch, its rows, *args)``;
+    an architecture with no finished run says so."""
+    from .. import plots
+
+    fig, axes = plt.subplots(len(archs), 3, figsize=(13.5, 3.3 * len(archs)), squeeze=False)
     for row, arch in zip(axes, archs):
-        sub = last[last["model"] == arch]
+        sub = frame[frame["model"] == arch]
         if sub.empty:
             for ax in row:
                 plots.no_data(ax, f"{arch}: no run finished, nothing to draw")
-            continue
-        _log_profile(layer_long(sub, "h_norm_"), "layer", "h_norm_", ax=row[0],
-                     title=f"{arch}: ‖h_l‖ (D1 reads its growth)", ylabel="median ‖h_l‖")
-        _log_profile(layer_long(sub, "g_norm_"), "layer", "g_norm_", ax=row[1],
-                     title=f"{arch}: ‖g_l‖ = ‖dL/dh_l‖ (D2 reads l = L)", ylabel="median ‖g_l‖")
-        row[1].axhline(D2_FLOOR, color="#D55E00", ls=":", lw=1, label=f"D2 floor {D2_FLOOR:g}")
-        row[1].legend(fontsize=8, frameon=False)
-        lay = layers[layers["model"] == arch] if len(layers) and "model" in layers else layers.iloc[:0]
-        if len(lay):
-            plots.plot_curves(lay, "layer", "cos_mean", hue="arm", ax=row[2], logy=False,
-                              title=f"{arch}: cos(a_l, g_l) per layer", ylabel="mean cosine")
-            row[2].axhline(0, color="k", lw=0.8, ls=":")
-            row[2].set_ylim(-0.3, 1.05)
         else:
-            row[2].set_axis_off()
-        for ax in row:
-            ax.set_xlabel("hidden state l (0 = embedding)")
-    figs.append(fig)
+            draw(row, arch, sub, *args)
+    return fig
 
-    # 3. training curves
-    hist = finished(history).copy() if "model" in history else history.iloc[:0].assign(model=[])
+
+def _layer_row(row, arch: str, last: pd.DataFrame, layers: pd.DataFrame) -> None:
+    """Per layer at the end of training: ``||h_l||``, ``||g_l||`` and ``cos(a_l, g_l)``."""
+    from .. import plots
+
+    _log_profile(layer_long(last, "h_norm_"), "layer", "h_norm_", ax=row[0],
+                 title=f"{arch}: ‖h_l‖ (D1 reads its growth)", ylabel="median ‖h_l‖")
+    _log_profile(layer_long(last, "g_norm_"), "layer", "g_norm_", ax=row[1],
+                 title=f"{arch}: ‖g_l‖ = ‖dL/dh_l‖ (D2 reads l = L)", ylabel="median ‖g_l‖")
+    row[1].axhline(D2_FLOOR, color="#D55E00", ls=":", lw=1, label=f"D2 floor {D2_FLOOR:g}")
+    row[1].legend(fontsize=8, frameon=False)
+    lay = layers[layers["model"] == arch] if len(layers) and "model" in layers else layers.iloc[:0]
+    if len(lay):
+        plots.plot_curves(lay, "layer", "cos_mean", hue="arm", ax=row[2], logy=False,
+                          title=f"{arch}: cos(a_l, g_l) per layer", ylabel="mean cosine")
+        row[2].axhline(0, color="k", lw=0.8, ls=":")
+        row[2].set_ylim(-0.3, 1.05)
+    else:
+        row[2].set_axis_off()
+    for ax in row:
+        ax.set_xlabel("hidden state l (0 = embedding)")
+
+
+def _with_top_norm(history: pd.DataFrame) -> pd.DataFrame:
+    """``history`` with ``h_L_norm``, the median ``||h_L||`` of each row's own depth L."""
+    hist = history.copy()
     if len(hist):
         top = hist["num_blocks"].astype(int)
         hist["h_L_norm"] = [row[f"h_norm_{L}"] for row, L in zip(hist.to_dict("records"), top)]
-    fig, axes = plt.subplots(len(archs), 3, figsize=(13.5, 3.2 * len(archs)), squeeze=False)
-    for row, arch in zip(axes, archs):
-        sub = hist[hist["model"] == arch]
-        if sub.empty:
-            for ax in row:
-                plots.no_data(ax, f"{arch}: no run finished, nothing to draw")
-            continue
-        plots.plot_curves(sub, "epoch", "test_acc", hue="arm", ax=row[0], logy=False,
-                          title=f"{arch}: test accuracy")
-        plots.plot_curves(sub[sub["epoch"] > 0], "epoch", "train_loss", hue="arm", ax=row[1],
-                          logy=False, title=f"{arch}: training loss")
-        _log_profile(sub, "epoch", "h_L_norm", ax=row[2], title=f"{arch}: ‖h_L‖ over training",
-                     ylabel="median ‖h_L‖")
-    figs.append(fig)
+    return hist
 
-    for fig in figs:
-        plots.annotate_source(fig, sources)
-        plots.annotate_failures(fig, runs)
-        fig.tight_layout(rect=(0, 0.03, 1, 1))
-        plt.close(fig)
-    return figs
+
+def _curves_row(row, arch: str, sub: pd.DataFrame) -> None:
+    """Training curves: test accuracy, training loss and ``||h_L||`` (log) per epoch."""
+    from .. import plots
+
+    plots.plot_curves(sub, "epoch", "test_acc", hue="arm", ax=row[0], logy=False,
+                      title=f"{arch}: test accuracy")
+    plots.plot_curves(sub[sub["epoch"] > 0], "epoch", "train_loss", hue="arm", ax=row[1],
+                      logy=False, title=f"{arch}: training loss")
+    _log_profile(sub, "epoch", "h_L_norm", ax=row[2], title=f"{arch}: ‖h_L‖ over training",
+                 ylabel="median ‖h_L‖")
 
 
 def audit_view(study: AuditStudy | None = None, *, profile: str | None = None,
@@ -488,12 +477,7 @@ def blind_spot_figure(results: Results, model: str | None = None):
     values = values[values > 0]
     for ax in axes:
         ax.set_ylim(0.5 * values.min(), 2.0 * values.max())
-    sources = sorted(results.runs["data_source"].dropna().unique())
-    plots.annotate_source(fig, sources)
-    plots.annotate_failures(fig, results.runs)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    plt.close(fig)
-    return fig
+    return plots.finish(fig, results.runs, bottom=0.03)
 
 
 def blind_spot_view(study: AuditStudy | None = None, *, profile: str | None = None,

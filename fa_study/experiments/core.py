@@ -17,9 +17,86 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from ..cache import clear_cache, code_fingerprint, one_cpu_thread, run_units  # noqa: F401
-from ..config import get_profile
+from ..cache import clear_cache, code_fingerprint, one_cpu_thread  # noqa: F401
+from ..units import run_units  # noqa: F401
+from ..config import MAX_BLOCKS, MAX_WIDTH, check_choice, check_int, get_profile
+from ..fields import Checked, int_range
+from ..plots import layer_long  # noqa: F401  (the studies' long form of per-layer columns)
 from ..runs import Results, run_notes, run_specs
+
+# --------------------------------------------------------------------------------------------
+# Checks the studies declare their fields with (fa_study.fields.option)
+# --------------------------------------------------------------------------------------------
+
+
+def _allowed(allowed) -> tuple:
+    return tuple(allowed() if callable(allowed) else allowed)
+
+
+def one_of(allowed, what: str | None = None):
+    """A check accepting one of ``allowed`` (a tuple, or a function giving one when checked, so
+    a rule or model registered later counts); the message names ``what`` (default: the field)."""
+    def check(name, value):
+        check_choice(what or name, value, _allowed(allowed))
+        return value
+    return check
+
+
+def names(allowed):
+    """A check accepting a non-empty tuple of distinct names of ``allowed`` (as :func:`one_of`);
+    a bad name is reported under the singular (``rules`` -> ``unknown rule 'x'``)."""
+    def check(name, value):
+        options = _allowed(allowed)
+        if not isinstance(value, tuple) or not value:
+            raise ValueError(f"{name} must be a non-empty tuple of {', '.join(map(repr, options))}, "
+                             f"got {value!r}")
+        for v in value:
+            check_choice(name[:-1], v, options)
+        if len(set(value)) != len(value):
+            raise ValueError(f"{name} must not repeat a name, got {value!r}")
+        return value
+    return check
+
+
+def unchecked(name, value):
+    """No check here: the value is checked elsewhere (by the rule that takes it, when it runs)."""
+    return value
+
+
+def labelled(label: str, check):
+    """``check`` with its message naming ``label`` instead of the field."""
+    return lambda name, value: check(label, value)
+
+
+def null_count(name, value) -> int:
+    """0 (no null) or at least 2 fresh feedback draws (the null reports a standard deviation)."""
+    check_int(name, value, 0)
+    if value == 1:
+        raise ValueError(f"{name} must be 0 (no null) or >= 2 (the null reports a standard deviation), got 1")
+    return value
+
+
+SUBSET = int_range(1, none_ok=True, none_means="the whole split")
+WIDTH = int_range(1, MAX_WIDTH, none_ok=True, none_means="the reference's width",
+                  bound="fa_study.config.MAX_WIDTH")
+
+
+def depth(low: int = 1):
+    """A check of a depth ``num_blocks`` in ``[low, MAX_BLOCKS]`` or None (the reference's)."""
+    return int_range(low, MAX_BLOCKS, none_ok=True, none_means="the reference's depth",
+                     bound="fa_study.config.MAX_BLOCKS")
+
+
+def model_names() -> tuple[str, ...]:
+    from ..models import MODEL_NAMES
+
+    return tuple(MODEL_NAMES)
+
+
+def rule_names() -> tuple[str, ...]:
+    from ..rules import RULES
+
+    return tuple(RULES)
 
 
 def profile_config(cls, profile: str | None, overrides: dict):
@@ -33,8 +110,10 @@ def profile_config(cls, profile: str | None, overrides: dict):
     return cls(**base)
 
 
-class Study:
-    """Mixin of the study configs: ``for_profile``, ``specs`` (abstract) and ``run``."""
+class Study(Checked):
+    """Base of the study configs (declared fields, :class:`fa_study.fields.Checked`):
+    ``for_profile``, ``specs`` (abstract), ``run``; :meth:`check` builds every spec, so a bad
+    setting is refused before any training."""
 
     PROFILES: dict = {}
     CONTROLS: dict = {}
@@ -58,6 +137,9 @@ class Study:
         """Every run of the study, as :class:`fa_study.runs.RunSpec` s."""
         raise NotImplementedError
 
+    def check(self) -> None:
+        self.specs()  # every run validated now (rule x architecture, options), before any training
+
     def cross_check(self, profile: str | None = None):
         """The same study on real Fashion-MNIST (1x28x28, 10 classes) with the profile's
         cross-check settings (:attr:`CROSS_CHECK`): the real-data check of notebooks 02-05, whose
@@ -66,7 +148,7 @@ class Study:
         overrides = dict(self.CROSS_CHECK.get(get_profile(profile), {}))
         return dataclasses.replace(self, dataset="fashion_mnist", **overrides)
 
-    def run(self, *, callback: Callable | None = None, n_jobs: int = 1,
+    def run(self, *, callback: Callable | None = None, n_jobs: int | None = None,
             progress: Callable | None = None) -> Results:
         """Run (or serve from the cache) every spec; see :class:`fa_study.runs.Results`."""
         res = run_specs(self.specs(), callback=callback, n_jobs=n_jobs, progress=progress)
@@ -97,6 +179,12 @@ class StudyResult:
     notes: list = field(default_factory=list)  # plain-language remarks (stand-in data, divergence)
     extra: Any = None  # the study's Results (history, runs, layers, null, probes, reports)
     cache_notes: list = field(default_factory=list)  # cache entries that were bad and recomputed
+    readings: Any = None  # a study's further table (notebook 04: direction_readings, per arm and layer)
+
+    @property
+    def audit(self) -> Any:
+        """The study's :class:`fa_study.runs.Results` (``extra``): runs, history, layers, null."""
+        return self.extra
 
     @classmethod
     def of(cls, config, res: Results, results: pd.DataFrame, table: pd.DataFrame, figures: list,
@@ -132,17 +220,6 @@ def last_epoch(frame: pd.DataFrame, keys: tuple[str, ...] = RUN_KEYS, by: str = 
         return frame
     last = frame.groupby(keys)[by].transform("max")
     return frame[frame[by] == last].reset_index(drop=True)
-
-
-def layer_long(frame: pd.DataFrame, prefix: str, id_vars: tuple[str, ...] = ("arm", "seed")) -> pd.DataFrame:
-    """Columns ``<prefix>0..<prefix>L`` as rows: ``id_vars``, ``layer`` (int), ``<prefix>``."""
-    from ..plots import layer_columns
-
-    cols = layer_columns(frame, prefix)
-    ids = [c for c in id_vars if c in frame]
-    long = frame.melt(id_vars=ids, value_vars=[c for c, _ in cols], var_name="_col", value_name=prefix)
-    long["layer"] = long["_col"].map(dict(cols))
-    return long.drop(columns="_col").dropna(subset=[prefix])
 
 
 def finished(frame: pd.DataFrame) -> pd.DataFrame:
@@ -196,23 +273,9 @@ def with_run_status(table: pd.DataFrame, runs: pd.DataFrame | None, by=("arm",),
     table = table.copy()
     have = set(map(tuple, table[by].astype(object).to_numpy().tolist())) if len(table) and \
         all(k in table for k in by) else set()
-    missing = [r for r in status.to_dict("records") if tuple(r[k] for k in by) not in have]
-    if missing:
-        fill = []
-        for r in missing:
-            row = {}
-            for c in table.columns:
-                if c in by:
-                    row[c] = r[c]
-                elif c.endswith("_text"):
-                    row[c] = "n/a"
-                elif c in ("n", "n_rows") or c.endswith("_n"):
-                    row[c] = 0
-                else:
-                    row[c] = math.nan
-            for k in by:
-                row[k] = r[k]
-            fill.append(row)
+    fill = [_failed_row(table.columns, {k: r[k] for k in by}) for r in status.to_dict("records")
+            if tuple(r[k] for k in by) not in have]
+    if fill:
         table = pd.concat([table, pd.DataFrame(fill)], ignore_index=True) if len(table) else \
             pd.DataFrame(fill, columns=list(dict.fromkeys([*table.columns, *by])))
     if len(status):
@@ -227,16 +290,31 @@ def with_run_status(table: pd.DataFrame, runs: pd.DataFrame | None, by=("arm",),
         for col, default in (("status", "ok"), ("error", "")):
             if col not in table:
                 table[col] = default
-    if order is not None:
-        rank_keys = list(order)
-    else:
-        rank_keys = list(dict.fromkeys(status[by[0]])) if len(status) else []
+    rank_keys = list(order) if order is not None else list(dict.fromkeys(status[by[0]]))
     if rank_keys and len(table):
         rank = {k: i for i, k in enumerate(rank_keys)}
         table = table.sort_values(by[0], key=lambda s: s.map(rank).fillna(len(rank)), kind="stable")
     lead = [c for c in table.columns if c in by or c in ("n", "n_rows", "diverged")]
     rest = [c for c in table.columns if c not in lead and c not in ("status", "error")]
     return table[lead + ["status", "error"] + rest].reset_index(drop=True).infer_objects()
+
+
+def _failed_row(columns, keys: dict) -> dict:
+    """The summary row of a group whose every run failed: ``n/a`` texts, counts 0, NaN numbers."""
+    row = {c: "n/a" if c.endswith("_text") else 0 if c in ("n", "n_rows") or c.endswith("_n") else math.nan
+           for c in columns}
+    return {**row, **keys}
+
+
+def study_runner(cls, doc: str) -> Callable[..., Results]:
+    """A ``run_*`` function of ``cls``: the study given (or the profile's) with ``overrides``,
+    every spec run or served from the cache (:meth:`Study.run`)."""
+    def run(study=None, *, profile: str | None = None, callback: Callable | None = None,
+            n_jobs: int | None = None, progress: Callable | None = None, **overrides) -> Results:
+        return resolve_study(cls, study, profile, overrides).run(callback=callback, n_jobs=n_jobs,
+                                                                   progress=progress)
+    run.__doc__ = doc
+    return run
 
 
 def placeholder_figure(text: str = "No run finished: nothing to draw.", runs: pd.DataFrame | None = None):

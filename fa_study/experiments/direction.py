@@ -27,32 +27,25 @@ from typing import Callable
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from ..config import check_float, check_int
+from ..fields import int_range, option, positive, positive_int
 from ..runs import ModelSpec, Results, RunSpec
 from ..stats import aggregate, format_mean_ci, mean_ci
-from .core import Study, StudyResult, resolve_study
-from .penalty import FASHION_CHECK, arm_colours, check_run_settings, study_spec
+from .core import StudyResult, labelled, resolve_study, study_runner
+from .penalty import FASHION_CHECK, GRAD_CLIP, PenalisedRuns, arm_colours
 
 
 @dataclass(frozen=True)
-class DirectionStudy(Study):
+class DirectionStudy(PenalisedRuns):
     """Vanilla against penalised DFA: per-layer cosine of the credit with BP, and both magnitudes."""
 
-    lam: float = 1e-2  # penalty λ of the penalised arm (004: 1e-2, "the first value we validated")
-    rule: str = "dfa"  # the rule read: dfa as 004 (fa's credit can be read the same way)
-    seeds: tuple = (42, 123, 456)  # one vanilla and one penalised run per seed
-    arch: str = "resmlp"  # 004: the ResidualMLP d=256, L=4
-    d: int | None = None  # width (None: the reference's, 256 for resmlp)
-    num_blocks: int | None = None  # depth (None: the reference's, 4 for resmlp)
-    dataset: str = "cifar10"  # cifar10 or cifar100 (synthetic stand-ins offline)
-    epochs: int = 100  # 004 trained 100 epochs
-    lr: float = 1e-3  # AdamW with cosine decay, as 004
-    grad_clip: float | None = 1.0  # 004 clipped each block's gradient norm at 1.0 in both arms
-    augment: bool = False  # random crop + flip of every training batch (004 on real CIFAR: yes)
-    n_train: int | None = None  # training subset (None: the whole split)
-    n_test: int | None = None  # test subset (None: the whole split); its first 1,024 are read
-    null_draws: int = 20  # fresh feedback draws per run: is the cosine above chance? (0: skip)
-    read_layer: int | None = None  # hidden state the reading is stated for (None: L // 2, 004's layer 2)
+    epochs: int = option(100, positive_int, "004 trained 100 epochs")
+    grad_clip: float | None = option(1.0, GRAD_CLIP,
+                                     "004 clipped each block's gradient norm at 1.0 in both arms")
+    lam: float = option(1e-2, labelled("lam (the penalised arm's λ; the vanilla arm is always run)",
+                                       positive),
+                        "penalty λ of the penalised arm (004: 1e-2, \"the first value we validated\")")
+    read_layer: int | None = option(None, int_range(0, none_ok=True, none_means="L // 2, 004's layer 2"),
+                                    "hidden state the reading is stated for (None: L // 2, 004's layer 2)")
 
     PROFILES = {
         # the reference width and learning rate; 10 epochs of 4k images (quick) or 10k (default)
@@ -64,15 +57,12 @@ class DirectionStudy(Study):
     CONTROLS = {"lam": ("log", 1e-4, 1e-1), "seeds": "seeds", "epochs": (1, 100, 1),
                 "grad_clip": (0.1, 5.0, 0.1)}
 
-    def __post_init__(self):
-        check_float("lam (the penalised arm's λ; the vanilla arm is always run)", self.lam, 0.0, low_open=True)
-        check_run_settings(self)
-        check_int("read_layer", self.read_layer, 0, none_ok=True, none_means="L // 2, 004's layer 2")
+    def check(self) -> None:
         L = ModelSpec(self.arch, self.d, self.num_blocks).num_blocks
         if self.read_layer is not None and self.read_layer > L:
             raise ValueError(f"read_layer must be one of 0..{L} (the hidden states of a {self.arch} "
                              f"with {L} blocks) or None, got {self.read_layer}")
-        self.specs()  # every run validated before any training
+        self.specs()
 
     @property
     def layer(self) -> int:
@@ -82,7 +72,7 @@ class DirectionStudy(Study):
 
     def spec(self, seed: int, penalised: bool) -> RunSpec:
         """One run: the rule with λ = ``lam`` (``penalised``) or 0."""
-        return study_spec(self, self.rule, seed, self.lam if penalised else 0.0)
+        return self.run_spec(self.rule, seed, self.lam if penalised else 0.0)
 
     def specs(self) -> list[RunSpec]:
         return [self.spec(s, p) for s in self.seeds for p in (False, True)]
@@ -92,15 +82,10 @@ class DirectionStudy(Study):
         return [self.spec(self.seeds[0], p).label for p in (False, True)]
 
 
-def run_direction(study: DirectionStudy | None = None, *, profile: str | None = None,
-                  callback: Callable | None = None, n_jobs: int = 1, progress: Callable | None = None,
-                  **overrides) -> Results:
-    """Train the vanilla and penalised rule for every seed (cached) and audit each run; ``layers``
-    holds the direction quality, one row per run and hidden state (``arm``, ``seed``, ``penalty``,
-    ``layer``, ``cos_mean``, ``cos_std``, ``cos_median``, ``g_norm_median``, ``a_norm_median``,
-    ``reading``, ``n_eval``)."""
-    study = resolve_study(DirectionStudy, study, profile, overrides)
-    return study.run(callback=callback, n_jobs=n_jobs, progress=progress)
+run_direction = study_runner(DirectionStudy, """Train the vanilla and penalised rule for every seed
+    (cached) and audit each run; ``layers`` holds the direction quality, one row per run and hidden
+    state (``arm``, ``seed``, ``penalty``, ``layer``, ``cos_mean``, ``cos_std``, ``cos_median``,
+    ``g_norm_median``, ``a_norm_median``, ``reading``, ``n_eval``).""")
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,7 +135,7 @@ def direction_summary(res: Results, layer: int, order: list[str] | None = None) 
     first feedback matrix, see notebook 04), ``||g||`` and ``||a||`` at ``layer``, the null's
     z-score; and the reading of the seed means at ``layer``."""
     from ..diagnostics import direction_reading
-    from .core import run_status
+    from .core import with_run_status
 
     cols = ["test_acc", "cos_at_layer", "deep_abs_cos", "g_at_layer", "a_at_layer", "z_score"]
     runs = res.runs.set_index(["arm", "seed"])
@@ -169,21 +154,13 @@ def direction_summary(res: Results, layer: int, order: list[str] | None = None) 
     else:  # no run finished: every run is a row with its accuracy (NaN) and nothing else
         per_run = pd.DataFrame({"test_acc": runs["test_acc"]}).assign(
             **{c: math.nan for c in cols if c not in ("test_acc", "z_score")})
-    if len(res.null):
-        per_run["z_score"] = res.null.set_index(["arm", "seed"])["z_score"]
-    else:
-        per_run["z_score"] = math.nan
+    per_run["z_score"] = res.null.set_index(["arm", "seed"])["z_score"] if len(res.null) else math.nan
     per_run = per_run.reset_index()
     table = aggregate(per_run, "arm", cols)
     table["reading"] = [direction_reading(c, g) if math.isfinite(c) else "n/a"
                         for c, g in zip(table["cos_at_layer"], table["g_at_layer"])]
     table.insert(1, "layer", layer)
-    status = run_status(res.runs, "arm").set_index("arm")
-    table["status"] = table["arm"].map(status["status"])
-    table["error"] = table["arm"].map(status["error"])
-    if order:
-        rank = {a: i for i, a in enumerate(order)}
-        table = table.sort_values("arm", key=lambda s: s.map(rank)).reset_index(drop=True)
+    table = with_run_status(table, res.runs, order=order)
     return table[["arm", "layer", "n", "status", "error"] + [f"{c}_text" for c in cols] + ["reading"] + cols]
 
 
@@ -197,44 +174,45 @@ def _plain_log_labels(ax) -> None:
         ax.yaxis.set_minor_formatter(mt.FormatStrFormatter("%.3g"))
 
 
-@dataclass
-class DirectionResult(StudyResult):
-    """:class:`StudyResult` plus the per-layer reading table and the audit frames."""
-
-    readings: pd.DataFrame | None = None  # direction_readings(): one row per arm and layer
-    audit: Results | None = None
-
-
 def direction_view(study: DirectionStudy | None = None, *, profile: str | None = None,
                    live: Callable | None = None, progress: Callable | None = None,
-                   **overrides) -> DirectionResult:
+                   **overrides) -> StudyResult:
     """Run vanilla and penalised DFA and draw, per hidden state: the cosine of the credit with BP
     (mean over seeds with a 95 % band; error bars: the mean within-batch standard deviation), and
     the median magnitudes ``||g||`` and ``||a||`` on log scales; the table reads each arm at
     ``read_layer`` with 004's pre-registered thresholds, the notes state the verdict."""
     from .. import plots
-    from ..diagnostics import HEALTHY_G, MEDIOCRE_COS, POOR_COS
 
     study = resolve_study(DirectionStudy, study, profile, overrides)
     res = study.run(callback=live, progress=progress)
-    order = study.arms()
-    colours = arm_colours(study.specs())
-    lay = res.layers
-    if lay.empty:  # every run diverged or failed: the table still has a row per arm, with its status
-        out = DirectionResult.of(study, res, res.history, direction_summary(res, study.layer, order), [],
-                                 ["No run finished: nothing to read."])
-        out.readings, out.audit = pd.DataFrame(), res
+    order, layer = study.arms(), study.layer
+    table = direction_summary(res, layer, order)
+    if res.layers.empty:  # every run diverged or failed: the table still has a row per arm, with its status
+        out = StudyResult.of(study, res, res.history, table, [], ["No run finished: nothing to read."])
+        out.readings = pd.DataFrame()
         return out
-    layer = study.layer
+    readings = direction_readings(res.layers, order)
+    fig = plots.finish(_direction_figure(res.layers, readings, arm_colours(study.specs())), res.runs,
+                       res.history["data_source"].dropna().unique().tolist())
+    out = StudyResult.of(study, res, res.history, table, [fig],
+                         [f"{arm}: {text}" for arm, text in reading_sentences(readings, layer).items()])
+    out.readings = readings
+    return out
+
+
+def _direction_figure(lay: pd.DataFrame, readings: pd.DataFrame, colours: dict[str, str]):
+    """Per hidden state: the cosine of the credit with BP (error bars: the mean within-batch
+    standard deviation), and the median magnitudes ``||g||`` and ``||a||`` on log scales."""
+    from .. import plots
+    from ..diagnostics import HEALTHY_G, MEDIOCRE_COS, POOR_COS
 
     fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.7))
     plots.plot_curves(lay, "layer", "cos_mean", hue="arm", ax=axes[0], logy=False, colours=colours)
-    readings = direction_readings(lay, order)
     for i, (arm, c) in enumerate(colours.items()):
         sub = readings[readings["arm"] == arm]
-        offset = (i - 0.5) * 0.08
-        axes[0].errorbar(sub["layer"] + offset, sub["cos_mean"], fmt="none", ecolor=c, alpha=0.5, capsize=2,
-                         lw=1, yerr=plots.clipped_yerr(sub["cos_mean"], sub["cos_sample_std"], plots.COSINE))
+        axes[0].errorbar(sub["layer"] + (i - 0.5) * 0.08, sub["cos_mean"], fmt="none", ecolor=c, alpha=0.5,
+                         capsize=2, lw=1,
+                         yerr=plots.clipped_yerr(sub["cos_mean"], sub["cos_sample_std"], plots.COSINE))
     for t, ls in ((POOR_COS, ":"), (MEDIOCRE_COS, "--")):
         for sign in (1, -1):
             axes[0].axhline(sign * t, color="#777777", ls=ls, lw=0.8)
@@ -250,14 +228,4 @@ def direction_view(study: DirectionStudy | None = None, *, profile: str | None =
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.set_xlabel("hidden state l")
         ax.legend(fontsize=8, frameon=False)
-    plots.annotate_source(fig, res.history["data_source"].dropna().unique().tolist())
-    plots.annotate_failures(fig, res.runs)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    plt.close(fig)
-
-    table = direction_summary(res, layer, order)
-    sentences = reading_sentences(readings, layer)
-    out = DirectionResult.of(study, res, res.history, table, [fig],
-                             [f"{arm}: {text}" for arm, text in sentences.items()])
-    out.readings, out.audit = readings, res
-    return out
+    return fig

@@ -18,12 +18,14 @@ from typing import Callable
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from ..config import MAX_BLOCKS, MAX_WIDTH, check_choice, check_float, check_int, check_seeds
-from ..models import MODEL_NAMES
+from ..config import MAX_BLOCKS, MAX_WIDTH
+from ..fields import choice, int_range, option, positive, positive_int
+from ..fields import seeds as seed_tuple
 from ..rules import D3_BASELINE, RULES
 from ..runs import DataSpec, ModelSpec, ReadSpec, Results, RunSpec
 from ..train import TrainConfig
-from .core import Study, StudyResult, finished, last_epoch, resolve_study
+from .core import (SUBSET, Study, StudyResult, finished, last_epoch, layer_long, model_names, names, one_of,
+                   resolve_study, rule_names, unchecked)
 
 RULES_COMPARED: tuple[str, ...] = ("fa", "grape_fa", "dfa", "stiefel_dfa", "oracle")
 REFERENCES: tuple[str, ...] = ("bp", "frozen")  # run with every study: the accuracy references
@@ -43,22 +45,28 @@ RULE_SETTINGS: dict[str, tuple[str, str]] = {
 class LearnedStudy(Study):
     """Fixed random feedback (fa, dfa) against feedback learned from forward-only signals."""
 
-    rules: tuple = RULES_COMPARED  # compared (bp and frozen are always added)
-    seeds: tuple = (42,)  # one run per rule and seed; several give confidence bands
-    dataset: str = "cifar10"  # the setting of notebooks 02-04 (a synthetic stand-in offline)
-    arch: str = "resmlp"  # the model (vit, resnet train with every rule too)
-    d: int = 64  # width (the reference's is 256: the paper profile)
-    num_blocks: int = 4  # depth L, as the reference
-    epochs: int = 5  # passes over the training subset
-    lr: float = 1e-3  # AdamW learning rate, as the reference
-    n_train: int | None = 4000  # training subset (None: the whole split)
-    n_test: int | None = 1000  # test subset (None: the whole split)
-    grape_eta_B: float = 0.1  # GrAPE: fraction of the angle between B_l and J_hat_l closed per step
-    grape_n_probe: int | None = 32  # GrAPE: probed samples per step (the paper's 32; None: batch)
-    stiefel_eta_B: float = 0.1  # Stiefel: scale-free Riemannian step of U_l
-    rank: int = 10  # Stiefel: compressed error dimension r (at most the number of classes)
-    stiefel_probe: str = "node"  # Stiefel's g_hat: node perturbation, or "bp" (the oracle)
-    stiefel_tau: float = 0.95  # Stiefel: EMA factor of the cross-covariance (noise averaging)
+    rules: tuple = option(RULES_COMPARED, names(rule_names), "compared (bp and frozen are always added)")
+    seeds: tuple = option((42,), seed_tuple, "one run per rule and seed; several give confidence bands")
+    dataset: str = option("cifar10", choice(*DATASETS), "the setting of notebooks 02-04 (a stand-in offline)")
+    arch: str = option("resmlp", one_of(model_names), "the model (vit, resnet train with every rule too)")
+    d: int = option(64, int_range(1, MAX_WIDTH, bound="fa_study.config.MAX_WIDTH"),
+                    "width (the reference's is 256: the paper profile)")
+    num_blocks: int = option(4, int_range(1, MAX_BLOCKS, bound="fa_study.config.MAX_BLOCKS"),
+                             "depth L, as the reference")
+    epochs: int = option(5, positive_int, "passes over the training subset")
+    lr: float = option(1e-3, positive, "AdamW learning rate, as the reference")
+    n_train: int | None = option(4000, SUBSET, "training subset (None: the whole split)")
+    n_test: int | None = option(1000, SUBSET, "test subset (None: the whole split)")
+    # the per-rule settings are checked by their rule, and only when the rule is run (check())
+    grape_eta_B: float = option(0.1, unchecked,
+                                "GrAPE: fraction of the angle between B_l and J_hat_l closed per step")
+    grape_n_probe: int | None = option(32, unchecked,
+                                       "GrAPE: probed samples per step (the paper's 32; None: batch)")
+    stiefel_eta_B: float = option(0.1, unchecked, "Stiefel: scale-free Riemannian step of U_l")
+    rank: int = option(10, unchecked, "Stiefel: compressed error dimension r (at most the number of classes)")
+    stiefel_probe: str = option("node", unchecked, "Stiefel's g_hat: node perturbation, or bp (the oracle)")
+    stiefel_tau: float = option(0.95, unchecked,
+                                "Stiefel: EMA factor of the cross-covariance (noise averaging)")
 
     PROFILES = {
         "quick": dict(epochs=4, n_train=3000, n_test=1000, d=64, seeds=(42,)),
@@ -82,26 +90,13 @@ class LearnedStudy(Study):
         """Registered block rules that are not baselines (the panel's choices)."""
         return tuple(n for n, c in RULES.items() if c.family in ("block", "learned") and not c.is_baseline)
 
-    def __post_init__(self):
-        if not isinstance(self.rules, tuple) or not self.rules:
-            raise ValueError(f"rules must be a non-empty tuple of {RULES_COMPARED}, got {self.rules!r}")
-        for r in self.rules:
-            check_choice("rule", r, tuple(RULES))
-        object.__setattr__(self, "seeds", check_seeds("seeds", self.seeds))
-        check_choice("dataset", self.dataset, DATASETS)
-        check_choice("arch", self.arch, MODEL_NAMES)
-        check_int("d", self.d, 1, MAX_WIDTH, bound="fa_study.config.MAX_WIDTH")
-        check_int("num_blocks", self.num_blocks, 1, MAX_BLOCKS, bound="fa_study.config.MAX_BLOCKS")
-        check_int("epochs", self.epochs, 1)
-        check_float("lr", self.lr, 0.0, low_open=True)
-        check_int("n_train", self.n_train, 1, none_ok=True, none_means="the whole split")
-        check_int("n_test", self.n_test, 1, none_ok=True, none_means="the whole split")
-        # the per-rule settings are checked by their rule, and only when the rule is run
+    def check(self) -> None:
         for rule in self.arms():
             opts = self.rule_options(rule)
             RULES[rule].check_options(opts)
             if "rank" in opts and opts["rank"] > min(self.d, 10):
-                raise ValueError(f"rank must be at most min(d={self.d}, 10 classes) for {rule}, got {opts['rank']}")
+                raise ValueError(f"rank must be at most min(d={self.d}, 10 classes) for {rule}, "
+                                 f"got {opts['rank']}")
         self.specs()
 
     def rule_options(self, rule: str) -> dict:
@@ -127,7 +122,7 @@ class LearnedStudy(Study):
 
 
 def run_learned(study: LearnedStudy | None = None, *, profile: str | None = None,
-                callback: Callable | None = None, n_jobs: int = 1, progress: Callable | None = None,
+                callback: Callable | None = None, n_jobs: int | None = None, progress: Callable | None = None,
                 **overrides) -> Results:
     """Train every rule (plus bp and frozen) and seed of ``study``. ``Results.history`` has one
     row per arm, seed and epoch (0 = before training) with the trainer's columns, the feedback
@@ -183,17 +178,23 @@ def learned_view(study: LearnedStudy | None = None, *, profile: str | None = Non
 
     study = resolve_study(LearnedStudy, study, profile, overrides)
     results = run_learned(study, callback=live, progress=progress)
-    res = results.history
-    sources = results.runs["data_source"].dropna().unique().tolist()
-    ok = finished(res)  # diverged runs are left out of the plots (the table and notes name them)
-    learners = ok[ok["rule"].map(lambda r: RULES[r].has_random_feedback)] if len(ok) else ok
-    last = last_epoch(ok)
-    figs = []
+    ok = finished(results.history)  # diverged runs are left out of the plots (the table and notes name them)
+    table = learned_summary(results.history, results.runs)
+    figs = [_alignment_figure(ok), _accuracy_figure(ok, table, study.epochs), _gains_figure(ok)]
+    figs = [plots.finish(fig, results.runs) for fig in figs if fig is not None]
+    return StudyResult.of(study, results, results.history, table, figs)
 
+
+def _alignment_figure(ok: pd.DataFrame):
+    """Deep-layer cosine per epoch, per-layer cosine at the end, feedback against its target."""
+    from .. import plots
+
+    learners = ok[ok["rule"].map(lambda r: RULES[r].has_random_feedback)] if len(ok) else ok
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     if len(learners):
         plots.plot_curves(learners, "epoch", "deep_cos", hue="arm", ax=axes[0], logy=False,
                           title="alignment to BP: mean cos(a_l, g_l), l < L", ylabel="cosine")
+        last = last_epoch(ok)
         plots.plot_layers(last[last["arm"].isin(learners["arm"].unique())], "cos_", hue="arm",
                           ax=axes[1], logy=False, title="cos(a_l, g_l) per hidden state, at the end",
                           ylabel="cosine")
@@ -205,58 +206,49 @@ def learned_view(study: LearnedStudy | None = None, *, profile: str | None = Non
     for ax in axes:
         ax.axhline(0, color="k", lw=0.6, ls=":")
         ax.set_ylim(min(-0.2, ax.get_ylim()[0]), 1.05)
-    plots.annotate_source(fig, sources)
-    plots.annotate_failures(fig, results.runs)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    plt.close(fig)
-    figs.append(fig)
+    return fig
+
+
+def _accuracy_figure(ok: pd.DataFrame, table: pd.DataFrame, epochs: int):
+    """Accuracy per epoch, and at the end against the bp and frozen references."""
+    from .. import plots
 
     fig, axes = plt.subplots(1, 2, figsize=(11.5, 3.8), gridspec_kw={"width_ratios": [1.4, 1]})
-    table = learned_summary(res, results.runs)
-    if len(ok):
-        plots.plot_curves(ok, "epoch", "test_acc", hue="arm", ax=axes[0], logy=False,
-                          title="test accuracy over training", ylabel="test accuracy")
-        frozen = table.loc[(table["arm"] == D3_BASELINE) & table["test_acc"].notna(), "test_acc"]
-        plots.plot_bars(table, "test_acc", group="arm", err="test_acc_ci", ax=axes[1], n="n",
-                        points=last, reference=float(frozen.iloc[0]) if len(frozen) else None,
-                        reference_label="frozen blocks", ylabel="test accuracy",
-                        title=f"at the end (epoch {study.epochs})")
-        axes[1].set_xticks(range(len(table)), [a if s == "ok" else f"{a}\n({s})" for a, s in
-                                               zip(table["arm"], table["status"])])
-        axes[1].tick_params(axis="x", labelsize=7, rotation=30)
-    else:
+    if not len(ok):
         for ax in axes:
             plots.no_data(ax)
-    plots.annotate_source(fig, sources)
-    plots.annotate_failures(fig, results.runs)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    plt.close(fig)
-    figs.append(fig)
+        return fig
+    plots.plot_curves(ok, "epoch", "test_acc", hue="arm", ax=axes[0], logy=False,
+                      title="test accuracy over training", ylabel="test accuracy")
+    frozen = table.loc[(table["arm"] == D3_BASELINE) & table["test_acc"].notna(), "test_acc"]
+    plots.plot_bars(table, "test_acc", group="arm", err="test_acc_ci", ax=axes[1], n="n",
+                    points=last_epoch(ok), reference=float(frozen.iloc[0]) if len(frozen) else None,
+                    reference_label="frozen blocks", ylabel="test accuracy",
+                    title=f"at the end (epoch {epochs})")
+    axes[1].set_xticks(range(len(table)), [a if s == "ok" else f"{a}\n({s})" for a, s in
+                                           zip(table["arm"], table["status"])])
+    axes[1].tick_params(axis="x", labelsize=7, rotation=30)
+    return fig
+
+
+def _gains_figure(ok: pd.DataFrame):
+    """For the rules with learned gains (stiefel_dfa): ρ_l and α_l over training; None without."""
+    from .. import plots
 
     gains = [c for c in ok.columns if c.startswith("alpha_")]  # recorded by rules with learned gains
     st = ok.dropna(subset=gains, how="all") if gains else ok.iloc[:0]
-    if len(st):
-        who = ", ".join(st["arm"].unique())
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
-        long = _per_layer(st, "rho_")
-        plots.plot_curves(long, "epoch", "rho_", hue="layer", ax=axes[0], logy=False,
-                          title=f"{who}: ρ_l = ⟨U_l, E[g_l cᵀ]⟩ / (‖·‖√r)", ylabel="ρ_l")
-        long = _per_layer(st, "alpha_")
-        plots.plot_curves(long, "epoch", "alpha_", hue="layer", ax=axes[1], logy=True,
-                          title=f"{who}: gains α_l", ylabel="α_l")
-        plots.annotate_source(fig, sources)
-        fig.tight_layout(rect=(0, 0.05, 1, 1))
-        plt.close(fig)
-        figs.append(fig)
-    return StudyResult.of(study, results, res, table, figs)
+    if not len(st):
+        return None
+    who = ", ".join(st["arm"].unique())
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    plots.plot_curves(_per_layer(st, "rho_"), "epoch", "rho_", hue="layer", ax=axes[0], logy=False,
+                      title=f"{who}: ρ_l = ⟨U_l, E[g_l cᵀ]⟩ / (‖·‖√r)", ylabel="ρ_l")
+    plots.plot_curves(_per_layer(st, "alpha_"), "epoch", "alpha_", hue="layer", ax=axes[1], logy=True,
+                      title=f"{who}: gains α_l", ylabel="α_l")
+    return fig
 
 
 def _per_layer(df: pd.DataFrame, prefix: str) -> pd.DataFrame:
     """Long form of ``<prefix><l>`` columns: one row per (seed, epoch, layer), layer as text."""
-    from ..plots import layer_columns
-
-    cols = layer_columns(df, prefix)
-    long = df.melt(id_vars=["seed", "epoch"], value_vars=[c for c, _ in cols], var_name="_c",
-                   value_name=prefix)
-    long["layer"] = long["_c"].map({c: f"h_{l}" for c, l in cols})
-    return long.dropna(subset=[prefix])
+    long = layer_long(df, prefix, ("seed", "epoch"))
+    return long.assign(layer=[f"h_{l}" for l in long["layer"]])

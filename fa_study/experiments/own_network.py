@@ -5,9 +5,10 @@ mechanism:
 
 * **the networks**: the reference's :class:`ViTMini` (pre-LN :class:`TransformerBlock` s that
   add their own skip, a class token, a terminal LayerNorm) and :class:`SmallResNet`
-  (post-activation :class:`BasicBlock` s, ``relu(x + f(x))``), copied from reference 003 with
-  only the image size and the widths as arguments; and two torchvision models built without
-  weights (``resnet18`` and a small ``VisionTransformer``). :func:`build_network` makes one.
+  (post-activation :class:`BasicBlock` s, ``relu(x + f(x))``), reference 003's modules (same
+  layers, names and computation) with only the image size and the widths as arguments; and two
+  torchvision models built without weights (``resnet18`` and a small ``VisionTransformer``).
+  :func:`build_network` makes one.
 * **the training loop**: :func:`train_plain`, an ordinary PyTorch loop (AdamW, cross-entropy,
   random mini-batches) with the two calls that ``fa_study.feedback.convert`` asks of a loop
   (``capture_output_error`` after the forward, ``feedback_step`` after the backward; both do
@@ -41,18 +42,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import (check_bool, check_choice, check_float, check_int, get_device, seed_everything,
-                      stream_generator)
-from ..rules import BP_REFERENCE
-from .core import Study, StudyResult, one_cpu_thread, resolve_study
+from ..config import check_choice, check_int, get_device, seed_everything, stream_generator
+from ..fields import boolean, choice, int_range, option, positive, positive_int
+from ..fields import seed as seed_check
+from ..rules import BP_REFERENCE, RULES
+from .core import Study, StudyResult, names, one_cpu_thread, resolve_study
 
 NETWORKS: tuple[str, ...] = ("vit_mini", "torchvision_vit", "small_resnet", "resnet18")
-# the networks written in the reference's layout (embed / blocks ModuleList / out_ln / out_head)
-REFERENCE_LAYOUT: tuple[str, ...] = ("vit_mini", "small_resnet")
-# every network has a Conv2d (patch embedding or stem), so the rules are those convert runs on
-# Linear and Conv2d layers alike
-OWN_RULES: tuple[str, ...] = ("bp", "fa", "sign_sym", "frsf", "brsf", "dfa", "kolen_pollack",
-                              "weight_mirror")
+# BP (the plain network) and every layer rule that converts any classifier (fa_study.rules.convert)
+OWN_RULES: tuple[str, ...] = (BP_REFERENCE,) + tuple(
+    n for n, c in RULES.items() if c.family == "layer" and not c.needs_blocks)
 DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10")
 # where the audit finds each network's hidden states (fa_study.diagnostics.find_hidden_states)
 EXPECTED_CONTAINER: dict[str, str] = {"vit_mini": "blocks", "small_resnet": "blocks",
@@ -84,22 +83,13 @@ class TransformerBlock(nn.Module):
         self.attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
         self.ln2 = nn.LayerNorm(d_model)
         mlp_hidden = int(d_model * mlp_ratio)
-        self.mlp = nn.Sequential(
-            nn.Linear(d_model, mlp_hidden),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(mlp_hidden, d_model),
-            nn.Dropout(dropout),
-        )
+        self.mlp = nn.Sequential(nn.Linear(d_model, mlp_hidden), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(mlp_hidden, d_model), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Self-attention sublayer
         x_norm = self.ln1(x)
-        attn_out, _ = self.attn(x_norm, x_norm, x_norm, need_weights=False)
-        x = x + attn_out
-        # MLP sublayer
-        x = x + self.mlp(self.ln2(x))
-        return x
+        x = x + self.attn(x_norm, x_norm, x_norm, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
 
 
 class ViTMini(nn.Module):
@@ -111,50 +101,32 @@ class ViTMini(nn.Module):
                  mlp_ratio: float = 4.0, dropout: float = 0.0):
         super().__init__()
         assert image_size % patch_size == 0
-        n_patches = (image_size // patch_size) ** 2
-        self.n_tokens = n_patches + 1  # +1 for cls token
+        self.n_tokens = (image_size // patch_size) ** 2 + 1  # +1 for cls token
         self.image_size, self.in_channels = image_size, in_channels
-
-        # Patch embedding via Conv2d (equivalent to flatten + linear)
+        # patch embedding via Conv2d (equivalent to flatten + linear)
         self.patch_embed = nn.Conv2d(in_channels, d_model, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.n_tokens, d_model))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-
-        self.blocks = nn.ModuleList([
-            TransformerBlock(d_model, n_heads, mlp_ratio, dropout) for _ in range(num_blocks)
-        ])
+        block = lambda: TransformerBlock(d_model, n_heads, mlp_ratio, dropout)  # noqa: E731
+        self.blocks = nn.ModuleList([block() for _ in range(num_blocks)])
         self.out_ln = nn.LayerNorm(d_model)  # terminal LN
         self.out_head = nn.Linear(d_model, num_classes)
-
-        self.num_blocks = num_blocks
-        self.d_model = d_model
-        self.d_hidden = d_model
+        self.num_blocks, self.d_model, self.d_hidden = num_blocks, d_model, d_model
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:  # flat input
             x = x.view(x.size(0), self.in_channels, self.image_size, self.image_size)
-        x = self.patch_embed(x)  # (B, d, H/p, W/p)
-        x = x.flatten(2).transpose(1, 2)  # (B, n_patches, d)
-        cls = self.cls_token.expand(x.size(0), -1, -1)
-        x = torch.cat([cls, x], dim=1)  # (B, n_tokens, d)
-        x = x + self.pos_embed
-        return x
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, n_patches, d)
+        return torch.cat([self.cls_token.expand(x.size(0), -1, -1), x], dim=1) + self.pos_embed
 
     def forward(self, x: torch.Tensor, return_hidden: bool = False):
-        h = self.embed(x)
-        hiddens = [h] if return_hidden else None
+        hiddens = [self.embed(x)]
         for block in self.blocks:
-            h = block(h)
-            if return_hidden:
-                hiddens.append(h)
-        # Take cls token, normalize, classify
-        h_cls = self.out_ln(h[:, 0])
-        logits = self.out_head(h_cls)
-        if return_hidden:
-            return logits, hiddens
-        return logits
+            hiddens.append(block(hiddens[-1]))
+        logits = self.out_head(self.out_ln(hiddens[-1][:, 0]))  # the cls token, normalised
+        return (logits, hiddens) if return_hidden else logits
 
 
 class BasicBlock(nn.Module):
@@ -168,10 +140,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(d_hidden)
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out = F.relu(x + out)
-        return out
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
 
 
 class SmallResNet(nn.Module):
@@ -184,27 +153,19 @@ class SmallResNet(nn.Module):
         self.stem_bn = nn.BatchNorm2d(d_hidden)
         self.blocks = nn.ModuleList([BasicBlock(d_hidden) for _ in range(num_blocks)])
         self.out_head = nn.Linear(d_hidden, num_classes)
-        self.num_blocks = num_blocks
-        self.d_hidden = d_hidden
-
-    def stem(self, x):
-        return F.relu(self.stem_bn(self.stem_conv(x)))
-
-    def forward(self, x, return_hidden=False):
-        h = self.stem(x)
-        hiddens = [h] if return_hidden else None
-        for block in self.blocks:
-            h = block(h)
-            if return_hidden:
-                hiddens.append(h)
-        h_pool = F.adaptive_avg_pool2d(h, 1).flatten(1)
-        logits = self.out_head(h_pool)
-        if return_hidden:
-            return logits, hiddens
-        return logits
+        self.num_blocks, self.d_hidden = num_blocks, d_hidden
 
     def embed(self, x):
-        return self.stem(x)
+        return F.relu(self.stem_bn(self.stem_conv(x)))
+
+    stem = embed
+
+    def forward(self, x, return_hidden=False):
+        hiddens = [self.embed(x)]
+        for block in self.blocks:
+            hiddens.append(block(hiddens[-1]))
+        logits = self.out_head(F.adaptive_avg_pool2d(hiddens[-1], 1).flatten(1))
+        return (logits, hiddens) if return_hidden else logits
 
 
 def patch_size_for(image_size: int) -> int:
@@ -290,19 +251,15 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return hits / max(len(x), 1)
 
 
-def as_rgb(x: torch.Tensor) -> torch.Tensor:
-    """Grey images ``(N, 1, H, W)`` repeated over three channels (colour images as they are)."""
-    return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
-
-
 def rgb(ds):
-    """A :class:`fa_study.data.Dataset` with its images repeated over three channels."""
+    """A :class:`fa_study.data.Dataset` with grey images ``(N, 1, H, W)`` repeated over three
+    channels (colour images as they are)."""
     from ..data import Dataset
 
     if ds.x.shape[1] == 3:
         return ds
-    return Dataset(ds.name, ds.split, as_rgb(ds.x), ds.y, ds.source, ds.num_classes,
-                   ds.mean * 3, ds.std * 3)
+    return Dataset(ds.name, ds.split, ds.x.expand(-1, 3, -1, -1).contiguous(), ds.y, ds.source,
+                   ds.num_classes, ds.mean * 3, ds.std * 3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,20 +271,25 @@ class OwnNetworkStudy(Study):
     """Networks the package did not build, trained by :func:`train_plain` under BP (the plain
     network) and under the feedback rules (through ``fa_study.feedback.convert``), then read."""
 
-    networks: tuple = ("vit_mini", "torchvision_vit")  # which networks (NETWORKS)
-    rules: tuple = ("bp", "fa")  # bp: the plain network; others through convert(model, rule)
-    dataset: str = "mnist"  # mnist / fashion_mnist (repeated to 3 channels) or cifar10
-    width: int = 64  # ViTMini d_model, torchvision ViT hidden_dim, SmallResNet d_hidden
-    depth: int = 4  # blocks (ViTMini, SmallResNet) or encoder layers (torchvision ViT)
-    steps: int = 300  # optimizer steps of the plain loop
-    batch_size: int = 64  # mini-batch size
-    lr: float = 1e-3  # AdamW learning rate (weight decay 0.01)
-    n_train: int | None = 10000  # class-balanced training subset (None: the whole split)
-    n_test: int = 1000  # test samples for the accuracy
-    n_eval: int = 128  # the audit's evaluation batch (the D2 floor was calibrated on 128)
-    n_direction: int = 512  # test samples for direction quality (004 used 1,024)
-    seed: int = 0  # seeds the initial weights, the feedback weights and the batches
-    frozen: bool = True  # train the frozen-blocks baseline for D3 (when fa_study.train has it)
+    networks: tuple = option(("vit_mini", "torchvision_vit"), names(NETWORKS), "which networks (NETWORKS)")
+    rules: tuple = option(("bp", "layer_fa"), names(OWN_RULES),
+                          "bp: the plain network; others through convert(model, rule)")
+    dataset: str = option("mnist", choice(*DATASETS),
+                          "mnist / fashion_mnist (repeated to 3 channels) or cifar10")
+    width: int = option(64, int_range(4), "ViTMini d_model, torchvision ViT hidden_dim, SmallResNet d_hidden")
+    depth: int = option(4, positive_int, "blocks (ViTMini, SmallResNet) or encoder layers (torchvision ViT)")
+    steps: int = option(300, positive_int, "optimizer steps of the plain loop")
+    batch_size: int = option(64, int_range(2), "mini-batch size")
+    lr: float = option(1e-3, positive, "AdamW learning rate (weight decay 0.01)")
+    n_train: int | None = option(10000, int_range(2, none_ok=True, none_means="the whole split"),
+                                 "class-balanced training subset (None: the whole split)")
+    n_test: int = option(1000, int_range(2), "test samples for the accuracy")
+    n_eval: int = option(128, int_range(2),
+                         "the audit's evaluation batch (the D2 floor was calibrated on 128)")
+    n_direction: int = option(512, int_range(2), "test samples for direction quality (004 used 1,024)")
+    seed: int = option(0, seed_check, "seeds the initial weights, the feedback weights and the batches")
+    frozen: bool = option(True, boolean,
+                          "train the frozen-blocks baseline for D3 (when fa_study.train has it)")
 
     PROFILES = {
         "quick": dict(width=32, depth=4, steps=120, n_train=4000, n_test=1000, n_direction=256),
@@ -344,28 +306,8 @@ class OwnNetworkStudy(Study):
     def rule_choices(cls) -> tuple[str, ...]:
         return OWN_RULES
 
-    def __post_init__(self):
-        for what, values, allowed in (("networks", self.networks, NETWORKS),
-                                      ("rules", self.rules, OWN_RULES)):
-            if not isinstance(values, tuple) or not values:
-                raise ValueError(f"{what} must be a non-empty tuple of {', '.join(map(repr, allowed))}, "
-                                 f"got {values!r}")
-            for v in values:
-                check_choice(what[:-1], v, allowed)
-            if len(set(values)) != len(values):
-                raise ValueError(f"{what} must not repeat a name, got {values!r}")
-        check_choice("dataset", self.dataset, DATASETS)
-        check_int("width", self.width, 4)
-        check_int("depth", self.depth, 1)
-        check_int("steps", self.steps, 1)
-        check_int("batch_size", self.batch_size, 2)
-        check_float("lr", self.lr, 0.0, low_open=True)
-        check_int("n_train", self.n_train, 2, none_ok=True, none_means="the whole split")
-        check_int("n_test", self.n_test, 2)
-        check_int("n_eval", self.n_eval, 2)
-        check_int("n_direction", self.n_direction, 2)
-        check_int("seed", self.seed, 0)
-        check_bool("frozen", self.frozen)
+    def check(self) -> None:
+        """Nothing across fields (its runs are not specs: they train here, uncached)."""
 
     def arms(self) -> list[tuple[str, str]]:
         """``(network, rule)`` in the order they are trained."""
@@ -386,10 +328,6 @@ class OwnRun:
     updates: pd.DataFrame  # update_alignment(model, x, y): one row per weight
     conversion: pd.DataFrame | None  # convert's report (None for bp: the plain network)
     seconds: float  # training time
-
-    @property
-    def label(self) -> str:
-        return f"{self.network}:{self.rule}"
 
     @property
     def head(self) -> str:
@@ -460,18 +398,15 @@ def train_one(study: OwnNetworkStudy, network: str, rule: str, x: torch.Tensor, 
               *, image_size: int, num_classes: int, log: Callable | None = None):
     """Build ``network`` (seeded), convert it to ``rule`` unless ``bp``, and train it with
     :func:`train_plain`. Returns ``(model, losses, convert report or None, seconds)``."""
-    from ..feedback import convert
-    from ..feedback.strategies import rule_class
+    from ..rules import convert
 
     seed_everything(study.seed)
     model = build_network(network, image_size=image_size, num_classes=num_classes,
                           width=study.width, depth=study.depth).to(x.device)
     conversion = None
     if rule != BP_REFERENCE:  # BP trains the network as it is, unconverted
-        # a direct rule's feedback reads the output error: size it by the class count
-        options = {"dfa_target_dim": num_classes} if rule_class(rule).needs_output_error else {}
         model, conversion = convert(model, rule, generator=stream_generator(study.seed, "feedback"),
-                                    **options)
+                                    num_classes=num_classes)
     start = time.perf_counter()
     losses = train_plain(model, x, y, steps=study.steps, batch_size=study.batch_size, lr=study.lr,
                          seed=study.seed, log=log)
@@ -588,11 +523,6 @@ def short_name(param: str) -> str:
     return name.replace("self_attention", "attn").replace("encoder.", "").replace("blocks.", "b")
 
 
-def _layer_axis(ax, n: int) -> None:
-    ax.set_xticks(range(n))
-    ax.grid(alpha=0.3)
-
-
 def figures(res: OwnNetworkRuns) -> list:
     """One row per network: training loss, ``||h_l||`` and ``||g_l||`` (log), the model's own
     credit against BP's gradient per hidden state, and per weight the update against BP's
@@ -630,13 +560,11 @@ def figures(res: OwnNetworkRuns) -> list:
         row[3].set(title="cos(update, BP gradient) per weight", ylim=(low, 1.05))
         row[3].grid(alpha=0.3)
         for ax in row[1:3]:
-            _layer_axis(ax, len(runs[0].report.hidden_norms))
+            ax.set_xticks(range(len(runs[0].report.hidden_norms)))
+            ax.grid(alpha=0.3)
         for ax in row:
             ax.legend(fontsize=7, frameon=True, framealpha=0.8, loc="best")
-    plots.annotate_source(fig, res.data_source)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    plt.close(fig)
-    return [fig]
+    return [plots.finish(fig, sources=[res.data_source], bottom=0.03)]
 
 
 def own_network_notes(res: OwnNetworkRuns) -> list[str]:
@@ -644,15 +572,12 @@ def own_network_notes(res: OwnNetworkRuns) -> list[str]:
     notes = []
     if res.data_source != "torchvision":
         notes.append(f"Data: {res.study.dataset} stand-in ({res.data_source}), not the real dataset.")
-    seen = set()
+    first: dict = {}  # each network's first run
     for (network, _), r in res.runs.items():
-        if network in seen:
-            continue
-        seen.add(network)
-        notes.append(f"{network}: h_l read as " + "; ".join(
-            f"h_{l} = {t}" for l, t in enumerate(r.report.hidden_read)))
-    notes.append(res.d3_note)
-    return notes
+        first.setdefault(network, r)
+    notes += [f"{n}: h_l read as " + "; ".join(f"h_{l} = {t}" for l, t in enumerate(r.report.hidden_read))
+              for n, r in first.items()]
+    return notes + [res.d3_note]
 
 
 def own_network_view(study: OwnNetworkStudy | None = None, *, profile: str | None = None,

@@ -21,15 +21,17 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..config import MAX_BLOCKS, MAX_WIDTH, check_choice, check_float, check_int, check_seeds
+from ..config import check_choice
 from ..data import DATASETS
 from ..diagnostics import D2_FLOOR
+from ..fields import boolean, choice, float_range, option, positive, positive_int
+from ..fields import seeds as seed_tuple
 from ..rules import BP_REFERENCE, RULES, get_rule
 from ..runs import Results, RunSpec
 from ..stats import aggregate, mean_ci
 from .audit import audit_spec
-from .core import Study, StudyResult, finished, resolve_study
-
+from .core import (SUBSET, WIDTH, Study, StudyResult, depth, finished, model_names, null_count, one_of,
+                   resolve_study, study_runner)
 
 # Fashion-MNIST cross-check of notebooks 03 and 04: the whole split when the real files are there
 FASHION_CHECK = {
@@ -45,7 +47,7 @@ def penalised_rules() -> tuple[str, ...]:
 
 
 # --------------------------------------------------------------------------------------------
-# Parsing and validation shared with notebook 04's study
+# The settings shared with notebook 04's study, and the study
 # --------------------------------------------------------------------------------------------
 
 def parse_lambdas(value: str | Iterable[float]) -> tuple[float, ...]:
@@ -69,66 +71,55 @@ def parse_lambdas(value: str | Iterable[float]) -> tuple[float, ...]:
                              f"got {value!r}")
         lams.append(lam)
     if not lams:
-        raise ValueError("lambdas must hold at least one penalty weight >= 0 (e.g. '0, 1e-2')")
+        raise ValueError(f"lambdas must hold at least one non-negative penalty weight λ, e.g. "
+                         f"(0.0, 0.01) or the text '0, 1e-2'; got {value!r}")
     return tuple(sorted(set(lams)))
 
 
-def check_run_settings(study) -> None:
-    """The settings notebooks 03 and 04 share, checked with errors naming field and allowed values."""
-    from ..models import MODEL_NAMES
+GRAD_CLIP = float_range(0.0, low_open=True, none_ok=True, none_means="no clipping")
 
-    check_choice("rule (a rule that takes the residual-branch penalty)", study.rule, penalised_rules())
-    check_choice("arch", study.arch, MODEL_NAMES)
-    check_choice("dataset", study.dataset, DATASETS)
-    object.__setattr__(study, "seeds", check_seeds("seeds", study.seeds))
-    check_int("epochs", study.epochs, 1)
-    if not isinstance(study.augment, bool):
-        raise ValueError(f"augment must be True or False, got {study.augment!r}")
-    check_int("null_draws", study.null_draws, 0)
-    if study.null_draws == 1:
-        raise ValueError("null_draws must be 0 (no null) or >= 2 (the null reports a standard deviation)")
-    for name in ("d", "num_blocks", "n_train", "n_test"):
-        check_int(name, getattr(study, name), 1, none_ok=True, none_means="the reference's / the whole split")
-    check_int("d", study.d, 1, MAX_WIDTH, none_ok=True, none_means="the reference's width",
-              bound="fa_study.config.MAX_WIDTH")
-    check_int("num_blocks", study.num_blocks, 1, MAX_BLOCKS, none_ok=True, none_means="the reference's depth",
-              bound="fa_study.config.MAX_BLOCKS")
-    check_float("lr", study.lr, 0.0, low_open=True)
-    check_float("grad_clip", study.grad_clip, 0.0, low_open=True, none_ok=True, none_means="no clipping")
-
-
-def study_spec(study, rule: str, seed: int, penalty: float = 0.0) -> RunSpec:
-    """One run of ``study`` (a PenaltyStudy or a DirectionStudy) through :func:`audit_spec`, so
-    equal settings hit the same cache entry as notebook 02's."""
-    options = {"penalty": float(penalty)} if get_rule(rule).takes_penalty and penalty else {}
-    return audit_spec(rule, study.arch, seed, options=options, d=study.d, num_blocks=study.num_blocks,
-                      dataset=study.dataset, n_train=study.n_train, n_test=study.n_test,
-                      epochs=study.epochs, lr=study.lr, grad_clip=study.grad_clip, augment=study.augment,
-                      null_draws=study.null_draws)
-
-
-# --------------------------------------------------------------------------------------------
-# The study
-# --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class PenaltyStudy(Study):
+class PenalisedRuns(Study):
+    """The settings notebooks 03 and 04 share: one rule (and BP) on one model, trained as
+    notebook 02's runs (:func:`audit_spec`, so equal settings share a cache entry)."""
+
+    rule: str = option("dfa", one_of(penalised_rules, "rule (a rule that takes the residual-branch penalty)"),
+                       "the penalised rule: dfa as 003 / 004 (any rule with takes_penalty: fa, oracle, ...)")
+    seeds: tuple = option((42, 123, 456), seed_tuple, "one run per arm and seed (the reference's seeds)")
+    arch: str = option("resmlp", one_of(model_names),
+                       "003 / 004: the pre-LayerNorm ResidualMLP (vit, resnet also take the penalty)")
+    d: int | None = option(None, WIDTH, "width (None: the reference's, 256 for resmlp)")
+    num_blocks: int | None = option(None, depth(), "depth (None: the reference's, 4 for resmlp)")
+    dataset: str = option("cifar10", choice(*DATASETS),
+                          "cifar10 / cifar100 (synthetic offline); fashion_mnist: the real-data check")
+    epochs: int = option(30, positive_int, "003's sweep trained 30 epochs")
+    lr: float = option(1e-3, positive, "AdamW with cosine decay, as the reference")
+    grad_clip: float | None = option(None, GRAD_CLIP,
+                                     "per-block gradient clip; 003's sweep did not clip (004 did)")
+    augment: bool = option(False, boolean,
+                           "random crop + flip of every training batch (the reference on real CIFAR)")
+    n_train: int | None = option(None, SUBSET, "training subset (None: the whole split)")
+    n_test: int | None = option(None, SUBSET,
+                                "test subset (None: the whole split); 1,024 of it for direction quality")
+    null_draws: int = option(20, null_count,
+                             "fresh feedback draws per penalised-rule run (003: 20); 0 skips the null")
+
+    def run_spec(self, rule: str, seed: int, penalty: float = 0.0) -> RunSpec:
+        """One run through :func:`audit_spec`, so equal settings hit notebook 02's cache entry."""
+        options = {"penalty": float(penalty)} if get_rule(rule).takes_penalty and penalty else {}
+        return audit_spec(rule, self.arch, seed, options=options, d=self.d, num_blocks=self.num_blocks,
+                          dataset=self.dataset, n_train=self.n_train, n_test=self.n_test, epochs=self.epochs,
+                          lr=self.lr, grad_clip=self.grad_clip, augment=self.augment,
+                          null_draws=self.null_draws)
+
+
+@dataclass(frozen=True)
+class PenaltyStudy(PenalisedRuns):
     """DFA with the residual-branch penalty λ·||f_l(h_l)||² for several λ, against BP."""
 
-    lambdas: tuple = (0.0, 1e-4, 1e-2)  # penalty weights swept, 0 = vanilla (003); text "0, 1e-2" is parsed
-    rule: str = "dfa"  # the penalised rule: dfa as 003 (any rule with takes_penalty: fa, oracle, ...)
-    seeds: tuple = (42, 123, 456)  # one run per λ and seed, plus one BP run per seed (003's seeds)
-    arch: str = "resmlp"  # 003: the pre-LayerNorm ResidualMLP (vit, resnet also take the penalty)
-    d: int | None = None  # width (None: the reference's, 256 for resmlp)
-    num_blocks: int | None = None  # depth (None: the reference's, 4 for resmlp)
-    dataset: str = "cifar10"  # cifar10 / cifar100 (synthetic offline); fashion_mnist: the real-data check
-    epochs: int = 30  # 003's sweep trained 30 epochs
-    lr: float = 1e-3  # AdamW with cosine decay, as 003
-    grad_clip: float | None = None  # per-block gradient clip; 003's sweep did not clip (004 did)
-    augment: bool = False  # random crop + flip of every training batch (003 on real CIFAR: yes)
-    n_train: int | None = None  # training subset (None: the whole split)
-    n_test: int | None = None  # test subset (None: the whole split); 1,024 of it for direction quality
-    null_draws: int = 20  # fresh feedback draws per penalised-rule run (003: 20); 0 skips the null
+    lambdas: tuple = option((0.0, 1e-4, 1e-2), lambda _, v: parse_lambdas(v),
+                            "penalty weights swept, 0 = vanilla (003); text \"0, 1e-2\" is parsed")
 
     PROFILES = {
         # 10 epochs of 4k images at the reference width and learning rate: where vanilla DFA's
@@ -142,19 +133,10 @@ class PenaltyStudy(Study):
     CONTROLS = {"lambdas": "seeds",  # a comma-separated text box, parsed by parse_lambdas
                 "seeds": "seeds", "epochs": (1, 60, 1)}
 
-    def __post_init__(self):
-        if isinstance(self.lambdas, (tuple, list, str)) and not (
-                self.lambdas.strip() if isinstance(self.lambdas, str) else self.lambdas):
-            raise ValueError(f"lambdas must hold at least one non-negative penalty weight λ, e.g. "
-                             f"(0.0, 0.01) or the text '0, 1e-2'; got {self.lambdas!r}")
-        object.__setattr__(self, "lambdas", parse_lambdas(self.lambdas))
-        check_run_settings(self)
-        self.specs()  # every run validated before any training
-
     def spec(self, rule: str, seed: int, penalty: float = 0.0) -> RunSpec:
         """One run: ``rule`` ("bp" or the study's rule) with ``penalty`` and ``seed``."""
         check_choice("rule", rule, ("bp", self.rule))
-        return study_spec(self, rule, seed, penalty)
+        return self.run_spec(rule, seed, penalty)
 
     def specs(self) -> list[RunSpec]:
         """Per seed: BP, then the rule at every λ."""
@@ -166,14 +148,10 @@ class PenaltyStudy(Study):
         return list(dict.fromkeys(s.label for s in self.specs()))
 
 
-def run_penalty(study: PenaltyStudy | None = None, *, profile: str | None = None,
-                callback: Callable | None = None, n_jobs: int = 1, progress: Callable | None = None,
-                **overrides) -> Results:
-    """Train BP and the rule at every λ for every seed (cached) and audit each run; see
-    :class:`fa_study.runs.Results` (``history`` per epoch with ``penalty``, ``h_norm_<l>``,
-    ``g_norm_<l>``, ``cos_<l>``; ``runs`` with the D1/D2 values; ``null`` per penalised run)."""
-    study = resolve_study(PenaltyStudy, study, profile, overrides)
-    return study.run(callback=callback, n_jobs=n_jobs, progress=progress)
+run_penalty = study_runner(PenaltyStudy, """Train BP and the rule at every λ for every seed (cached)
+    and audit each run; see :class:`fa_study.runs.Results` (``history`` per epoch with ``penalty``,
+    ``h_norm_<l>``, ``g_norm_<l>``, ``cos_<l>``; ``runs`` with the D1/D2 values; ``null`` per
+    penalised run).""")
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,18 +173,15 @@ def penalty_runs(res: Results) -> pd.DataFrame:
             "max_growth", "d1", "d2", "verdict", "data_source"]
     out = runs[cols]
     null_cols = ["training_deep_cos", "fresh_deep_mean", "fresh_deep_std", "z_score"]
-    if len(res.null):
-        out = out.merge(res.null[["arm", "seed", *null_cols]], on=["arm", "seed"], how="left")
-    else:
-        out = out.assign(**{c: math.nan for c in null_cols})
-    return out
+    return out.merge(res.null[["arm", "seed", *null_cols]], on=["arm", "seed"], how="left") if len(res.null) \
+        else out.assign(**{c: math.nan for c in null_cols})
 
 
 def penalty_summary(res: Results, order: list[str] | None = None) -> pd.DataFrame:
     """One row per arm: mean ± 95 % CI over seeds of accuracy, ``||h_L||``, its ratio to BP,
     ``||g_L||``, the D1 growth and the null (training deep cosine, fresh mean, z), the
     verdicts seen, ``status`` and ``error`` (the messages of its runs that raised)."""
-    from .core import run_status
+    from .core import with_run_status
 
     runs = penalty_runs(res)
     cols = ["test_acc", "h_L", "h_L_vs_bp", "g_L", "max_growth", "training_deep_cos",
@@ -217,12 +192,7 @@ def penalty_summary(res: Results, order: list[str] | None = None) -> pd.DataFram
         lambda v: ", ".join(f"{k} ×{n}" for k, n in v.value_counts().items()))
     table.insert(1, "penalty", table["arm"].map(lam))
     table["verdicts"] = table["arm"].map(verdicts)
-    status = run_status(runs, "arm").set_index("arm")
-    table["status"] = table["arm"].map(status["status"])
-    table["error"] = table["arm"].map(status["error"])
-    if order:
-        rank = {a: i for i, a in enumerate(order)}
-        table = table.sort_values("arm", key=lambda s: s.map(rank)).reset_index(drop=True)
+    table = with_run_status(table, runs, order=order)
     return table[["arm", "penalty", "n", "status", "error"] + [f"{c}_text" for c in cols] + ["verdicts"]
                  + cols]
 
@@ -244,22 +214,14 @@ def arm_colours(specs: list[RunSpec]) -> dict[str, str]:
     return {a: fixed[a] for a in penalty}  # keep the specs' order for legends
 
 
-def _no_data(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9)
-    ax.set_axis_off()
-
-
 def _null_panel(ax, runs: pd.DataFrame, colours: dict[str, str]) -> None:
     """Training-feedback deep cosine (dots per seed, bar = mean) against fresh draws (mean ± 2 sd,
     cut at [-1, 1])."""
-    from ..plots import COSINE, clipped_yerr
+    from ..plots import COSINE, clipped_yerr, no_data
 
     arms = [a for a in colours if a in set(runs.loc[runs["training_deep_cos"].notna(), "arm"])]
     if not arms:
-        ax.text(0.5, 0.5, "no fresh-feedback null (null_draws = 0)", ha="center", va="center",
-                transform=ax.transAxes, fontsize=9)
-        ax.set_axis_off()
-        return
+        return no_data(ax, "no fresh-feedback null (null_draws = 0)")
     for i, arm in enumerate(arms):
         sub = runs[(runs["arm"] == arm) & runs["training_deep_cos"].notna()]
         c = colours[arm]
@@ -280,10 +242,11 @@ def _null_panel(ax, runs: pd.DataFrame, colours: dict[str, str]) -> None:
 
 def _dose_panel(ax, runs: pd.DataFrame, colours: dict[str, str]) -> None:
     """Final ||h_L|| against λ (symlog axis: λ = 0 sits at 0), BP's level as a dashed band."""
+    from ..plots import no_data
+
     runs = runs[runs["status"] == "ok"]
     if not np.isfinite(runs["h_L"].to_numpy(dtype=float)).any():
-        _no_data(ax, "no run finished: nothing to draw")
-        return
+        return no_data(ax)
     rule = runs[runs["rule"] != BP_REFERENCE].sort_values("penalty")
     stats = rule.groupby("penalty")["h_L"].apply(lambda s: mean_ci(s.to_numpy(dtype=float)))
     lams = stats.index.to_numpy(dtype=float)
@@ -297,24 +260,15 @@ def _dose_panel(ax, runs: pd.DataFrame, colours: dict[str, str]) -> None:
     linthresh = positive.min() if positive.size else 1e-4
     ax.set_xscale("symlog", linthresh=linthresh)
     ax.set_xlim(left=-0.3 * linthresh)  # no negative penalties: λ = 0 at the left edge
-    ax.set_yscale("log")
-    ax.set_xlabel("penalty λ")
-    ax.set_ylabel("final median ||h_L||")
+    ax.set(yscale="log", xlabel="penalty λ", ylabel="final median ||h_L||")
     ax.set_title("dose response: the stream at the end of training", fontsize=10)
     ax.legend(fontsize=8, frameon=False)
     ax.grid(alpha=0.3)
 
 
-@dataclass
-class PenaltyResult(StudyResult):
-    """:class:`StudyResult` plus the audit frames (``audit.runs``, ``audit.null``, ...)."""
-
-    audit: Results | None = None
-
-
 def penalty_view(study: PenaltyStudy | None = None, *, profile: str | None = None,
                  live: Callable | None = None, progress: Callable | None = None,
-                 **overrides) -> PenaltyResult:
+                 **overrides) -> StudyResult:
     """Run the sweep and draw it: per-epoch ``||h_L||``, ``||g_L||`` (log scales) and test
     accuracy per λ with BP for scale; the final ``||h_L||`` against λ; and the fresh-feedback
     null per penalised-rule arm. Runs that diverged or failed are left out of the plots and
@@ -323,16 +277,24 @@ def penalty_view(study: PenaltyStudy | None = None, *, profile: str | None = Non
 
     study = resolve_study(PenaltyStudy, study, profile, overrides)
     res = study.run(callback=live, progress=progress)
-    specs = study.specs()
-    L = specs[0].model.num_blocks
-    hist = finished(res.history)
-    colours = arm_colours(specs)
-    styles = {"bp": "--"}
-    sources = res.runs["data_source"].dropna().unique().tolist()
+    colours = arm_colours(study.specs())
+    runs = penalty_runs(res)
+    fig2, axes2 = plt.subplots(1, 2, figsize=(11, 3.7))
+    _dose_panel(axes2[0], runs, colours)
+    _null_panel(axes2[1], runs[runs["status"] == "ok"], colours)
+    figs = [plots.finish(f, res.runs) for f in (_curves_figure(study, res, colours), fig2)]
+    return StudyResult.of(study, res, res.history, penalty_summary(res, order=study.arms()), figs)
 
-    fig1, axes = plt.subplots(1, 3, figsize=(13.5, 3.7))
+
+def _curves_figure(study: PenaltyStudy, res: Results, colours: dict[str, str]):
+    """Per epoch ``||h_L||``, ``||g_L||`` (log scales) and test accuracy per arm."""
+    from .. import plots
+
+    L = study.specs()[0].model.num_blocks
+    hist = finished(res.history)
+    fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.7))
     if len(hist):
-        curves = dict(hue="arm", colours=colours, styles=styles)
+        curves = dict(hue="arm", colours=colours, styles={"bp": "--"})
         plots.plot_curves(hist, "epoch", f"h_norm_{L}", ax=axes[0], logy=True, **curves)
         plots.plot_curves(hist, "epoch", f"g_norm_{L}", ax=axes[1], logy=True, **curves)
         axes[1].axhline(D2_FLOOR, color="k", ls=":", lw=1, label=f"D2 floor {D2_FLOOR:g}")
@@ -341,25 +303,8 @@ def penalty_view(study: PenaltyStudy | None = None, *, profile: str | None = Non
             ax.legend(fontsize=8, frameon=False)
     else:
         for ax in axes:
-            _no_data(ax, "no run finished: nothing to draw")
+            plots.no_data(ax)
     axes[0].set(title=f"residual stream ||h_{L}|| (median, 128 test images)", ylabel=f"||h_{L}||")
     axes[1].set(title=f"BP reference gradient ||g_{L}|| (median)", ylabel=f"||g_{L}||")
     axes[2].set(title="test accuracy", ylabel="accuracy")
-    plots.annotate_source(fig1, sources)
-    plots.annotate_failures(fig1, res.runs)
-    fig1.tight_layout(rect=(0, 0.04, 1, 1))
-    plt.close(fig1)
-
-    runs = penalty_runs(res)
-    fig2, axes2 = plt.subplots(1, 2, figsize=(11, 3.7))
-    _dose_panel(axes2[0], runs, colours)
-    _null_panel(axes2[1], runs[runs["status"] == "ok"], colours)
-    plots.annotate_source(fig2, sources)
-    plots.annotate_failures(fig2, res.runs)
-    fig2.tight_layout(rect=(0, 0.04, 1, 1))
-    plt.close(fig2)
-
-    table = penalty_summary(res, order=study.arms())
-    out = PenaltyResult.of(study, res, res.history, table, [fig1, fig2])
-    out.audit = res
-    return out
+    return fig

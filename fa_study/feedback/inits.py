@@ -13,9 +13,8 @@ import math
 import torch
 
 from ..config import check_choice
-from .options import FA_INIT_MODES
-
 F32 = torch.float32
+FA_INIT_MODES: tuple[str, ...] = ("gaussian", "orthogonal", "ortho_he", "sparse")  # init_feedback's modes
 
 
 def haar_orthogonal(rows: int, cols: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -83,3 +82,20 @@ def weight_rms(weight: torch.Tensor) -> float:
     """``||W||_F / sqrt(numel)``: the scale a default B matches (equals W's std for zero-mean W)."""
     w = weight.detach().double()
     return float(w.norm() / math.sqrt(max(w.numel(), 1)))
+
+
+def layer_std(layer, init_std: float | None) -> float:
+    """``init_std``, else the RMS of the layer's weight (nn.Linear's init std
+    ``1/sqrt(3 fan_in)`` for an all-zero weight): ``||B||_F ~= ||W||_F`` for a fresh layer and
+    for a trained layer converted in place."""
+    if init_std is not None:
+        return float(init_std)
+    return weight_rms(layer.weight) or 1.0 / math.sqrt(3.0 * layer.fan_in)
+
+
+def draw_gaussian(shape, init_std: float, generator: torch.Generator | None,
+                  like: torch.Tensor) -> torch.Tensor:
+    """``N(0, init_std^2)`` of ``shape``, drawn on the CPU in float32 (one seed gives the same
+    matrix on every device) and moved to ``like``'s device and dtype."""
+    b = torch.randn(tuple(shape), generator=generator, dtype=F32) * init_std
+    return b.to(like.device, like.dtype)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,22 +36,50 @@ from .resmlp import ResidualMLP
 from .resnet import SmallResNet
 from .vit import ViTMini
 
-ARCHS: tuple[str, ...] = ("resmlp", "vit", "resnet", "mlp", "matrix_mlp")
-AUDIT_ARCHS: tuple[str, ...] = ("resmlp", "vit", "resnet")  # the reference study's architectures
-_CLASSES = {"resmlp": ResidualMLP, "vit": ViTMini, "resnet": SmallResNet, "mlp": MLP,
-            "matrix_mlp": MatrixMLP}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One registered architecture: its class, the reference's sizes, and whether the
+    reference study audits it (D1-D3 on CIFAR)."""
+
+    cls: type
+    d: int
+    num_blocks: int
+    audited: bool = False
+    long_run_share: float = 1.0  # share of a long (>= 50 epochs) audit it trains, as the reference
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register_arch(name: str, cls: type, *, d: int, num_blocks: int, audited: bool = False,
+                  long_run_share: float = 1.0) -> None:
+    """Register an architecture under ``name``: the one place a new model is added (``cls``
+    takes ``(input_shape, num_classes, d, num_blocks, **options)``). What it supports is asked of
+    its model (each rule's ``fits``), never listed."""
+    ARCHITECTURES[name] = Architecture(cls, d, num_blocks, audited, long_run_share)
+
+
+register_arch("resmlp", ResidualMLP, d=256, num_blocks=4, audited=True)
+register_arch("vit", ViTMini, d=128, num_blocks=4, audited=True, long_run_share=0.6)  # run_all.sh: 60 of 100
+register_arch("resnet", SmallResNet, d=64, num_blocks=4, audited=True)
+register_arch("mlp", MLP, d=256, num_blocks=1)
+register_arch("matrix_mlp", MatrixMLP, d=256, num_blocks=2)
+
+ARCHS: tuple[str, ...] = tuple(ARCHITECTURES)
+AUDIT_ARCHS: tuple[str, ...] = tuple(n for n, a in ARCHITECTURES.items() if a.audited)
 DEFAULTS: dict[str, dict[str, int]] = {  # the reference study's sizes
-    "resmlp": {"d": 256, "num_blocks": 4},
-    "vit": {"d": 128, "num_blocks": 4},
-    "resnet": {"d": 64, "num_blocks": 4},
-    "mlp": {"d": 256, "num_blocks": 1},
-    "matrix_mlp": {"d": 256, "num_blocks": 2},
-}
+    n: {"d": a.d, "num_blocks": a.num_blocks} for n, a in ARCHITECTURES.items()}
 VARIANTS: dict[str, tuple[str, int, int]] = {"resmlp_d512_L2": ("resmlp", 512, 2)}
+# the models an audit offers: the audited architectures and their named variants, in that order
+AUDIT_MODELS: tuple[str, ...] = tuple(
+    n for a in AUDIT_ARCHS for n in (a, *(v for v, spec in VARIANTS.items() if spec[0] == a)))
 MODEL_NAMES: tuple[str, ...] = ARCHS + tuple(VARIANTS)
 
 
-def resolve(name: str, d: int | None = None, num_blocks: int | None = None) -> tuple[str, int | None, int | None]:
+def resolve(name: str, d: int | None = None,
+            num_blocks: int | None = None) -> tuple[str, int | None, int | None]:
     """``(arch, d, num_blocks)`` of a model name (an arch or a named variant, which fixes both)."""
     check_choice("model", name, MODEL_NAMES)
     if name in VARIANTS:
@@ -74,7 +103,7 @@ def model_options(arch: str) -> dict[str, Any]:
     """The keyword options of ``arch``'s class (beyond input_shape, num_classes, d and
     num_blocks) with their defaults, read from the class's signature: the one list of them."""
     arch, _, _ = resolve(arch)
-    sig = inspect.signature(_CLASSES[arch].__init__)
+    sig = inspect.signature(ARCHITECTURES[arch].cls.__init__)
     return {n: p.default for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY}
 
 
@@ -89,7 +118,7 @@ def check_model_options(arch: str, options: dict) -> None:
                              f"own (ModelSpec(arch, d, num_blocks) / build_model(arch, {name}=...))")
         if name not in allowed:
             listed = ", ".join(f"{k!r} (default {v!r})" for k, v in allowed.items()) or "none"
-            raise ValueError(f"model {arch!r} ({_CLASSES[arch].__name__}) has no option {name!r}; "
+            raise ValueError(f"model {arch!r} ({ARCHITECTURES[arch].cls.__name__}) has no option {name!r}; "
                              f"allowed options: {listed}")
 
 
@@ -105,7 +134,7 @@ def _meta(arch: str, input_shape: tuple, num_classes: int, d: int, num_blocks: i
           options: tuple) -> BlockModel:
     try:
         with torch.device("meta"):  # shapes only: nothing allocated, no random numbers drawn
-            return _CLASSES[arch](input_shape, num_classes, d, num_blocks, **dict(options))
+            return ARCHITECTURES[arch].cls(input_shape, num_classes, d, num_blocks, **dict(options))
     except TypeError as exc:  # a value of a type the class's arithmetic cannot take
         raise ValueError(f"model {arch!r} cannot be built with d={d!r}, num_blocks={num_blocks!r}, "
                          f"options {dict(options)!r}: {exc}") from None
@@ -177,9 +206,10 @@ def build_model(arch: str, *, input_shape=(3, 32, 32), num_classes: int = 10, d:
     """
     arch, d, num_blocks = _sizes(arch, d, num_blocks)
     check_model(arch, input_shape=input_shape, num_classes=num_classes, d=d, num_blocks=num_blocks, **kw)
-    return _CLASSES[arch](tuple(input_shape), num_classes, d, num_blocks, **kw)
+    return ARCHITECTURES[arch].cls(tuple(input_shape), num_classes, d, num_blocks, **kw)
 
 
-__all__ = ["ARCHS", "AUDIT_ARCHS", "DEFAULTS", "VARIANTS", "MODEL_NAMES", "BlockModel", "MLP",
+__all__ = ["ARCHS", "AUDIT_ARCHS", "AUDIT_MODELS", "ARCHITECTURES", "Architecture", "register_arch",
+           "DEFAULTS", "VARIANTS", "MODEL_NAMES", "BlockModel", "MLP",
            "MatrixMLP", "ResidualMLP", "SmallResNet", "ViTMini", "build_model", "resolve",
            "display_name", "model_options", "check_model_options", "check_model", "meta_model"]

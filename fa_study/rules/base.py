@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import check_choice
 from ..fields import (Option, boolean, choice, fraction, fraction_open, nonnegative,  # noqa: F401
                       positive, positive_int, positive_int_or_none, positive_or_none)
 from ..models.base import BlockModel
@@ -56,7 +57,9 @@ RMS_EPS = 1e-6  # the reference's floor when a credit signal is rms-normalised
 def output_error(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``e = softmax(logits) - onehot(y)`` ``(batch, C)`` (detached)."""
     with torch.no_grad():
-        return torch.softmax(logits, dim=-1) - F.one_hot(y, logits.shape[-1]).to(logits.dtype)
+        # a scattered 1 (F.one_hot reads y's range back to the host every step); the same values
+        onehot = torch.zeros_like(logits).scatter_(-1, y.unsqueeze(-1), 1.0)
+        return torch.softmax(logits, dim=-1) - onehot
 
 
 def rms_normalise(a: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
@@ -82,7 +85,10 @@ def surrogate_output_grads(model: BlockModel, outputs: list[torch.Tensor], signa
     if signals and all(a.dim() == 2 and a.shape == signals[0].shape for a in signals):
         # (batch, d) signals: normalised in one batched op, not one small op chain per block
         s = torch.stack([a.detach() for a in signals])
-        normed = (s / (s.pow(2).mean(dim=-1, keepdim=True).sqrt() + eps)).unbind(0)
+        s = s / (s.pow(2).mean(dim=-1, keepdim=True).sqrt() + eps)
+        if not any(penalties) and all(f.shape == s.shape[1:] for f in outputs):
+            return list((s / s.shape[1]).unbind(0))  # (batch, d) outputs: divided by n at once
+        normed = s.unbind(0)
     else:
         normed = [rms_normalise(a.detach(), eps) for a in signals]
     grads = []
@@ -164,6 +170,10 @@ def check_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int | None = None
 # The interface
 # --------------------------------------------------------------------------------------------
 
+# The registry: every rule class by name (filled by fa_study.rules and by register()).
+RULES: dict[str, type["Method"]] = {}
+
+
 class Method:
     """A learning rule. Subclasses set :attr:`name`, declare :attr:`OPTIONS` and implement
     :meth:`fill_grads` and :meth:`credit` (or derive from :class:`BlockLocal`).
@@ -185,7 +195,6 @@ class Method:
     learns_feedback: ClassVar[bool] = False  # its feedback changes during training
     is_baseline: ClassVar[bool] = False  # no credit of its own (frozen, shallow)
     is_d3_baseline: ClassVar[bool] = False  # D3 compares every other rule's accuracy with this one's
-    archs: ClassVar[tuple[str, ...] | None] = None  # architectures it trains; None: every block model
     # Whether it needs the package's block interface (True: only fa_study.models.BlockModel, the
     # conservative default for a rule written against it) or trains any classifier nn.Module
     # (False: its training is the model's own forward and backward, e.g. BP and the layer rules).
@@ -252,41 +261,39 @@ class Method:
         :class:`~fa_study.train.TrainConfig`. Default: nothing beyond the options' own checks."""
 
     @classmethod
+    def fits(cls, model: nn.Module) -> bool:
+        """Whether this rule can train ``model``, asked of the model itself (default: any of
+        the package's block models). ``model`` may live on the meta device."""
+        return isinstance(model, BlockModel) or not cls.needs_blocks
+
+    @classmethod
     def supports(cls, arch: str) -> bool:
-        """Whether this rule can train a model of architecture ``arch``."""
-        return cls.archs is None or arch in cls.archs
+        """Whether this rule can train the package's architecture ``arch`` (asked of the
+        architecture's model, built on the meta device)."""
+        from ..models import meta_model
 
-    @classmethod
-    def check_arch(cls, arch: str) -> None:
-        """ValueError naming the rule, the architecture and the ones it supports."""
-        if not cls.supports(arch):
-            raise ValueError(f"rule {cls.name!r} cannot train a {arch!r} model; it supports: "
-                             f"{', '.join(repr(a) for a in cls.archs)}")
-
-    @classmethod
-    def trains(cls, model: nn.Module) -> bool:
-        """Whether this rule can train ``model``: a package model of an architecture it
-        :meth:`supports`, or any classifier ``nn.Module`` when it does not need blocks."""
-        if isinstance(model, BlockModel):
-            return cls.supports(model.arch)
-        return not cls.needs_blocks
+        return cls.fits(meta_model(arch))
 
     @classmethod
     def check_trainable(cls, model: nn.Module) -> None:
-        """ValueError unless this rule can train ``model``: for a network the package did not
-        build, one naming the rule, what the network lacks and the rules that train any
-        classifier; for a package model, :meth:`check_arch`."""
-        if isinstance(model, BlockModel):
-            cls.check_arch(model.arch)
+        """ValueError unless this rule can train ``model``, naming the rule, what the model
+        lacks and the rules that can train it."""
+        if cls.fits(model):
             return
-        if cls.needs_blocks:
-            from . import RULES
+        arch = getattr(model, "arch", None)
+        kind = f"a {arch!r} model" if arch else type(model).__name__
+        able = ", ".join(n for n, c in RULES.items() if c.fits(model))
+        raise ValueError(f"rule {cls.name!r} cannot train {kind}: it needs {cls.model_requirement}, "
+                         f"which {arch or kind} does not have. Rules that train it: {able or 'none'}")
 
-            kind = type(model).__name__
-            able = ", ".join(n for n, c in RULES.items() if not c.needs_blocks)
-            raise ValueError(f"rule {cls.name!r} cannot train {kind}: it needs "
-                             f"{cls.model_requirement}, which {kind} does not have. Rules that "
-                             f"train any classifier nn.Module: {able}")
+    @classmethod
+    def check_arch(cls, arch: str) -> None:
+        """ValueError naming the rule, the architecture and the architectures it supports."""
+        from ..models import ARCHS
+
+        if not cls.supports(arch):
+            able = ", ".join(repr(a) for a in ARCHS if cls.supports(a))
+            raise ValueError(f"rule {cls.name!r} cannot train a {arch!r} model; it supports: {able}")
 
     @classmethod
     def label_for(cls, options: dict[str, Any]) -> str:
@@ -526,3 +533,36 @@ def device_generator(seed: int, device: torch.device, current: torch.Generator |
 
 def finite_or_nan(values: list[float]) -> list[float]:
     return [v if math.isfinite(v) else math.nan for v in values]
+
+
+# --------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------
+
+def register(cls: type[Method], *, replace: bool = False) -> type[Method]:
+    """Add a rule class to :data:`RULES` under ``cls.name`` (usable as a class decorator).
+
+    Refuses a class that is not a :class:`Method`, has no name, or whose name is taken by
+    another class (unless ``replace``: re-running a notebook cell that defines the rule).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ValueError(f"register() takes a subclass of fa_study.rules.Method, got {cls!r}")
+    if not cls.name or not isinstance(cls.name, str):
+        raise ValueError(f"{cls.__name__} needs a class attribute name = '...' (its registry key)")
+    have = RULES.get(cls.name)
+    if have is not None and have is not cls and not (replace or have.__qualname__ == cls.__qualname__):
+        raise ValueError(f"a rule named {cls.name!r} is already registered ({have.__module__}."
+                         f"{have.__qualname__}); pick another name or pass replace=True")
+    RULES[cls.name] = cls
+    return cls
+
+
+def get_rule(name: str) -> type[Method]:
+    """The class registered as ``name`` (ValueError listing the registered names otherwise)."""
+    check_choice("rule", name, tuple(RULES))
+    return RULES[name]
+
+
+def build_rule(name: str, **options) -> Method:
+    """Build the rule ``name`` with ``options`` (checked against ``RULES[name].OPTIONS``)."""
+    return get_rule(name)(**options)

@@ -264,18 +264,9 @@ def b_grads_rev(acts: list[torch.Tensor], x: torch.Tensor, W: list[torch.Tensor]
     Returns ``(grads, rev_loss)``; ``rev_loss`` is a 0-dim tensor (no host sync).
     """
     L = len(B)
-    n = x.shape[0]
-    b: list[torch.Tensor] = [None] * (L + 1)  # type: ignore[list-item]
-    pre_ln: list[torch.Tensor | None] = [None] * (L + 1)  # the input of b_l's LayerNorm
-    b[L] = acts[L]
-    for l in range(L, 0, -1):
-        h = b[l] @ B[l - 1].T
-        if ln_b and l > 1:
-            pre_ln[l - 1] = h
-            h = F.layer_norm(h, h.shape[-1:])
-        b[l - 1] = h
+    b, pre_ln = _b_pathway(acts[L], B, ln_b)
     err = b[0] - x
-    eta = err / n
+    eta = err / x.shape[0]
     grads: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
     for l in range(L):
         grads[l] = eta.T @ b[l + 1]
@@ -287,6 +278,22 @@ def b_grads_rev(acts: list[torch.Tensor], x: torch.Tensor, W: list[torch.Tensor]
                 eta = layer_norm_backward(pre_ln[l + 1], eta)
     rev_loss = 0.5 * err.pow(2).sum(-1).mean()
     return grads, rev_loss
+
+
+def _b_pathway(top: torch.Tensor, B: list[torch.Tensor], ln_b: bool):
+    """The B pathway top-down from ``top`` (the logits): ``[b_0 .. b_L]`` and the inputs of
+    each ``b_l``'s LayerNorm (None where there is none)."""
+    L = len(B)
+    b: list[torch.Tensor] = [None] * (L + 1)  # type: ignore[list-item]
+    pre_ln: list[torch.Tensor | None] = [None] * (L + 1)
+    b[L] = top
+    for l in range(L, 0, -1):
+        h = b[l] @ B[l - 1].T
+        if ln_b and l > 1:
+            pre_ln[l - 1] = h
+            h = F.layer_norm(h, h.shape[-1:])
+        b[l - 1] = h
+    return b, pre_ln
 
 
 def b_grads_recon(acts: list[torch.Tensor], B: list[torch.Tensor]
@@ -392,10 +399,15 @@ class RARule(Method):
     """
 
     family = "ra"
-    archs = ("matrix_mlp",)
     model_requirement = ("the explicit weight matrices of fa_study.models.MatrixMLP "
                          "(build_model('matrix_mlp'))")
     has_random_feedback = True
+
+    @classmethod
+    def fits(cls, model) -> bool:
+        # the rule reads and updates the model's explicit weight matrices
+        return callable(getattr(model, "matrices", None)) and hasattr(model, "dims")
+
     OPTIONS = {"lr_b": Option(None, positive_or_none, "B's SGD step (None: the trainer's lr)"),
                "b_clip": Option(None, positive_or_none,
                                 "bound on each B step: ||dB_l|| <= b_clip ||B_l|| (None: unbounded, as 001)")}
@@ -461,7 +473,8 @@ class RARule(Method):
         check_batch(x, y)
         with torch.no_grad():
             W, acts, pre, loss, grad_top = self._forward(model, x, y)
-            for p, g in zip(model.matrices(), w_grads(acts, pre, grad_top, W, self.B, False, model.activation)):
+            grads = w_grads(acts, pre, grad_top, W, self.B, False, model.activation)
+            for p, g in zip(model.matrices(), grads):
                 p.grad = g
             self._pre, self._model_ln, self._activation = pre, model.ln, model.activation
             g_b, rev, recon = self.b_grads(acts, acts[0], W)
@@ -525,8 +538,9 @@ class RARule(Method):
         with torch.no_grad():
             W, acts, pre, _, grad_top = self._forward(model, x, y)
             out = {}
+            updates = update_angles(acts, pre, grad_top, W, self.B, model.activation)
             for prefix, vals in (("align", alignment(W, self.B)), ("angle", angles(W, self.B)),
-                                 ("update_angle", update_angles(acts, pre, grad_top, W, self.B, model.activation))):
+                                 ("update_angle", updates)):
                 out.update({f"{prefix}_{l}": v for l, v in enumerate(vals)})
         return out
 
@@ -553,7 +567,8 @@ class RAReverse(RARule):
                "rev_feedback": Option("W", choice(*REV_FEEDBACK),
                                       "the reverse error's feedback: W (001) or forward_ln (W at the forward "
                                       "LayerNorm's scale)"),
-               "ln_derivative": Option(False, boolean, "LayerNorm derivative on the B pathway (001: ignored)")}
+               "ln_derivative": Option(False, boolean,
+                                       "LayerNorm derivative on the B pathway (001: ignored)")}
     LABELS = {"lr_b": "lr_b", "rev_feedback": "fb", "ln_derivative": "lnd", "b_clip": "clip"}
 
     def _rev(self, acts, x, W):
@@ -583,7 +598,8 @@ class RACombined(RARule):
     summary = "B by (1 - lam) reverse task + lam reconstruction"
     learns_feedback = True
     OPTIONS = {**RAReverse.OPTIONS,
-               "lam": Option(0.5, _lam, "weight of the reconstruction term (0: reverse only, 1: reconstruction only)")}
+               "lam": Option(0.5, _lam,
+                             "weight of the reconstruction term (0: reverse only, 1: reconstruction only)")}
     LABELS = {**RAReverse.LABELS, "lam": "λ"}
     _rev = RAReverse._rev
 

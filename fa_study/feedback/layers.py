@@ -1,0 +1,279 @@
+"""``LocalLinear`` and ``LocalConv2d``: an ``nn.Linear`` / ``nn.Conv2d`` whose backward is its rule's.
+
+A local layer holds ``rule``, an instance of a layer rule of :mod:`fa_study.rules.layer`, and
+asks it everything: how the input gradient is formed (``rule.layer_forward``), which feedback
+buffers exist (``rule.layer_buffers``: ``B``, ``B_abs``, ``B_dfa``, ...), how they are drawn and
+redrawn (``rule.init_layer`` / ``rule.redraw``) and what happens after the backward
+(``rule.after_backward``). The layer supplies the geometry the rules use:
+``_plain_forward(x)``, ``_feedback_forward(x, B)`` (``B=None``: sign symmetry, computed in the
+backward), ``_direct_forward(x, error)`` and ``_direct_feedback_shape(target_dim)``.
+
+The buffers live in the layer, so no optimizer steps them and ``.to()``, ``state_dict`` and
+``deepcopy`` carry them. Under ``torch.no_grad`` every rule is the plain layer: nothing is
+cached, nothing redrawn. Build them with :func:`fa_study.rules.convert` (which shares the old
+layer's Parameters) or directly, ``LocalLinear(4, 3, rule=build_rule("layer_fa"))``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import check_int
+from .functions import (conv2d_input_grad, conv2d_with_direct_feedback, conv2d_with_feedback,
+                        linear_with_direct_feedback, linear_with_feedback)
+
+
+class LocalLayer:
+    """What LocalLinear and LocalConv2d share: the rule, its buffers, the cached input."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def _attach(self, rule, generator: torch.Generator | None) -> None:
+        if not callable(getattr(rule, "layer_forward", None)):
+            raise ValueError(f"{type(self).__name__} needs a layer rule (an instance of a class "
+                             f"of fa_study.rules.layer, e.g. build_rule('layer_fa')), got {rule!r}")
+        if isinstance(self, nn.Conv2d) and not rule.has_conv_form:
+            raise ValueError(f"rule {rule.name!r} has no Conv2d form; a convolution can run a rule "
+                             "whose has_conv_form is True, or stay an nn.Conv2d (BP)")
+        self.rule = rule
+        for name in rule.layer_buffers:  # None until drawn (and out of the state_dict until then)
+            self.register_buffer(name, None)
+        self._cached_input: torch.Tensor | None = None
+        self._cached_stamp: int | None = None
+        rule.init_layer(self, generator)
+
+    @property
+    def method(self) -> str:
+        """The rule's name (a report label)."""
+        return self.rule.name
+
+    @property
+    def fan_in(self) -> int:
+        return math.prod(self.weight.shape[1:])
+
+    @property
+    def has_random_feedback(self) -> bool:
+        """Whether the layer holds random feedback that :meth:`reset_feedback` redraws."""
+        return self.rule.layer_has_random_feedback(self)
+
+    def reset_feedback(self, generator: torch.Generator | None = None,
+                       init_std: float | None = None) -> bool:
+        """Redraw the layer's random feedback (the fresh-feedback null); return whether there
+        was any. The scale is ``init_std``, else the rule's (for a W-shaped B: the RMS of the
+        *current* weight unless the rule fixes it)."""
+        return self.rule.redraw(self, generator, init_std)
+
+    def feedback_matrix(self) -> torch.Tensor | None:
+        """The matrix the backward uses in place of W (W's shape), or None for the direct rules,
+        whose feedback does not pass through a W-shaped matrix."""
+        return self.rule.feedback_matrix(self)
+
+    @torch.no_grad()
+    def set_feedback(self, B: torch.Tensor) -> None:
+        """Replace the stored feedback matrix by a copy of ``B`` (W's shape)."""
+        if not self.rule.stores_b:
+            raise ValueError(f"rule {self.method!r} stores no B of W's shape; set_feedback needs "
+                             "a rule whose stores_b is True (layer_fa, layer_grape, kolen_pollack, "
+                             "weight_mirror)")
+        if tuple(B.shape) != tuple(self.weight.shape):
+            raise ValueError(f"B must have the weight's shape {tuple(self.weight.shape)}, "
+                             f"got {tuple(B.shape)}")
+        self.B = B.detach().to(device=self.weight.device, dtype=self.weight.dtype).clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return self._plain_forward(x)
+        return self.rule.layer_forward(self, x)
+
+    def _cache_input(self, x: torch.Tensor) -> None:
+        """Keep the input (and the output-error capture count) for a post-backward update."""
+        self._cached_input = x.detach()
+        holder = getattr(self, "_output_error", None)
+        self._cached_stamp = None if holder is None else holder.captures
+
+    def _take_cached_input(self) -> tuple[torch.Tensor, int | None]:
+        x = self._cached_input
+        if x is None:
+            raise RuntimeError(
+                f"this {self.method!r} layer has no cached input: run the model's forward with "
+                "gradients enabled and loss.backward() before fa_study.feedback.feedback_step")
+        self._cached_input = None
+        return x, self._cached_stamp
+
+    @torch.no_grad()
+    def feedback_step(self, *, e: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None) -> bool:
+        """This layer's post-backward update (after ``loss.backward()``, before the optimizer's
+        step); return whether the rule has one. ``e``: the output error ``(..., target_dim)``
+        for a rule that reads it, default the one recorded by ``capture_output_error``."""
+        return self.rule.after_backward(self, e=e, generator=generator)
+
+    def _share(self, old: nn.Module) -> None:
+        self.weight = old.weight
+        self.bias = old.bias
+        self.train(old.training)
+
+
+def _check_sizes(layer_type: str, **sizes) -> None:
+    """Layer sizes must be integers >= 1 (a zero-sized layer has no fan-in to scale B by)."""
+    for name, value in sizes.items():
+        check_int(f"{layer_type} {name}", value, 1)
+
+
+def project_error_linear(e: torch.Tensor, B: torch.Tensor, x: torch.Tensor,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """``e @ B`` broadcast to the input's shape: ``e`` ``(*lead_e, K)``, ``B`` ``(K, in)``,
+    ``x`` ``(*lead_e, *extra, in)``; every extra position (a token) gets its sample's error."""
+    lead_e, lead_x = tuple(e.shape[:-1]), tuple(x.shape[:-1])
+    if lead_x[:len(lead_e)] != lead_e:
+        raise ValueError(f"the output error {tuple(e.shape)} does not match the layer input "
+                         f"{tuple(x.shape)}: its leading dimensions must equal the input's or "
+                         "be a prefix of them")
+    g = e.to(device=x.device, dtype=dtype) @ B.to(dtype)
+    g = g.reshape(*lead_e, *([1] * (len(lead_x) - len(lead_e))), g.shape[-1])
+    return g.expand(x.shape).contiguous()
+
+
+class LocalLinear(LocalLayer, nn.Linear):
+    """Drop-in for ``nn.Linear`` (an instance of it) for inputs ``(..., in_features)``; the
+    forward is always ``x W^T + b``, the backward the rule's. Weights start as ``nn.Linear``'s;
+    the rule's feedback is drawn from ``generator``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rule,
+                 generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        _check_sizes("LocalLinear", in_features=in_features, out_features=out_features)
+        nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
+        self._attach(rule, generator)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rule,
+                    generator: torch.Generator | None = None) -> "LocalLinear":
+        """A LocalLinear that *shares* ``linear``'s weight and bias Parameters (same outputs,
+        tying kept), with ``rule``'s feedback drawn for it."""
+        _check_sizes("LocalLinear", in_features=linear.in_features, out_features=linear.out_features)
+        new = cls.__new__(cls)
+        # the shell is built on the meta device: nothing allocated or drawn for weights replaced at once
+        nn.Linear.__init__(new, linear.in_features, linear.out_features, linear.bias is not None,
+                           device="meta")
+        new._share(linear)
+        new._attach(rule, generator)
+        return new
+
+    def _plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def _feedback_forward(self, x: torch.Tensor, B: torch.Tensor | None) -> torch.Tensor:
+        return linear_with_feedback(x, self.weight, self.bias, B)
+
+    def _direct_forward(self, x: torch.Tensor, error) -> torch.Tensor:
+        def project(xs: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+            e, B = error()
+            return project_error_linear(e, B, xs, grad_out.dtype)
+
+        return linear_with_direct_feedback(x, self.weight, self.bias, project)
+
+    def _direct_feedback_shape(self, target_dim: int) -> tuple[int, ...]:
+        return (target_dim, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., in_features)`` -> ``(..., out_features)``."""
+        return LocalLayer.forward(self, x)
+
+    def extra_repr(self) -> str:
+        return f"{nn.Linear.extra_repr(self)}, rule={self.rule!r}"
+
+
+def project_error_conv(e: torch.Tensor, B: torch.Tensor, x: torch.Tensor,
+                       grad_out: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
+    """DFA's input gradient of a convolution: ``e`` ``(N, K)`` broadcast over the output
+    positions ``(N, K, H_out, W_out)``, transposed-convolved with ``B`` ``(K, C_in, kh, kw)``
+    (groups 1) onto ``x``'s shape ``(N, C_in, H, W)``."""
+    if e.dim() == 1:
+        e = e.unsqueeze(0)  # an unbatched input
+    n, k = grad_out.shape[0], B.shape[0]
+    if e.dim() != 2 or e.shape[0] != n:
+        raise ValueError(f"a direct-feedback convolution needs the output error as (batch, "
+                         f"target_dim) = ({n}, {k}), got {tuple(e.shape)}")
+    E = e.to(device=grad_out.device, dtype=grad_out.dtype)[:, :, None, None]
+    E = E.expand(n, k, *grad_out.shape[2:]).contiguous()
+    return conv2d_input_grad(x, B, E, stride, padding, dilation, 1)
+
+
+class LocalConv2d(LocalLayer, nn.Conv2d):
+    """Drop-in for ``nn.Conv2d`` (an instance of it) for ``(batch, C_in, H, W)``. The input
+    gradient is the transposed convolution of ``grad_out`` with the rule's kernel of W's shape
+    ``(C_out, C_in/groups, kh, kw)``, or, for direct feedback, of the output error broadcast
+    over the output positions with ``B_dfa`` ``(target_dim, C_in, kh, kw)``. Weight and bias
+    gradients are autograd's; every option of ``nn.Conv2d`` works (strides, dilation, groups,
+    ``padding='same'``, non-zero padding modes)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
+                 rule, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        _check_sizes("LocalConv2d", in_channels=in_channels, out_channels=out_channels)
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding,
+                           dilation, groups, bias, padding_mode, device=device, dtype=dtype)
+        self._attach(rule, generator)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, rule,
+                  generator: torch.Generator | None = None) -> "LocalConv2d":
+        """A LocalConv2d sharing ``conv``'s weight and bias Parameters, with ``rule``'s feedback."""
+        _check_sizes("LocalConv2d", in_channels=conv.in_channels, out_channels=conv.out_channels)
+        new = cls.__new__(cls)
+        nn.Conv2d.__init__(new, conv.in_channels, conv.out_channels, conv.kernel_size,
+                           conv.stride, conv.padding, conv.dilation, conv.groups,
+                           conv.bias is not None, conv.padding_mode, device="meta")
+        new._share(conv)
+        new._attach(rule, generator)
+        return new
+
+    def _explicit_padding(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The input padded as ``nn.Conv2d`` would, and the symmetric int padding left to apply."""
+        rp = self._reversed_padding_repeated_twice  # (left_w, right_w, top_h, bottom_h)
+        if self.padding_mode != "zeros":
+            return F.pad(x, rp, mode=self.padding_mode), (0, 0)
+        if isinstance(self.padding, str):
+            if rp[0] == rp[1] and rp[2] == rp[3]:
+                return x, (rp[2], rp[0])
+            return F.pad(x, rp), (0, 0)  # 'same' with an even kernel pads asymmetrically
+        return x, tuple(self.padding)
+
+    def _plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight, self.bias)
+
+    def _feedback_forward(self, x: torch.Tensor, B: torch.Tensor | None) -> torch.Tensor:
+        unbatched = x.dim() == 3  # nn.Conv2d accepts (C_in, H, W) too
+        xp, padding = self._explicit_padding(x.unsqueeze(0) if unbatched else x)
+        out = conv2d_with_feedback(xp, self.weight, self.bias, B, self.stride, padding,
+                                   self.dilation, self.groups)
+        return out.squeeze(0) if unbatched else out
+
+    def _direct_forward(self, x: torch.Tensor, error) -> torch.Tensor:
+        unbatched = x.dim() == 3
+        xp, padding = self._explicit_padding(x.unsqueeze(0) if unbatched else x)
+        stride, dilation = self.stride, self.dilation
+
+        def project(xs: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+            e, B = error()
+            return project_error_conv(e, B, xs, grad_out, stride, padding, dilation)
+
+        out = conv2d_with_direct_feedback(xp, self.weight, self.bias, project, stride, padding,
+                                          dilation, self.groups)
+        return out.squeeze(0) if unbatched else out
+
+    def _direct_feedback_shape(self, target_dim: int) -> tuple[int, ...]:
+        return (target_dim, self.in_channels, *self.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, C_in, H, W)`` -> ``(batch, C_out, H', W')``."""
+        return LocalLayer.forward(self, x)
+
+    def extra_repr(self) -> str:
+        return f"{nn.Conv2d.extra_repr(self)}, rule={self.rule!r}"

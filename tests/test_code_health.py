@@ -1,0 +1,239 @@
+"""The package's code health, enforced: no import circle between its modules, no function over
+60 lines, and ruff-clean ``fa_study/`` and ``tests/`` (as tests/test_notebooks_paired.py does for
+the notebooks).
+
+The import graph is read from the source with :mod:`ast`, not by importing: every ``import`` of
+another module of the package counts, at module level and inside functions (a deferred import
+that closes a circle still ties the two modules together); only the imports under
+``if TYPE_CHECKING:`` are exempt, since they never run.
+"""
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "fa_study"
+MAX_FUNCTION_LINES = 60
+
+
+# ------------------------------------------------------------------------------ the import graph
+
+def module_files(root: Path, package: str) -> dict[str, Path]:
+    """Dotted module name -> file, for every ``.py`` file of ``root / package``; a package's
+    ``__init__.py`` is named after the package (``fa_study.experiments``)."""
+    out = {}
+    for path in sorted((root / package).rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imports(tree: ast.AST):
+    """Every Import / ImportFrom node of ``tree`` at any depth, but not those in the body of an
+    ``if TYPE_CHECKING:`` (its ``else`` branch runs, so it counts)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif isinstance(node, ast.If) and _is_type_checking(node.test):
+            stack.extend(node.orelse)
+        else:
+            stack.extend(ast.iter_child_nodes(node))
+
+
+def _targets(node, module: str, is_package: bool, modules) -> list[str]:
+    """The modules of the package that ``node``, found in ``module``, imports: ``import a.b``
+    -> ``a.b``; ``from a import n`` -> ``a.n`` when that is a module, else ``a`` (its
+    ``__init__``); relative imports resolved against ``module``'s package."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names if a.name in modules]
+    base = node.module or ""
+    if node.level:
+        package = module.split(".") if is_package else module.split(".")[:-1]
+        anchor = package[:len(package) - (node.level - 1)]
+        base = ".".join(anchor + ([node.module] if node.module else []))
+    if base not in modules:
+        return []
+    return [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+
+
+def import_graph(root: Path, package: str) -> dict[str, dict[str, int]]:
+    """``{module: {imported module: line of the first such import}}`` over the package, self
+    imports left out."""
+    files = module_files(root, package)
+    graph: dict[str, dict[str, int]] = {name: {} for name in files}
+    for name, path in files.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in _imports(tree):
+            for target in _targets(node, name, path.name == "__init__.py", files):
+                if target != name:
+                    graph[name].setdefault(target, node.lineno)
+    return graph
+
+
+def cycles(graph) -> list[list[str]]:
+    """The strongly connected components of more than one node (Tarjan's algorithm, iterative),
+    each sorted, in sorted order: the sets of modules that import one another in a circle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    found = []
+    for start in sorted(graph):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return sorted(found)
+
+
+def test_the_cycle_finder_finds_circles_and_only_circles():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": {"e"}, "e": set(), "f": {"a", "g"},
+             "g": {"f"}, "h": {"h"}}
+    assert cycles(graph) == [["a", "b", "c"], ["f", "g"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_import_graph_reads_every_kind_of_import(tmp_path):
+    """A hand-made package: relative and absolute imports, ``from package import submodule``,
+    an import inside a function that closes a circle, and one under ``if TYPE_CHECKING:``."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    sources = {
+        "__init__.py": "from . import a\n",
+        "a.py": "from .sub import helper\nimport pkg.b\n",
+        "b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .c import C\n"
+                "else:\n    from . import d\n",
+        "c.py": "import os\nfrom pkg import b\n",
+        "d.py": "",
+        "sub/__init__.py": "VALUE = 1\n",
+        "sub/helper.py": "def late():\n    from ..a import thing\n    return thing\n",
+    }
+    for name, text in sources.items():
+        (pkg / name).write_text(text)
+    graph = import_graph(tmp_path, "pkg")
+    assert {m: set(t) for m, t in graph.items()} == {
+        "pkg": {"pkg.a"}, "pkg.a": {"pkg.sub.helper", "pkg.b"}, "pkg.b": {"pkg.d"}, "pkg.c": {"pkg.b"},
+        "pkg.d": set(), "pkg.sub": set(), "pkg.sub.helper": {"pkg.a"}}
+    assert graph["pkg.sub.helper"]["pkg.a"] == 2  # the line of the import
+    assert cycles(graph) == [["pkg.a", "pkg.sub.helper"]]
+
+
+def test_no_import_circle_in_the_package():
+    graph = import_graph(ROOT, PACKAGE)
+    assert len(graph) > 20 and any(graph.values()), "the package's modules were not read"
+    report = []
+    for members in cycles(graph):
+        inside = set(members)
+        edges = [f"    {m} -> {t} (line {graph[m][t]})"
+                 for m in members for t in sorted(graph[m]) if t in inside]
+        report.append(f"circle of {len(members)} modules: {', '.join(members)}\n" + "\n".join(edges))
+    assert not report, "import circles in the package:\n" + "\n".join(report)
+
+
+# ------------------------------------------------------------------------------ function length
+
+def long_functions(root: Path, package: str, limit: int) -> list[tuple[int, str]]:
+    """``(lines, "path:line name")`` of every function and method (nested ones too) of the
+    package whose span from ``def`` to its last line, docstring included, exceeds ``limit``;
+    longest first."""
+    out = []
+    for path in sorted((root / package).rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                span = node.end_lineno - node.lineno + 1
+                if span > limit:
+                    out.append((span, f"{path.relative_to(root)}:{node.lineno} {node.name}"))
+    return sorted(out, key=lambda r: (-r[0], r[1]))
+
+
+def test_the_length_check_counts_the_docstring(tmp_path):
+    """60 lines pass (``ok``: def, docstring, 58 statements); 61 fail (``long``: def, a docstring
+    of two lines, 58 statements), whatever the docstring's share."""
+    body = "    x = 1\n" * 57
+    source = (f'def ok():\n    """doc"""\n{body}    return x\n\n\n'
+              f'def long():\n    """doc\n    """\n{body}    return x\n')
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text(source)
+    assert long_functions(tmp_path, "pkg", MAX_FUNCTION_LINES) == [(61, "pkg/m.py:63 long")]
+
+
+def test_no_function_over_60_lines():
+    offenders = long_functions(ROOT, PACKAGE, MAX_FUNCTION_LINES)
+    assert not offenders, f"{len(offenders)} functions over {MAX_FUNCTION_LINES} lines:\n" + \
+        "\n".join(f"  {n:4d}  {where}" for n, where in offenders)
+
+
+# ------------------------------------------------------------------------------ ruff
+
+def _ruff(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", *args],
+                          cwd=cwd, capture_output=True, text=True)
+
+
+def test_the_ruff_config_catches_what_the_package_forbids(tmp_path):
+    """The repository's [tool.ruff] on a file written to a temp dir: a line of 111 characters and
+    a lambda bound to a name are caught, a line of exactly 110 is not."""
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    (tmp_path / "pkg").mkdir()
+    ok_line = "X = '" + "x" * 104 + "'"
+    long_line = "Y = '" + "y" * 105 + "'"
+    assert (len(ok_line), len(long_line)) == (110, 111)
+    (tmp_path / "pkg" / "m.py").write_text(f"{ok_line}\n{long_line}\nf = lambda v: v\n")
+    result = _ruff("--output-format", "concise", "pkg", cwd=tmp_path)
+    found = {(int(line.split(":")[1]), line.split(": ")[1].split()[0])
+             for line in result.stdout.splitlines() if line.startswith("pkg")}
+    assert found == {(2, "E501"), (3, "E731")}, result.stdout + result.stderr
+    assert result.returncode == 1
+
+
+@pytest.mark.parametrize("folder", ["fa_study", "tests"])
+def test_code_passes_ruff(folder):
+    """ruff with pyproject's [tool.ruff] (line length 110) over the package and the tests."""
+    listed = _ruff("--show-files", folder)
+    checked = {(ROOT / line.strip()).resolve() for line in listed.stdout.splitlines() if line.strip()}
+    expected = set((ROOT / folder).resolve().glob("*.py"))
+    assert expected and expected <= checked, f"ruff does not check {sorted(map(str, expected - checked))}"
+    result = _ruff("--output-format", "concise", folder)
+    assert result.returncode == 0, result.stdout + result.stderr

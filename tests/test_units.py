@@ -1,0 +1,115 @@
+"""Dispatch over the cores (fa_study.units): the core budget, and a parallel run equal to a
+sequential one bit for bit, with progress, live replay and the cache as in a sequential run."""
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fa_study import units
+from fa_study.cache import ResultsCache, unit_name
+from fa_study.units import core_budget, run_units, workers_for
+from sweep_units import TorchSpec, torch_unit
+
+
+def _pids(markers: Path) -> set[int]:
+    return {int(f.name.split("-")[1]) for f in markers.iterdir()}
+
+
+@pytest.fixture
+def budget(monkeypatch):
+    monkeypatch.delenv("FA_STUDY_JOBS", raising=False)
+    monkeypatch.setenv("FA_STUDY_CORES", "2")
+
+
+def test_the_core_budget_and_its_overrides(monkeypatch):
+    monkeypatch.delenv("FA_STUDY_CORES", raising=False)
+    monkeypatch.delenv("FA_STUDY_JOBS", raising=False)
+    assert core_budget() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("FA_STUDY_CORES", "3")
+    assert core_budget() == 3
+    # None: min(units to compute, budget); one unit stays in this process; an int as given
+    assert [workers_for(None, n) for n in (0, 1, 2, 5)] == [1, 1, 2, 3]
+    assert [workers_for(4, 8), workers_for(4, 2), workers_for(1, 8), workers_for(-1, 8)] == [4, 2, 1, -1]
+    monkeypatch.setenv("FA_STUDY_JOBS", "1")  # the sequential path, for everyone
+    assert workers_for(None, 8) == 1 and workers_for(2, 8) == 2
+
+
+@pytest.mark.parametrize("name", ["FA_STUDY_CORES", "FA_STUDY_JOBS"])
+@pytest.mark.parametrize("value", ["0", "two", "-1", "1.5"])
+def test_a_bad_budget_variable_is_refused_naming_it(monkeypatch, name, value):
+    monkeypatch.delenv("FA_STUDY_JOBS", raising=False)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=rf"\${name} must be a positive integer .*got '{value}'"):
+        workers_for(None, 4)
+
+
+def test_a_parallel_run_equals_a_sequential_one_bit_for_bit(cache, tmp_path, monkeypatch, budget):
+    specs = [TorchSpec(i, str(tmp_path / "markers")) for i in range(4)]
+    (tmp_path / "markers").mkdir()
+    monkeypatch.setenv("FA_STUDY_JOBS", "1")
+    sequential, stats = run_units(torch_unit, specs)
+    assert stats.computed == 4 and _pids(tmp_path / "markers") == {os.getpid()}
+    monkeypatch.delenv("FA_STUDY_JOBS")
+    monkeypatch.setenv("FA_STUDY_CACHE", str(tmp_path / "cache2"))
+    for f in (tmp_path / "markers").iterdir():
+        f.unlink()
+    for _ in range(3):  # again if the package's source was edited meanwhile (workers then refuse)
+        units.cache.code_fingerprint.cache_clear()  # the source as the workers will see it
+        seen, replayed = [], []
+        parallel, stats = run_units(torch_unit, specs, progress=lambda *a: seen.append(a),
+                                    replay=lambda spec, payload: replayed.append(spec.i))
+        if not stats.notes:
+            break
+        ResultsCache().clear()
+        for f in (tmp_path / "markers").iterdir():
+            f.unlink()
+    assert stats.computed == 4 and not stats.notes
+    assert os.getpid() not in _pids(tmp_path / "markers")  # computed by worker processes
+    assert [s[0] for s in seen] == [1, 2, 3, 4] and {s[1:] for s in seen} == {(4, False)}
+    assert sorted(replayed) == [0, 1, 2, 3]  # each worker's unit handed over as it finished
+    for a, b in zip(sequential, parallel):  # payload by payload, bit for bit
+        pd.testing.assert_frame_equal(a["history"], b["history"], check_exact=True)
+        assert a["w"] == b["w"] and a["threads"] == b["threads"] == 1
+    assert len(ResultsCache().entries(unit_name(torch_unit))) == 4  # each written by its worker
+    again, stats = run_units(torch_unit, specs)
+    assert stats.hits == 4 and len(_pids(tmp_path / "markers")) <= 2
+
+
+def test_run_specs_in_workers_equals_a_sequential_run(cache, tmp_path, monkeypatch, budget):
+    from test_runs import tiny
+
+    from fa_study.runs import run_specs
+
+    specs = [tiny("dfa", seed=0), tiny("bp", seed=1)]
+    monkeypatch.setenv("FA_STUDY_JOBS", "1")
+    sequential = run_specs(specs)
+    monkeypatch.delenv("FA_STUDY_JOBS")
+    monkeypatch.setenv("FA_STUDY_CACHE", str(tmp_path / "cache2"))
+    records = []
+    parallel = run_specs(specs, callback=records.append)
+    for name in ("history", "runs", "layers", "null"):
+        pd.testing.assert_frame_equal(getattr(sequential, name), getattr(parallel, name), check_exact=True)
+    # the live callback saw each run's history, per epoch, once it finished in its worker
+    assert {r["arm"] for r in records} == {"dfa", "bp"}
+    assert all(r["loss"] == r["train_loss"] for r in records)
+
+
+def test_a_unit_that_raises_in_a_worker_fails_the_call_as_in_this_process(cache, tmp_path, budget):
+    with pytest.raises(ValueError, match="bad unit"):
+        run_units(_raising_unit, [TorchSpec(i, str(tmp_path)) for i in range(2)])
+
+
+def _raising_unit(spec, fingerprint, callback=None):
+    raise ValueError(f"bad unit {spec.i}")
+
+
+def test_workers_get_the_callers_settings(cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "environ", dict(os.environ, FA_STUDY_SOMETHING="here"))  # restored after
+    out = units.compute_unit(_settings_unit, TorchSpec(0, ""), units.cache.code_fingerprint(), None,
+                             "u", "{}", {"FA_STUDY_OTHER": "there"})
+    assert out[1]["env"] == {"FA_STUDY_OTHER": "there"}
+
+
+def _settings_unit(spec, fingerprint, callback=None):
+    return {"env": {k: v for k, v in os.environ.items() if k in ("FA_STUDY_SOMETHING", "FA_STUDY_OTHER")}}
