@@ -27,7 +27,7 @@ BLOWS_UP = AUDIT_ARCHS + ("mlp",)  # MatrixMLP's LayerNorm after every layer pin
 
 def _model(arch: str, seed: int = 0, **kw):
     torch.manual_seed(seed)
-    sizes = dict(SIZES[arch])
+    sizes = dict(SIZES.get(arch, dict(d=16, num_blocks=2)))  # a new architecture: small defaults
     sizes.update(kw)
     return build_model(arch, input_shape=SHAPE, num_classes=CLASSES, **sizes)
 

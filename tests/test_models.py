@@ -22,7 +22,7 @@ CLASSES_OF = {"resmlp": ResidualMLP, "vit": ViTMini, "resnet": SmallResNet, "mlp
 
 def _model(arch: str, seed: int = 0, **kw) -> BlockModel:
     torch.manual_seed(seed)
-    sizes = dict(SIZES[arch])
+    sizes = dict(SIZES.get(arch, dict(d=16, num_blocks=2)))  # a new architecture: small defaults
     sizes.update(kw)
     return build_model(arch, input_shape=SHAPE, num_classes=CLASSES, **sizes)
 
@@ -206,7 +206,7 @@ def test_resnet_block_is_the_reference_formula():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_architecture_takes_mnist_images_and_flat_inputs(arch):
     torch.manual_seed(0)
-    sizes = dict(SIZES[arch])
+    sizes = dict(SIZES.get(arch, dict(d=16, num_blocks=2)))  # a new architecture: small defaults
     model = build_model(arch, input_shape=(1, 28, 28), num_classes=10, **sizes).eval()
     x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     logits, hiddens = model(x, return_hidden=True)
