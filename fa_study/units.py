@@ -96,9 +96,17 @@ def workers_for(n_jobs, todo: int) -> int:
     return 1 if todo <= 1 or n_jobs == 1 else (n_jobs if n_jobs == -1 else min(n_jobs, todo))
 
 
-def _settings() -> dict[str, str]:
+def caller_settings() -> dict[str, str]:
     """The caller's ``$FA_STUDY_*`` settings (data, device, profile, ...), for its workers."""
     return {k: v for k, v in os.environ.items() if k.startswith("FA_STUDY_")}
+
+
+def use_settings(settings: dict[str, str]) -> None:
+    """Make this worker's ``$FA_STUDY_*`` exactly the caller's (``caller_settings()`` there): a reused
+    worker was started with the environment of an earlier call."""
+    for key in [k for k in os.environ if k.startswith("FA_STUDY_") and k not in settings]:
+        del os.environ[key]
+    os.environ.update(settings)
 
 
 def compute_unit(unit_fn: Callable, spec, fingerprint: str, root: str | None, unit: str,
@@ -111,9 +119,7 @@ def compute_unit(unit_fn: Callable, spec, fingerprint: str, root: str | None, un
     ``settings`` are the caller's ``$FA_STUDY_*`` variables: a reused worker was started with
     the environment of an earlier call."""
     if settings is not None:
-        for key in [k for k in os.environ if k.startswith("FA_STUDY_") and k not in settings]:
-            del os.environ[key]
-        os.environ.update(settings)
+        use_settings(settings)
     if cache.code_fingerprint() != fingerprint:  # the caller computes it with the code its key names
         return spec_text, None, "other code", ""
     results = ResultsCache(root, quiet=True) if root is not None else None
@@ -197,7 +203,7 @@ def _in_workers(sweep: _Sweep, unit_fn: Callable, todo: list[str], workers: int,
     from joblib.parallel import get_active_backend
 
     root = str(sweep.cache.root) if sweep.cache.writable else None
-    env = _settings()
+    env = caller_settings()
     jobs = (delayed(compute_unit)(unit_fn, sweep.spec(t), sweep.fp, root, sweep.unit, t, env) for t in todo)
     backend, _ = get_active_backend()  # results as they finish where the backend can
     mode = "generator_unordered" if getattr(backend, "supports_return_generator", False) else "list"

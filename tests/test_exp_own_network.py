@@ -7,6 +7,7 @@ import math
 
 import matplotlib
 import pytest
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -277,3 +278,32 @@ def test_every_rule_offered_trains_and_is_read_on_the_networks(network, rule):
     if learned:  # the loop's feedback_step moved the learned feedback B
         after = [m.feedback_matrix() for _, m in local_layers(model)]
         assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+# ---------------------------------------------------------------------------- over the cores
+
+def test_runs_over_two_workers_equal_the_runs_in_this_process(tiny, monkeypatch):
+    """The frozen baselines and the runs spread over two worker processes give the same
+    losses, accuracies, readings and weights, bit for bit, in the study's order; the live
+    callback still receives every run's curve, once the run is done."""
+    monkeypatch.setenv("FA_STUDY_OFFLINE", "1")
+    monkeypatch.setenv("FA_STUDY_DATA_KNOWN", "0")
+    monkeypatch.delenv("FA_STUDY_DATA", raising=False)
+    monkeypatch.setenv("FA_STUDY_JOBS", "2")
+    # fresh workers: a reused one may carry another test's monkeypatches (e.g. pickle refused)
+    from joblib.externals.loky import get_reusable_executor
+
+    get_reusable_executor().shutdown(wait=True, kill_workers=True)
+    seen, done = [], []
+    par = on.run_own_network(on.OwnNetworkStudy.for_profile("quick", **TINY), live=seen.append,
+                             progress=lambda d, t, c: done.append((d, t)))
+    assert list(par.runs) == list(tiny.runs) and par.frozen_acc == tiny.frozen_acc
+    assert done[-1] == (4, 4) and len(seen) == sum(len(r.losses) for r in tiny.runs.values())
+    for key, run in tiny.runs.items():
+        other = par.runs[key]
+        assert other.losses == run.losses and other.test_acc == run.test_acc
+        assert other.report.verdict == run.report.verdict
+        pd.testing.assert_frame_equal(other.updates, run.updates)
+        pd.testing.assert_frame_equal(other.direction, run.direction)
+        for (n, p), q in zip(run.model.state_dict().items(), other.model.state_dict().values()):
+            assert torch.equal(p, q), (key, n)

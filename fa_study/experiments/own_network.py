@@ -30,6 +30,7 @@ when the package has it (``frozen=True``), otherwise D3 is "not evaluated" and s
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -432,43 +433,111 @@ def read_network(model: nn.Module, x_eval, y_eval, x_direction, y_direction, x_b
     return report, direction, updates
 
 
+def _datasets(study: OwnNetworkStudy):
+    """The 3-channel training and test sets of the study (the same tensors in every process)."""
+    dev = get_device()
+    return (rgb(load_images(study.dataset, "train", study.n_train, dev)),
+            rgb(load_images(study.dataset, "test", study.n_test, dev)))
+
+
+def _readings_data(study: OwnNetworkStudy, train_ds, test_ds) -> dict:
+    """The batches every run is read on: the first test samples (audit, direction quality) and
+    one seeded training batch (update alignment)."""
+    x, y, xt, yt = train_ds.x, train_ds.y, test_ds.x, test_ds.y
+    n_eval, n_dir = min(study.n_eval, len(yt)), min(study.n_direction, len(yt))
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(study.seed + 1))
+    idx = idx[:study.batch_size].to(x.device)
+    return dict(x_eval=xt[:n_eval], y_eval=yt[:n_eval], x_direction=xt[:n_dir], y_direction=yt[:n_dir],
+                x_batch=x[idx], y_batch=y[idx])
+
+
+def _arm(study: OwnNetworkStudy, network: str, rule: str, frozen_acc: float | None,
+         log: Callable | None = None) -> OwnRun:
+    """One unit: train ``network`` under ``rule`` and read it (in this process or a worker's)."""
+    train_ds, test_ds = _datasets(study)
+    probe = _readings_data(study, train_ds, test_ds)
+    with one_cpu_thread(train_ds.x.device):
+        model, losses, conversion, seconds = train_one(
+            study, network, rule, train_ds.x, train_ds.y, image_size=int(train_ds.x.shape[-1]),
+            num_classes=int(train_ds.num_classes), log=log)
+        acc = accuracy(model, test_ds.x, test_ds.y)
+        report, direction, updates = read_network(model, *probe.values(), frozen_acc=frozen_acc,
+                                                  test_acc=acc)
+    return OwnRun(network, rule, model, losses, acc, report, direction, updates, conversion, seconds)
+
+
+def _frozen(study: OwnNetworkStudy, network: str) -> float | None:
+    """One unit: the frozen-blocks baseline of ``network`` (:func:`frozen_accuracies`)."""
+    train_ds, test_ds = _datasets(study)
+    with one_cpu_thread(train_ds.x.device):
+        return frozen_accuracies(dataclasses.replace(study, networks=(network,)), train_ds,
+                                 test_ds)[0].get(network)
+
+
+def _spread(fn: Callable, tasks: list[tuple], done: Callable[[tuple, object], None]) -> None:
+    """``fn(*task)`` for every task, over the core budget (:func:`fa_study.units.workers_for`),
+    ``done(task, result)`` in this process as each finishes; one worker: in order, here."""
+    from ..units import caller_settings, use_settings, workers_for
+
+    workers = workers_for(None, len(tasks))
+    if workers == 1:
+        for task in tasks:
+            done(task, fn(*task))
+        return
+    from joblib import Parallel, delayed
+
+    settings = caller_settings()  # a reused worker keeps the environment of the call that started it
+
+    def tagged(i, task):
+        use_settings(settings)
+        return i, fn(*task)
+
+    jobs = (delayed(tagged)(i, t) for i, t in enumerate(tasks))
+    for i, result in Parallel(n_jobs=workers, batch_size=1, return_as="generator_unordered")(jobs):
+        done(tasks[i], result)
+
+
 def run_own_network(study: OwnNetworkStudy | None = None, *, profile: str | None = None,
                     live: Callable | None = None, progress: Callable | None = None,
                     **overrides) -> OwnNetworkRuns:
     """Train every network x rule of the study with :func:`train_plain` and read each with
-    ``fa_study.diagnostics`` (see the module doc). ``live(record)`` receives ``step``, ``arm``
-    (``"network:rule"``) and ``loss`` every step; ``progress(done, total, from_cache)`` after
-    every run. CPU runs use one thread (see :func:`fa_study.cache.one_cpu_thread`)."""
+    ``fa_study.diagnostics`` (see the module doc). The frozen baselines, then the runs, spread
+    over the core budget as the studies' units do (one torch thread each; the same results in
+    any order). ``live(record)`` receives ``step``, ``arm`` (``"network:rule"``) and ``loss``:
+    every step for a run trained in this process, the whole curve when a worker's run is done;
+    ``progress(done, total, from_cache)`` after every run."""
     study = resolve_study(OwnNetworkStudy, study, profile, overrides)
-    dev = get_device()
-    train_ds = rgb(load_images(study.dataset, "train", study.n_train, dev))
-    test_ds = rgb(load_images(study.dataset, "test", study.n_test, dev))
-    x, y, xt, yt = train_ds.x, train_ds.y, test_ds.x, test_ds.y
-    image_size, num_classes = int(x.shape[-1]), int(train_ds.num_classes)
-    n_eval, n_dir = min(study.n_eval, len(yt)), min(study.n_direction, len(yt))
-    batch = torch.Generator().manual_seed(study.seed + 1)
-    idx = torch.randperm(len(y), generator=batch)[:study.batch_size].to(dev)
-    out = OwnNetworkRuns(study, {}, xt[:n_eval], yt[:n_eval], xt[:n_dir], yt[:n_dir], x[idx], y[idx],
-                         train_ds.source)
+    train_ds, test_ds = _datasets(study)
+    out = OwnNetworkRuns(study, {}, **_readings_data(study, train_ds, test_ds),
+                         data_source=train_ds.source)
+    if study.frozen:
+        _spread(lambda network: _frozen(study, network), [(n,) for n in study.networks],
+                lambda task, acc: out.frozen_acc.__setitem__(task[0], acc))
+    out.d3_note = frozen_note(study, len(train_ds), len(test_ds))
     arms = study.arms()
-    with one_cpu_thread(dev):
-        out.frozen_acc, out.d3_note = frozen_accuracies(study, train_ds, test_ds)
-        for done, (network, rule) in enumerate(arms, 1):
-            log = None
-            if live is not None:
-                def log(step, loss, arm=f"{network}:{rule}"):
-                    live({"step": step, "arm": arm, "loss": loss})
-            model, losses, conversion, seconds = train_one(study, network, rule, x, y,
-                                                           image_size=image_size,
-                                                           num_classes=num_classes, log=log)
-            acc = accuracy(model, xt, yt)
-            report, direction, updates = read_network(
-                model, out.x_eval, out.y_eval, out.x_direction, out.y_direction, out.x_batch,
-                out.y_batch, frozen_acc=out.frozen_acc.get(network), test_acc=acc)
-            out.runs[network, rule] = OwnRun(network, rule, model, losses, acc, report, direction,
-                                             updates, conversion, seconds)
-            if progress is not None:
-                progress(done, len(arms), False)
+
+    def logger(network, rule):
+        if live is None:
+            return None
+        return lambda step, loss: live({"step": step, "arm": f"{network}:{rule}", "loss": loss})
+
+    from ..units import workers_for
+
+    here = workers_for(None, len(arms)) == 1
+
+    def finish(task, run: OwnRun) -> None:
+        network, rule = task
+        if live is not None and not here:  # a worker's run: its curve once it is done
+            for step, loss in enumerate(run.losses):
+                live({"step": step, "arm": f"{network}:{rule}", "loss": loss})
+        out.runs[network, rule] = run
+        if progress is not None:
+            progress(len(out.runs), len(arms), False)
+
+    _spread(lambda network, rule: _arm(study, network, rule, out.frozen_acc.get(network),
+                                       logger(network, rule) if here else None),
+            list(arms), finish)
+    out.runs = {arm: out.runs[arm] for arm in arms}  # the study's order, whatever finished first
     return out
 
 
@@ -486,16 +555,28 @@ def frozen_config(study: OwnNetworkStudy, n_train: int) -> tuple[object, int]:
                        schedule="constant", eval_batch=study.n_eval, seed=study.seed), n
 
 
+def frozen_note(study: OwnNetworkStudy, n_train: int, n_test: int) -> str:
+    """How D3 is decided for the study (the frozen-blocks baseline, or why there is none)."""
+    if not study.frozen:
+        return "D3 not evaluated: the frozen-blocks baseline was switched off (frozen=False)."
+    cfg, n = frozen_config(study, n_train)
+    return (f"D3 against the frozen-blocks baseline: the same initial network with the modules "
+            f"between h_0 and h_L frozen, the rest trained by BP for {cfg.epochs} epoch(s) of "
+            f"{min(n, n_train)} images (fa_study.train.frozen_baseline); accuracy on {n_test} test "
+            f"images.")
+
+
 def frozen_accuracies(study: OwnNetworkStudy, train_ds, test_ds) -> tuple[dict, str]:
     """Network -> the test accuracy of its frozen-blocks baseline (D3), and a note saying how D3
-    was decided. The baseline starts from the very weights the trained networks start from (the
-    same seed); the modules between h_0 and h_L stay at that initialisation and the rest trains
-    by BP (:func:`fa_study.train.frozen_baseline`). ``train_ds`` / ``test_ds``: the 3-channel
-    datasets the networks train on."""
+    was decided (:func:`frozen_note`). The baseline starts from the very weights the trained
+    networks start from (the same seed); the modules between h_0 and h_L stay at that
+    initialisation and the rest trains by BP (:func:`fa_study.train.frozen_baseline`).
+    ``train_ds`` / ``test_ds``: the 3-channel datasets the networks train on."""
     from ..train import frozen_baseline
 
+    note = frozen_note(study, len(train_ds), len(test_ds))
     if not study.frozen:
-        return {}, "D3 not evaluated: the frozen-blocks baseline was switched off (frozen=False)."
+        return {}, note
     cfg, n = frozen_config(study, len(train_ds))
     base_ds = train_ds.subset(n, seed=study.seed) if n < len(train_ds) else train_ds
     image_size, num_classes = int(train_ds.x.shape[-1]), int(train_ds.num_classes)
@@ -506,10 +587,7 @@ def frozen_accuracies(study: OwnNetworkStudy, train_ds, test_ds) -> tuple[dict, 
                              width=study.width, depth=study.depth).to(train_ds.x.device)
         acc = frozen_baseline(init, base_ds, test_ds, cfg)
         out[network] = None if not math.isfinite(acc) else float(acc)
-    return out, (f"D3 against the frozen-blocks baseline: the same initial network with the modules "
-                 f"between h_0 and h_L frozen, the rest trained by BP for {cfg.epochs} epoch(s) of "
-                 f"{len(base_ds)} images (fa_study.train.frozen_baseline); accuracy on "
-                 f"{len(test_ds)} test images.")
+    return out, note
 
 
 # --------------------------------------------------------------------------------------------
