@@ -215,43 +215,18 @@ def test_run_tour_is_tidy_cached_and_summarised(cache):
     assert table["test_acc_text"].str.len().gt(0).all() and set(table["status"]) == {"ok"}
 
 
-def _raise_in_training(monkeypatch, label: str) -> None:
-    """The run labelled ``label`` raises inside training (as a rule that fails at run time
-    would); the others train. Patches :func:`fa_study.runs.execute` (cache entries go under the
-    wrapper's name)."""
-    from fa_study import runs
-    from fa_study import train as train_module
-
-    original, real_train = runs.execute, train_module.train
-
-    def execute_with_a_failure(spec, fingerprint="", callback=None):
-        if spec.label != label:
-            return original(spec, fingerprint, callback)
-
-        def broken(*args, **kwargs):
-            raise ValueError(f"{label} cannot train: injected at run time")
-
-        train_module.train = broken
-        try:
-            return original(spec, fingerprint, callback)
-        finally:
-            train_module.train = real_train
-
-    monkeypatch.setattr(runs, "execute", execute_with_a_failure)
-
-
-def test_a_run_that_raises_is_recorded_and_the_sweep_goes_on(cache, monkeypatch):
+def test_a_run_that_raises_is_recorded_and_the_sweep_goes_on(cache, fail_runs):
     # kolen_pollack raises when it starts training; its neighbours train as usual
-    _raise_in_training(monkeypatch, "kolen_pollack")
+    fail_runs("kolen_pollack")
     study = ft.FeedbackTour.for_profile("quick", **{**TINY, "rules": ("bp", "layer_fa", "kolen_pollack")})
     out = ft.tour_view(study)
     runs = out.extra.runs.set_index("arm")
     assert runs["status"].to_dict() == {"bp": "ok", "layer_fa": "ok", "kolen_pollack": "error"}
     err = runs.loc["kolen_pollack", "error"]
-    assert err == "ValueError: kolen_pollack cannot train: injected at run time"
+    assert err == "RuntimeError: injected failure of kolen_pollack"
     assert runs.loc["kolen_pollack", "verdict"] == "ERROR"
     assert math.isnan(runs.loc["kolen_pollack", "test_acc"])
-    assert any(n.startswith("Failed runs") and "kolen_pollack (seed 0): ValueError" in n for n in out.notes)
+    assert any(n.startswith("Failed runs") and "kolen_pollack (seed 0): RuntimeError" in n for n in out.notes)
     # the failed arm is a row of the table, with its error; the others' results are all there
     assert len(out.figures) == 3 and list(out.table["arm"]) == ["bp", "layer_fa", "kolen_pollack"]
     t = out.table.set_index("arm")
@@ -259,7 +234,7 @@ def test_a_run_that_raises_is_recorded_and_the_sweep_goes_on(cache, monkeypatch)
     assert t.loc["kolen_pollack", "test_acc_text"] == "n/a" and t.loc["kolen_pollack", "n"] == 0
     assert (t.loc[["bp", "layer_fa"], "status"] == "ok").all() and t.loc["bp", "test_acc"] > 0
     assert_not_drawn(out.figures, "kolen_pollack")
-    assert any("kolen_pollack (seed 0): ValueError" in x.get_text() for x in out.figures[0].texts)
+    assert any("kolen_pollack (seed 0): RuntimeError" in x.get_text() for x in out.figures[0].texts)
     again = ft.run_tour(study)  # the error is a result like any other: cached, not retried
     assert again.from_cache == 3 and again.runs.set_index("arm").loc["kolen_pollack", "error"] == err
 
