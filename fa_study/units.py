@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from . import cache
@@ -195,20 +195,34 @@ class _Sweep:
                           self.notes)
 
 
-def _in_workers(sweep: _Sweep, unit_fn: Callable, todo: list[str], workers: int,
-                replay: Callable | None) -> list[str]:
-    """Compute ``todo`` through ``joblib.Parallel``, keeping each unit as it finishes; returns
-    the units the workers refused (they run other code)."""
+def _call_as(settings: dict[str, str], index: int, fn: Callable, args: tuple):
+    use_settings(settings)
+    return index, fn(*args)
+
+
+def as_finished(fn: Callable, tasks: Sequence[tuple], workers: int) -> Iterator[tuple[int, object]]:
+    """``(i, fn(*tasks[i]))`` for every task, computed by ``workers`` joblib processes (loky's
+    reusable pool, or the active backend) with this process's ``$FA_STUDY_*`` settings, in the
+    order the tasks finish (in order where the backend cannot say). ``fn`` and the tasks must
+    pickle (cloudpickle: closures do)."""
     from joblib import Parallel, delayed
     from joblib.parallel import get_active_backend
 
-    root = str(sweep.cache.root) if sweep.cache.writable else None
     env = caller_settings()
-    jobs = (delayed(compute_unit)(unit_fn, sweep.spec(t), sweep.fp, root, sweep.unit, t, env) for t in todo)
-    backend, _ = get_active_backend()  # results as they finish where the backend can
+    backend, _ = get_active_backend()
     mode = "generator_unordered" if getattr(backend, "supports_return_generator", False) else "list"
+    jobs = (delayed(_call_as)(env, i, fn, tuple(t)) for i, t in enumerate(tasks))
+    yield from Parallel(n_jobs=workers, batch_size=1, return_as=mode)(jobs)
+
+
+def _in_workers(sweep: _Sweep, unit_fn: Callable, todo: list[str], workers: int,
+                replay: Callable | None) -> list[str]:
+    """Compute ``todo`` in worker processes (:func:`as_finished`), keeping each unit as it
+    finishes; returns the units the workers refused (they run other code)."""
+    root = str(sweep.cache.root) if sweep.cache.writable else None
+    tasks = [(unit_fn, sweep.spec(t), sweep.fp, root, sweep.unit, t) for t in todo]
     refused = []
-    for text, payload, status, note in Parallel(n_jobs=workers, batch_size=1, return_as=mode)(jobs):
+    for _, (text, payload, status, note) in as_finished(compute_unit, tasks, workers):
         if status == "other code":
             refused.append(text)
             continue

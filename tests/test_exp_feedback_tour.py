@@ -293,3 +293,5 @@ def test_converter_demo_keeps_outputs_and_reads_every_layer(cache):
     assert fa["fc"] == pytest.approx(1.0, abs=1e-5) and fa.drop("fc").abs().max() < 0.5
     with pytest.raises(ValueError, match="'bp', 'layer_fa', 'sign_sym'"):
         ft.converter_demo("resnet18", rules=("layer_dfa_block",))
+    with pytest.raises(ValueError, match="a layer rule besides 'bp'.*'layer_fa'"):
+        ft.converter_demo("resnet18", rules=("bp",))  # no conversion: refused, not an empty report

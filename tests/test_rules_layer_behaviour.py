@@ -374,3 +374,15 @@ def test_a_rule_from_the_base_class_needs_only_its_backward(gain):
         del RULES[GainedTranspose.name]
     with pytest.raises(ValueError, match="unknown rule 'test_gained_transpose'"):
         build_rule("test_gained_transpose")
+
+
+def test_what_a_rule_is_follows_its_options_on_the_instance():
+    # the class says what the default options give; an instance with other options says its own
+    assert RULES["layer_dfa"].has_conv_form is True and RULES["layer_dfa"].has_after_backward is False
+    ungated = build_rule("layer_dfa", gated=False)
+    assert ungated.has_conv_form is False and ungated.has_after_backward is True
+    # Kolen-Pollack without a trainer: matched_step(None), 0.01 and no decay; with options, those
+    kp = build_rule("kolen_pollack")
+    assert (kp.step_size, kp.decay) == (0.01, 0.0)
+    kp = build_rule("kolen_pollack", lr_b=0.2, b_decay=0.1)
+    assert (kp.step_size, kp.decay) == (0.2, 0.1)

@@ -26,7 +26,6 @@ from torch import nn
 
 from ..config import (MAX_BATCH_SIZE, MAX_BLOCKS, MAX_WIDTH, check_choice, get_device, seed_everything,
                       stream_generator)
-from ..feedback.convert import REPORT_COLUMNS
 from ..feedback.inits import FA_INIT_MODES
 from ..fields import (choice, float_range, fraction_open, int_range, nonnegative, option, positive,
                       positive_int, positive_or_none)
@@ -449,6 +448,9 @@ def converter_demo(model_name: str = "resnet18", rules: tuple = ("bp", "layer_fa
         raise ValueError(f"rules must name at least one of {allowed}")
     for r in rules:
         check_choice(f"rule (one that converts {model_name})", r, allowed)
+    if all(r == BP_REFERENCE for r in rules):  # the demo reports a conversion: BP converts nothing
+        raise ValueError(f"rules must name a layer rule besides {BP_REFERENCE!r} (BP leaves the model "
+                         f"as it is, so there is no conversion to report); allowed: {allowed[1:]}")
     dev = get_device()
     ds = data.load("mnist", "train", n=batch_size, device=dev, verbose=False)
     x = ds.x.expand(-1, 3, -1, -1).contiguous()
@@ -461,8 +463,6 @@ def converter_demo(model_name: str = "resnet18", rules: tuple = ("bp", "layer_fa
             report, frame = _convert_and_read(model_name, rule, seed, x, y, changes, report)
             frames.append(frame)
     alignment = pd.concat(frames, ignore_index=True)
-    if report is None:  # BP alone: nothing converted
-        report = pd.DataFrame(columns=list(REPORT_COLUMNS))
     counts = (report.groupby(["action", "type"]).size().rename("modules").reset_index()
               .sort_values(["action", "modules"], ascending=[True, False]).reset_index(drop=True))
 

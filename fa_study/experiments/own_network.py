@@ -477,23 +477,14 @@ def _frozen(study: OwnNetworkStudy, network: str) -> float | None:
 def _spread(fn: Callable, tasks: list[tuple], done: Callable[[tuple, object], None]) -> None:
     """``fn(*task)`` for every task, over the core budget (:func:`fa_study.units.workers_for`),
     ``done(task, result)`` in this process as each finishes; one worker: in order, here."""
-    from ..units import caller_settings, use_settings, workers_for
+    from ..units import as_finished, workers_for
 
     workers = workers_for(None, len(tasks))
     if workers == 1:
         for task in tasks:
             done(task, fn(*task))
         return
-    from joblib import Parallel, delayed
-
-    settings = caller_settings()  # a reused worker keeps the environment of the call that started it
-
-    def tagged(i, task):
-        use_settings(settings)
-        return i, fn(*task)
-
-    jobs = (delayed(tagged)(i, t) for i, t in enumerate(tasks))
-    for i, result in Parallel(n_jobs=workers, batch_size=1, return_as="generator_unordered")(jobs):
+    for i, result in as_finished(fn, tasks, workers):
         done(tasks[i], result)
 
 

@@ -80,6 +80,7 @@ class LayerRule(Method):
     needs_blocks = False  # converts the nn.Linear / nn.Conv2d of any classifier nn.Module
     model_requirement = "an nn.Linear or nn.Conv2d to convert"
     layer_buffers: ClassVar[tuple[str, ...]] = ()  # buffers its layers keep (B, B_abs, ...)
+    # what the rule is with its default options (an instance whose options change it says so)
     has_conv_form: ClassVar[bool] = True  # LocalConv2d can run it
     convs_on_bp: ClassVar[bool] = False  # without a conv form: leave convolutions on BP
     needs_output_error: ClassVar[bool] = False  # its layers read dL/d(model output)
@@ -388,8 +389,16 @@ class KolenPollack(LayerFA):
                           "B's per-step decay in [0, 1) (None: W's own decay)"),
     }
 
+    def __init__(self, **options):
+        super().__init__(**options)
+        self._match(None)  # without a trainer: the step and decay of matched_step(None)
+
     def bind(self, model, num_classes, train_cfg):
         super().bind(model, num_classes, train_cfg)
+        self._match(train_cfg)
+
+    def _match(self, train_cfg) -> None:
+        """B's step and decay: the options, else W's own under ``train_cfg``'s optimizer."""
         step, decay = matched_step(train_cfg)
         self.step_size = step if self.lr_b is None else self.lr_b
         self.decay = decay if self.b_decay is None else self.b_decay
@@ -405,8 +414,6 @@ class KolenPollack(LayerFA):
         if layer.weight.grad is None:
             raise RuntimeError("a kolen_pollack layer has no weight gradient: call loss.backward() "
                                "before feedback_step")
-        if not hasattr(self, "step_size"):
-            self.bind(None, None, None)
         kolen_pollack_step(layer.B, layer.weight.grad, self.step_size, self.decay)
         return True
 
@@ -545,13 +552,10 @@ class LayerDFA(LayerRule):
     }
     LABELS = {"gated": "gated"}
 
-    @property
-    def has_conv_form(self) -> bool:  # type: ignore[override]
-        return self.gated
-
-    @property
-    def has_after_backward(self) -> bool:  # type: ignore[override]
-        return not self.gated
+    def __init__(self, **options):
+        super().__init__(**options)
+        # the class attributes describe the default (gated) form; the ungated one differs
+        self.has_conv_form, self.has_after_backward = self.gated, not self.gated
 
     @classmethod
     def fits(cls, model):
