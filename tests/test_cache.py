@@ -192,6 +192,11 @@ def test_a_frame_payload_round_trips(cache):
 
 def test_loading_never_unpickles(cache, monkeypatch):
     run_units(unit, [Spec(i=2)])
+    # modules that copy ``pickle.loads`` when first imported must be imported before the patch,
+    # or they keep the refusing stand-in after the test (joblib's array reducer then ships it to
+    # every later worker, which fails to unpickle its tasks)
+    import joblib._memmapping_reducer  # noqa: F401
+    import joblib.externals.loky.backend.reduction  # noqa: F401
 
     def refuse(*a, **k):
         raise AssertionError("the cache unpickled something")
@@ -204,6 +209,8 @@ def test_loading_never_unpickles(cache, monkeypatch):
     monkeypatch.setattr(joblib, "load", refuse)
     out, stats = run_units(unit, [Spec(i=2)])
     assert stats.hits == 1 and out[0]["acc"] == 0.2
+    monkeypatch.undo()
+    assert joblib._memmapping_reducer.loads is pickle.loads  # nothing kept the stand-in
 
 
 def test_identical_specs_are_computed_once_and_progress_follows_each_unit(cache):
