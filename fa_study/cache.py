@@ -66,7 +66,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from .config import CACHE_ENV, cache_dir, get_device
+from .config import CACHE_ENV, NotRegularFile, cache_dir, file_kind, get_device, open_regular
 
 FORMAT = "fa_study.results/2"
 RESULTS = "results"
@@ -74,10 +74,6 @@ _TMP_PREFIX = ".tmp-"
 # An entry holds one run's tables (the studies' largest are a few MB): over 1 GiB it is refused
 # before it is read, and a result that large is returned but not cached.
 PAYLOAD_MAX_BYTES = 1 << 30
-_READ_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-               | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
-_WRITE_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-                | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
 
 
 class CacheWarning(UserWarning):
@@ -120,23 +116,6 @@ def one_cpu_thread(device=None):
 
 # -- spec keys ---------------------------------------------------------------------------------
 
-_NOT_SCALAR = object()
-
-
-def _scalar(value):
-    """A JSON scalar (None, bool, str, int, float; numpy's as Python's), else ``_NOT_SCALAR``.
-    Floats are written by json with repr(): the shortest text that reads back exactly."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value)
-    return _NOT_SCALAR
-
-
 def spec_json(spec) -> str:
     """The canonical JSON of ``spec``: class name and fields, keys sorted, no spaces, floats
     written as ``repr`` (exact: ``1e-4`` and ``0.0001`` give the same text), NaN as ``NaN``.
@@ -172,6 +151,9 @@ def unit_name(fn: Callable) -> str:
 
 # -- payload encoding: JSON, exactly ---------------------------------------------------------
 
+_SCALARS = ((np.bool_, bool), ((int, np.integer), int), ((float, np.floating), float))
+
+
 class _Unstorable(TypeError):
     """The value cannot be stored (or be a spec's key) exactly; the message says why."""
 
@@ -179,10 +161,13 @@ class _Unstorable(TypeError):
 def _enc(value, path: str, spec: bool = False):
     """``value`` as JSON data exactly as written (floats by ``repr``, NaN and infinities too),
     every type told apart: tuples, DataFrames and frozen dataclasses tagged; ``spec``: a
-    spec's field (lists refused: a spec is immutable)."""
-    out = _scalar(value)
-    if out is not _NOT_SCALAR:
-        return out
+    spec's field (lists refused: a spec is immutable). Scalars are None, bool, str, int and
+    float, numpy's as Python's; json writes floats with repr(), the shortest exact text."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    for types, cast in _SCALARS:
+        if isinstance(value, types):
+            return cast(value)
     if isinstance(value, pd.DataFrame):
         return {"__frame__": _frame_enc(value, path)}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -281,14 +266,6 @@ class _Fault(Exception):
     """What makes an entry bad; the message completes "cache ..." in a note."""
 
 
-_KINDS = {stat.S_IFLNK: "a symbolic link", stat.S_IFDIR: "a directory", stat.S_IFIFO: "a named pipe",
-          stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
-
-
-def _kind(mode: int) -> str:
-    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
-
-
 def _read_fd(fd: int, limit: int) -> bytes:
     """At most ``limit`` bytes from ``fd`` (fewer at the end of the file)."""
     chunks = []
@@ -301,42 +278,34 @@ def _read_fd(fd: int, limit: int) -> bytes:
 def _read_regular(path: Path, label: str, limit: int) -> bytes:
     """The bytes of the regular file ``path`` (``label`` names it in a note). A link, pipe,
     socket, device or directory is a :class:`_Fault` (checked with ``lstat``, then again by the
-    ``O_NOFOLLOW | O_NONBLOCK`` open and ``fstat``), never read; so is a file over ``limit``
-    bytes, of which nothing is read (and of a file, at most its size plus one byte)."""
-    mode = os.lstat(path).st_mode
-    if not stat.S_ISREG(mode):
-        raise _Fault(f"{label} is {_kind(mode)}")
+    ``O_NOFOLLOW | O_NONBLOCK`` open and ``fstat``: :func:`fa_study.config.open_regular`),
+    never read; so is a file over ``limit`` bytes, of which nothing is read (and of a file, at
+    most its size plus one byte)."""
     try:
-        fd = os.open(path, _READ_FLAGS)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # swapped for a link since the lstat
-            raise _Fault(f"{label} is a symbolic link") from None
-        raise
+        fd = open_regular(path, follow=False)
+    except NotRegularFile as exc:
+        raise _Fault(f"{label} is {exc.kind}") from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _Fault(f"{label} is {_kind(st.st_mode)}")
-        data = b"" if st.st_size > limit else _read_fd(fd, st.st_size + 1)  # + 1: to see the end
+        size = os.fstat(fd).st_size
+        data = b"" if size > limit else _read_fd(fd, size + 1)  # + 1: to see the end
     finally:
         os.close(fd)
-    if st.st_size > limit or len(data) > limit:
-        raise _Fault(f"{label} is larger ({max(st.st_size, len(data)):,} bytes) than a cache entry "
+    if size > limit or len(data) > limit:
+        raise _Fault(f"{label} is larger ({max(size, len(data)):,} bytes) than a cache entry "
                      f"may be ({limit:,} bytes)")
     return data
 
 
 def _write_new(path: Path, data: bytes) -> None:
-    """Create ``path`` (it must not exist: never written through a link) and write ``data``."""
-    with os.fdopen(os.open(path, _WRITE_FLAGS, 0o666), "wb") as fh:
+    """Create ``path`` and write ``data``. ``path`` must not exist: ``O_CREAT | O_EXCL``
+    refuses a link (even a dangling one) in its place, so nothing is written through it."""
+    with open(path, "xb") as fh:
         fh.write(data)
 
 
 def _is_real_dir(path: Path) -> bool:
-    """``path`` is a directory, not a link to one."""
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
+    """``path`` is a directory, not a link to one (the link is never followed)."""
+    return not os.path.islink(path) and os.path.isdir(path)
 
 
 def _parse_entry(raw: bytes, unit: str, spec_text: str) -> tuple[dict, bytes]:
@@ -439,7 +408,7 @@ class ResultsCache:
             for i, label in ((0, "directory results/"), (1, f"unit directory results/{rel.parts[0]}")):
                 mode = os.lstat(self.results.joinpath(*rel.parts[:i])).st_mode
                 if not stat.S_ISDIR(mode):
-                    raise _Fault(f"{label} is {_kind(mode)}")
+                    raise _Fault(f"{label} is {file_kind(mode)}")
             man, body = _parse_entry(_read_regular(path, f"entry results/{rel}", PAYLOAD_MAX_BYTES),
                                      unit, spec_text)
             if man["fingerprint"] != fingerprint:

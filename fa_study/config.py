@@ -3,7 +3,8 @@
 Locations: :func:`data_roots` (the data search path: ``$FA_STUDY_DATA``, several roots joined
 by ``os.pathsep``, then the known roots), :func:`cache_dir` (results, ``$FA_STUDY_CACHE``) and
 :func:`tensor_cache_dir` (the loader's tensor cache, ``$FA_STUDY_TENSOR_CACHE`` or
-``<cache_dir>/tensors``).
+``<cache_dir>/tensors``). Files there are opened by :func:`open_regular` (regular files only:
+a pipe, socket, device or directory is never read nor waited on).
 
 One switch selects how much work every notebook and experiment does:
 
@@ -16,10 +17,13 @@ unless passed explicitly.
 """
 from __future__ import annotations
 
+import errno
 import math
 import numbers
+import operator
 import os
 import random
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +134,9 @@ def check_int(what: str, value, low: int | None = None, high: int | None = None,
     return int(value)
 
 
+_COMPARE = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+
+
 def check_float(what: str, value, low: float | None = None, high: float | None = None, *,
                 low_open: bool = False, high_open: bool = False, none_ok: bool = False,
                 none_means: str = "") -> float | None:
@@ -138,15 +145,11 @@ def check_float(what: str, value, low: float | None = None, high: float | None =
     low_open=True``: strictly positive). Strings, bools, NaN and infinities are refused."""
     if value is None and none_ok:
         return None
-    ok = _is_real(value) and math.isfinite(float(value))
-    if ok and low is not None:
-        ok = float(value) > low if low_open else float(value) >= low
-    if ok and high is not None:
-        ok = float(value) < high if high_open else float(value) <= high
-    if not ok:
-        parts = [f"{op} {v:g}" for op, v in ((">" if low_open else ">=", low),
-                                             ("<" if high_open else "<=", high)) if v is not None]
-        rng = " ".join(["a finite number", " and ".join(parts)]).strip()
+    bounds = [(op, v) for op, v in ((">" if low_open else ">=", low), ("<" if high_open else "<=", high))
+              if v is not None]
+    if not (_is_real(value) and math.isfinite(float(value))
+            and all(_COMPARE[op](float(value), v) for op, v in bounds)):
+        rng = " ".join(["a finite number", " and ".join(f"{op} {v:g}" for op, v in bounds)]).strip()
         raise _refuse(what, value, rng, none_ok, none_means)
     return float(value)
 
@@ -189,16 +192,13 @@ def get_profile(profile: str | None = None) -> str:
     A bad value raises ``ValueError`` naming where it came from (the argument or the
     environment variable), the value and the allowed profiles.
     """
-    if profile is not None:
-        what, name = "profile", profile
-    else:
-        what, name = f"profile (from ${PROFILE_ENV})", os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
+    what, name = (("profile", profile) if profile is not None else
+                  (f"profile (from ${PROFILE_ENV})", os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE))
     if not isinstance(name, str):
-        listed = ", ".join(repr(p) for p in PROFILES)
         raise ValueError(f"{what} must be a string; got {name!r} ({type(name).__name__}); "
-                         f"allowed values: {listed}")
-    check_choice(what, name.strip().lower(), PROFILES)
-    return name.strip().lower()
+                         f"allowed values: {', '.join(map(repr, PROFILES))}")
+    check_choice(what, name := name.strip().lower(), PROFILES)
+    return name
 
 
 DEVICE_FORMS = "'cpu', 'cuda', 'cuda:N', 'mps'"
@@ -226,20 +226,17 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"unknown {what} {str(device)!r} (type {dev.type!r}); allowed values: "
                          f"{DEVICE_FORMS}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"{what} {str(dev)!r} was requested but CUDA is not available on this "
-                             f"machine; use 'cpu'")
-        count = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= count:
-            raise ValueError(f"{what} {str(dev)!r} was requested but this machine has {count} CUDA "
-                             f"device(s); allowed: " + ", ".join(f"'cuda:{i}'" for i in range(count)))
-    if dev.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            alt = "'cuda' or 'cpu'" if torch.cuda.is_available() else "'cpu'"
-            raise ValueError(f"{what} {str(dev)!r} was requested but MPS (Apple GPU) is not "
-                             f"available on this machine; use {alt}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{what} {str(dev)!r} was requested but CUDA is not available on this "
+                         f"machine; use 'cpu'")
+    count = torch.cuda.device_count() if dev.type == "cuda" else 0
+    if dev.type == "cuda" and dev.index is not None and dev.index >= count:
+        raise ValueError(f"{what} {str(dev)!r} was requested but this machine has {count} CUDA "
+                         f"device(s); allowed: " + ", ".join(f"'cuda:{i}'" for i in range(count)))
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        alt = "'cuda' or 'cpu'" if torch.cuda.is_available() else "'cpu'"
+        raise ValueError(f"{what} {str(dev)!r} was requested but MPS (Apple GPU) is not "
+                         f"available on this machine; use {alt}")
     return dev
 
 
@@ -282,29 +279,17 @@ def is_offline() -> bool:
     return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _flag(env: str, default: bool) -> bool:
-    raw = os.environ.get(env, "").strip().lower()
-    if not raw:
-        return default
-    return raw not in ("0", "false", "no", "off")
-
-
 def _as_paths(what: str, value) -> list[Path]:
     """One path or a sequence of paths (a string may hold several, separated by os.pathsep)."""
-    if isinstance(value, (str, os.PathLike)):
-        items = str(os.fspath(value)).split(os.pathsep) if isinstance(value, str) else [value]
-    elif isinstance(value, (list, tuple)):
-        items = list(value)
-    else:
+    items = (value.split(os.pathsep) if isinstance(value, str)
+             else [value] if isinstance(value, os.PathLike) else value)
+    if not isinstance(items, (list, tuple)):
         raise ValueError(f"{what} must be a path, a list of paths or None, got {value!r}")
-    out = []
     for item in items:
         if not isinstance(item, (str, os.PathLike)):
             raise ValueError(f"{what} must be a path, a list of paths or None; {item!r} in "
                              f"{value!r} is not a path")
-        if str(os.fspath(item)).strip():
-            out.append(Path(os.fspath(item)).expanduser().resolve())
-    return out
+    return [Path(os.fspath(item)).expanduser().resolve() for item in items if str(os.fspath(item)).strip()]
 
 
 def data_roots(root: str | os.PathLike | list | tuple | None = None, *,
@@ -319,8 +304,8 @@ def data_roots(root: str | os.PathLike | list | tuple | None = None, *,
     """
     given = _as_paths("root", root) if root is not None else _as_paths(
         f"${DATA_ENV}", os.environ.get(DATA_ENV, ""))
-    if known is None:
-        known = _flag(KNOWN_ROOTS_ENV, True)
+    if known is None:  # on unless $FA_STUDY_DATA_KNOWN is 0, false, no or off
+        known = os.environ.get(KNOWN_ROOTS_ENV, "").strip().lower() not in ("0", "false", "no", "off")
     check_bool("known", known)
     if known:
         given += [Path(p).expanduser().resolve() for p in KNOWN_DATA_ROOTS]
@@ -345,3 +330,43 @@ def tensor_cache_dir() -> Path:
     ``<cache_dir()>/tensors``. Never next to the data files (data roots may be read-only)."""
     env = os.environ.get(TENSOR_CACHE_ENV, "").strip()
     return Path(env).expanduser().resolve() if env else cache_dir() / "tensors"
+
+
+_FILE_KINDS = {stat.S_IFLNK: "a symbolic link", stat.S_IFDIR: "a directory", stat.S_IFIFO: "a named pipe",
+               stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+_READ_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+               | getattr(os, "O_BINARY", 0))
+
+
+def file_kind(mode: int) -> str:
+    """What a file whose ``st_mode`` is ``mode`` is, in words ("a named pipe"), for messages."""
+    return _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+class NotRegularFile(OSError):
+    """A path that is not a regular file; ``kind`` says what it is (:func:`file_kind`)."""
+
+    def __init__(self, mode: int):
+        self.kind = file_kind(mode)
+        super().__init__(f"it is {self.kind}, not a regular file")
+
+
+def open_regular(path: str | os.PathLike, follow: bool = True) -> int:
+    """A read-only descriptor of ``path`` if it is a regular file, else :class:`NotRegularFile`.
+
+    Opened non-blocking and checked with ``fstat``, so a pipe, socket, device or directory is
+    never read nor waited on. ``follow=False`` refuses a symbolic link too: ``path`` is checked
+    with ``lstat`` first (anything but a regular file is not even opened), then opened with
+    ``O_NOFOLLOW`` (a link swapped in since the check is refused by the open itself)."""
+    if not follow and not stat.S_ISREG(mode := os.lstat(path).st_mode):
+        raise NotRegularFile(mode)
+    try:
+        fd = os.open(path, _READ_FLAGS | (0 if follow else getattr(os, "O_NOFOLLOW", 0)))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow:
+            raise NotRegularFile(stat.S_IFLNK) from None
+        raise
+    if not stat.S_ISREG(mode := os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotRegularFile(mode)
+    return fd

@@ -83,7 +83,6 @@ import json
 import math
 import os
 import socket
-import stat
 import struct
 import tempfile
 import warnings
@@ -98,7 +97,7 @@ import torch
 
 from . import config
 from .config import (DATA_ENV, TENSOR_CACHE_ENV, check_bool, check_choice, check_int, data_roots,
-                     get_device, is_offline, tensor_cache_dir)
+                     get_device, is_offline, open_regular, tensor_cache_dir)
 from .fields import Checked
 
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -415,10 +414,6 @@ def _check_pad(pad, hw: tuple[int, ...] | None) -> int:
 # than 5x margin. A header declaring more is refused before anything is allocated.
 IDX_MAX_DATA_BYTES = 1 << 28
 _IDX_HEAD = 16  # magic number and at most 3 dimensions (all that torchvision's reader takes)
-_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-               | getattr(os, "O_BINARY", 0))
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 
 
 def _corrupt(where, what: str) -> ValueError:
@@ -426,28 +421,14 @@ def _corrupt(where, what: str) -> ValueError:
                       f"download it again, or point {DATA_ENV} at a good copy of the dataset.")
 
 
-def _open_regular(path: Path, follow: bool = True):
-    """``path`` opened for binary reading if it is a regular file, else ``OSError`` saying what
-    it is. Opened non-blocking and checked with ``fstat``, so a pipe, socket, device or
-    directory is never read nor waited on; ``follow=False`` refuses a symbolic link too."""
-    if not follow and stat.S_ISLNK(os.lstat(path).st_mode):
-        raise OSError("it is a symbolic link, not a regular file")
-    fd = os.open(path, _OPEN_FLAGS | (0 if follow else getattr(os, "O_NOFOLLOW", 0)))
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise OSError(f"it is {next((k for t, k in _KINDS if t(mode)), 'not a regular file')}, "
-                      "not a regular file")
-    return os.fdopen(fd, "rb")
-
-
 @contextmanager
 def _idx_file(path: Path):
-    """The regular file ``path`` for reading, decompressed when its name ends in ``.gz``; read
-    errors and damaged gzip streams become ``ValueError`` naming the file."""
+    """The regular file ``path`` for reading (:func:`fa_study.config.open_regular`: a link to
+    one is followed), decompressed when its name ends in ``.gz``; read errors, anything but a
+    regular file and damaged gzip streams become ``ValueError`` naming the file."""
     try:
-        with _open_regular(path) as raw, (gzip.GzipFile(fileobj=raw, mode="rb")
-                                          if path.name.endswith(".gz") else raw) as f:
+        with os.fdopen(open_regular(path), "rb") as raw, (
+                gzip.GzipFile(fileobj=raw, mode="rb") if path.name.endswith(".gz") else raw) as f:
             yield f
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise _corrupt(path, f"the gzip stream is damaged or truncated ({exc})") from None
@@ -678,11 +659,11 @@ def _read_cache(path: Path, spec: DatasetSpec, key: str, expected_n: int | None)
     """``(x, y)`` from a cache entry that fits, else None (with a warning when one was there).
     An entry that is not a regular file (a link, a pipe) is never followed nor waited on: it is
     rebuilt, and ``os.replace`` puts a regular file in its place."""
-    if not os.path.lexists(path):
-        return None
     try:
-        with _open_regular(path, follow=False) as f:
+        with os.fdopen(open_regular(path, follow=False), "rb") as f:
             blob = torch.load(f, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, NotADirectoryError):  # no entry (or no cache folder)
+        return None
     except Exception as exc:  # a truncated or unreadable cache is rebuilt, not fatal
         warnings.warn(f"ignoring unreadable dataset cache {path} ({type(exc).__name__}: {exc}); "
                       f"rebuilding it", stacklevel=3)

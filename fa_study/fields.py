@@ -11,6 +11,7 @@ value and what is allowed (the ``check_*`` primitives of :mod:`fa_study.config`)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -69,48 +70,6 @@ def field_docs(cls) -> dict[str, str]:
 
 # -- the usual checks -------------------------------------------------------------------------
 
-def nonnegative(name: str, value) -> float:
-    return check_float(name, value, 0.0)
-
-
-def positive(name: str, value) -> float:
-    return check_float(name, value, 0.0, low_open=True)
-
-
-def fraction(name: str, value) -> float:
-    """A number in [0, 1]."""
-    return check_float(name, value, 0.0, 1.0)
-
-
-def fraction_open(name: str, value) -> float:
-    """A number in [0, 1)."""
-    return check_float(name, value, 0.0, 1.0, high_open=True)
-
-
-def positive_int(name: str, value) -> int:
-    return check_int(name, value, 1)
-
-
-def positive_int_or_none(name: str, value) -> int | None:
-    return check_int(name, value, 1, none_ok=True, none_means="the whole batch")
-
-
-def positive_or_none(name: str, value) -> float | None:
-    return check_float(name, value, 0.0, low_open=True, none_ok=True, none_means="derived")
-
-
-def boolean(name: str, value) -> bool:
-    return check_bool(name, value)
-
-
-def seed(name: str, value) -> int:
-    return check_seed(name, value)
-
-
-def seeds(name: str, value) -> tuple[int, ...]:
-    return check_seeds(name, value)
-
-
 def choice(*allowed: str) -> Check:
     """A check accepting one of ``allowed`` (its ``.allowed`` lists them for widgets)."""
     def check(name: str, value) -> str:
@@ -122,10 +81,20 @@ def choice(*allowed: str) -> Check:
 
 def int_range(low: int | None = None, high: int | None = None, **kw) -> Check:
     """A check accepting an int in ``[low, high]`` (keywords as :func:`fa_study.config.check_int`)."""
-    return lambda name, value: check_int(name, value, low, high, **kw)
+    return functools.partial(check_int, low=low, high=high, **kw)
 
 
 def float_range(low: float | None = None, high: float | None = None, **kw) -> Check:
     """A check accepting a finite number in ``[low, high]`` (keywords as
     :func:`fa_study.config.check_float`)."""
-    return lambda name, value: check_float(name, value, low, high, **kw)
+    return functools.partial(check_float, low=low, high=high, **kw)
+
+
+nonnegative = float_range(0.0)
+positive = float_range(0.0, low_open=True)
+fraction = float_range(0.0, 1.0)  # a number in [0, 1]
+fraction_open = float_range(0.0, 1.0, high_open=True)  # a number in [0, 1)
+positive_or_none = float_range(0.0, low_open=True, none_ok=True, none_means="derived")
+positive_int = int_range(1)
+positive_int_or_none = int_range(1, none_ok=True, none_means="the whole batch")
+boolean, seed, seeds = check_bool, check_seed, check_seeds

@@ -109,7 +109,7 @@ def spread(sub: pd.DataFrame, x: str, y: str, bounds: tuple[float, float] | None
 
 def draw_spread(ax, sub: pd.DataFrame, x: str, y: str, *, color, ls="-", label=None, ci: bool = True,
                 units: str | None = "seed", bounds: tuple[float, float] | None = None, log: bool = False,
-                lw: float = 1.5, band_alpha: float = 0.18, marker: bool = True):
+                lw: float = 1.5, band_alpha: float = 0.18):
     """One line: the mean of ``y`` over the rows of ``sub`` at each ``x``. With ``ci``: where at
     least :data:`MIN_RUNS_FOR_BAND` values meet at an ``x``, their 95 % t-band (clipped to the
     range of ``y``, :func:`bounds_of`); where fewer but more than one, the runs themselves -- one
@@ -119,7 +119,7 @@ def draw_spread(ax, sub: pd.DataFrame, x: str, y: str, *, color, ls="-", label=N
     st = spread(sub, x, y, bounds, log=log)
     xs = st.index.to_numpy()
     ax.plot(xs, st["mean"].to_numpy(dtype=float), color=color, ls=ls, lw=lw,
-            marker="o" if marker and len(xs) < 12 else None, ms=3, label=label)
+            marker="o" if len(xs) < 12 else None, ms=3, label=label)
     if not ci or st.empty:
         return st
     few = (st["n"] > 1) & (st["n"] < MIN_RUNS_FOR_BAND)
@@ -144,8 +144,7 @@ def draw_spread(ax, sub: pd.DataFrame, x: str, y: str, *, color, ls="-", label=N
 
 def colour(key, index: int = 0) -> str:
     """The colour of a rule name (fixed), else the ``index``-th palette colour."""
-    return RULE_COLOURS.get(key, PALETTE[index % len(PALETTE)]) if isinstance(key, str) else \
-        PALETTE[index % len(PALETTE)]
+    return RULE_COLOURS.get(key, PALETTE[index % len(PALETTE)])
 
 
 def _axis(ax):
@@ -170,19 +169,19 @@ def _needs_log(values: Iterable[float]) -> bool:
 
 
 def plot_curves(df: pd.DataFrame, x: str, y: str, *, hue: str | None = None, ax=None,
-                logy: bool | None = None, label_prefix: str = "", ci: bool = True,
-                style: str | None = None, title: str | None = None, ylabel: str | None = None,
-                colours: Mapping[str, str] | None = None, styles: Mapping[str, str] | None = None,
-                units: str | None = "seed", bounds: tuple[float, float] | None = None):
+                logy: bool | None = None, ci: bool = True, title: str | None = None,
+                ylabel: str | None = None, colours: Mapping[str, str] | None = None,
+                styles: Mapping[str, str] | None = None, bounds: tuple[float, float] | None = None):
     """Lines of ``y`` against ``x``, one per value of ``hue``; several seeds (rows with the same
     ``hue`` and ``x``) are drawn as their mean with a 95 % confidence band when there are at least
-    :data:`MIN_RUNS_FOR_BAND` of them, else as their mean and one thin line per run (per value
-    of ``units``). The band is clipped to the range of ``y`` (``bounds``, default
+    :data:`MIN_RUNS_FOR_BAND` of them, else as their mean and one thin line per run (per
+    ``seed``). The band is clipped to the range of ``y`` (``bounds``, default
     :func:`bounds_of` ``(y)``: accuracies in [0, 1], cosines in [-1, 1], norms above 0 on a log axis).
 
     ``logy=None`` chooses a log axis when the values span more than two decades. ``colours``
     (``{hue value: colour}``) fixes each line's colour and the drawing and legend order, and
-    draws only those values; ``styles`` (``{hue value: line style}``) overrides ``style`` per line.
+    draws only those values; ``styles`` (``{hue value: line style}``) sets a line's style (default:
+    solid, then dashed, ... once the palette's colours are used up).
     """
     ax = _axis(ax)
     if y not in df or x not in df or (hue is not None and hue not in df):
@@ -193,9 +192,9 @@ def plot_curves(df: pd.DataFrame, x: str, y: str, *, hue: str | None = None, ax=
         groups = [(k, dict(groups)[k]) for k in colours if k in dict(groups)]
     for i, (key, sub) in enumerate(groups):
         c = colours[key] if colours is not None else colour(key, i)
-        ls = (styles or {}).get(key, style or LINESTYLES[i // len(PALETTE) % len(LINESTYLES)])
-        draw_spread(ax, sub, x, y, color=c, ls=ls, ci=ci, units=units, bounds=bounds, log=log,
-                    label=f"{label_prefix}{key}" if key is not None else (label_prefix or y))
+        ls = (styles or {}).get(key, LINESTYLES[i // len(PALETTE) % len(LINESTYLES)])
+        draw_spread(ax, sub, x, y, color=c, ls=ls, ci=ci, bounds=bounds, log=log,
+                    label=f"{key}" if key is not None else y)
     if log:
         ax.set_yscale("log")
     if pd.api.types.is_integer_dtype(df[x]):
@@ -232,8 +231,7 @@ def layer_long(frame: pd.DataFrame, prefix: str, id_vars: tuple[str, ...] = ("ar
     cols = layer_columns(frame, prefix)
     ids = [c for c in id_vars if c in frame]
     long = frame.melt(id_vars=ids, value_vars=[c for c, _ in cols], var_name="_col", value_name=prefix)
-    long["layer"] = long["_col"].map(dict(cols))
-    long = long.drop(columns="_col")
+    long["layer"] = long.pop("_col").map(dict(cols))
     return long.dropna(subset=[prefix]) if dropna else long
 
 
@@ -327,12 +325,9 @@ def failed_runs(runs: pd.DataFrame | None) -> list[tuple[str, str]]:
     if runs is None or not len(runs) or "status" not in runs:
         return []
     several_models = "model" in runs and runs["model"].nunique() > 1
-    out = []
-    for r in runs[runs["status"] == "error"].to_dict("records"):
-        where = f"{r.get('model')} " if several_models else ""
-        out.append((f"{where}{r.get('arm', r.get('rule', '?'))} (seed {r.get('seed', '?')})",
-                    (str(r.get("error", "") or "error").splitlines() or ["error"])[0]))
-    return out
+    return [((f"{r.get('model')} " if several_models else "") + f"{r.get('arm', r.get('rule', '?'))} (seed "
+             f"{r.get('seed', '?')})", (str(r.get("error", "") or "error").splitlines() or ["error"])[0])
+            for r in runs[runs["status"] == "error"].to_dict("records")]
 
 
 def failed_runs_text(runs: pd.DataFrame | None, limit: int = 150) -> str:
@@ -348,10 +343,7 @@ def failed_runs_text(runs: pd.DataFrame | None, limit: int = 150) -> str:
                   "failed, not drawn: " + ", ".join(names) + " (errors in the notes and the table)",
                   "failed, not drawn: " + ", ".join(names),
                   f"{k} run{'' if k == 1 else 's'} failed (see the notes)"]
-    for text in candidates:
-        if len(text) <= limit:
-            return text
-    return candidates[-1]
+    return next((text for text in candidates if len(text) <= limit), candidates[-1])
 
 
 def annotate_failures(fig_or_ax, runs: pd.DataFrame | None) -> str:

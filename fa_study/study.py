@@ -48,17 +48,12 @@ def record(notebook: str, values: dict, *, display: bool = True) -> dict:
 
 def _plain(v):
     """JSON-friendly, rounded for a one-screen summary."""
-    try:
-        import numpy as np
+    import numpy as np
 
-        if isinstance(v, np.generic):
-            v = v.item()
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(v, np.generic):
+        v = v.item()
     if isinstance(v, float):
-        if not math.isfinite(v):
-            return str(v)
-        return float(f"{v:.4g}")
+        return float(f"{v:.4g}") if math.isfinite(v) else str(v)
     if isinstance(v, (list, tuple)):
         return [_plain(x) for x in v]
     if isinstance(v, dict):
@@ -125,10 +120,8 @@ def summarize(results: list[dict], out_dir: Path, profile: str) -> str:
         lines.append(f"## {r['notebook']}  ({state}, {r['seconds']} s)")
         keys = out_dir / f"{r['notebook']}.keys.json"
         if keys.exists():
-            for k, v in json.loads(keys.read_text()).items():
-                lines.append(f"- {k}: {v}")
-        lines.append(f"- html: {r['html']}")
-        lines.append("")
+            lines += [f"- {k}: {v}" for k, v in json.loads(keys.read_text()).items()]
+        lines += [f"- html: {r['html']}", ""]
     return "\n".join(lines)
 
 

@@ -46,12 +46,8 @@ class CacheStats:
         return self.hits + self.computed + self.recomputed
 
     def __str__(self) -> str:
-        text = f"{self.hits}/{self.total} from the cache"
-        if self.computed:
-            text += f", {self.computed} computed"
-        if self.recomputed:
-            text += f", {self.recomputed} recomputed (bad cache entries)"
-        return text
+        done = ((self.computed, "computed"), (self.recomputed, "recomputed (bad cache entries)"))
+        return ", ".join([f"{self.hits}/{self.total} from the cache", *(f"{n} {w}" for n, w in done if n)])
 
 
 def _env_count(name: str, what: str) -> int | None:
@@ -67,13 +63,9 @@ def _env_count(name: str, what: str) -> int | None:
 def core_budget() -> int:
     """The cores the units of this process may keep busy: ``$FA_STUDY_CORES``, else the cores
     this process may run on (its CPU affinity where the platform says, else ``os.cpu_count``)."""
-    given = _env_count(CORES_ENV, "the cores the units of this process may use")
-    if given is not None:
-        return given
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity on this platform
-        return os.cpu_count() or 1
+    affinity = getattr(os, "sched_getaffinity", None)  # not on every platform
+    return (_env_count(CORES_ENV, "the cores the units of this process may use")
+            or (len(affinity(0)) if affinity else os.cpu_count() or 1))
 
 
 def check_n_jobs(n_jobs) -> int | None:
@@ -151,7 +143,6 @@ class _Sweep:
         self.counts = {"hits": 0, "computed": 0, "recomputed": 0}
         self.notes: list[str] = [self.cache.note] if self.cache.note else []
         self.kind: dict[str, str] = {}
-        self.done = 0
 
     def spec(self, text: str):
         return self.specs[self.positions[text][0]]
@@ -178,9 +169,8 @@ class _Sweep:
         for j, i in enumerate(self.positions[text]):
             self.out[i] = payload if j == 0 else copy.deepcopy(payload)
             self.counts[how] += 1
-            self.done += 1
             if self.progress:
-                self.progress(self.done, len(self.specs), how == "hits")
+                self.progress(sum(self.counts.values()), len(self.specs), how == "hits")
 
     def keep(self, text: str, payload, status: str, note: str) -> None:
         """A computed (or, from a worker, possibly served) unit: stored unless a worker did."""
@@ -191,18 +181,36 @@ class _Sweep:
         self.finish(text, payload, "hits" if status == "hit" else self.kind[text])
 
     def stats(self) -> CacheStats:
-        return CacheStats(self.counts["hits"], self.counts["computed"], self.counts["recomputed"],
-                          self.notes)
+        return CacheStats(**self.counts, notes=self.notes)
 
 
-def _call_as(settings: dict[str, str], index: int, fn: Callable, args: tuple):
+def _registries() -> dict[str, dict]:
+    from .models import ARCHITECTURES
+    from .rules.base import RULES
+
+    return {"rules": RULES, "architectures": ARCHITECTURES}
+
+
+def registered_in_main() -> list[tuple[str, str, object]]:
+    """``(registry, name, entry)`` for the rules and architectures the caller registered in its
+    ``__main__`` (a notebook or a script): a fresh worker knows only the package's own, so they
+    travel with the tasks (cloudpickle sends such classes by value)."""
+    return [(reg, name, entry) for reg, table in _registries().items() for name, entry in table.items()
+            if getattr(getattr(entry, "cls", entry), "__module__", None) == "__main__"]
+
+
+def _call_as(settings: dict[str, str], registered: list, index: int, fn: Callable, args: tuple):
     use_settings(settings)
+    tables = _registries()
+    for reg, name, entry in registered:
+        tables[reg][name] = entry
     return index, fn(*args)
 
 
 def as_finished(fn: Callable, tasks: Sequence[tuple], workers: int) -> Iterator[tuple[int, object]]:
     """``(i, fn(*tasks[i]))`` for every task, computed by ``workers`` joblib processes (loky's
-    reusable pool, or the active backend) with this process's ``$FA_STUDY_*`` settings, in the
+    reusable pool, or the active backend) with this process's ``$FA_STUDY_*`` settings and the
+    rules and architectures its ``__main__`` registered (:func:`registered_in_main`), in the
     order the tasks finish (in order where the backend cannot say). ``fn`` and the tasks must
     pickle (cloudpickle: closures do)."""
     from joblib import Parallel, delayed
@@ -211,7 +219,8 @@ def as_finished(fn: Callable, tasks: Sequence[tuple], workers: int) -> Iterator[
     env = caller_settings()
     backend, _ = get_active_backend()
     mode = "generator_unordered" if getattr(backend, "supports_return_generator", False) else "list"
-    jobs = (delayed(_call_as)(env, i, fn, tuple(t)) for i, t in enumerate(tasks))
+    extra = registered_in_main()
+    jobs = (delayed(_call_as)(env, extra, i, fn, tuple(t)) for i, t in enumerate(tasks))
     yield from Parallel(n_jobs=workers, batch_size=1, return_as=mode)(jobs)
 
 

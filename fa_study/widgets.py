@@ -23,16 +23,13 @@ from typing import Callable
 
 import ipywidgets as W
 import pandas as pd
+from IPython.display import HTML, display
 
 from .config import get_profile
-from .plots import LivePlot, figure_png as _png
+from .plots import LivePlot, failed_runs, figure_png as _png
 
 LAYOUT = W.Layout(width="330px")
 STYLE = {"description_width": "95px"}
-
-
-def _label(name: str) -> str:
-    return name.replace("_", " ")
 
 
 def build_control(name: str, default, spec, study_cls=None) -> W.Widget | None:
@@ -40,7 +37,7 @@ def build_control(name: str, default, spec, study_cls=None) -> W.Widget | None:
     a tuple of choices, ``(min, max, step)``, ``("log", min, max)``, ``"seeds"``, or ``"rules"``
     (the registered rules the study can run, asked of ``study_cls.rule_choices()`` when the panel
     is built, so a rule registered in the notebook is offered too)."""
-    common = dict(description=_label(name), style=STYLE, layout=LAYOUT)
+    common = dict(description=name.replace("_", " "), style=STYLE, layout=LAYOUT)
     if spec == "rules":
         choices = list(study_cls.rule_choices()) if study_cls is not None else []
         choices += [r for r in default if r not in choices]
@@ -49,7 +46,7 @@ def build_control(name: str, default, spec, study_cls=None) -> W.Widget | None:
         return W.Text(value=", ".join(map(str, default)), continuous_update=False,
                       placeholder="comma-separated integers", **common)
     if isinstance(default, bool):
-        return W.Checkbox(value=default, indent=False, description=_label(name))
+        return W.Checkbox(value=default, indent=False, description=common["description"])
     if isinstance(spec, tuple) and spec and spec[0] == "log":
         lo, hi = math.log10(spec[1]), math.log10(spec[2])
         val = min(max(float(default), spec[1]), spec[2])
@@ -62,11 +59,10 @@ def build_control(name: str, default, spec, study_cls=None) -> W.Widget | None:
         return W.Dropdown(options=list(spec), value=default, **common)
     if isinstance(spec, tuple) and len(spec) == 3:
         lo, hi, step = spec
-        if isinstance(default, int) and all(isinstance(v, int) for v in spec):
-            return W.IntSlider(value=min(max(default, lo), hi), min=lo, max=hi, step=step,
-                               continuous_update=False, **common)
-        return W.FloatSlider(value=min(max(float(default), lo), hi), min=lo, max=hi, step=step,
-                             continuous_update=False, **common)
+        ints = isinstance(default, int) and all(isinstance(v, int) for v in spec)
+        slider, kind = (W.IntSlider, int) if ints else (W.FloatSlider, float)
+        return slider(value=min(max(kind(default), lo), hi), min=lo, max=hi, step=step,
+                      continuous_update=False, **common)
     return None
 
 
@@ -102,10 +98,8 @@ class ControlPanel:
         self.controls: dict[str, W.Widget] = {}
         for f in dataclasses.fields(self.defaults):
             spec = study_cls.CONTROLS.get(f.name)
-            if spec is None and not isinstance(getattr(self.defaults, f.name), bool):
-                continue  # fields without a range stay at the profile's value
             w = build_control(f.name, getattr(self.defaults, f.name), spec, study_cls)
-            if w is not None:
+            if w is not None:  # fields without a range (in CONTROLS, or a bool) stay at the profile's value
                 self.controls[f.name] = w
         self.run_button = W.Button(description="Run", button_style="primary", icon="play",
                                    tooltip="train with these settings (cached runs return at once)")
@@ -125,15 +119,8 @@ class ControlPanel:
     # ---------------------------------------------------------------- reading the controls
     def values(self) -> dict:
         """The controls' current values, converted to the study's field types."""
-        out = {}
-        for name, w in self.controls.items():
-            v = w.value
-            if name == "seeds":
-                v = parse_seeds(v)
-            elif isinstance(v, list):
-                v = tuple(v)
-            out[name] = v
-        return out
+        return {name: parse_seeds(w.value) if name == "seeds" else tuple(w.value) if isinstance(w.value, list)
+                else w.value for name, w in self.controls.items()}
 
     def study(self):
         """The study config the Run button would use."""
@@ -163,8 +150,7 @@ class ControlPanel:
             bad = getattr(result, "cache_notes", None) or []
             recomputed = (f"; {len(bad)} cache entr{'y' if len(bad) == 1 else 'ies'} recomputed: "
                           + "; ".join(html_escape(n) for n in bad)) if bad else ""
-            runs = getattr(getattr(result, "extra", None), "runs", None)
-            failed = int((runs["status"] == "error").sum()) if runs is not None and "status" in runs else 0
+            failed = len(failed_runs(getattr(getattr(result, "extra", None), "runs", None)))
             failures = (f"; <span style='color:#D55E00'>{failed} run{'' if failed == 1 else 's'} failed "
                         "(the table and the notes give the error)</span>") if failed else ""
             self.status.value = f"done{cached}{recomputed}{failures}"
@@ -199,8 +185,6 @@ class ControlPanel:
         self.output.append_display_data(readable_table(result.table))
 
     def _ipython_display_(self):
-        from IPython.display import display
-
         display(self.widget)
 
 
@@ -215,9 +199,5 @@ def readable_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _error_html(exc: BaseException):
-    from html import escape
-
-    from IPython.display import HTML
-
     return HTML(f"<div style='color:#D55E00;border-left:3px solid #D55E00;padding-left:6px'>"
-                f"<b>{type(exc).__name__}</b>: {escape(str(exc))}</div>")
+                f"<b>{type(exc).__name__}</b>: {html_escape(str(exc))}</div>")

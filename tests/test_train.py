@@ -582,7 +582,8 @@ def test_train_is_bitwise_reproducible_at_a_fixed_thread_count():
 def test_merged_parameter_groups_step_exactly_as_the_rules_groups(optimizer):
     """make_optimizer steps the rule's groups of equal settings as one group: every parameter
     gets bit for bit the update the per-block groups give (reference: the torch optimizer over
-    the rule's groups as they are), and a group with its own settings stays apart."""
+    the rule's groups as they are; for SGD its per-tensor loop, where ours is the multi-tensor
+    one), and a group with its own settings stays apart."""
     from fa_study.train import make_optimizer, merge_groups
 
     cfg = _cfg(optimizer=optimizer, lr=1e-2, weight_decay=0.1)
@@ -590,8 +591,8 @@ def test_merged_parameter_groups_step_exactly_as_the_rules_groups(optimizer):
     groups = rule.param_groups(model)
     twin = copy.deepcopy(model)
     kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ref = (torch.optim.SGD(rule.param_groups(twin), momentum=cfg.momentum, **kw) if optimizer == "sgd"
-           else torch.optim.AdamW(rule.param_groups(twin), fused=True, **kw))
+    ref = (torch.optim.SGD(rule.param_groups(twin), momentum=cfg.momentum, foreach=False, **kw)
+           if optimizer == "sgd" else torch.optim.AdamW(rule.param_groups(twin), fused=True, **kw))
     opt = make_optimizer(groups, cfg)
     assert len(opt.param_groups) == 1 and len(ref.param_groups) == len(groups) > 1
     gen = torch.Generator().manual_seed(0)

@@ -95,6 +95,40 @@ def test_run_specs_in_workers_equals_a_sequential_run(cache, tmp_path, monkeypat
     assert all(r["loss"] == r["train_loss"] for r in records)
 
 
+def test_a_rule_registered_in_main_runs_in_the_workers(cache, tmp_path, monkeypatch, budget):
+    """A rule a notebook registers (its class lives in ``__main__``, which a fresh worker does
+    not have) travels with the tasks: the runs in two workers equal the runs in this process
+    (before the fix, the workers refused it as an unknown rule)."""
+    from test_runs import tiny
+
+    from fa_study.rules import BP, RULES, register
+    from fa_study.runs import run_specs
+
+    class ShiftedBP(BP):  # BP with every gradient shifted by 0.01 (AdamW ignores a scale)
+        name = "shifted_bp_in_main"
+
+        def fill_grads(self, model, x, y):
+            loss, logits = super().fill_grads(model, x, y)
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.add_(0.01)
+            return loss, logits
+
+    ShiftedBP.__module__ = "__main__"  # as a notebook cell defines it; cloudpickle sends it by value
+    monkeypatch.setitem(RULES, ShiftedBP.name, register(ShiftedBP))
+    assert [(r, n) for r, n, _ in units.registered_in_main()] == [("rules", ShiftedBP.name)]
+    specs = [tiny(ShiftedBP.name, seed=s) for s in (0, 1)]
+    monkeypatch.setenv("FA_STUDY_JOBS", "1")
+    here = run_specs(specs)
+    monkeypatch.delenv("FA_STUDY_JOBS")
+    monkeypatch.setenv("FA_STUDY_CACHE", str(tmp_path / "cache2"))
+    there = run_specs(specs)
+    assert (there.runs["status"] == "ok").all(), there.runs["error"].tolist()
+    pd.testing.assert_frame_equal(here.history, there.history, check_exact=True)
+    plain = run_specs([tiny("bp", seed=0)]).history  # the rule ran, not BP under its name
+    assert not plain["train_loss"].equals(here.history[here.history["seed"] == 0]["train_loss"])
+
+
 def test_a_unit_that_raises_in_a_worker_fails_the_call_as_in_this_process(cache, tmp_path, budget):
     with pytest.raises(ValueError, match="bad unit"):
         run_units(_raising_unit, [TorchSpec(i, str(tmp_path)) for i in range(2)])

@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from .signals import check_batch, eval_mode, hidden_gradients, prepare, sync_modes
+from .signals import bp_reference, check_batch, eval_mode, prepare
 
 D1_THRESHOLD = 50.0  # 003: D1 fires when a block grows the stream by more than this factor
 D2_EPS = 1e-8  # 003: the cosine clamp the reference gradient must clear
@@ -189,8 +189,7 @@ def audit(model: nn.Module, x_eval: torch.Tensor, y_eval: torch.Tensor, *,
     check_batch(x_eval, y_eval)
     states, tw = prepare(model, x_eval, hidden=hidden, pool=pool, twin=twin)
     with eval_mode(model):
-        sync_modes(model, tw.model)
-        hiddens, grads, logits = hidden_gradients(tw.model, x_eval, y_eval, states)
+        hiddens, grads, logits = bp_reference(model, x_eval, y_eval, hidden=states, twin=tw)
         h_norms, g_norms = states.norms(hiddens), states.norms(grads)
     source = "eval batch" if test_acc is None else "given"
     if test_acc is None:

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ..config import check_choice
-from .signals import (COSINE_EPS, check_signals, eval_mode, hidden_gradients, model_credit, per_sample_cosine,
-                      prepare, sync_modes)
+from .signals import (COSINE_EPS, bp_reference, check_signals, eval_mode, model_credit, per_sample_cosine,
+                      prepare)
 from .taps import HiddenStates
 
 DIRECTION_EVAL = 1024  # 004 read direction quality on 1,024 test samples
@@ -32,7 +32,7 @@ HEALTHY_G = 1e-7  # 004: the BP reference is resolvable above this median ||g||
 POOR_COS = 0.05  # 004: |cos| below this is poor direction quality
 MEDIOCRE_COS = 0.20  # 004: |cos| below this (and >= POOR_COS) is mediocre
 NULL_SEED = 0x5EED_F4E5  # default seed of the fresh draws: unlike the small seeds used for setup()
-READINGS: tuple[str, ...] = ("reference unhealthy", "poor", "mediocre", "reasonable")
+READINGS: tuple[str, ...] = ("reference unhealthy", "poor", "mediocre", "reasonable")  # direction_reading's
 COMPARES: tuple[str, ...] = ("summed", "full", "pooled")
 
 
@@ -115,8 +115,7 @@ def fresh_feedback_null(model: nn.Module, rule, x: torch.Tensor, y: torch.Tensor
     states, tw = prepare(model, x, hidden=hidden, pool=pool, twin=twin)
     layers = _check_layers(layers, states.num_states - 1)
     with eval_mode(model):
-        sync_modes(model, tw.model)
-        hiddens, grads, _ = hidden_gradients(tw.model, x, y, states)
+        hiddens, grads, _ = bp_reference(model, x, y, hidden=states, twin=tw)
         trained = rule_credit(model, rule, x, y, states, hiddens)
         train_layer = _layer_cosines(states, grads, trained, layers, eps, compare)
         fresh = []
@@ -172,12 +171,8 @@ def direction_reading(cos_mean: float, g_norm: float, *, healthy_g: float = HEAL
     ``g_norm <= healthy_g``, else ``"poor"`` (|cos| < poor), ``"mediocre"`` (|cos| < mediocre)
     or ``"reasonable"``."""
     if not g_norm > healthy_g:
-        return "reference unhealthy"
-    if abs(cos_mean) < poor:
-        return "poor"
-    if abs(cos_mean) < mediocre:
-        return "mediocre"
-    return "reasonable"
+        return READINGS[0]
+    return READINGS[1] if abs(cos_mean) < poor else READINGS[2] if abs(cos_mean) < mediocre else READINGS[3]
 
 
 def direction_quality(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule=None, *,
@@ -206,8 +201,7 @@ def direction_quality(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule=N
     check_choice("compare", compare, COMPARES)
     states, tw = prepare(model, x, hidden=hidden, pool=pool, twin=twin)
     with eval_mode(model):
-        sync_modes(model, tw.model)
-        _, grads, _ = hidden_gradients(tw.model, x, y, states)
+        _, grads, _ = bp_reference(model, x, y, hidden=states, twin=tw)
         credit = rule_credit(model, rule, x, y, states, grads)
     labels = states.labels()
     rows = []

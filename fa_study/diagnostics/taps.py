@@ -28,7 +28,8 @@ average. ``pool="cls" | "mean" | "flat"`` or a callable overrides it.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,7 @@ from .modes import buffers_preserved, eval_mode
 POOLS: tuple[str, ...] = ("auto", "cls", "mean", "flat")
 SIDES: tuple[str, ...] = ("output", "input")
 CONTAINER_NAMES: tuple[str, ...] = ("blocks", "layers")  # block containers found automatically
+_KIND = {"output": "out", "input": "in"}  # a tap's side -> its event in _recorded
 
 
 @dataclass(frozen=True)
@@ -200,23 +202,11 @@ class HookedStates(HiddenStates):
 
     def run(self, model, x):
         self.check(model)
-        found: list[list[torch.Tensor]] = [[] for _ in self.taps]
-        handles = []
-        for i, tap in enumerate(self.taps):
-            module = model.get_submodule(tap.module)
-            if tap.side == "output":
-                handles.append(module.register_forward_hook(
-                    lambda m, a, out, i=i: found[i].append(out)))
-            else:
-                handles.append(module.register_forward_pre_hook(
-                    lambda m, a, i=i: found[i].append(a[0] if a else None)))
-        try:
+        with _recorded(model, [t.module for t in self.taps]) as events:
             logits = _logits(model(_graph_input(x)), model)
-        finally:
-            for h in handles:
-                h.remove()
         hiddens = []
-        for tap, seen in zip(self.taps, found):
+        for tap in self.taps:
+            seen = [t for n, k, t in events if n == tap.module and k == _KIND[tap.side]]
             if len(seen) != 1:
                 raise ValueError(f"hidden state {str(tap)!r}: module {tap.module!r} ran {len(seen)} "
                                  "times in one forward; name a module that runs exactly once")
@@ -243,13 +233,10 @@ class HookedStates(HiddenStates):
 
 def _containers(model: nn.Module) -> list[tuple[str, list[str]]]:
     """Candidate block lists: ``(how, [module names])``, the shallowest first."""
-    found = []
-    for name, m in model.named_modules():
-        last = name.rsplit(".", 1)[-1]
-        if last in CONTAINER_NAMES and isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m):
-            found.append((name.count("."), name, [f"{name}.{c}" for c, _ in m.named_children()]))
-    found.sort(key=lambda t: t[0])
-    out = [(f"the blocks of {name!r}", children) for _, name, children in found]
+    found = sorted(((n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in CONTAINER_NAMES
+                    and isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m)),
+                   key=lambda t: t[0].count("."))  # the shallowest first (a stable sort)
+    out = [(f"the blocks of {name!r}", [f"{name}.{c}" for c, _ in m.named_children()]) for name, m in found]
     stages = []
     children = dict(model.named_children())
     while f"layer{len(stages) + 1}" in children:
@@ -269,19 +256,29 @@ def _same(a, b) -> bool:
         a is b or (a.shape == b.shape and torch.equal(a, b)))
 
 
-def _probe(model: nn.Module, x: torch.Tensor):
-    """Run the model once recording, in call order, every module's input and output."""
+@contextmanager
+def _recorded(model: nn.Module, names: Sequence[str]) -> Iterator[list]:
+    """While inside, every call of the modules ``names`` of ``model``, in call order:
+    ``(name, "in" | "out", its first input | its output)``; the hooks are removed after."""
     events: list[tuple[str, str, object]] = []
-    handles = [h for name, m in model.named_modules() for h in (
-        m.register_forward_pre_hook(lambda _, a, name=name: events.append((name, "in", a[0] if a else None))),
-        m.register_forward_hook(lambda _, a, out, name=name: events.append((name, "out", out))))]
-
+    handles = []
+    for name in dict.fromkeys(names):
+        m = model.get_submodule(name)
+        handles += [
+            m.register_forward_pre_hook(lambda _, a, n=name: events.append((n, "in", a[0] if a else None))),
+            m.register_forward_hook(lambda _, a, out, n=name: events.append((n, "out", out)))]
     try:
-        with torch.no_grad(), eval_mode(model), buffers_preserved(model):
-            model(x)
+        yield events
     finally:
         for h in handles:
             h.remove()
+
+
+def _probe(model: nn.Module, x: torch.Tensor):
+    """Run the model once recording, in call order, every module's input and output."""
+    with _recorded(model, [n for n, _ in model.named_modules()]) as events, torch.no_grad(), \
+            eval_mode(model), buffers_preserved(model):
+        model(x)
     return events
 
 
@@ -318,10 +315,9 @@ def _modules_between(model: nn.Module, x: torch.Tensor, taps: Sequence[Tap]) -> 
     is produced and before ``h_L`` is (a flat CNN named ``pool1, pool2, fc1``: conv2, its
     BatchNorm and fc1)."""
     events = _probe(model, x)
-    kind = {"output": "out", "input": "in"}
 
     def at(tap: Tap) -> int:
-        return next(i for i, (n, k, _) in enumerate(events) if n == tap.module and k == kind[tap.side])
+        return next(i for i, (n, k, _) in enumerate(events) if n == tap.module and k == _KIND[tap.side])
 
     start, stop = at(taps[0]), at(taps[-1])
     owns = {n for n, m in model.named_modules()

@@ -207,13 +207,12 @@ def verdict_table(results: Results) -> pd.DataFrame:
         raise ValueError("the results hold no runs")
     archs = list(dict.fromkeys(runs["model"]))
     runs = _ordered(runs, archs).assign(**{c: math.nan for c in INIT_RATIO_COLUMNS if c not in runs})
-    ok = runs[runs["status"] == "ok"]
     cols = ["test_acc", "depth_margin_pp", "max_growth", "h0_init_ratio", "max_init_ratio", "g_L", "h_L"]
     table = aggregate(runs, ["model", "arm"], cols)
     rows = []
     for row in table.to_dict("records"):
         sub = runs[(runs["model"] == row["model"]) & (runs["arm"] == row["arm"])]
-        sub_ok = ok[(ok["model"] == row["model"]) & (ok["arm"] == row["arm"])]
+        sub_ok = sub[sub["status"] == "ok"]
         frozen = sub["rule"].map(lambda r: get_rule(r).is_baseline).all()
         m, half = row["depth_margin_pp"], row["depth_margin_pp_ci"]
         spread = f" ± {half:.1f}" if math.isfinite(half) else ""
@@ -230,10 +229,8 @@ def verdict_table(results: Results) -> pd.DataFrame:
                                  for r in failed.to_dict("records"))
         rows.append(row)
     out = pd.DataFrame(rows).rename(columns={"model": "arch", "arm": "rule"})
-    text = [f"{c}_text" for c in cols]
-    raw = [c for c in cols] + [f"{c}_ci" for c in cols]
-    return out[["arch", "rule", "n", "n_rows", *text, "d1_fired", "d2_fired", "d3_fired", "verdict",
-                "diverged",                 "error", "data_source", *raw]]
+    return out[["arch", "rule", "n", "n_rows", *(f"{c}_text" for c in cols), "d1_fired", "d2_fired",
+                "d3_fired", "verdict", "diverged", "error", "data_source", *cols, *(f"{c}_ci" for c in cols)]]
 
 
 def _log_profile(frame: pd.DataFrame, x: str, y: str, *, ax, title: str, ylabel: str):
@@ -379,6 +376,16 @@ def audit_view(study: AuditStudy | None = None, *, profile: str | None = None,
 # Beyond the reference: growth since initialisation, and D1's blind spot
 # --------------------------------------------------------------------------------------------
 
+_LAYER_COLUMNS = ["model", "arm", "rule", "seed", "layer", "h_norm", "init_ratio", "growth"]
+
+
+def _audited(runs: pd.DataFrame) -> pd.Series:
+    """Which runs have a growth since initialisation to read (finished and audited)."""
+    if "max_init_ratio" not in runs:
+        return pd.Series(False, index=runs.index)
+    return (runs["status"] == "ok") & runs["max_init_ratio"].notna()
+
+
 def init_growth_layers(results: Results) -> pd.DataFrame:
     """Per hidden state of every audited run (beyond the reference): ``model``, ``arm``,
     ``rule``, ``seed``, ``layer`` (0 = the embedding's output h_0), ``h_norm``, ``init_ratio``
@@ -392,8 +399,7 @@ def init_growth_layers(results: Results) -> pd.DataFrame:
             model=r["model"], arm=r["arm"], rule=r["rule"], seed=r["seed"]))
     if not frames:
         raise ValueError("no audited run in the results (every run diverged, failed or was not audited)")
-    cols = ["model", "arm", "rule", "seed", "layer", "h_norm", "init_ratio", "growth"]
-    return pd.concat(frames, ignore_index=True)[cols]
+    return pd.concat(frames, ignore_index=True)[_LAYER_COLUMNS]
 
 
 def init_growth_table(results: Results) -> pd.DataFrame:
@@ -410,10 +416,7 @@ def init_growth_table(results: Results) -> pd.DataFrame:
     verdict and the data source. Since every block starts near the identity,
     ``hL_init_ratio`` is about ``h0_init_ratio`` times the product of the block growths, of which
     D1 reads only the largest factor."""
-    runs = results.runs
-    ok = runs.iloc[:0]
-    if "max_init_ratio" in runs:
-        ok = runs[(runs["status"] == "ok") & runs["max_init_ratio"].notna()]
+    ok = results.runs[_audited(results.runs)]
     if ok.empty:
         raise ValueError("no audited run with a growth since initialisation in the results")
     bp = ok[ok["rule"] == BP_REFERENCE].set_index(["model", "seed"])["h_L"]
@@ -493,20 +496,15 @@ def blind_spot_view(study: AuditStudy | None = None, *, profile: str | None = No
         study = AuditStudy.for_profile(profile).blind_spot(profile)
     study = resolve_study(AuditStudy, study, profile, overrides)
     res = study.run(progress=progress)
-    runs = res.runs
-    ratio = runs["max_init_ratio"] if "max_init_ratio" in runs else pd.Series(math.nan, index=runs.index)
-    read = (runs["status"] == "ok") & ratio.notna()
+    read = _audited(res.runs)
     if read.any():
         layers, table, figs = init_growth_layers(res), init_growth_table(res), [blind_spot_figure(res)]
         table = table.assign(status="ok", error="")
     else:  # every run failed or diverged: nothing to read or draw
-        layers = pd.DataFrame(columns=["model", "arm", "rule", "seed", "layer", "h_norm", "init_ratio",
-                                       "growth"])
-        table = pd.DataFrame(columns=run_row)
-        figs = [placeholder_figure("No run was audited: nothing to draw.", runs)]
-    rest = runs[~read]  # runs without a reading (diverged, failed) are rows too, with status and error
+        layers, table = pd.DataFrame(columns=_LAYER_COLUMNS), pd.DataFrame(columns=run_row)
+        figs = [placeholder_figure("No run was audited: nothing to draw.", res.runs)]
+    rest = res.runs[~read]  # runs without a reading (diverged, failed) are rows too, with status and error
     if len(rest):
-        extra = rest.reindex(columns=run_row)
-        extra["error"] = extra["error"].fillna("")
+        extra = rest.reindex(columns=run_row).fillna({"error": ""})
         table = pd.concat([table, extra], ignore_index=True) if len(table) else extra.reset_index(drop=True)
     return StudyResult.of(study, res, layers, table, figs, notes=[BEYOND_REFERENCE])

@@ -124,9 +124,7 @@ class Study(Checked):
     @classmethod
     def rule_choices(cls) -> tuple[str, ...]:
         """The registered rules the study's ``rules`` field may hold (the panel's choices)."""
-        from ..rules import RULES
-
-        return tuple(RULES)
+        return rule_names()
 
     @classmethod
     def for_profile(cls, profile: str | None = None, **overrides):
@@ -227,12 +225,11 @@ def finished(frame: pd.DataFrame) -> pd.DataFrame:
     and no legend entry)."""
     if "status" not in frame or frame.empty:
         return frame
-    bad = frame.loc[frame["status"] != "ok", [k for k in RUN_KEYS if k in frame]].drop_duplicates()
+    keys = [k for k in RUN_KEYS if k in frame]
+    bad = frame.loc[frame["status"] != "ok", keys].drop_duplicates()
     if bad.empty:
         return frame
-    keys = [k for k in RUN_KEYS if k in frame]
-    merged = frame.merge(bad.assign(_bad=True), on=keys, how="left")
-    return frame[merged["_bad"].isna().to_numpy()]
+    return frame[frame.merge(bad.assign(_bad=True), on=keys, how="left")["_bad"].isna().to_numpy()]
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from ..fields import int_range, option, positive, positive_int
 from ..runs import ModelSpec, Results, RunSpec
 from ..stats import aggregate, format_mean_ci, mean_ci
 from .core import StudyResult, labelled, resolve_study, study_runner
-from .penalty import FASHION_CHECK, GRAD_CLIP, PenalisedRuns, arm_colours
+from .penalty import FASHION_CHECK, GRAD_CLIP, PenalisedRuns, PenaltyStudy, arm_colours
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,9 @@ class DirectionStudy(PenalisedRuns):
     read_layer: int | None = option(None, int_range(0, none_ok=True, none_means="L // 2, 004's layer 2"),
                                     "hidden state the reading is stated for (None: L // 2, 004's layer 2)")
 
-    PROFILES = {
-        # the reference width and learning rate; 10 epochs of 4k images (quick) or 10k (default)
-        "quick": dict(epochs=10, n_train=4000, n_test=1000, seeds=(42,)),
-        "default": dict(epochs=10, n_train=10000, n_test=2000, seeds=(42, 123, 456)),
-        "paper": dict(epochs=100, n_train=None, n_test=None, seeds=(42, 123, 456), augment=True),
-    }
+    # notebook 03's: the reference width and learning rate, 10 epochs of 4k images (quick) or 10k
+    # (default); the paper profile trains 100 epochs, as 004
+    PROFILES = {**PenaltyStudy.PROFILES, "paper": {**PenaltyStudy.PROFILES["paper"], "epochs": 100}}
     CROSS_CHECK = FASHION_CHECK  # notebook 03's
     CONTROLS = {"lam": ("log", 1e-4, 1e-1), "seeds": "seeds", "epochs": (1, 100, 1),
                 "grad_clip": (0.1, 5.0, 0.1)}
@@ -122,11 +119,8 @@ def reading_sentences(readings: pd.DataFrame, layer: int | None = None) -> dict[
     seed means at ``layer`` (None: L // 2)."""
     from ..diagnostics import read_direction_quality
 
-    out = {}
-    for arm, sub in readings.groupby("arm", sort=False):
-        table = sub.rename(columns={"g_norm": "g_norm_median", "a_norm": "a_norm_median"})
-        out[arm] = read_direction_quality(table, layer)
-    return out
+    table = readings.rename(columns={"g_norm": "g_norm_median", "a_norm": "a_norm_median"})
+    return {arm: read_direction_quality(sub, layer) for arm, sub in table.groupby("arm", sort=False)}
 
 
 def direction_summary(res: Results, layer: int, order: list[str] | None = None) -> pd.DataFrame:
@@ -188,14 +182,13 @@ def direction_view(study: DirectionStudy | None = None, *, profile: str | None =
     order, layer = study.arms(), study.layer
     table = direction_summary(res, layer, order)
     if res.layers.empty:  # every run diverged or failed: the table still has a row per arm, with its status
-        out = StudyResult.of(study, res, res.history, table, [], ["No run finished: nothing to read."])
-        out.readings = pd.DataFrame()
-        return out
-    readings = direction_readings(res.layers, order)
-    fig = plots.finish(_direction_figure(res.layers, readings, arm_colours(study.specs())), res.runs,
-                       res.history["data_source"].dropna().unique().tolist())
-    out = StudyResult.of(study, res, res.history, table, [fig],
-                         [f"{arm}: {text}" for arm, text in reading_sentences(readings, layer).items()])
+        readings, figs, notes = pd.DataFrame(), [], ["No run finished: nothing to read."]
+    else:
+        readings = direction_readings(res.layers, order)
+        figs = [plots.finish(_direction_figure(res.layers, readings, arm_colours(study.specs())), res.runs,
+                             res.history["data_source"].dropna().unique().tolist())]
+        notes = [f"{arm}: {text}" for arm, text in reading_sentences(readings, layer).items()]
+    out = StudyResult.of(study, res, res.history, table, figs, notes)
     out.readings = readings
     return out
 

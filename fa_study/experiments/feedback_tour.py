@@ -34,7 +34,7 @@ from ..rules import BP_REFERENCE, RULES
 from ..runs import DataSpec, ModelSpec, ReadSpec, Results, RunSpec
 from ..train import OPTIMIZERS, TrainConfig
 from .core import (SUBSET, Study, StudyResult, last_epoch, names, one_cpu_thread, placeholder_figure,
-                   resolve_study)
+                   resolve_study, study_runner)
 
 BATCH = int_range(1, MAX_BATCH_SIZE, bound="fa_study.config.MAX_BATCH_SIZE")
 ACTIVATIONS: tuple[str, ...] = ("relu", "tanh")
@@ -159,20 +159,17 @@ class FeedbackTour(Study):
                        read=ReadSpec(audit=False, direction=False, probe_every=self.record_every,
                                      probe_size=self.probe_size))
 
+    def _variants(self, rule: str) -> list[dict]:
+        opts = RULES[rule].OPTIONS
+        if "init" in opts:
+            return [{"init": m} for m in self.fa_inits]
+        return [{"gated": g} for g in self.dfa_gated] if "gated" in opts else [{}]
+
     def specs(self) -> list[RunSpec]:
         """Per seed, one run per rule; a rule with an ``init`` option once per initial B (``fa_inits``),
         one with a ``gated`` option once per form (``dfa_gated``)."""
-        out = []
-        for seed in self.seeds:
-            for rule in self.rules:
-                opts = RULES[rule].OPTIONS
-                if "init" in opts:
-                    out += [self.spec(rule, seed, init=m) for m in self.fa_inits]
-                elif "gated" in opts:
-                    out += [self.spec(rule, seed, gated=g) for g in self.dfa_gated]
-                else:
-                    out.append(self.spec(rule, seed))
-        return out
+        return [self.spec(rule, seed, **v) for seed in self.seeds for rule in self.rules
+                for v in self._variants(rule)]
 
     def arms(self) -> list[str]:
         return list(dict.fromkeys(s.label for s in self.specs()))
@@ -194,18 +191,12 @@ def records(res: Results) -> pd.DataFrame:
     probes = res.probes
     if probes.empty:
         return probes
-    status = res.runs.set_index(["arm", "seed"])["status"]
-    out = probes.merge(status.rename("status").reset_index(), on=["arm", "seed"], how="left")
-    return out
+    return probes.merge(res.runs[["arm", "seed", "status"]], on=["arm", "seed"], how="left")
 
 
-def run_tour(study: FeedbackTour | None = None, *, profile: str | None = None,
-             callback: Callable | None = None, n_jobs: int | None = None, progress: Callable | None = None,
-             **overrides) -> Results:
-    """Train every arm and seed of ``study`` (default: the profile's); ``Results.probes`` has one
-    row per arm, seed and record (step 0, every ``record_every`` steps, the last step)."""
-    study = resolve_study(FeedbackTour, study, profile, overrides)
-    return study.run(callback=callback, n_jobs=n_jobs, progress=progress)
+run_tour = study_runner(FeedbackTour, """Train every arm and seed of ``study`` (default: the
+    profile's, with ``overrides``); ``Results.probes`` has one row per arm, seed and record (step 0,
+    every ``record_every`` steps, the last step).""")
 
 
 def _layer_cols(results: pd.DataFrame, prefix: str) -> list[str]:
@@ -322,7 +313,7 @@ def _accuracy_figure(ok: pd.DataFrame, last: pd.DataFrame, styles: dict):
     return fig
 
 
-def _figures(res: pd.DataFrame, styles: dict, sources: list, runs: pd.DataFrame | None = None) -> list:
+def _figures(res: pd.DataFrame, styles: dict, runs: pd.DataFrame) -> list:
     from .. import plots
 
     ok = res[res["status"] == "ok"]
@@ -330,12 +321,7 @@ def _figures(res: pd.DataFrame, styles: dict, sources: list, runs: pd.DataFrame 
     last = last_epoch(ok, by="step")
     figs = [_cosine_figure(ok, last, cols, styles), _angle_figure(ok, len(cols), styles),
             _accuracy_figure(ok, last, styles)]
-    for f in figs:
-        plots.annotate_source(f, sources)
-        f.tight_layout(rect=(0, 0.04, 1, 1))
-        plots.annotate_failures(f, runs)
-        plt.close(f)
-    return figs
+    return [plots.finish(f, runs) for f in figs]
 
 
 def tour_view(study: FeedbackTour | None = None, *, profile: str | None = None,
@@ -348,9 +334,8 @@ def tour_view(study: FeedbackTour | None = None, *, profile: str | None = None,
     res = study.run(callback=live, progress=progress)
     rec = records(res)
     styles = arm_styles(study.specs())
-    sources = res.runs["data_source"].dropna().unique().tolist()
     ok = len(rec) and (rec["status"] == "ok").any()
-    figs = _figures(rec, styles, sources, res.runs) if ok else [placeholder_figure(runs=res.runs)]
+    figs = _figures(rec, styles, res.runs) if ok else [placeholder_figure(runs=res.runs)]
     table = tour_summary(rec, study.arms(), res.runs)
     return StudyResult.of(study, res, rec, table, figs)
 
@@ -379,7 +364,7 @@ class ConversionResult:
     """What :func:`converter_demo` found."""
 
     model_name: str
-    report: pd.DataFrame  # convert's report for the first rule: name, type, action, method, reason
+    report: pd.DataFrame  # convert's report (first rule but BP): name, type, action, method, reason
     counts: pd.DataFrame  # the report counted by action and module type
     output_change: dict  # rule -> max |output after convert - output before| on one batch
     alignment: pd.DataFrame  # tidy: rule, layer index, layer name, type, cos_update_bp, ...
@@ -399,10 +384,10 @@ class ConversionResult:
             display(figure_png(self.figure))
 
 
-def _convert_and_read(model_name: str, rule: str, seed: int, x: torch.Tensor, y: torch.Tensor,
-                      changes: dict, report: pd.DataFrame | None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Build, convert and read one rule for :func:`converter_demo`; records the output change
-    in ``changes`` and returns ``(report, per-layer alignment)`` (the first report kept)."""
+def _convert_and_read(model_name: str, rule: str, seed: int, x: torch.Tensor, y: torch.Tensor
+                      ) -> tuple[pd.DataFrame | None, float, pd.DataFrame]:
+    """Build, convert and read one rule for :func:`converter_demo`: ``(convert's report, None for
+    BP; max |output change|; per-layer alignment)``."""
     from ..diagnostics import update_alignment
     from ..rules import convert
 
@@ -415,13 +400,13 @@ def _convert_and_read(model_name: str, rule: str, seed: int, x: torch.Tensor, y:
     if rule != BP_REFERENCE:  # BP is the model as it is
         model, rep = convert(model, rule, generator=stream_generator(seed, "feedback"), num_classes=10)
     after = model(x)  # with gradients enabled: the rule's autograd Function runs the forward
-    changes[rule] = float((after.detach() - before).abs().max())
+    change = float((after.detach() - before).abs().max())
     model.train()
     ua = update_alignment(model, x, y)
     ua.insert(0, "layer", ua["param"].str.removesuffix(".weight"))
     ua.insert(0, "rule", rule)
     ua.insert(1, "index", range(len(ua)))
-    return (rep if report is None else report), ua
+    return rep, change, ua
 
 
 def converter_rules(model_name: str = "resnet18") -> tuple[str, ...]:
@@ -442,8 +427,7 @@ def converter_demo(model_name: str = "resnet18", rules: tuple = ("bp", "layer_fa
     """
     from .. import data, plots
 
-    check_choice("converter model", model_name, CONVERTER_MODELS)
-    allowed = converter_rules(model_name)
+    allowed = converter_rules(model_name)  # the model's name checked first
     if not rules:
         raise ValueError(f"rules must name at least one of {allowed}")
     for r in rules:
@@ -454,15 +438,11 @@ def converter_demo(model_name: str = "resnet18", rules: tuple = ("bp", "layer_fa
     dev = get_device()
     ds = data.load("mnist", "train", n=batch_size, device=dev, verbose=False)
     x = ds.x.expand(-1, 3, -1, -1).contiguous()
-    y = ds.y
-    report = None
-    changes: dict[str, float] = {}
-    frames = []
     with one_cpu_thread(dev):
-        for rule in rules:
-            report, frame = _convert_and_read(model_name, rule, seed, x, y, changes, report)
-            frames.append(frame)
-    alignment = pd.concat(frames, ignore_index=True)
+        read = [_convert_and_read(model_name, rule, seed, x, ds.y) for rule in rules]
+    report = next(rep for rep, _, _ in read if rep is not None)  # the first rule's that converts
+    changes = {rule: change for rule, (_, change, _) in zip(rules, read)}
+    alignment = pd.concat([ua for _, _, ua in read], ignore_index=True)
     counts = (report.groupby(["action", "type"]).size().rename("modules").reset_index()
               .sort_values(["action", "modules"], ascending=[True, False]).reset_index(drop=True))
 
@@ -477,7 +457,5 @@ def converter_demo(model_name: str = "resnet18", rules: tuple = ("bp", "layer_fa
            title=f"torchvision {model_name}: one batch, every converted layer (input side left)")
     ax.legend(fontsize=8, frameon=False)
     ax.grid(alpha=0.3)
-    plots.annotate_source(fig, ds.source)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    plt.close(fig)
-    return ConversionResult(model_name, report, counts, changes, alignment, fig, ds.source)
+    return ConversionResult(model_name, report, counts, changes, alignment,
+                            plots.finish(fig, sources=ds.source), ds.source)

@@ -152,9 +152,7 @@ def learned_summary(results: pd.DataFrame, runs: pd.DataFrame | None = None) -> 
     cols = ["test_acc", "deep_cos", "deep_fb_align"]
     last = last_epoch(results).copy()
     if len(last) and "rule" in last:
-        for c in cols:
-            if c not in last:
-                last[c] = math.nan
+        last = last.assign(**{c: math.nan for c in cols if c not in last})
         last.loc[last["rule"].map(lambda r: RULES[r].is_baseline), "deep_cos"] = math.nan
     table = aggregate(last, "arm", cols)
     if runs is None and len(last) and "status" in last:

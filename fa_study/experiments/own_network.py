@@ -5,7 +5,7 @@ mechanism:
 
 * **the networks**: the reference's :class:`ViTMini` (pre-LN :class:`TransformerBlock` s that
   add their own skip, a class token, a terminal LayerNorm) and :class:`SmallResNet`
-  (post-activation :class:`BasicBlock` s, ``relu(x + f(x))``), reference 003's modules (same
+  (post-activation ``BasicBlock`` s, ``relu(x + f(x))``), reference 003's modules (same
   layers, names and computation) with only the image size and the widths as arguments; and two
   torchvision models built without weights (``resnet18`` and a small ``VisionTransformer``).
   :func:`build_network` makes one.
@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from ..config import check_choice, check_int, get_device, seed_everything, stream_generator
 from ..fields import boolean, choice, int_range, option, positive, positive_int
 from ..fields import seed as seed_check
+from ..models.resnet import BasicBlock
 from ..rules import BP_REFERENCE, RULES
 from .core import Study, StudyResult, names, one_cpu_thread, resolve_study
 
@@ -114,7 +115,6 @@ class ViTMini(nn.Module):
         self.blocks = nn.ModuleList([block() for _ in range(num_blocks)])
         self.out_ln = nn.LayerNorm(d_model)  # terminal LN
         self.out_head = nn.Linear(d_model, num_classes)
-        self.num_blocks, self.d_model, self.d_hidden = num_blocks, d_model, d_model
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:  # flat input
@@ -130,23 +130,11 @@ class ViTMini(nn.Module):
         return (logits, hiddens) if return_hidden else logits
 
 
-class BasicBlock(nn.Module):
-    """Post-activation ResNet block with BatchNorm: relu(BN(W2 relu(BN(W1 x)))) + x, then relu."""
-
-    def __init__(self, d_hidden: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(d_hidden, d_hidden, kernel_size=3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(d_hidden)
-        self.conv2 = nn.Conv2d(d_hidden, d_hidden, kernel_size=3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(d_hidden)
-
-    def forward(self, x):
-        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
-
-
 class SmallResNet(nn.Module):
-    """Small ResNet: 3x3 conv stem + BN + ReLU, ``num_blocks`` BasicBlocks at one width and
-    resolution, global average pool, linear head."""
+    """Small ResNet: 3x3 conv stem + BN + ReLU, ``num_blocks`` post-activation BasicBlocks
+    (``relu(x + BN(W2 relu(BN(W1 x))))``: a plain ``nn.Module``, the same layers, names and
+    computation in the reference and :mod:`fa_study.models.resnet`) at one width and resolution,
+    global average pool, linear head."""
 
     def __init__(self, d_hidden: int = 64, num_classes: int = 10, num_blocks: int = 4):
         super().__init__()
@@ -154,12 +142,9 @@ class SmallResNet(nn.Module):
         self.stem_bn = nn.BatchNorm2d(d_hidden)
         self.blocks = nn.ModuleList([BasicBlock(d_hidden) for _ in range(num_blocks)])
         self.out_head = nn.Linear(d_hidden, num_classes)
-        self.num_blocks, self.d_hidden = num_blocks, d_hidden
 
     def embed(self, x):
         return F.relu(self.stem_bn(self.stem_conv(x)))
-
-    stem = embed
 
     def forward(self, x, return_hidden=False):
         hiddens = [self.embed(x)]
@@ -237,30 +222,6 @@ def train_plain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: in
         if log is not None:
             log(step, losses[-1])
     return losses
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
-    """Test accuracy in eval mode (the model's mode is restored)."""
-    was = model.training
-    model.eval()
-    try:
-        hits = sum(int((model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum())
-                   for i in range(0, len(x), batch_size))
-    finally:
-        model.train(was)
-    return hits / max(len(x), 1)
-
-
-def rgb(ds):
-    """A :class:`fa_study.data.Dataset` with grey images ``(N, 1, H, W)`` repeated over three
-    channels (colour images as they are)."""
-    from ..data import Dataset
-
-    if ds.x.shape[1] == 3:
-        return ds
-    return Dataset(ds.name, ds.split, ds.x.expand(-1, 3, -1, -1).contiguous(), ds.y, ds.source,
-                   ds.num_classes, ds.mean * 3, ds.std * 3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,34 +345,12 @@ class OwnNetworkRuns:
         return pd.DataFrame(rows)
 
 
-def load_images(dataset: str, split: str, n: int | None, device) -> object:
-    """``fa_study.data.load`` with ``n`` capped at the split's size (the offline stand-ins are
-    smaller than the real splits)."""
-    from .. import data
-
-    full = data.load(dataset, split, device=device, verbose=False)
-    if n is None or n >= len(full.y):
-        return full
-    return data.load(dataset, split, n=n, device=device, verbose=False)
-
-
-def train_one(study: OwnNetworkStudy, network: str, rule: str, x: torch.Tensor, y: torch.Tensor,
-              *, image_size: int, num_classes: int, log: Callable | None = None):
-    """Build ``network`` (seeded), convert it to ``rule`` unless ``bp``, and train it with
-    :func:`train_plain`. Returns ``(model, losses, convert report or None, seconds)``."""
-    from ..rules import convert
-
+def _build(study: OwnNetworkStudy, network: str, train_ds) -> nn.Module:
+    """``network`` at the study's width and depth for ``train_ds``'s images, seeded by the study
+    (the same initial weights in every run and baseline), on the data's device."""
     seed_everything(study.seed)
-    model = build_network(network, image_size=image_size, num_classes=num_classes,
-                          width=study.width, depth=study.depth).to(x.device)
-    conversion = None
-    if rule != BP_REFERENCE:  # BP trains the network as it is, unconverted
-        model, conversion = convert(model, rule, generator=stream_generator(study.seed, "feedback"),
-                                    num_classes=num_classes)
-    start = time.perf_counter()
-    losses = train_plain(model, x, y, steps=study.steps, batch_size=study.batch_size, lr=study.lr,
-                         seed=study.seed, log=log)
-    return model, losses, conversion, time.perf_counter() - start
+    return build_network(network, image_size=int(train_ds.x.shape[-1]), num_classes=int(train_ds.num_classes),
+                         width=study.width, depth=study.depth).to(train_ds.x.device)
 
 
 def read_network(model: nn.Module, x_eval, y_eval, x_direction, y_direction, x_batch, y_batch, *,
@@ -434,10 +373,19 @@ def read_network(model: nn.Module, x_eval, y_eval, x_direction, y_direction, x_b
 
 
 def _datasets(study: OwnNetworkStudy):
-    """The 3-channel training and test sets of the study (the same tensors in every process)."""
-    dev = get_device()
-    return (rgb(load_images(study.dataset, "train", study.n_train, dev)),
-            rgb(load_images(study.dataset, "test", study.n_test, dev)))
+    """The 3-channel training and test sets of the study (the same tensors in every process):
+    class-balanced subsets of ``n_train`` / ``n_test`` images, capped at the split's size (the
+    offline stand-ins are smaller than the real splits); grey images ``(N, 1, H, W)`` repeated
+    over three channels, colour images as they are."""
+    from ..data import load
+
+    out = []
+    for split, n in (("train", study.n_train), ("test", study.n_test)):
+        ds = load(study.dataset, split, device=get_device(), verbose=False)
+        ds = ds if n is None or n >= len(ds) else ds.subset(n)
+        out.append(ds if ds.x.shape[1] == 3 else dataclasses.replace(
+            ds, x=ds.x.expand(-1, 3, -1, -1).contiguous(), mean=ds.mean * 3, std=ds.std * 3))
+    return tuple(out)
 
 
 def _readings_data(study: OwnNetworkStudy, train_ds, test_ds) -> dict:
@@ -452,40 +400,56 @@ def _readings_data(study: OwnNetworkStudy, train_ds, test_ds) -> dict:
 
 
 def _arm(study: OwnNetworkStudy, network: str, rule: str, frozen_acc: float | None,
-         log: Callable | None = None) -> OwnRun:
-    """One unit: train ``network`` under ``rule`` and read it (in this process or a worker's)."""
+         live: Callable | None = None) -> OwnRun:
+    """One unit (in this process or a worker's): build ``network`` (seeded), convert it to ``rule``
+    unless ``bp``, train it with :func:`train_plain` and read it; ``live`` receives every step's
+    record."""
+    from ..rules import convert
+    from ..train import evaluate
+
+    log = None if live is None else \
+        lambda step, loss: live({"step": step, "arm": f"{network}:{rule}", "loss": loss})
     train_ds, test_ds = _datasets(study)
     probe = _readings_data(study, train_ds, test_ds)
     with one_cpu_thread(train_ds.x.device):
-        model, losses, conversion, seconds = train_one(
-            study, network, rule, train_ds.x, train_ds.y, image_size=int(train_ds.x.shape[-1]),
-            num_classes=int(train_ds.num_classes), log=log)
-        acc = accuracy(model, test_ds.x, test_ds.y)
+        model, conversion = _build(study, network, train_ds), None
+        if rule != BP_REFERENCE:  # BP trains the network as it is, unconverted
+            model, conversion = convert(model, rule, generator=stream_generator(study.seed, "feedback"),
+                                        num_classes=int(train_ds.num_classes))
+        start = time.perf_counter()
+        losses = train_plain(model, train_ds.x, train_ds.y, steps=study.steps, batch_size=study.batch_size,
+                             lr=study.lr, seed=study.seed, log=log)
+        seconds = time.perf_counter() - start
+        acc = evaluate(model, test_ds.x, test_ds.y, batch_size=500)[1]  # test accuracy, eval mode
         report, direction, updates = read_network(model, *probe.values(), frozen_acc=frozen_acc,
                                                   test_acc=acc)
     return OwnRun(network, rule, model, losses, acc, report, direction, updates, conversion, seconds)
 
 
 def _frozen(study: OwnNetworkStudy, network: str) -> float | None:
-    """One unit: the frozen-blocks baseline of ``network`` (:func:`frozen_accuracies`)."""
+    """One unit: the test accuracy of ``network``'s frozen-blocks baseline (D3; None when it
+    diverged). The baseline starts from the very weights the trained networks start from (the
+    same seed); the modules between h_0 and h_L stay at that initialisation and the rest trains
+    by BP (:func:`fa_study.train.frozen_baseline`, as :func:`frozen_config` says)."""
+    from ..train import frozen_baseline
+
     train_ds, test_ds = _datasets(study)
+    cfg, n = frozen_config(study, len(train_ds))
+    base_ds = train_ds.subset(n, seed=study.seed) if n < len(train_ds) else train_ds
     with one_cpu_thread(train_ds.x.device):
-        return frozen_accuracies(dataclasses.replace(study, networks=(network,)), train_ds,
-                                 test_ds)[0].get(network)
+        acc = frozen_baseline(_build(study, network, train_ds), base_ds, test_ds, cfg)
+    return float(acc) if math.isfinite(acc) else None
 
 
-def _spread(fn: Callable, tasks: list[tuple], done: Callable[[tuple, object], None]) -> None:
-    """``fn(*task)`` for every task, over the core budget (:func:`fa_study.units.workers_for`),
-    ``done(task, result)`` in this process as each finishes; one worker: in order, here."""
+def _spread(fn: Callable, tasks: list[tuple]):
+    """``(task, fn(*task))`` for every task, over the core budget (:func:`fa_study.units.workers_for`),
+    as each finishes; one worker: in order, here, each computed when the caller asks for it."""
     from ..units import as_finished, workers_for
 
     workers = workers_for(None, len(tasks))
     if workers == 1:
-        for task in tasks:
-            done(task, fn(*task))
-        return
-    for i, result in as_finished(fn, tasks, workers):
-        done(tasks[i], result)
+        return ((task, fn(*task)) for task in tasks)
+    return ((tasks[i], result) for i, result in as_finished(fn, tasks, workers))
 
 
 def run_own_network(study: OwnNetworkStudy | None = None, *, profile: str | None = None,
@@ -497,37 +461,25 @@ def run_own_network(study: OwnNetworkStudy | None = None, *, profile: str | None
     any order). ``live(record)`` receives ``step``, ``arm`` (``"network:rule"``) and ``loss``:
     every step for a run trained in this process, the whole curve when a worker's run is done;
     ``progress(done, total, from_cache)`` after every run."""
-    study = resolve_study(OwnNetworkStudy, study, profile, overrides)
-    train_ds, test_ds = _datasets(study)
-    out = OwnNetworkRuns(study, {}, **_readings_data(study, train_ds, test_ds),
-                         data_source=train_ds.source)
-    if study.frozen:
-        _spread(lambda network: _frozen(study, network), [(n,) for n in study.networks],
-                lambda task, acc: out.frozen_acc.__setitem__(task[0], acc))
-    out.d3_note = frozen_note(study, len(train_ds), len(test_ds))
-    arms = study.arms()
-
-    def logger(network, rule):
-        if live is None:
-            return None
-        return lambda step, loss: live({"step": step, "arm": f"{network}:{rule}", "loss": loss})
-
     from ..units import workers_for
 
+    study = resolve_study(OwnNetworkStudy, study, profile, overrides)
+    train_ds, test_ds = _datasets(study)
+    out = OwnNetworkRuns(study, {}, **_readings_data(study, train_ds, test_ds), data_source=train_ds.source,
+                         d3_note=frozen_note(study, len(train_ds), len(test_ds)))
+    if study.frozen:
+        baselines = _spread(_frozen, [(study, n) for n in study.networks])
+        out.frozen_acc.update((network, acc) for (_, network), acc in baselines)
+    arms = study.arms()
     here = workers_for(None, len(arms)) == 1
-
-    def finish(task, run: OwnRun) -> None:
-        network, rule = task
+    tasks = [(study, n, r, out.frozen_acc.get(n), live if here else None) for n, r in arms]
+    for (_, network, rule, *_), run in _spread(_arm, tasks):
         if live is not None and not here:  # a worker's run: its curve once it is done
             for step, loss in enumerate(run.losses):
                 live({"step": step, "arm": f"{network}:{rule}", "loss": loss})
         out.runs[network, rule] = run
         if progress is not None:
             progress(len(out.runs), len(arms), False)
-
-    _spread(lambda network, rule: _arm(study, network, rule, out.frozen_acc.get(network),
-                                       logger(network, rule) if here else None),
-            list(arms), finish)
     out.runs = {arm: out.runs[arm] for arm in arms}  # the study's order, whatever finished first
     return out
 
@@ -553,32 +505,8 @@ def frozen_note(study: OwnNetworkStudy, n_train: int, n_test: int) -> str:
     cfg, n = frozen_config(study, n_train)
     return (f"D3 against the frozen-blocks baseline: the same initial network with the modules "
             f"between h_0 and h_L frozen, the rest trained by BP for {cfg.epochs} epoch(s) of "
-            f"{min(n, n_train)} images (fa_study.train.frozen_baseline); accuracy on {n_test} test "
+            f"{n} images (fa_study.train.frozen_baseline); accuracy on {n_test} test "
             f"images.")
-
-
-def frozen_accuracies(study: OwnNetworkStudy, train_ds, test_ds) -> tuple[dict, str]:
-    """Network -> the test accuracy of its frozen-blocks baseline (D3), and a note saying how D3
-    was decided (:func:`frozen_note`). The baseline starts from the very weights the trained
-    networks start from (the same seed); the modules between h_0 and h_L stay at that
-    initialisation and the rest trains by BP (:func:`fa_study.train.frozen_baseline`).
-    ``train_ds`` / ``test_ds``: the 3-channel datasets the networks train on."""
-    from ..train import frozen_baseline
-
-    note = frozen_note(study, len(train_ds), len(test_ds))
-    if not study.frozen:
-        return {}, note
-    cfg, n = frozen_config(study, len(train_ds))
-    base_ds = train_ds.subset(n, seed=study.seed) if n < len(train_ds) else train_ds
-    image_size, num_classes = int(train_ds.x.shape[-1]), int(train_ds.num_classes)
-    out = {}
-    for network in study.networks:
-        seed_everything(study.seed)
-        init = build_network(network, image_size=image_size, num_classes=num_classes,
-                             width=study.width, depth=study.depth).to(train_ds.x.device)
-        acc = frozen_baseline(init, base_ds, test_ds, cfg)
-        out[network] = None if not math.isfinite(acc) else float(acc)
-    return out, note
 
 
 # --------------------------------------------------------------------------------------------
@@ -598,10 +526,10 @@ def figures(res: OwnNetworkRuns) -> list:
     gradient (input side left, the output layer last)."""
     from .. import plots
 
-    networks = list(dict.fromkeys(n for n, _ in res.runs))
+    networks = res.study.networks
     fig, axes = plt.subplots(len(networks), 4, figsize=(16, 3.5 * len(networks)), squeeze=False)
     for row, network in zip(axes, networks):
-        runs = [r for (n, _), r in res.runs.items() if n == network]
+        runs = [res.runs[network, rule] for rule in res.study.rules]
         for i, r in enumerate(runs):
             c = plots.colour(r.rule, i)
             loss = pd.Series(r.losses).rolling(10, min_periods=1).mean()
@@ -616,22 +544,20 @@ def figures(res: OwnNetworkRuns) -> list:
             row[3].plot(range(len(r.updates)), r.updates["cos_update_bp"], color=c, marker="o", ms=3,
                         lw=1.0, label=r.rule)
         row[0].set(title=f"{network}: training loss (10-step mean)", xlabel="step", ylabel="loss")
-        row[0].grid(alpha=0.3)
         row[1].set_yscale("log")
         row[1].set(title="||h_l|| (o) and BP's ||g_l|| (s), median", xlabel="hidden state l")
-        row[2].axhline(0, color="k", lw=0.8, ls=":")
-        low = min([-0.25] + [float(r.direction["cos_mean"].min()) - 0.05 for r in runs])
-        row[2].set(title="cos(own credit, BP gradient) at h_l", xlabel="hidden state l", ylim=(low, 1.05))
-        row[3].axhline(0, color="k", lw=0.8, ls=":")
+        row[2].set(title="cos(own credit, BP gradient) at h_l", xlabel="hidden state l")
         names = [short_name(p) for p in runs[0].updates["param"]]
         row[3].set_xticks(range(len(names)), names, rotation=80, fontsize=6)
-        low = min([-0.25] + [float(r.updates["cos_update_bp"].min()) - 0.05 for r in runs])
-        row[3].set(title="cos(update, BP gradient) per weight", ylim=(low, 1.05))
-        row[3].grid(alpha=0.3)
+        row[3].set(title="cos(update, BP gradient) per weight")
+        for ax, frames, col in ((row[2], [r.direction for r in runs], "cos_mean"),
+                                (row[3], [r.updates for r in runs], "cos_update_bp")):
+            ax.axhline(0, color="k", lw=0.8, ls=":")
+            ax.set_ylim(min([-0.25] + [float(f[col].min()) - 0.05 for f in frames]), 1.05)
         for ax in row[1:3]:
             ax.set_xticks(range(len(runs[0].report.hidden_norms)))
-            ax.grid(alpha=0.3)
         for ax in row:
+            ax.grid(alpha=0.3)
             ax.legend(fontsize=7, frameon=True, framealpha=0.8, loc="best")
     return [plots.finish(fig, sources=[res.data_source], bottom=0.03)]
 
@@ -641,9 +567,7 @@ def own_network_notes(res: OwnNetworkRuns) -> list[str]:
     notes = []
     if res.data_source != "torchvision":
         notes.append(f"Data: {res.study.dataset} stand-in ({res.data_source}), not the real dataset.")
-    first: dict = {}  # each network's first run
-    for (network, _), r in res.runs.items():
-        first.setdefault(network, r)
+    first = {n: res.runs[n, res.study.rules[0]] for n in res.study.networks}  # each network's first run
     notes += [f"{n}: h_l read as " + "; ".join(f"h_{l} = {t}" for l, t in enumerate(r.report.hidden_read))
               for n, r in first.items()]
     return notes + [res.d3_note]

@@ -26,7 +26,7 @@ from ..rules.ra import ACTIVATIONS, REV_FEEDBACK
 from ..runs import DataSpec, ModelSpec, ReadSpec, RunSpec, run_specs
 from ..train import TrainConfig
 from .core import (SUBSET, Study, StudyResult, finished, labelled, last_epoch, names, resolve_study,
-                   study_runner)
+                   run_status, study_runner)
 
 RA_EVAL = 1024  # test samples the alignment and update-angle read-outs are taken on
 
@@ -110,8 +110,7 @@ class RAStudy(Study):
 
     def rule_options(self, rule: str) -> dict:
         """The study's settings the rule takes (:attr:`RULE_SETTINGS`), asked of its OPTIONS."""
-        opts = RULES[rule].OPTIONS
-        return {o: getattr(self, k) for k, o in self.RULE_SETTINGS.items() if o in opts}
+        return {o: getattr(self, k) for k, o in self.RULE_SETTINGS.items() if o in RULES[rule].OPTIONS}
 
     def spec(self, rule: str, seed: int, **overrides) -> RunSpec:
         lr = overrides.pop("lr", self.lr)
@@ -155,9 +154,8 @@ def ra_summary(history: pd.DataFrame, runs: pd.DataFrame | None = None) -> pd.Da
         last["mean_angle_B_WT"] = _mean_of(last, "angle_")
         last["mean_update_angle"] = _mean_of(last, "update_angle_")
     status = runs if runs is not None and len(runs) else _status_of(last)
-    bad = status.groupby("arm", sort=False)["status"].agg(lambda s: int((s != "ok").sum())) \
-        if status is not None else pd.Series(dtype=int)
-    table = with_run_status(aggregate(last, "arm", cols), runs if runs is not None else _status_of(last))
+    bad = (status["status"] != "ok").groupby(status["arm"], sort=False).sum() if status is not None else {}
+    table = with_run_status(aggregate(last, "arm", cols), runs if runs is not None else status)
     table["diverged"] = table["arm"].map(bad).fillna(0).astype(int)
     return table[["arm", "n", "diverged", "status", "error"] + [f"{c}_text" for c in cols] + cols]
 
@@ -191,10 +189,7 @@ def ra_final(history: pd.DataFrame, runs: pd.DataFrame | None = None) -> pd.Data
                                  next(v for v in sub["status"] if v != "ok")}
             elif len(failed) and out.loc[rule, "status"] == "ok":
                 out.loc[rule, "status"] = "error"
-        out["error"] = [
-            "; ".join(f"seed {r['seed']}: {r['error']}" for r in
-                      runs[(runs["rule"] == rule) & (runs["status"] == "error")].to_dict("records"))
-            for rule in out.index]
+        out["error"] = out.index.map(run_status(runs, "rule").set_index("rule")["error"]).fillna("")
         out = out.infer_objects()
     return out
 
@@ -284,7 +279,7 @@ def stability_map(study: RAStudy, lrs: tuple | None = None, lr_bs: tuple | None 
     grid = RAStudy.MAP[get_profile(profile)]
     study = dataclasses.replace(study, epochs=grid["epochs"])
     specs = stability_specs(study, grid["lrs"] if lrs is None else lrs,
-                            grid["lr_bs"] if lr_bs is None else lr_bs,                             rules)
+                            grid["lr_bs"] if lr_bs is None else lr_bs, rules)
     res = run_specs(specs, progress=progress)
     # the runs of one rule share a label: told apart by lr too (one that diverged early keeps its row)
     last = last_epoch(res.history, keys=("model", "arm", "seed", "lr"))
@@ -333,13 +328,11 @@ def stability_figure(table: pd.DataFrame):
         lrs, lr_bs = sorted(sub["lr"].unique()), sorted(sub["lr_b"].unique())
         grid = np.full((len(lrs), len(lr_bs)), np.nan)
         for r in sub.itertuples():
-            grid[lrs.index(r.lr), lr_bs.index(r.lr_b)] = r.test_acc if r.status == "ok" else np.nan
+            i, j, ok = lrs.index(r.lr), lr_bs.index(r.lr_b), r.status == "ok"
+            grid[i, j] = r.test_acc if ok else np.nan
+            ax.text(j, i, f"{r.test_acc:.2f}" if ok else "✗", ha="center", va="center", fontsize=8,
+                    color="white" if not ok or r.test_acc < 0.5 else "black")
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="cividis", origin="lower", aspect="auto")
-        for r in sub.itertuples():
-            i, j = lrs.index(r.lr), lr_bs.index(r.lr_b)
-            text = f"{r.test_acc:.2f}" if r.status == "ok" else "✗"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                    color="white" if r.status != "ok" or r.test_acc < 0.5 else "black")
         ax.set_xticks(range(len(lr_bs)), [f"{v:g}" for v in lr_bs], fontsize=7)
         ax.set_yticks(range(len(lrs)), [f"{v:g}" for v in lrs], fontsize=7)
         ax.set(xlabel="lr_b (B's step)", ylabel="lr (W's step)",

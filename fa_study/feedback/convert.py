@@ -36,19 +36,15 @@ def unconvertible(module: nn.Module) -> str | None:
     return None
 
 
-def visible_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of the plain Linear / Conv2d that :func:`swap_layers` would replace
-    (works on a model on the meta device)."""
-    out, stack = [], [("", model)]
-    while stack:
-        name, m = stack.pop()
-        if isinstance(m, nn.MultiheadAttention):
-            continue
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and unconvertible(m) is None:
-            out.append((name, m))
-            continue
-        stack.extend((f"{name}.{n}" if name else n, c) for n, c in m.named_children())
-    return out[::-1]
+def visible_layers(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the plain Linear / Conv2d that :func:`swap_layers` would replace, in
+    module order (works on a model on the meta device); ``prefix``: the name of ``model``."""
+    if isinstance(model, nn.MultiheadAttention):
+        return []
+    if isinstance(model, (nn.Linear, nn.Conv2d)) and unconvertible(model) is None:
+        return [(prefix, model)]
+    return [layer for n, child in model.named_children()
+            for layer in visible_layers(child, f"{prefix}.{n}" if prefix else n)]
 
 
 class _Swapper:

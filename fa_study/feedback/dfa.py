@@ -84,10 +84,9 @@ def capture_output_error(model: nn.Module, output: torch.Tensor):
         raise ValueError("capture_output_error needs the model's output tensor with gradients "
                          "(the forward must run with gradients enabled)")
     holders = list({id(m._output_error): m._output_error for m in layers}.values())
-    stamps = []
     for h in holders:
         h.captures += 1
-        stamps.append((h, h.captures))
+    stamps = [(h, h.captures) for h in holders]
 
     def record(grad: torch.Tensor) -> None:
         for h, k in stamps:

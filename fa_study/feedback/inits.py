@@ -97,5 +97,4 @@ def draw_gaussian(shape, init_std: float, generator: torch.Generator | None,
                   like: torch.Tensor) -> torch.Tensor:
     """``N(0, init_std^2)`` of ``shape``, drawn on the CPU in float32 (one seed gives the same
     matrix on every device) and moved to ``like``'s device and dtype."""
-    b = torch.randn(tuple(shape), generator=generator, dtype=F32) * init_std
-    return b.to(like.device, like.dtype)
+    return init_feedback(shape, "gaussian", init_std, None, generator, like.device, like.dtype)

@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import check_int
-from .functions import (conv2d_input_grad, conv2d_with_direct_feedback, conv2d_with_feedback,
-                        linear_with_direct_feedback, linear_with_feedback)
+from .functions import FeedbackFn, conv_backward, conv_conf
 
 
 class LocalLayer:
@@ -31,20 +30,6 @@ class LocalLayer:
 
     weight: nn.Parameter
     bias: nn.Parameter | None
-
-    def _attach(self, rule, generator: torch.Generator | None) -> None:
-        if not callable(getattr(rule, "layer_forward", None)):
-            raise ValueError(f"{type(self).__name__} needs a layer rule (an instance of a class "
-                             f"of fa_study.rules.layer, e.g. build_rule('layer_fa')), got {rule!r}")
-        if isinstance(self, nn.Conv2d) and not rule.has_conv_form:
-            raise ValueError(f"rule {rule.name!r} has no Conv2d form; a convolution can run a rule "
-                             "whose has_conv_form is True, or stay an nn.Conv2d (BP)")
-        self.rule = rule
-        for name in rule.layer_buffers:  # None until drawn (and out of the state_dict until then)
-            self.register_buffer(name, None)
-        self._cached_input: torch.Tensor | None = None
-        self._cached_stamp: int | None = None
-        rule.init_layer(self, generator)
 
     @property
     def method(self) -> str:
@@ -112,16 +97,42 @@ class LocalLayer:
         for a rule that reads it, default the one recorded by ``capture_output_error``."""
         return self.rule.after_backward(self, e=e, generator=generator)
 
-    def _share(self, old: nn.Module) -> None:
-        self.weight = old.weight
-        self.bias = old.bias
-        self.train(old.training)
+    def _build(self, args: tuple, rule, generator: torch.Generator | None,
+               old: nn.Module | None = None, **kwargs) -> None:
+        """The nn layer's ``__init__(*args, **kwargs)`` after checking its two sizes (integers
+        >= 1: a zero-sized layer has no fan-in to scale B by), ``old``'s Parameters shared when
+        given, then ``rule``'s buffers, drawn from ``generator``."""
+        for name, value in zip(self._size_names, args[:2]):
+            check_int(f"{type(self).__name__} {name}", value, 1)
+        super(LocalLayer, self).__init__(*args, **kwargs)  # nn.Linear / nn.Conv2d
+        if old is not None:
+            self.weight, self.bias = old.weight, old.bias
+            self.train(old.training)
+        if not callable(getattr(rule, "layer_forward", None)):
+            raise ValueError(f"{type(self).__name__} needs a layer rule (an instance of a class "
+                             f"of fa_study.rules.layer, e.g. build_rule('layer_fa')), got {rule!r}")
+        if isinstance(self, nn.Conv2d) and not rule.has_conv_form:
+            raise ValueError(f"rule {rule.name!r} has no Conv2d form; a convolution can run a rule "
+                             "whose has_conv_form is True, or stay an nn.Conv2d (BP)")
+        self.rule = rule
+        for name in rule.layer_buffers:  # None until drawn (and out of the state_dict until then)
+            self.register_buffer(name, None)
+        self._cached_input: torch.Tensor | None = None
+        self._cached_stamp: int | None = None
+        rule.init_layer(self, generator)
 
+    @classmethod
+    def _sharing(cls, old: nn.Module, args: tuple, rule, generator: torch.Generator | None):
+        new = cls.__new__(cls)
+        # the shell is built on the meta device: nothing allocated or drawn for weights replaced at once
+        new._build(args, rule, generator, old, device="meta")
+        return new
 
-def _check_sizes(layer_type: str, **sizes) -> None:
-    """Layer sizes must be integers >= 1 (a zero-sized layer has no fan-in to scale B by)."""
-    for name, value in sizes.items():
-        check_int(f"{layer_type} {name}", value, 1)
+    def _direct_forward(self, x: torch.Tensor, error) -> torch.Tensor:
+        return self._feedback_forward(x, None, error)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rule={self.rule!r}"
 
 
 def project_error_linear(e: torch.Tensor, B: torch.Tensor, x: torch.Tensor,
@@ -139,53 +150,35 @@ def project_error_linear(e: torch.Tensor, B: torch.Tensor, x: torch.Tensor,
 
 
 class LocalLinear(LocalLayer, nn.Linear):
-    """Drop-in for ``nn.Linear`` (an instance of it) for inputs ``(..., in_features)``; the
-    forward is always ``x W^T + b``, the backward the rule's. Weights start as ``nn.Linear``'s;
-    the rule's feedback is drawn from ``generator``."""
+    """Drop-in for ``nn.Linear`` (an instance of it) for inputs ``(..., in_features)`` ->
+    ``(..., out_features)``; the forward is always ``x W^T + b``, the backward the rule's.
+    Weights start as ``nn.Linear``'s; the rule's feedback is drawn from ``generator``."""
+
+    _size_names = ("in_features", "out_features")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rule,
                  generator: torch.Generator | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        _check_sizes("LocalLinear", in_features=in_features, out_features=out_features)
-        nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
-        self._attach(rule, generator)
+        self._build((in_features, out_features, bias), rule, generator, device=device, dtype=dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rule,
                     generator: torch.Generator | None = None) -> "LocalLinear":
         """A LocalLinear that *shares* ``linear``'s weight and bias Parameters (same outputs,
         tying kept), with ``rule``'s feedback drawn for it."""
-        _check_sizes("LocalLinear", in_features=linear.in_features, out_features=linear.out_features)
-        new = cls.__new__(cls)
-        # the shell is built on the meta device: nothing allocated or drawn for weights replaced at once
-        nn.Linear.__init__(new, linear.in_features, linear.out_features, linear.bias is not None,
-                           device="meta")
-        new._share(linear)
-        new._attach(rule, generator)
-        return new
+        return cls._sharing(linear, (linear.in_features, linear.out_features, linear.bias is not None),
+                            rule, generator)
 
     def _plain_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def _feedback_forward(self, x: torch.Tensor, B: torch.Tensor | None) -> torch.Tensor:
-        return linear_with_feedback(x, self.weight, self.bias, B)
-
-    def _direct_forward(self, x: torch.Tensor, error) -> torch.Tensor:
-        def project(xs: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-            e, B = error()
-            return project_error_linear(e, B, xs, grad_out.dtype)
-
-        return linear_with_direct_feedback(x, self.weight, self.bias, project)
+    def _feedback_forward(self, x: torch.Tensor, B: torch.Tensor | None, error=None) -> torch.Tensor:
+        """Through feedback ``B`` (None: sign symmetry), or with ``error`` the direct projection."""
+        project = None if error is None else (lambda xs, g: project_error_linear(*error(), xs, g.dtype))
+        return FeedbackFn.apply(x, self.weight, self.bias, B, project, None)
 
     def _direct_feedback_shape(self, target_dim: int) -> tuple[int, ...]:
         return (target_dim, self.in_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(..., in_features)`` -> ``(..., out_features)``."""
-        return LocalLayer.forward(self, x)
-
-    def extra_repr(self) -> str:
-        return f"{nn.Linear.extra_repr(self)}, rule={self.rule!r}"
 
 
 def project_error_conv(e: torch.Tensor, B: torch.Tensor, x: torch.Tensor,
@@ -201,7 +194,7 @@ def project_error_conv(e: torch.Tensor, B: torch.Tensor, x: torch.Tensor,
                          f"target_dim) = ({n}, {k}), got {tuple(e.shape)}")
     E = e.to(device=grad_out.device, dtype=grad_out.dtype)[:, :, None, None]
     E = E.expand(n, k, *grad_out.shape[2:]).contiguous()
-    return conv2d_input_grad(x, B, E, stride, padding, dilation, 1)
+    return conv_backward(E, x, B, None, conv_conf(stride, padding, dilation, 1), [True, False, False])[0]
 
 
 class LocalConv2d(LocalLayer, nn.Conv2d):
@@ -212,27 +205,22 @@ class LocalConv2d(LocalLayer, nn.Conv2d):
     gradients are autograd's; every option of ``nn.Conv2d`` works (strides, dilation, groups,
     ``padding='same'``, non-zero padding modes)."""
 
+    _size_names = ("in_channels", "out_channels")
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
                  rule, generator: torch.Generator | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        _check_sizes("LocalConv2d", in_channels=in_channels, out_channels=out_channels)
-        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding,
-                           dilation, groups, bias, padding_mode, device=device, dtype=dtype)
-        self._attach(rule, generator)
+        self._build((in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                     padding_mode), rule, generator, device=device, dtype=dtype)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, rule,
                   generator: torch.Generator | None = None) -> "LocalConv2d":
         """A LocalConv2d sharing ``conv``'s weight and bias Parameters, with ``rule``'s feedback."""
-        _check_sizes("LocalConv2d", in_channels=conv.in_channels, out_channels=conv.out_channels)
-        new = cls.__new__(cls)
-        nn.Conv2d.__init__(new, conv.in_channels, conv.out_channels, conv.kernel_size,
-                           conv.stride, conv.padding, conv.dilation, conv.groups,
-                           conv.bias is not None, conv.padding_mode, device="meta")
-        new._share(conv)
-        new._attach(rule, generator)
-        return new
+        return cls._sharing(conv, (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                   conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                                   conv.padding_mode), rule, generator)
 
     def _explicit_padding(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """The input padded as ``nn.Conv2d`` would, and the symmetric int padding left to apply."""
@@ -248,32 +236,14 @@ class LocalConv2d(LocalLayer, nn.Conv2d):
     def _plain_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.weight, self.bias)
 
-    def _feedback_forward(self, x: torch.Tensor, B: torch.Tensor | None) -> torch.Tensor:
+    def _feedback_forward(self, x: torch.Tensor, B: torch.Tensor | None, error=None) -> torch.Tensor:
+        """Through feedback ``B`` (None: sign symmetry), or with ``error`` the direct projection."""
         unbatched = x.dim() == 3  # nn.Conv2d accepts (C_in, H, W) too
         xp, padding = self._explicit_padding(x.unsqueeze(0) if unbatched else x)
-        out = conv2d_with_feedback(xp, self.weight, self.bias, B, self.stride, padding,
-                                   self.dilation, self.groups)
-        return out.squeeze(0) if unbatched else out
-
-    def _direct_forward(self, x: torch.Tensor, error) -> torch.Tensor:
-        unbatched = x.dim() == 3
-        xp, padding = self._explicit_padding(x.unsqueeze(0) if unbatched else x)
-        stride, dilation = self.stride, self.dilation
-
-        def project(xs: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-            e, B = error()
-            return project_error_conv(e, B, xs, grad_out, stride, padding, dilation)
-
-        out = conv2d_with_direct_feedback(xp, self.weight, self.bias, project, stride, padding,
-                                          dilation, self.groups)
+        conf = conv_conf(self.stride, padding, self.dilation, self.groups)
+        project = None if error is None else (lambda xs, g: project_error_conv(*error(), xs, g, *conf[:3]))
+        out = FeedbackFn.apply(xp, self.weight, self.bias, B, project, conf)
         return out.squeeze(0) if unbatched else out
 
     def _direct_feedback_shape(self, target_dim: int) -> tuple[int, ...]:
         return (target_dim, self.in_channels, *self.kernel_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(batch, C_in, H, W)`` -> ``(batch, C_out, H', W')``."""
-        return LocalLayer.forward(self, x)
-
-    def extra_repr(self) -> str:
-        return f"{nn.Conv2d.extra_repr(self)}, rule={self.rule!r}"

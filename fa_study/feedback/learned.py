@@ -29,6 +29,15 @@ def kolen_pollack_step(B: torch.Tensor, grad_w: torch.Tensor, lr_b: float, decay
     B.add_(grad_w.reshape(B.shape).to(B.dtype), alpha=-lr_b)
 
 
+def _probes(weight: torch.Tensor, n: int, generator: torch.Generator | None):
+    """W's ``(out, fan_in)`` view and ``N(0, I)`` probes ``(n, fan_in)`` in its dtype, drawn on the
+    generator's device (default W's) and moved to W's."""
+    w2 = weight.detach().reshape(weight.shape[0], -1)
+    gen_device = generator.device if generator is not None else w2.device
+    x = torch.randn(n, w2.shape[1], generator=generator, device=gen_device, dtype=w2.dtype)
+    return w2, x.to(w2.device)
+
+
 @torch.no_grad()
 def weight_mirror_step(B: torch.Tensor, weight: torch.Tensor, lr_b: float, decay: float | None,
                        sigma: float = 1.0, n: int = 64,
@@ -42,11 +51,8 @@ def weight_mirror_step(B: torch.Tensor, weight: torch.Tensor, lr_b: float, decay
     """
     if decay is None:
         decay = lr_b * sigma ** 2
-    w2 = weight.detach().reshape(weight.shape[0], -1)
-    gen_device = generator.device if generator is not None else w2.device
-    x = torch.randn(n, w2.shape[1], generator=generator, device=gen_device, dtype=w2.dtype)
-    x = x.to(w2.device).mul_(sigma)
-    y = x @ w2.t()
+    w2, x = _probes(weight, n, generator)
+    y = x.mul_(sigma) @ w2.t()
     B2 = B.view(B.shape[0], -1)
     if decay:
         B2.mul_(1.0 - decay)
@@ -62,10 +68,7 @@ def probe_jacobian(weight: torch.Tensor, n_probe: int = 32,
     pass: no transposed read of W), ``J_hat = g^T p / n_probe``, whose expectation is W. The
     probes come from ``generator`` (on its own device, then moved to W's).
     """
-    w2 = weight.detach().reshape(weight.shape[0], -1)
-    gen_device = generator.device if generator is not None else w2.device
-    p = torch.randn(n_probe, w2.shape[1], generator=generator, device=gen_device, dtype=w2.dtype)
-    p = p.to(w2.device)
+    w2, p = _probes(weight, n_probe, generator)
     return (p @ w2.t()).t() @ p / n_probe
 
 

@@ -83,30 +83,27 @@ class StiefelExpander(nn.Module):
         G = (g.t() @ cf) / n
         self.ema_G.mul_(tau).add_(G, alpha=1.0 - tau)
         g_frob = torch.linalg.norm(G)
-        nan = torch.full_like(g_frob, float("nan"))
         if frozen:
-            rho = (G * self.U).sum() / (g_frob * self.r ** 0.5 + eps)
-            return {"delta_frob": nan, "alpha_star": nan, "alpha": self.alpha.clone(),
-                    "rho": rho, "g_frob": g_frob, "frozen": torch.ones_like(g_frob)}
+            delta_frob = alpha_star = torch.full_like(g_frob, float("nan"))
+        else:
+            utg = self.U.t() @ self.ema_G
+            step = self.ema_G - self.U @ (0.5 * (utg + utg.t()))  # tangent projection
+            delta_frob = torch.linalg.norm(step)
+            if max_step_frob is not None:
+                scale = torch.where(delta_frob > max_step_frob, max_step_frob / (delta_frob + eps),
+                                    torch.ones_like(delta_frob))
+                step = step * scale
+            q, r = torch.linalg.qr(self.U + (eta * self.alpha) * step, mode="reduced")
+            s = torch.sign(torch.diagonal(r))
+            s = torch.where(s == 0, torch.ones_like(s), s)
+            self.U.copy_(q * s.unsqueeze(0))
 
-        utg = self.U.t() @ self.ema_G
-        step = self.ema_G - self.U @ (0.5 * (utg + utg.t()))  # tangent projection
-        delta_frob = torch.linalg.norm(step)
-        if max_step_frob is not None:
-            scale = torch.where(delta_frob > max_step_frob, max_step_frob / (delta_frob + eps),
-                                torch.ones_like(delta_frob))
-            step = step * scale
-        q, r = torch.linalg.qr(self.U + (eta * self.alpha) * step, mode="reduced")
-        s = torch.sign(torch.diagonal(r))
-        s = torch.where(s == 0, torch.ones_like(s), s)
-        self.U.copy_(q * s.unsqueeze(0))
-
-        c2_mean = cf.square().sum() / n
-        alpha_star = ((self.U * G).sum() / (c2_mean + eps)).clamp(min=alpha_min, max=alpha_max)
-        self.alpha.mul_(1.0 - beta_alpha).add_(beta_alpha * alpha_star)
-        rho = (G * self.U).sum() / (g_frob * self.r ** 0.5 + eps)
+            c2_mean = cf.square().sum() / n
+            alpha_star = ((self.U * G).sum() / (c2_mean + eps)).clamp(min=alpha_min, max=alpha_max)
+            self.alpha.mul_(1.0 - beta_alpha).add_(beta_alpha * alpha_star)
+        rho = (G * self.U).sum() / (g_frob * self.r ** 0.5 + eps)  # with the updated U
         return {"delta_frob": delta_frob, "alpha_star": alpha_star, "alpha": self.alpha.clone(),
-                "rho": rho, "g_frob": g_frob, "frozen": torch.zeros_like(g_frob)}
+                "rho": rho, "g_frob": g_frob, "frozen": torch.full_like(g_frob, float(frozen))}
 
     def update(self, g_hat: torch.Tensor, c: torch.Tensor, **kwargs) -> dict[str, float]:
         """Update U and alpha from a local signal ``g_hat`` ``(batch[, time], d)`` and the

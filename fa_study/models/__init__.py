@@ -82,17 +82,12 @@ def resolve(name: str, d: int | None = None,
             num_blocks: int | None = None) -> tuple[str, int | None, int | None]:
     """``(arch, d, num_blocks)`` of a model name (an arch or a named variant, which fixes both)."""
     check_choice("model", name, MODEL_NAMES)
-    if name in VARIANTS:
-        return VARIANTS[name]
-    return name, d, num_blocks
+    return VARIANTS.get(name, (name, d, num_blocks))
 
 
 def display_name(arch: str, d: int | None, num_blocks: int | None) -> str:
     """The name a table shows: the variant's name when the sizes match one, else the arch."""
-    for name, spec in VARIANTS.items():
-        if spec == (arch, d, num_blocks):
-            return name
-    return arch
+    return next((name for name, spec in VARIANTS.items() if spec == (arch, d, num_blocks)), arch)
 
 
 # the arguments every model class takes positionally; everything else is a keyword option
@@ -124,9 +119,8 @@ def check_model_options(arch: str, options: dict) -> None:
 
 def _sizes(arch: str, d: int | None, num_blocks: int | None) -> tuple[str, int, int]:
     arch, d, num_blocks = resolve(arch, d, num_blocks)
-    defaults = DEFAULTS[arch]
-    return (arch, defaults["d"] if d is None else d,
-            defaults["num_blocks"] if num_blocks is None else num_blocks)
+    a = ARCHITECTURES[arch]
+    return arch, a.d if d is None else d, a.num_blocks if num_blocks is None else num_blocks
 
 
 @functools.lru_cache(maxsize=512)
@@ -163,13 +157,11 @@ def meta_model(arch: str, *, input_shape=None, num_classes: int = 2, d: int | No
         shape = tuple(input_shape)
     except TypeError:
         raise ValueError(f"input_shape must be (C, H, W), got {input_shape!r}") from None
-    items = tuple(sorted(kw.items()))
+    args = (arch, shape, num_classes, d, num_blocks, tuple(sorted(kw.items())))
     try:
-        hash((shape, num_classes, d, num_blocks, items))
-    except TypeError:  # an unhashable value: built without the memo
-        model = _meta.__wrapped__(arch, shape, num_classes, d, num_blocks, items)
-    else:
-        model = _meta(arch, shape, num_classes, d, num_blocks, items)
+        model = _meta(*args)
+    except TypeError:  # an unhashable value (_meta turns the class's TypeErrors into ValueErrors)
+        model = _meta.__wrapped__(*args)
     count = sum(p.numel() for p in model.parameters())
     if count > MAX_PARAMETERS:
         where = (f"even on the smallest input {shape} (before the data is known)" if neutral

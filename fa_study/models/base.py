@@ -11,6 +11,8 @@ BP reference gradient is right for every architecture by construction.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -20,9 +22,10 @@ from ..config import MAX_BLOCKS, MAX_WIDTH
 class BlockModel(nn.Module):
     """Base class: embedding, a ModuleList of blocks, a readout.
 
-    Subclasses set ``self.blocks`` (an ``nn.ModuleList``) and implement :meth:`embed`,
-    :meth:`step` (or :meth:`step_and_branch`), :meth:`pool`, :meth:`classify`,
-    :meth:`broadcast`, :meth:`embed_parameters` and :meth:`head_parameters`.
+    Subclasses set ``self.blocks`` (an ``nn.ModuleList``), ``self.out_head`` (and optionally
+    ``self.out_ln``, the final norm), :attr:`embed_modules` and :attr:`residual`, and implement
+    :meth:`embed`; they override :meth:`step` / :meth:`step_and_branch`, :meth:`pool` and
+    :meth:`broadcast` where the defaults (blocks on hidden states ``(batch, d)``) do not fit.
 
     Attributes:
         arch: the architecture name used by :func:`fa_study.models.build_model`.
@@ -32,6 +35,8 @@ class BlockModel(nn.Module):
     """
 
     arch: str = "block"
+    embed_modules: tuple[str, ...] = ()  # the attributes holding the embedding's parameters
+    residual: bool = False  # block l computes the branch f_l, and h_{l+1} = h_l + f_l(h_l)
 
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, width: int):
         super().__init__()
@@ -39,12 +44,9 @@ class BlockModel(nn.Module):
             raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {input_shape!r}")
         if int(num_classes) < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes!r}")
-        if not 1 <= int(width) <= MAX_WIDTH:
-            raise ValueError(f"width d must be a positive integer at most {MAX_WIDTH} "
-                             f"(fa_study.config.MAX_WIDTH), got {width!r}")
         self.input_shape = tuple(int(s) for s in input_shape)
         self.num_classes = int(num_classes)
-        self.width = int(width)
+        self.width = check_width(width)
 
     # ---- sizes --------------------------------------------------------------------------
 
@@ -56,8 +58,7 @@ class BlockModel(nn.Module):
     @property
     def input_dim(self) -> int:
         """C*H*W, the flat input size."""
-        c, h, w = self.input_shape
-        return c * h * w
+        return math.prod(self.input_shape)
 
     # ---- input handling -----------------------------------------------------------------
 
@@ -81,38 +82,47 @@ class BlockModel(nn.Module):
         raise NotImplementedError
 
     def step(self, l: int, h: torch.Tensor) -> torch.Tensor:
-        """``h_{l+1}`` from ``h_l``: the whole update of block ``l``, skip included."""
-        return self.step_and_branch(l, h)[0]
+        """``h_{l+1}`` from ``h_l``: the whole update of block ``l``, skip included. Default:
+        ``h + blocks[l](h)`` when :attr:`residual`, else ``blocks[l](h)``."""
+        out = self.blocks[l](h)
+        return h + out if self.residual else out
 
     def branch(self, l: int, h: torch.Tensor) -> torch.Tensor:
         """The residual branch ``f_l(h_l)``.
 
-        Default: ``step(l, h) - h``; models whose blocks are ``h + f(h)`` override it to return
-        ``f(h)`` directly. For blocks whose update is not ``h + f`` (SmallResNet's
-        post-activation ReLU) this default *defines* the branch as the block's net change.
+        For residual blocks ``h + f(h)`` it is the block's own output ``f(h)``. For blocks
+        whose update is not ``h + f`` (SmallResNet's post-activation ReLU, the plain MLPs) it
+        is *defined* as the block's net change ``step(l, h) - h``.
         """
         return self.step_and_branch(l, h)[1]
 
     def step_and_branch(self, l: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(h_{l+1}, f_l(h_l))`` from one evaluation of block ``l`` (local rules use both)."""
+        if self.residual:
+            f = self.blocks[l](h)
+            return h + f, f
         h_next = self.step(l, h)
         return h_next, h_next - h
 
     def pool(self, h: torch.Tensor) -> torch.Tensor:
-        """The per-sample vector ``(batch, d)`` of a hidden state, used for norms and readout."""
-        raise NotImplementedError
+        """The per-sample vector ``(batch, d)`` of a hidden state, used for norms and readout
+        (default: ``h`` itself, for hidden states ``(batch, d)``)."""
+        return h
 
     def classify(self, z: torch.Tensor) -> torch.Tensor:
-        """Pooled vector ``(batch, d)`` -> logits ``(batch, num_classes)`` (final norm + head)."""
-        raise NotImplementedError
+        """Pooled vector ``(batch, d)`` -> logits ``(batch, num_classes)``: ``out_head`` after
+        ``out_ln`` (the final norm) when the model has one."""
+        norm = getattr(self, "out_ln", None)
+        return self.out_head(z if norm is None else norm(z))
 
     def readout(self, h: torch.Tensor) -> torch.Tensor:
         """``h_L`` -> logits ``(batch, num_classes)``: pooling, final norm, head."""
         return self.classify(self.pool(h))
 
     def broadcast(self, a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Expand a per-sample signal ``(batch, d)`` over the positions of ``like`` (a view)."""
-        raise NotImplementedError
+        """Expand a per-sample signal ``(batch, d)`` over the positions of ``like`` (a view;
+        default for hidden states ``(batch, d)``)."""
+        return a.expand_as(like)
 
     def positions(self, h: torch.Tensor) -> int:
         """Positions per sample of a hidden state (1 for MLPs, tokens, or H*W)."""
@@ -130,11 +140,18 @@ class BlockModel(nn.Module):
 
     # ---- parameter groups ---------------------------------------------------------------
 
+    def _parameters_of(self, names: tuple[str, ...]) -> list[nn.Parameter]:
+        """The Parameters of the named attributes (modules or Parameters; absent ones skipped)."""
+        parts = [getattr(self, n) for n in names if hasattr(self, n)]
+        return [p for m in parts for p in ([m] if isinstance(m, nn.Parameter) else m.parameters())]
+
     def embed_parameters(self) -> list[nn.Parameter]:
-        raise NotImplementedError
+        """Parameters of the embedding (the attributes named in :attr:`embed_modules`)."""
+        return self._parameters_of(self.embed_modules)
 
     def head_parameters(self) -> list[nn.Parameter]:
-        raise NotImplementedError
+        """Parameters of the readout: ``out_ln`` (when present) and ``out_head``."""
+        return self._parameters_of(("out_ln", "out_head"))
 
     def block_parameters(self, l: int) -> list[nn.Parameter]:
         """Parameters of block ``l``."""
@@ -147,26 +164,21 @@ class BlockModel(nn.Module):
                 f"input_shape={self.input_shape}, num_classes={self.num_classes}")
 
 
-def _bound(high: int | None, bound: str) -> str:
-    return "" if high is None else f" at most {high}" + (f" ({bound})" if bound else "")
+def _check_count(what: str, value, low: int, high: int | None, bound: str) -> int:
+    """``value`` as an int, or ``ValueError`` naming ``what`` when it is not an integer >= ``low``
+    (1 or 0) and at most ``high`` when given (``bound`` names where the bound comes from)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low \
+            or (high is not None and value > high):
+        at_most = "" if high is None else f" at most {high}" + (f" ({bound})" if bound else "")
+        kind = "a positive integer" if low else "a non-negative integer"
+        raise ValueError(f"{what} must be {kind}{at_most}, got {value!r}")
+    return int(value)
 
 
 def check_positive_int(what: str, value, high: int | None = None, bound: str = "") -> int:
     """``value`` as an int, or ``ValueError`` naming ``what`` when it is not a positive integer
     (at most ``high`` when given; ``bound`` names where the bound comes from)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 \
-            or (high is not None and value > high):
-        raise ValueError(f"{what} must be a positive integer{_bound(high, bound)}, got {value!r}")
-    return int(value)
-
-
-def check_nonnegative_int(what: str, value, high: int | None = None, bound: str = "") -> int:
-    """``value`` as an int, or ``ValueError`` naming ``what`` when it is not an integer >= 0
-    (at most ``high`` when given)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0 \
-            or (high is not None and value > high):
-        raise ValueError(f"{what} must be a non-negative integer{_bound(high, bound)}, got {value!r}")
-    return int(value)
+    return _check_count(what, value, 1, high, bound)
 
 
 def check_width(value) -> int:
@@ -174,6 +186,7 @@ def check_width(value) -> int:
     return check_positive_int("d", value, MAX_WIDTH, "fa_study.config.MAX_WIDTH")
 
 
-def check_depth(value) -> int:
-    """The depth ``num_blocks``: an integer in ``[0, MAX_BLOCKS]``."""
-    return check_nonnegative_int("num_blocks", value, MAX_BLOCKS, "fa_study.config.MAX_BLOCKS")
+def check_sizes(d, num_blocks) -> tuple[int, int]:
+    """The width ``d`` (:func:`check_width`) and the depth ``num_blocks``, an integer in
+    ``[0, MAX_BLOCKS]``, as ints, checked in that order."""
+    return check_width(d), _check_count("num_blocks", num_blocks, 0, MAX_BLOCKS, "fa_study.config.MAX_BLOCKS")

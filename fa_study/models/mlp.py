@@ -9,20 +9,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import check_bool, check_choice
-from .base import BlockModel, check_depth, check_width
+from .base import BlockModel, check_sizes
 
 MLP_ACTIVATIONS: tuple[str, ...] = ("relu", "tanh", "gelu", "identity")
 MATRIX_ACTIVATIONS: tuple[str, ...] = ("linear", "relu", "tanh")
+_ACTS = {"relu": F.relu, "tanh": torch.tanh, "gelu": F.gelu}
 
 
 def _act(z: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "relu":
-        return F.relu(z)
-    if activation == "tanh":
-        return torch.tanh(z)
-    if activation == "gelu":
-        return F.gelu(z)
-    return z  # identity / linear
+    """``activation`` applied to ``z`` (``identity`` / ``linear``: ``z`` itself)."""
+    return _ACTS[activation](z) if activation in _ACTS else z
 
 
 class _Layer(nn.Module):
@@ -47,11 +43,11 @@ class MLP(BlockModel):
     """
 
     arch = "mlp"
+    embed_modules = ("embed_layer",)
 
     def __init__(self, input_shape=(1, 28, 28), num_classes: int = 10, d: int = 256,
                  num_blocks: int = 1, *, activation: str = "relu"):
-        d = check_width(d)
-        num_blocks = check_depth(num_blocks)
+        d, num_blocks = check_sizes(d, num_blocks)
         check_choice("activation", activation, MLP_ACTIVATIONS)
         super().__init__(input_shape, num_classes, d)
         self.activation = activation
@@ -62,24 +58,6 @@ class MLP(BlockModel):
     def embed(self, x):
         return self.embed_layer(self.as_flat(x))
 
-    def step(self, l, h):
-        return self.blocks[l](h)
-
-    def pool(self, h):
-        return h
-
-    def classify(self, z):
-        return self.out_head(z)
-
-    def broadcast(self, a, like):
-        return a.expand_as(like)
-
-    def embed_parameters(self):
-        return list(self.embed_layer.parameters())
-
-    def head_parameters(self):
-        return list(self.out_head.parameters())
-
 
 class _Matrix(nn.Module):
     """One explicit weight matrix ``W`` ``(d_out, d_in)`` (no bias) of :class:`MatrixMLP`."""
@@ -87,6 +65,9 @@ class _Matrix(nn.Module):
     def __init__(self, d_in: int, d_out: int, std: float):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(d_out, d_in) * std)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h @ self.weight.T
 
 
 class MatrixMLP(BlockModel):
@@ -101,11 +82,11 @@ class MatrixMLP(BlockModel):
     """
 
     arch = "matrix_mlp"
+    embed_modules = ("embed_layer",)
 
     def __init__(self, input_shape=(1, 28, 28), num_classes: int = 10, d: int = 256,
                  num_blocks: int = 2, *, activation: str = "linear", ln: bool = True):
-        d = check_width(d)
-        num_blocks = check_depth(num_blocks)
+        d, num_blocks = check_sizes(d, num_blocks)
         check_choice("activation", activation, MATRIX_ACTIVATIONS)
         self_ln = check_bool("ln", ln)
         super().__init__(input_shape, num_classes, d)
@@ -125,22 +106,7 @@ class MatrixMLP(BlockModel):
         return F.layer_norm(h, h.shape[-1:]) if self.ln else h
 
     def embed(self, x):
-        return self._hidden(self.as_flat(x) @ self.embed_layer.weight.T)
+        return self._hidden(self.embed_layer(self.as_flat(x)))
 
     def step(self, l, h):
-        return self._hidden(h @ self.blocks[l].weight.T)
-
-    def pool(self, h):
-        return h
-
-    def classify(self, z):
-        return z @ self.out_head.weight.T
-
-    def broadcast(self, a, like):
-        return a.expand_as(like)
-
-    def embed_parameters(self):
-        return [self.embed_layer.weight]
-
-    def head_parameters(self):
-        return [self.out_head.weight]
+        return self._hidden(self.blocks[l](h))

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import check_bool, check_choice, check_float
-from .base import BlockModel, check_depth, check_width
+from .base import BlockModel, check_sizes
+from .mlp import _act
 
 ACTIVATIONS: tuple[str, ...] = ("gelu", "relu", "identity")
 
@@ -29,12 +29,7 @@ class ResidualBranch(nn.Module):
         nn.init.zeros_(self.w2.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        z = self.w1(self.ln(h))
-        if self.activation == "gelu":
-            z = F.gelu(z)
-        elif self.activation == "relu":
-            z = F.relu(z)
-        return self.w2(z)
+        return self.w2(_act(self.w1(self.ln(h)), self.activation))
 
 
 class ResidualMLP(BlockModel):
@@ -56,12 +51,12 @@ class ResidualMLP(BlockModel):
     """
 
     arch = "resmlp"
+    embed_modules = ("embed_linear",)
 
     def __init__(self, input_shape=(3, 32, 32), num_classes: int = 10, d: int = 256,
                  num_blocks: int = 4, *, residual: bool = True, w2_std: float = 0.01,
                  activation: str = "gelu", block_norm: bool = True, final_norm: bool = True):
-        d = check_width(d)
-        num_blocks = check_depth(num_blocks)
+        d, num_blocks = check_sizes(d, num_blocks)
         # every option checked here, also those only the blocks read (num_blocks=0 has none)
         check_bool("residual", residual)
         w2_std = check_float("w2_std", w2_std, 0.0)
@@ -80,29 +75,8 @@ class ResidualMLP(BlockModel):
         """``x`` -> ``h_0`` ``(batch, d)``."""
         return self.embed_linear(self.as_flat(x))
 
-    def branch(self, l: int, h: torch.Tensor) -> torch.Tensor:
-        """``f_l(h)`` ``(batch, d)``: the block's own output (the whole update when not residual)."""
-        return self.blocks[l](h)
-
     def step_and_branch(self, l: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The branch ``f_l(h)`` ``(batch, d)`` is the block's own output (the whole update when
+        not residual)."""
         f = self.blocks[l](h)
         return (h + f if self.residual else f), f
-
-    def step(self, l: int, h: torch.Tensor) -> torch.Tensor:
-        f = self.blocks[l](h)
-        return h + f if self.residual else f
-
-    def pool(self, h: torch.Tensor) -> torch.Tensor:
-        return h
-
-    def classify(self, z: torch.Tensor) -> torch.Tensor:
-        return self.out_head(self.out_ln(z))
-
-    def broadcast(self, a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return a.expand_as(like)
-
-    def embed_parameters(self) -> list[nn.Parameter]:
-        return list(self.embed_linear.parameters())
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        return list(self.out_ln.parameters()) + list(self.out_head.parameters())

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import BlockModel, check_depth, check_width
+from .base import BlockModel, check_sizes
 
 
 class BasicBlock(nn.Module):
@@ -41,11 +41,11 @@ class SmallResNet(BlockModel):
     """
 
     arch = "resnet"
+    embed_modules = ("stem_conv", "stem_bn")
 
     def __init__(self, input_shape=(3, 32, 32), num_classes: int = 10, d: int = 64,
                  num_blocks: int = 4):
-        d = check_width(d)
-        num_blocks = check_depth(num_blocks)
+        d, num_blocks = check_sizes(d, num_blocks)
         super().__init__(input_shape, num_classes, d)
         self.stem_conv = nn.Conv2d(self.input_shape[0], d, kernel_size=3, padding=1, bias=False)
         self.stem_bn = nn.BatchNorm2d(d)
@@ -56,26 +56,10 @@ class SmallResNet(BlockModel):
         """``x`` -> ``h_0`` ``(batch, d, H, W)``."""
         return F.relu(self.stem_bn(self.stem_conv(self.as_images(x))))
 
-    def step(self, l: int, h: torch.Tensor) -> torch.Tensor:
-        return self.blocks[l](h)
-
-    def step_and_branch(self, l: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h_next = self.blocks[l](h)
-        return h_next, h_next - h
-
     def pool(self, h: torch.Tensor) -> torch.Tensor:
         """Global average pool ``(batch, d, H, W) -> (batch, d)``."""
         return h.mean(dim=(2, 3))
 
-    def classify(self, z: torch.Tensor) -> torch.Tensor:
-        return self.out_head(z)
-
     def broadcast(self, a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``(batch, d)`` -> ``(batch, d, H, W)``: the same signal at every pixel."""
         return a[:, :, None, None].expand_as(like)
-
-    def embed_parameters(self) -> list[nn.Parameter]:
-        return list(self.stem_conv.parameters()) + list(self.stem_bn.parameters())
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        return list(self.out_head.parameters())

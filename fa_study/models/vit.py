@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from ..config import MAX_HEADS, MAX_MLP_RATIO, MAX_TOKENS, check_float
-from .base import BlockModel, check_depth, check_positive_int, check_width
+from .base import BlockModel, check_positive_int, check_sizes
 
 
 class TransformerBlock(nn.Module):
@@ -48,12 +48,13 @@ class ViTMini(BlockModel):
     """
 
     arch = "vit"
+    embed_modules = ("patch_embed", "cls_token", "pos_embed")
+    residual = True
 
     def __init__(self, input_shape=(3, 32, 32), num_classes: int = 10, d: int = 128,
                  num_blocks: int = 4, *, heads: int = 4, patch_size: int = 4,
                  mlp_ratio: float = 4.0):
-        d = check_width(d)
-        num_blocks = check_depth(num_blocks)
+        d, num_blocks = check_sizes(d, num_blocks)
         heads = check_positive_int("heads", heads, MAX_HEADS, "fa_study.config.MAX_HEADS")
         patch_size = check_positive_int("patch_size", patch_size)
         mlp_ratio = check_float("mlp_ratio", mlp_ratio, 0.0, low_open=True)
@@ -76,7 +77,7 @@ class ViTMini(BlockModel):
                              f"than {MAX_TOKENS} (fa_study.config.MAX_TOKENS: attention memory grows "
                              f"with tokens^2); use a larger patch_size")
         self.heads, self.patch_size = heads, patch_size
-        self.num_tokens = 1 + (hgt // patch_size) * (wid // patch_size)
+        self.num_tokens = tokens
         self.patch_embed = nn.Conv2d(c, d, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, d))
@@ -92,29 +93,10 @@ class ViTMini(BlockModel):
         cls = self.cls_token.expand(p.shape[0], -1, -1)
         return torch.cat([cls, p], dim=1) + self.pos_embed
 
-    def branch(self, l: int, h: torch.Tensor) -> torch.Tensor:
-        return self.blocks[l](h)
-
-    def step_and_branch(self, l: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.blocks[l](h)
-        return h + f, f
-
-    def step(self, l: int, h: torch.Tensor) -> torch.Tensor:
-        return h + self.blocks[l](h)
-
     def pool(self, h: torch.Tensor) -> torch.Tensor:
         """The cls token ``(batch, d)``."""
         return h[:, 0]
 
-    def classify(self, z: torch.Tensor) -> torch.Tensor:
-        return self.out_head(self.out_ln(z))
-
     def broadcast(self, a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``(batch, d)`` -> ``(batch, tokens, d)``: the same signal at every token."""
         return a.unsqueeze(1).expand_as(like)
-
-    def embed_parameters(self) -> list[nn.Parameter]:
-        return list(self.patch_embed.parameters()) + [self.cls_token, self.pos_embed]
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        return list(self.out_ln.parameters()) + list(self.out_head.parameters())

@@ -46,15 +46,12 @@ def rule_table(archs: tuple[str, ...] = AUDIT_ARCHS) -> pd.DataFrame:
     """One row per registered rule: family, summary, its options, the flags the package asks
     of it (``any_model``: it trains any classifier ``nn.Module``, not only the package's block
     models), and whether it trains each of ``archs``."""
-    rows = []
-    for name, cls in RULES.items():
-        row = {"rule": name, "family": cls.family, "summary": cls.summary,
-               "options": ", ".join(cls.OPTIONS) or "-", "penalty": cls.takes_penalty,
-               "random_feedback": cls.has_random_feedback, "learns_feedback": cls.learns_feedback,
-               "baseline": cls.is_baseline, "any_model": not cls.needs_blocks}
-        row.update({a: cls.supports(a) for a in archs})
-        rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"rule": name, "family": cls.family, "summary": cls.summary,
+                          "options": ", ".join(cls.OPTIONS) or "-", "penalty": cls.takes_penalty,
+                          "random_feedback": cls.has_random_feedback,
+                          "learns_feedback": cls.learns_feedback, "baseline": cls.is_baseline,
+                          "any_model": not cls.needs_blocks, **{a: cls.supports(a) for a in archs}}
+                         for name, cls in RULES.items()])
 
 
 __all__ = ["RULES", "BP_REFERENCE", "D3_BASELINE", "register", "get_rule", "build_rule", "rule_table",

@@ -34,7 +34,6 @@ mean of per-sample inner products, as in the reference).
 from __future__ import annotations
 
 import copy
-import math
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -139,31 +138,21 @@ def local_forward(model: BlockModel, x: torch.Tensor
 
 
 def model_device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+    """The device of the model's first parameter (the CPU when it has none)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's first floating-point parameter (float32 when it has none)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def check_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int | None = None) -> None:
-    """A non-empty batch whose labels are int64 in [0, num_classes)."""
+def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
+    """A non-empty batch with ``(batch,)`` labels."""
     if x.shape[0] == 0:
         raise ValueError("the batch is empty (0 samples); every batch needs at least one sample")
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(f"labels y must be (batch,) = ({x.shape[0]},), got shape {tuple(y.shape)}")
-    if num_classes is not None:
-        lo, hi = int(y.min()), int(y.max())
-        if lo < 0 or hi >= num_classes:
-            raise ValueError(f"labels must lie in [0, {num_classes}) (the model's num_classes), "
-                             f"got labels in [{lo}, {hi}]")
 
 
 # --------------------------------------------------------------------------------------------
@@ -519,6 +508,14 @@ def check_class_count(rule: Method, set_up_for: int, model: nn.Module, num_class
                              f"(build_rule({rule.name!r}, ...)), which train() sets up itself")
 
 
+def check_dims(rule: Method, dims: tuple[int, int, int], model: nn.Module) -> None:
+    """ValueError naming the rule and both shapes when ``model``'s width and block count are not
+    those of ``dims`` ``(d, C, L)``, the shapes its feedback was drawn for."""
+    if (model.width, model.num_blocks) != (dims[0], dims[2]):
+        raise ValueError(f"{rule.name} was set up for d={dims[0]}, L={dims[2]} but the model has "
+                         f"d={model.width}, L={model.num_blocks}; call setup again")
+
+
 def draw_seed(generator: torch.Generator) -> int:
     """A seed for a rule's own noise generator, drawn from the setup generator."""
     return int(torch.randint(0, 2**62, (1,), generator=generator))
@@ -529,10 +526,6 @@ def device_generator(seed: int, device: torch.device, current: torch.Generator |
     if current is None or current.device != device:
         return torch.Generator(device=device).manual_seed(seed)
     return current
-
-
-def finite_or_nan(values: list[float]) -> list[float]:
-    return [v if math.isfinite(v) else math.nan for v in values]
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import (BlockLocal, CreditContext, Method, Option, check_batch, check_class_count,
-                   model_device, model_dtype, nonnegative)
+                   check_dims, model_device, model_dtype, nonnegative)
 
 PENALTY = Option(0.0, nonnegative, "weight λ of the residual-branch penalty λ·||f_l(h_l)||²")
 
@@ -116,7 +116,6 @@ def freeze_modules(modules: list[nn.Module]) -> None:
     for block in modules:
         for p in block.parameters():
             p.requires_grad_(False)
-    for block in modules:
         for m in block.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.train = types.MethodType(_stay_in_eval, m)
@@ -157,35 +156,31 @@ class RandomFeedbackRule(BlockLocal):
     def __init__(self, **options):
         super().__init__(**options)
         self.B: list[torch.Tensor] = []
-        self._dims: tuple[int, int, int] | None = None  # (d, C, L)
-        self._device: torch.device | None = None
-        self._dtype: torch.dtype = torch.float32
 
     def draw(self, generator: torch.Generator) -> list[torch.Tensor]:
-        """Fresh feedback matrices for the set-up shapes ``self._dims`` (CPU draws)."""
+        """Fresh feedback matrices for the set-up shapes ``self._dims`` ``(d, C, L)`` (CPU draws)."""
         raise NotImplementedError
+
+    def _drawn(self, generator: torch.Generator) -> list[torch.Tensor]:
+        # drawn as float32 on the CPU (the same draws for every model), held in the model's dtype
+        return [b.to(self._device, self._dtype) for b in self.draw(generator)]
 
     def setup(self, model, num_classes, generator, *, train_cfg=None):
         self.check_trainable(model)
         self._dims = (model.width, int(num_classes), model.num_blocks)
-        self._device = model_device(model)
-        # drawn as float32 on the CPU (the same draws for every model), held in the model's dtype
-        self._dtype = model_dtype(model)
-        self.B = [b.to(self._device, self._dtype) for b in self.draw(generator)]
+        self._device, self._dtype = model_device(model), model_dtype(model)
+        self.B = self._drawn(generator)
         super().setup(model, num_classes, generator, train_cfg=train_cfg)
 
     def fresh(self, generator):
         self._require_ready("fresh")
         new = copy.copy(self)
-        new.B = [b.to(self._device, self._dtype) for b in self.draw(generator)]
+        new.B = new._drawn(generator)
         return new
 
     def check_model(self, model, num_classes=None):
         self._require_ready("fill_grads")
-        d, _, num_blocks = self._dims
-        if (model.width, model.num_blocks) != (d, num_blocks):
-            raise ValueError(f"{self.name} was set up for d={d}, L={num_blocks} but the model has "
-                             f"d={model.width}, L={model.num_blocks}; call setup again")
+        check_dims(self, self._dims, model)
 
 
 class FA(RandomFeedbackRule):
@@ -207,26 +202,22 @@ class FA(RandomFeedbackRule):
         """``[P_0 | P_1 | ... | P_{L-1}]`` ``(d, L*d)`` with ``P_l = B_{L-1} ... B_l``, so that
         ``a_l = a_L P_l``: all the signals of a step in one matrix product instead of L chained
         ones. Recomputed only when a feedback matrix is replaced or changed in place."""
-        cached = getattr(self, "_products_key", None)  # (the B tensors themselves, their versions)
-        if cached is None or len(cached[0]) != len(self.B) \
-                or any(c is not b for c, b in zip(cached[0], self.B)) \
-                or cached[1] != tuple(b._version for b in self.B):
+        key = [(b, b._version) for b in self.B]  # the B tensors themselves and their versions
+        cached = getattr(self, "_products_key", [])
+        if len(cached) != len(key) or any(c is not b or cv != v for (c, cv), (b, v) in zip(cached, key)):
             prods, p = [], None
             for b in reversed(self.B):
                 p = b if p is None else p @ b
                 prods.append(p)
             self._products_cache = torch.cat(prods[::-1], dim=1)
-            self._products_key = (tuple(self.B), tuple(b._version for b in self.B))
+            self._products_key = key
         return self._products_cache
 
-    def pass_down(self, a_top: torch.Tensor) -> list[torch.Tensor]:
+    def signals(self, model, ctx: CreditContext):
         """``[a_0, ..., a_L]`` ``(batch, d)`` from ``a_L`` through ``a_l = a_{l+1} B_l``."""
         if not self.B:
-            return [a_top]
-        return list((a_top @ self._products()).split(a_top.shape[-1], dim=-1)) + [a_top]
-
-    def signals(self, model, ctx: CreditContext):
-        return self.pass_down(ctx.a_top)
+            return [ctx.a_top]
+        return list((ctx.a_top @ self._products()).split(ctx.a_top.shape[-1], dim=-1)) + [ctx.a_top]
 
     def feedback_quality(self, model, x, y):
         """``fb_align_<l>`` = cos(B_l, J_l) with ``J_l`` the exact batch-mean Jacobian of block l."""
@@ -279,7 +270,6 @@ class Oracle(BlockLocal):
     """
 
     name = "oracle"
-    family = "block"
     summary = "block-local training with the exact BP gradient as credit (a ceiling)"
     takes_penalty = True
     uses_bp_grads = True

@@ -98,8 +98,9 @@ class LayerRule(Method):
         self.redraw(layer, generator)
 
     def layer_has_random_feedback(self, layer) -> bool:
-        """Whether ``layer`` holds random feedback that :meth:`redraw` can redraw."""
-        return False
+        """Whether ``layer`` holds random feedback that :meth:`redraw` can redraw (default:
+        whether the rule keeps buffers in its layers, which it draws at random)."""
+        return bool(self.layer_buffers)
 
     def redraw(self, layer, generator: torch.Generator | None = None,
                init_std: float | None = None) -> bool:
@@ -317,9 +318,6 @@ class LayerFA(LayerRule):
                                  f"{cls.name} converts ({fans[name]}, layer {name!r} of the "
                                  f"{_model_name(model)!r} model), got {k}")
 
-    def layer_has_random_feedback(self, layer):
-        return True
-
     @torch.no_grad()
     def redraw(self, layer, generator=None, init_std=None):
         std = layer_std(layer, self.init_std if init_std is None else init_std)
@@ -334,13 +332,25 @@ class LayerFA(LayerRule):
         return layer._feedback_forward(x, layer.B)
 
 
-class LayerGrAPE(LayerFA):
+class _LearnedFA(LayerFA):
+    """layer_fa whose B learns: after every backward, ``update_b(layer, generator)`` (a
+    subclass's; run under ``torch.no_grad``) updates the layer's B in place."""
+
+    LABELS: ClassVar[dict[str, str]] = {}
+    learns_feedback = True
+    has_after_backward = True
+
+    @torch.no_grad()
+    def after_backward(self, layer, *, e=None, generator=None):
+        self.update_b(layer, generator)
+        return True
+
+
+class LayerGrAPE(_LearnedFA):
     """layer_fa whose B moves toward W's forward-probed Jacobian after every backward (GrAPE)."""
 
     name = "layer_grape"
     summary = "per-layer FA whose B aligns to W's forward-probed Jacobian (GrAPE)"
-    learns_feedback = True
-    has_after_backward = True
     OPTIONS = {
         "lr_b": Option(0.05, nonnegative, "GrAPE step: fraction of the angle to J_hat closed per step"),
         "n_probe": Option(32, _probes, "forward probes per step"),
@@ -349,14 +359,12 @@ class LayerGrAPE(LayerFA):
     }
     LABELS = {"lr_b": "η"}
 
-    @torch.no_grad()
-    def after_backward(self, layer, *, e=None, generator=None):
+    def update_b(self, layer, generator):
         grape_step(layer.B, probe_jacobian(layer.weight, self.n_probe, generator), self.lr_b,
                    scale_free=self.scale_free)
         if self.normalize_columns:
             B2 = layer.B.view(layer.B.shape[0], -1)
             B2.div_(B2.norm(dim=0, keepdim=True).clamp_min(1e-8))
-        return True
 
 
 def matched_step(train_cfg) -> tuple[float, float]:
@@ -372,7 +380,7 @@ def matched_step(train_cfg) -> tuple[float, float]:
     return train_cfg.lr, train_cfg.lr * train_cfg.weight_decay
 
 
-class KolenPollack(LayerFA):
+class KolenPollack(_LearnedFA):
     """Kolen-Pollack (Akrout et al. 2019): ``B <- (1 - decay) B - lr_b grad_W``. B receives W's
     own gradient and decay, so with the matched step ``B - W`` shrinks by ``(1 - decay)`` per
     step whatever the gradients are. ``lr_b`` / ``b_decay`` None (default) take both from the
@@ -380,9 +388,6 @@ class KolenPollack(LayerFA):
 
     name = "kolen_pollack"
     summary = "B receives W's gradient and decay: B -> W (Akrout 2019)"
-    LABELS: ClassVar[dict[str, str]] = {}
-    learns_feedback = True
-    has_after_backward = True
     OPTIONS = {
         "lr_b": Option(None, positive_or_none, "B's step (None: W's own effective step)"),
         "b_decay": Option(None, lambda n, v: v if v is None else float_range(0.0, 1.0, high_open=True)(n, v),
@@ -409,25 +414,20 @@ class KolenPollack(LayerFA):
                 f"{train_cfg.momentum:g}, weight_decay={train_cfg.weight_decay:g} would flip W's sign "
                 "every step; lower lr or weight_decay, or pass b_decay in [0, 1)")
 
-    @torch.no_grad()
-    def after_backward(self, layer, *, e=None, generator=None):
+    def update_b(self, layer, generator):
         if layer.weight.grad is None:
             raise RuntimeError("a kolen_pollack layer has no weight gradient: call loss.backward() "
                                "before feedback_step")
         kolen_pollack_step(layer.B, layer.weight.grad, self.step_size, self.decay)
-        return True
 
 
-class WeightMirror(LayerFA):
+class WeightMirror(_LearnedFA):
     """Weight mirror (Akrout et al. 2019): ``B <- (1 - decay) B + lr_b y^T x / n`` for noise
     ``x ~ N(0, sigma^2)`` ``(n, fan_in)`` and the layer's response ``y = x W^T``; the decay
     ``lr_b sigma^2`` makes W itself the fixed point."""
 
     name = "weight_mirror"
     summary = "B learns from the layer's response to injected noise (Akrout 2019)"
-    LABELS: ClassVar[dict[str, str]] = {}
-    learns_feedback = True
-    has_after_backward = True
     OPTIONS = {
         "lr_b": Option(0.05, positive, "mirror step"),
         "sigma": Option(1.0, positive, "std of the injected noise"),
@@ -440,11 +440,9 @@ class WeightMirror(LayerFA):
             raise ValueError(f"weight_mirror needs lr_b * sigma**2 < 1 (it is also B's decay), got "
                              f"lr_b={self.lr_b:g}, sigma={self.sigma:g}")
 
-    @torch.no_grad()
-    def after_backward(self, layer, *, e=None, generator=None):
+    def update_b(self, layer, generator):
         weight_mirror_step(layer.B, layer.weight, self.lr_b, self.lr_b * self.sigma ** 2,
                            self.sigma, self.n_noise, generator)
-        return True
 
 
 class SignSymmetry(LayerRule):
@@ -466,9 +464,6 @@ class FixedRandomSign(LayerRule):
     has_random_feedback = True
     layer_buffers = ("B_abs",)
     OPTIONS = {"init_std": INIT_STD}
-
-    def layer_has_random_feedback(self, layer):
-        return True
 
     @torch.no_grad()
     def redraw(self, layer, generator=None, init_std=None):
@@ -505,7 +500,7 @@ class BatchRandomSign(FixedRandomSign):
     @torch.no_grad()
     def redraw(self, layer, generator=None, init_std=None):
         layer._rsf_std = layer_std(layer, self.init_std if init_std is None else init_std)
-        layer._rsf_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+        layer._rsf_seed = draw_seed(generator)
         layer._rsf_draws = 0
         layer.B_abs = draw_gaussian(layer.weight.shape, layer._rsf_std, generator, layer.weight).abs()
         return True
@@ -525,7 +520,30 @@ class BatchRandomSign(FixedRandomSign):
 # Direct feedback
 # ------------------------------------------------------------------------------------------------
 
-class LayerDFA(LayerRule):
+class _DirectRule(LayerRule):
+    """What the direct rules share: a random matrix per layer in the buffer ``layer_buffers[0]``
+    (none on a layer outside their reach, the identity on ungated DFA's output layer), redrawn
+    at the layer's ``_dfa_init_std``, and a forward that keeps the input for the weight update
+    written after the backward."""
+
+    def layer_has_random_feedback(self, layer):
+        return getattr(layer, self.layer_buffers[0]) is not None and not layer._dfa_identity
+
+    @torch.no_grad()
+    def redraw(self, layer, generator=None, init_std=None):
+        if not self.layer_has_random_feedback(layer):
+            return False
+        shape = getattr(layer, self.layer_buffers[0]).shape
+        std = layer._dfa_init_std if init_std is None else init_std
+        setattr(layer, self.layer_buffers[0], draw_gaussian(shape, std, generator, layer.weight))
+        return True
+
+    def layer_forward(self, layer, x):
+        layer._cache_input(x)
+        return layer._plain_forward(x)
+
+
+class LayerDFA(_DirectRule):
     """Nøkland's DFA (2016) per layer, as biotorch implements it (``gated``, default).
 
     In the backward of each layer the input gradient is ``e @ B_dfa`` (``B_dfa`` ``(target_dim,
@@ -558,10 +576,6 @@ class LayerDFA(LayerRule):
         self.has_conv_form, self.has_after_backward = self.gated, not self.gated
 
     @classmethod
-    def fits(cls, model):
-        return bool(_layers(model))
-
-    @classmethod
     def credit_uses_feedback(cls, options):
         # ungated: the backward is BP's and B only rewrites the weight gradients afterwards, so the
         # credit at the hidden states does not depend on B
@@ -586,21 +600,9 @@ class LayerDFA(LayerRule):
             layer._dfa_init_std = layer_std(layer, self.init_std)
             layer.B_dfa = draw_gaussian(shape, layer._dfa_init_std, generator, layer.weight)
 
-    def layer_has_random_feedback(self, layer):
-        return layer.B_dfa is not None and not layer._dfa_identity
-
-    @torch.no_grad()
-    def redraw(self, layer, generator=None, init_std=None):
-        if not self.layer_has_random_feedback(layer):
-            return False
-        std = layer._dfa_init_std if init_std is None else init_std
-        layer.B_dfa = draw_gaussian(layer.B_dfa.shape, std, generator, layer.weight)
-        return True
-
     def layer_forward(self, layer, x):
         if not self.gated:
-            layer._cache_input(x)
-            return layer._plain_forward(x)
+            return super().layer_forward(layer, x)
         holder, since, B = layer._output_error, layer._output_error.captures, layer.B_dfa
 
         def error() -> tuple[torch.Tensor, torch.Tensor]:
@@ -630,7 +632,7 @@ class LayerDFA(LayerRule):
         return True
 
 
-class LayerDFABlock(LayerRule):
+class LayerDFABlock(_DirectRule):
     """DFA inside each block: every Linear of block l gets the error at the block's output
     projected through its own random ``B_dfa_block`` ``(out, d)``, averaged over rows
     (Linear only; convolutions, e.g. ViTMini's patch embedding, stay on BP; SmallResNet, all
@@ -654,6 +656,7 @@ class LayerDFABlock(LayerRule):
                 and any(isinstance(m, nn.Linear) for b in blocks for _, m in _layers(b)))
 
     def init_layer(self, layer, generator):
+        layer._dfa_init_std, layer._dfa_identity = DFA_INIT_STD, False
         layer._block_tap = None
         layer._block_assigned = False  # set by after_attach: tells "outside every block" from "not set up"
 
@@ -666,21 +669,6 @@ class LayerDFABlock(LayerRule):
                 layer._block_tap = owner[id(layer)]
                 layer.B_dfa_block = draw_gaussian((layer.out_features, model.width), DFA_INIT_STD,
                                                   generator, layer.weight)
-
-    def layer_has_random_feedback(self, layer):
-        return layer.B_dfa_block is not None
-
-    @torch.no_grad()
-    def redraw(self, layer, generator=None, init_std=None):
-        if layer.B_dfa_block is None:
-            return False
-        std = DFA_INIT_STD if init_std is None else init_std
-        layer.B_dfa_block = draw_gaussian(layer.B_dfa_block.shape, std, generator, layer.weight)
-        return True
-
-    def layer_forward(self, layer, x):
-        layer._cache_input(x)
-        return layer._plain_forward(x)
 
     def after_backward(self, layer, *, e=None, generator=None):
         if not layer._block_assigned:

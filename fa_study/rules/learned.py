@@ -53,9 +53,9 @@ from ..diagnostics.jacobians import (direct_feedback_quality, jvp_jacobian_estim
 from ..feedback import StiefelFeedback, grape_step
 from ..models.base import BlockModel
 from ..config import MAX_PROBES, check_int
-from .base import (BlockLocal, CreditContext, Option, check_class_count, choice, device_generator,
-                   draw_seed, fraction, fraction_open, model_device, model_dtype, nonnegative,
-                   positive)
+from .base import (BlockLocal, CreditContext, Option, check_class_count, check_dims, choice,
+                   device_generator, draw_seed, fraction, fraction_open, model_device, model_dtype,
+                   nonnegative, output_error, positive)
 from .block import FA, PENALTY
 
 PROBES: tuple[str, ...] = ("node", "bp")
@@ -79,8 +79,7 @@ def node_perturbation_grads(model: BlockModel, h0: torch.Tensor, y: torch.Tensor
     independent probes per sample; unbiased up to O(sigma^2).
     """
     sigma = positive("sigma", sigma)
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    repeats = check_int("repeats", repeats, 1)
     gen_device = generator.device if generator is not None else h0.device
     scales, h = [], h0
     for l in range(model.num_blocks + 1):  # clean pass for the per-state noise scales
@@ -222,9 +221,7 @@ class StiefelDFA(BlockLocal):
 
     def __init__(self, **options):
         super().__init__(**options)
-        self.feedback: StiefelFeedback | None = None
-        self._dims: tuple[int, int, int] | None = None
-        self._last: list[dict[str, torch.Tensor]] = []
+        self.feedback: StiefelFeedback | None = None  # drawn by setup, with _dims and _last
 
     @classmethod
     def check_run(cls, options, model, num_classes, train_cfg):
@@ -256,9 +253,7 @@ class StiefelDFA(BlockLocal):
 
     def check_model(self, model, num_classes=None):
         self._require_ready("fill_grads")
-        if (model.width, model.num_blocks) != (self._dims[0], self._dims[2]):
-            raise ValueError(f"{self.name} was set up for d={self._dims[0]}, L={self._dims[2]} but "
-                             f"the model has d={model.width}, L={model.num_blocks}; call setup again")
+        check_dims(self, self._dims, model)
         check_class_count(self, self._dims[1], model, num_classes)
 
     def signals(self, model, ctx):
@@ -311,14 +306,10 @@ class StiefelDFA(BlockLocal):
         self._require_ready("feedback_matrices")
         return [layer.alpha * layer.U @ self.feedback.C for layer in self.feedback.layers]
 
-    effective_feedback = feedback_matrices
-
     def feedback_quality(self, model, x, y):
         """DFA's ``fb_align_<l>``, plus ``alpha_<l>`` and ``rho_<l>`` = <U_l, G_l>/(|G_l| sqrt r) with
         ``G_l = E[g_l c^T]`` read on the exact gradient (0 for a random U, 1 when U is G's polar
         factor with equal singular values)."""
-        from .base import output_error
-
         out = direct_feedback_quality(self.feedback_matrices(), model, x, y)
         with eval_mode(model), buffers_preserved(model):
             grads = per_sample_gradients(model, x, y)

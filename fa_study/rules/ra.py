@@ -30,15 +30,15 @@ and ``acts[L]`` the logits. The formulas work on plain tensors without autograd.
 """
 from __future__ import annotations
 
+import copy
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 
-from ..config import check_choice, get_device
+from ..config import check_choice, check_int, get_device
 from .base import (Method, Option, boolean, check_batch, check_class_count, choice, fraction,
-                   positive_or_none)
+                   output_error, positive_or_none)
 
 ACTIVATIONS: tuple[str, ...] = ("linear", "relu", "tanh")
 _ALIGN_EPS = 1e-9  # as in the reference: ||B - W^T|| / (||W|| + eps)
@@ -48,22 +48,16 @@ _ALIGN_EPS = 1e-9  # as in the reference: ||B - W^T|| / (||W|| + eps)
 # Model: dimensions, initialisation, forward pass
 # --------------------------------------------------------------------------------------------
 
-def _check_int(what: str, value, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 def make_dims(in_dim: int, hidden: int, depth: int, out_dim: int) -> list[int]:
     """Layer widths ``[in_dim, hidden, ..., hidden, out_dim]`` of a ``depth``-matrix MLP.
 
     ``depth`` counts weight matrices (so there are ``depth - 1`` hidden layers) and must be
     at least 2.
     """
-    depth = _check_int("depth (number of weight matrices)", depth, low=2)
-    in_dim = _check_int("in_dim", in_dim)
-    hidden = _check_int("hidden (width)", hidden)
-    out_dim = _check_int("out_dim", out_dim)
+    depth = check_int("depth (number of weight matrices)", depth, 2)
+    in_dim = check_int("in_dim", in_dim, 1)
+    hidden = check_int("hidden (width)", hidden, 1)
+    out_dim = check_int("out_dim", out_dim, 1)
     return [in_dim] + [hidden] * (depth - 1) + [out_dim]
 
 
@@ -90,41 +84,32 @@ def init_mats(dims: list[int], seed: int, activation: str = "linear", device=Non
     if len(dims) < 3:
         raise ValueError(f"dims must list at least 3 widths (depth >= 2), got {dims!r}")
     for d in dims:
-        _check_int("every width in dims", d)
+        check_int("every width in dims", d, 1)
     gain = init_gain(activation)
     dev = get_device(device)
     g = torch.Generator(device="cpu").manual_seed(int(seed))
-    W, B = [], []
-    for d_in, d_out in zip(dims[:-1], dims[1:]):
-        w = torch.empty(d_out, d_in).normal_(std=gain * (1.0 / d_in) ** 0.5, generator=g)
-        b = torch.empty(d_in, d_out).normal_(std=gain * (1.0 / d_out) ** 0.5, generator=g)
-        W.append(w.to(device=dev, dtype=dtype))
-        B.append(b.to(device=dev, dtype=dtype))
-    return W, B
+    drawn = [(torch.empty(d_out, d_in).normal_(std=gain * (1.0 / d_in) ** 0.5, generator=g),
+              torch.empty(d_in, d_out).normal_(std=gain * (1.0 / d_out) ** 0.5, generator=g))
+             for d_in, d_out in zip(dims[:-1], dims[1:])]  # W[0], B[0], W[1], B[1], ...
+    return [w.to(dev, dtype) for w, _ in drawn], [b.to(dev, dtype) for _, b in drawn]
+
+
+# each activation of ACTIVATIONS and its derivative, both elementwise at the pre-activations z
+_ACTS = {"linear": (lambda z: z, torch.ones_like),
+         "relu": (F.relu, lambda z: (z > 0).to(z.dtype)),
+         "tanh": (torch.tanh, lambda z: 1 - torch.tanh(z).pow(2))}
 
 
 def apply_act(z: torch.Tensor, activation: str) -> torch.Tensor:
     """The hidden nonlinearity applied to pre-activations ``z`` ``(batch, d)``."""
-    if activation == "linear":
-        return z
-    if activation == "relu":
-        return F.relu(z)
-    if activation == "tanh":
-        return torch.tanh(z)
     check_choice("activation", activation, ACTIVATIONS)
-    raise AssertionError("unreachable")
+    return _ACTS[activation][0](z)
 
 
 def act_deriv(z: torch.Tensor, activation: str) -> torch.Tensor:
     """d act(z) / dz, elementwise, at the pre-activations ``z`` ``(batch, d)``."""
-    if activation == "linear":
-        return torch.ones_like(z)
-    if activation == "relu":
-        return (z > 0).to(z.dtype)
-    if activation == "tanh":
-        return 1 - torch.tanh(z).pow(2)
     check_choice("activation", activation, ACTIVATIONS)
-    raise AssertionError("unreachable")
+    return _ACTS[activation][1](z)
 
 
 def forward(x: torch.Tensor, W: list[torch.Tensor], activation: str = "linear",
@@ -148,14 +133,12 @@ def forward(x: torch.Tensor, W: list[torch.Tensor], activation: str = "linear",
     h = x
     last = len(W) - 1
     for l, w in enumerate(W):
-        z = h @ w.T
+        h = z = h @ w.T  # the logits (l == last): no activation, no LayerNorm
         pre.append(z)
         if l < last:
             h = apply_act(z, activation)
             if ln:
                 h = F.layer_norm(h, h.shape[-1:])
-        else:
-            h = z  # logits: no activation, no LayerNorm
         acts.append(h)
     return acts, pre
 
@@ -166,10 +149,7 @@ def output_grad(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, to
 
     Returns ``(loss, grad_top)``: a 0-dim tensor (no host sync) and ``(batch, K)``.
     """
-    n, k = logits.shape
-    loss = F.cross_entropy(logits, y)
-    grad_top = (torch.softmax(logits, dim=-1) - F.one_hot(y, num_classes=k).to(logits.dtype)) / n
-    return loss, grad_top
+    return F.cross_entropy(logits, y), output_error(logits, y) / logits.shape[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,9 +264,8 @@ def _b_pathway(top: torch.Tensor, B: list[torch.Tensor], ln_b: bool):
     """The B pathway top-down from ``top`` (the logits): ``[b_0 .. b_L]`` and the inputs of
     each ``b_l``'s LayerNorm (None where there is none)."""
     L = len(B)
-    b: list[torch.Tensor] = [None] * (L + 1)  # type: ignore[list-item]
+    b: list[torch.Tensor] = [None] * L + [top]  # type: ignore[list-item]
     pre_ln: list[torch.Tensor | None] = [None] * (L + 1)
-    b[L] = top
     for l in range(L, 0, -1):
         h = b[l] @ B[l - 1].T
         if ln_b and l > 1:
@@ -311,14 +290,9 @@ def b_grads_recon(acts: list[torch.Tensor], B: list[torch.Tensor]
     Returns ``(grads, recon_loss)``; ``recon_loss`` is a 0-dim tensor (no host sync).
     """
     n = acts[0].shape[0]
-    grads: list[torch.Tensor] = []
-    total = acts[0].new_zeros(())
-    for l, b in enumerate(B):
-        above = acts[l + 1]
-        r = above @ b.T - acts[l]
-        grads.append(r.T @ above / n)
-        total = total + 0.5 * r.pow(2).sum(-1).mean()
-    return grads, total
+    r = [acts[l + 1] @ b.T - acts[l] for l, b in enumerate(B)]
+    grads = [r_l.T @ acts[l + 1] / n for l, r_l in enumerate(r)]
+    return grads, sum((0.5 * r_l.pow(2).sum(-1).mean() for r_l in r), acts[0].new_zeros(()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,18 +348,8 @@ def update_angles(acts: list[torch.Tensor], pre: list[torch.Tensor | None], grad
 
 
 # --------------------------------------------------------------------------------------------
-# Configuration and training
-# --------------------------------------------------------------------------------------------
-
-
-
-# --------------------------------------------------------------------------------------------
 # The rules
 # --------------------------------------------------------------------------------------------
-
-def _lam(name: str, value) -> float:
-    return fraction(name, value)
-
 
 class RARule(Method):
     """Base of the reciprocal-alignment rules: W by feedback alignment through the rule's own
@@ -425,8 +389,7 @@ class RARule(Method):
         self._dims, self._gain = list(model.dims), model.gain
         lr_b = getattr(self, "lr_b", None)
         self._lr_b = lr_b if lr_b is not None else (train_cfg.lr if train_cfg is not None else 0.05)
-        self._device = model.matrices()[0].device
-        self._dtype = model.matrices()[0].dtype
+        self._device, self._dtype = model.matrices()[0].device, model.matrices()[0].dtype
         self.B = self.draw(generator)
         self._sums = None
         super().setup(model, num_classes, generator, train_cfg=train_cfg)
@@ -437,8 +400,6 @@ class RARule(Method):
 
     def fresh(self, generator):
         self._require_ready("fresh")
-        import copy
-
         new = copy.copy(self)
         new.B = self.draw(generator)
         new._sums = None
@@ -518,31 +479,23 @@ class RARule(Method):
         """Per-step read-outs for diagnosing divergence (one host sync): ``W_l`` and ``B_l``
         (Frobenius norms), ``dB_l`` (the norm of the last B step) and ``rev_loss`` (the reverse
         task's error on the last batch, for the rules that have one)."""
-        norms = [w.detach().norm() for w in model.matrices()] + [b.norm() for b in self.B]
-        steps = getattr(self, "_last_steps", None)
-        rev = getattr(self, "_last_rev", None)
-        extra = ([] if steps is None else list(steps)) + ([] if rev is None else [rev.detach()])
-        vals = torch.stack(norms + extra).tolist()
-        L = len(self.B)
-        out = {f"W_{l}": vals[l] for l in range(L)}
-        out.update({f"B_{l}": vals[L + l] for l in range(L)})
+        out = {f"W_{l}": w.detach().norm() for l, w in enumerate(model.matrices())}
+        out.update({f"B_{l}": b.norm() for l, b in enumerate(self.B)})
+        steps, rev = getattr(self, "_last_steps", None), getattr(self, "_last_rev", None)
         if steps is not None:
-            out.update({f"dB_{l}": vals[2 * L + l] for l in range(L)})
+            out.update({f"dB_{l}": u for l, u in enumerate(steps)})
         if rev is not None:
-            out["rev_loss"] = vals[-1]  # 0.5 * mean ||b_0 - x||^2 of the last step
-        return out
+            out["rev_loss"] = rev.detach()  # 0.5 * mean ||b_0 - x||^2 of the last step
+        return dict(zip(out, torch.stack(list(out.values())).tolist()))
 
     def feedback_quality(self, model, x, y):
         """``align_l`` (||B_l - W_l^T|| / ||W_l||), ``angle_l`` (B_l vs W_l^T, degrees) for every
         matrix and ``update_angle_l`` (FA vs BP update of the hidden W_l, degrees) on ``x``, ``y``."""
         with torch.no_grad():
             W, acts, pre, _, grad_top = self._forward(model, x, y)
-            out = {}
             updates = update_angles(acts, pre, grad_top, W, self.B, model.activation)
-            for prefix, vals in (("align", alignment(W, self.B)), ("angle", angles(W, self.B)),
-                                 ("update_angle", updates)):
-                out.update({f"{prefix}_{l}": v for l, v in enumerate(vals)})
-        return out
+            read = (("align", alignment(W, self.B)), ("angle", angles(W, self.B)), ("update_angle", updates))
+        return {f"{prefix}_{l}": v for prefix, vals in read for l, v in enumerate(vals)}
 
 
 class RAFixed(RARule):
@@ -579,8 +532,7 @@ class RAReverse(RARule):
                            ln_derivative=self.ln_derivative)
 
     def b_grads(self, acts, x, W):
-        g, rev = self._rev(acts, x, W)
-        return g, rev, None
+        return (*self._rev(acts, x, W), None)
 
 
 class RAReconstruction(RARule):
@@ -593,15 +545,13 @@ class RAReconstruction(RARule):
         return g, None, recon
 
 
-class RACombined(RARule):
+class RACombined(RAReverse):
     name = "ra_comb"
     summary = "B by (1 - lam) reverse task + lam reconstruction"
-    learns_feedback = True
     OPTIONS = {**RAReverse.OPTIONS,
-               "lam": Option(0.5, _lam,
+               "lam": Option(0.5, fraction,
                              "weight of the reconstruction term (0: reverse only, 1: reconstruction only)")}
     LABELS = {**RAReverse.LABELS, "lam": "λ"}
-    _rev = RAReverse._rev
 
     def b_grads(self, acts, x, W):
         g_rev, rev = self._rev(acts, x, W)
