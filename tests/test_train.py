@@ -4,6 +4,7 @@ unconverted network's), SGD with momentum, probes, clear errors before training;
 qualitative reproduction of the DFA scale explosion."""
 import copy
 import math
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -582,8 +583,7 @@ def test_train_is_bitwise_reproducible_at_a_fixed_thread_count():
 def test_merged_parameter_groups_step_exactly_as_the_rules_groups(optimizer):
     """make_optimizer steps the rule's groups of equal settings as one group: every parameter
     gets bit for bit the update the per-block groups give (reference: the torch optimizer over
-    the rule's groups as they are; for SGD its per-tensor loop, where ours is the multi-tensor
-    one), and a group with its own settings stays apart."""
+    the rule's groups as they are, fused), and a group with its own settings stays apart."""
     from fa_study.train import make_optimizer, merge_groups
 
     cfg = _cfg(optimizer=optimizer, lr=1e-2, weight_decay=0.1)
@@ -591,8 +591,8 @@ def test_merged_parameter_groups_step_exactly_as_the_rules_groups(optimizer):
     groups = rule.param_groups(model)
     twin = copy.deepcopy(model)
     kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ref = (torch.optim.SGD(rule.param_groups(twin), momentum=cfg.momentum, foreach=False, **kw)
-           if optimizer == "sgd" else torch.optim.AdamW(rule.param_groups(twin), fused=True, **kw))
+    make = partial(torch.optim.SGD, momentum=cfg.momentum) if optimizer == "sgd" else torch.optim.AdamW
+    ref = make(rule.param_groups(twin), fused=True, **kw)
     opt = make_optimizer(groups, cfg)
     assert len(opt.param_groups) == 1 and len(ref.param_groups) == len(groups) > 1
     gen = torch.Generator().manual_seed(0)
@@ -609,6 +609,32 @@ def test_merged_parameter_groups_step_exactly_as_the_rules_groups(optimizer):
     assert [len(g["params"]) for g in merged] == [len(groups[0]["params"]),
                                                   sum(len(g["params"]) for g in groups[1:])]
     assert merged[0]["lr"] == 0.5 and "lr" not in merged[1]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_the_fused_step_is_torchs_plain_update_up_to_rounding(optimizer):
+    """The optimizer make_optimizer builds (a fused kernel on the CPU) moves the parameters as
+    torch's per-tensor loop of the same optimizer does, to float rounding, over 20 steps."""
+    from fa_study.train import make_optimizer
+
+    cfg = _cfg(optimizer=optimizer, lr=1e-2, weight_decay=0.1)
+    model, rule = _build("bp")
+    twin = copy.deepcopy(model)
+    kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+    make = partial(torch.optim.SGD, momentum=cfg.momentum) if optimizer == "sgd" else torch.optim.AdamW
+    ref, opt = make(twin.parameters(), **kw), make_optimizer(rule.param_groups(model), cfg)
+    assert opt.defaults.get("fused")
+    start = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        for p, q in zip(model.parameters(), twin.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert max((p - s).abs().max().item() for p, s in zip(model.parameters(), start.parameters())) > 1e-2
 
 
 def test_grad_clip_still_clips_each_block_when_the_groups_are_merged():

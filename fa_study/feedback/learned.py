@@ -53,10 +53,7 @@ def weight_mirror_step(B: torch.Tensor, weight: torch.Tensor, lr_b: float, decay
         decay = lr_b * sigma ** 2
     w2, x = _probes(weight, n, generator)
     y = x.mul_(sigma) @ w2.t()
-    B2 = B.view(B.shape[0], -1)
-    if decay:
-        B2.mul_(1.0 - decay)
-    B2.add_((y.t() @ x).to(B.dtype), alpha=lr_b / n)
+    B.view(B.shape[0], -1).addmm_(y.t().to(B.dtype), x.to(B.dtype), beta=1.0 - decay, alpha=lr_b / n)
 
 
 @torch.no_grad()
@@ -99,14 +96,15 @@ def grape_step(B: torch.Tensor, target: torch.Tensor, rate: float, *,
     t = target.detach().reshape(-1).to(device=B.device, dtype=B.dtype)
     if t.numel() != B2.numel():
         raise ValueError(f"target has {t.numel()} elements but B {tuple(B.shape)} has {B2.numel()}")
+    # B - lr grad = c_b B + c_t T with c_b = 1 - lr cos / |B|^2, c_t = lr / (|B||T|): two passes
+    # over B (and one more for the rescaling), where the gradient written out took ten
     b_norm, t_norm = B2.norm(), t.norm()
     ok = (b_norm > 1e-12) & (t_norm > 1e-12)
     b_safe = torch.where(ok, b_norm, torch.ones_like(b_norm))
-    t_safe = torch.where(ok, t_norm, torch.ones_like(t_norm))
-    cos = torch.where(ok, (B2 @ t) / (b_safe * t_safe), torch.zeros_like(b_norm))
-    grad = -t / (b_safe * t_safe) + cos * B2 / b_safe ** 2
-    lr = rate * b_safe ** 2 if scale_free else torch.full_like(b_norm, float(rate))
-    B2.sub_(torch.where(ok, lr * grad, torch.zeros_like(grad)))
+    bt = b_safe * torch.where(ok, t_norm, torch.ones_like(t_norm))
+    cos = torch.where(ok, (B2 @ t) / bt, torch.zeros_like(b_norm))
+    lr = torch.where(ok, rate * b_safe ** 2 if scale_free else torch.full_like(b_norm, float(rate)), 0.0)
+    B2.mul_(1.0 - lr * cos / b_safe ** 2).add_(t * (lr / bt))
     if scale_free:
         B2.mul_(torch.where(ok, b_norm / B2.norm().clamp_min(1e-30), torch.ones_like(b_norm)))
     return cos
