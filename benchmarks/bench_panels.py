@@ -8,6 +8,11 @@ study's default settings for the profile. Each run is a fresh Python process wit
 training and reading, not unpacking the data files). Before and after alternate for each
 notebook and the median over ``--repeats`` rounds is reported.
 
+Two times per run: ``cold``, the first Run in a fresh process (worker processes started, data
+loaded in each); ``again``, a second Run in the same process with another empty results cache,
+i.e. what the next slider move costs in an open notebook (loky keeps its workers, and each
+worker its loaded data, between runs).
+
     python benchmarks/bench_panels.py [00 02 ...|all] [--profile default] [--repeats 1]
     python benchmarks/bench_panels.py --child 02 --profile default   (one run, prints seconds)
 """
@@ -38,7 +43,8 @@ DEFAULT = ("00", "02")
 
 
 def child(notebook: str, profile: str) -> None:
-    """One panel run in this process; prints its wall seconds (the last line of stdout)."""
+    """Two panel runs in this process, each with an empty results cache; prints their wall
+    seconds and the units (the last line of stdout)."""
     import importlib
 
     from fa_study.widgets import ControlPanel
@@ -46,16 +52,20 @@ def child(notebook: str, profile: str) -> None:
     module, study, view = PANELS[notebook]
     mod = importlib.import_module(module)
     panel = ControlPanel(getattr(mod, study), getattr(mod, view), profile=profile)
-    start = time.perf_counter()
-    result = panel.run()
-    seconds = time.perf_counter() - start
-    if panel.last_error is not None:
-        raise SystemExit(f"notebook {notebook}'s panel run failed: {panel.last_error!r}")
-    print(f"{seconds:.3f} {result.units}")
+    seconds = []
+    for _ in range(2):
+        with tempfile.TemporaryDirectory(prefix="fa_study_bench_cache_") as cache:
+            os.environ["FA_STUDY_CACHE"] = cache
+            start = time.perf_counter()
+            result = panel.run()
+            seconds.append(time.perf_counter() - start)
+        if panel.last_error is not None:
+            raise SystemExit(f"notebook {notebook}'s panel run failed: {panel.last_error!r}")
+    print(f"{seconds[0]:.3f} {seconds[1]:.3f} {result.units}")
 
 
-def timed_run(notebook: str, profile: str, jobs_one: bool) -> tuple[float, str]:
-    """``(seconds, units)`` of one panel run in a fresh process with an empty results cache."""
+def timed_run(notebook: str, profile: str, jobs_one: bool) -> tuple[float, float, str]:
+    """``(cold seconds, again seconds, units)`` of a fresh process's two panel runs."""
     env = dict(os.environ)
     env.setdefault("FA_STUDY_DATA", str(ROOT / "data"))
     default_cache = Path(env.get("FA_STUDY_CACHE") or ROOT / ".fa_study_cache")
@@ -63,15 +73,13 @@ def timed_run(notebook: str, profile: str, jobs_one: bool) -> tuple[float, str]:
     env.pop("FA_STUDY_JOBS", None)
     if jobs_one:
         env["FA_STUDY_JOBS"] = "1"
-    with tempfile.TemporaryDirectory(prefix="fa_study_bench_cache_") as cache:
-        env["FA_STUDY_CACHE"] = cache
-        out = subprocess.run([sys.executable, __file__, "--child", notebook, "--profile", profile],
-                             env=env, cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, "--child", notebook, "--profile", profile],
+                         env=env, cwd=ROOT, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"notebook {notebook} ({'before' if jobs_one else 'after'}) failed:\n"
                          f"{out.stderr[-3000:]}")
-    seconds, units = out.stdout.strip().splitlines()[-1].split()
-    return float(seconds), units
+    cold, again, units = out.stdout.strip().splitlines()[-1].split()
+    return float(cold), float(again), units
 
 
 def main() -> None:
@@ -92,15 +100,18 @@ def main() -> None:
     print(f"panel runs, profile {a.profile}, fresh results cache, median of {a.repeats} round(s); "
           f"before: FA_STUDY_JOBS=1 (units in sequence), after: the default (cores: "
           f"{os.environ.get('FA_STUDY_CORES', os.cpu_count())})")
-    print(f"{'notebook':<10}{'units':>6}{'before s':>10}{'after s':>10}{'before/after':>14}")
+    print(f"{'notebook':<10}{'units':>6}{'':>4}{'before s':>10}{'after s':>10}{'before/after':>14}")
     for nb in chosen:
-        before, after = [], []
+        rounds = {True: [], False: []}
         for _ in range(a.repeats):  # alternate, so that load from other processes hits both alike
-            s, units = timed_run(nb, a.profile, jobs_one=True)
-            before.append(s)
-            after.append(timed_run(nb, a.profile, jobs_one=False)[0])
-        b, f = statistics.median(before), statistics.median(after)
-        print(f"{nb:<10}{units:>6}{b:>10.1f}{f:>10.1f}{b / f:>13.2f}x", flush=True)
+            for jobs_one in (True, False):
+                *times, units = timed_run(nb, a.profile, jobs_one)
+                rounds[jobs_one].append(times)
+        for i, label in enumerate(("cold", "again")):
+            b = statistics.median(t[i] for t in rounds[True])
+            f = statistics.median(t[i] for t in rounds[False])
+            print(f"{nb if i == 0 else '':<10}{units if i == 0 else '':>6}{label:>6}{b:>8.1f}{f:>10.1f}"
+                  f"{b / f:>13.2f}x", flush=True)
 
 
 if __name__ == "__main__":
