@@ -579,6 +579,18 @@ def test_train_is_bitwise_reproducible_at_a_fixed_thread_count():
 
 # ---- the optimizer step and the data checks of the fast path --------------------------------
 
+def _step_both(model, opt, twin, ref, steps: int) -> None:
+    """``steps`` optimizer steps of ``model`` (``opt``) and ``twin`` (``ref``) on the same random
+    gradients."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        for p, q in zip(model.parameters(), twin.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_merged_parameter_groups_step_exactly_as_the_rules_groups(optimizer):
     """make_optimizer steps the rule's groups of equal settings as one group: every parameter
@@ -595,13 +607,7 @@ def test_merged_parameter_groups_step_exactly_as_the_rules_groups(optimizer):
     ref = make(rule.param_groups(twin), fused=True, **kw)
     opt = make_optimizer(groups, cfg)
     assert len(opt.param_groups) == 1 and len(ref.param_groups) == len(groups) > 1
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        for p, q in zip(model.parameters(), twin.parameters()):
-            p.grad = torch.randn(p.shape, generator=gen)
-            q.grad = p.grad.clone()
-        opt.step()
-        ref.step()
+    _step_both(model, opt, twin, ref, steps=3)
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
     own = [{"params": groups[0]["params"], "name": "embed", "clip": False, "lr": 0.5}] + groups[1:]
@@ -625,13 +631,7 @@ def test_the_fused_step_is_torchs_plain_update_up_to_rounding(optimizer):
     ref, opt = make(twin.parameters(), **kw), make_optimizer(rule.param_groups(model), cfg)
     assert opt.defaults.get("fused")
     start = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        for p, q in zip(model.parameters(), twin.parameters()):
-            p.grad = torch.randn(p.shape, generator=gen)
-            q.grad = p.grad.clone()
-        opt.step()
-        ref.step()
+    _step_both(model, opt, twin, ref, steps=20)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert max((p - s).abs().max().item() for p, s in zip(model.parameters(), start.parameters())) > 1e-2
