@@ -212,7 +212,8 @@ def test_plot_curves_with_colours_fixes_order_colour_style_and_draws_the_mean():
 
 def test_live_plot_redraws_every_n_steps_and_is_silent_in_quick():
     seen = []
-    live = plots.LivePlot(["loss", "alignment"], every=3, sink=seen.append, profile="default", group="arm")
+    live = plots.LivePlot(["loss", "alignment"], every=3, sink=seen.append, profile="default", group="arm",
+                          min_seconds=0.0)
     for step in range(1, 8):
         live({"step": step, "loss": 1.0 / step, "alignment": [0.5, 0.4], "arm": "fa"})
     assert len(seen) == 2 and live.redraws == 2
@@ -221,3 +222,24 @@ def test_live_plot_redraws_every_n_steps_and_is_silent_in_quick():
     quiet = plots.LivePlot(["loss"], every=1, sink=seen.append, profile="quick")
     quiet({"step": 1, "loss": 1.0})
     assert len(seen) == 3 and not quiet.history
+
+
+def test_the_live_plot_redraws_at_most_once_per_min_seconds():
+    """A burst of records (a worker's unit replayed) redraws once; the next redraw waits until
+    ``min_seconds`` have passed on the plot's clock, due ones included; a new group's draw of
+    the finished one waits too."""
+    now = [0.0]
+    seen = []
+    live = plots.LivePlot(["loss"], every=2, sink=seen.append, profile="default", group="arm",
+                          min_seconds=1.0, clock=lambda: now[0])
+    for step in range(1, 11):  # five redraws due, all at t = 0
+        live({"step": step, "loss": 1.0 / step, "arm": "fa"})
+    assert live.redraws == 1
+    now[0] = 0.5
+    live({"step": 11, "loss": 0.1, "arm": "fa"})
+    live({"step": 12, "loss": 0.1, "arm": "fa"})  # due by count, not by time
+    live({"step": 1, "loss": 1.0, "arm": "bp"})  # new group: the finished one is not redrawn yet
+    assert live.redraws == 1
+    now[0] = 1.0
+    live({"step": 2, "loss": 0.9, "arm": "bp"})  # due by count and by time
+    assert live.redraws == 2 and len(seen) == 2
