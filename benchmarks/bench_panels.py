@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fa_study.config import TENSOR_CACHE_ENV, tensor_cache_dir
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # notebook -> (module, study class, view function): what each notebook's ControlPanel calls
@@ -61,6 +63,9 @@ def child(notebook: str, profile: str) -> None:
             seconds.append(time.perf_counter() - start)
         if panel.last_error is not None:
             raise SystemExit(f"notebook {notebook}'s panel run failed: {panel.last_error!r}")
+        if result.from_cache:  # a served unit would pass for a fast one
+            raise SystemExit(f"notebook {notebook}'s panel run served {result.from_cache} unit(s) "
+                             "from a cache that should have been empty")
     print(f"{seconds[0]:.3f} {seconds[1]:.3f} {result.units}")
 
 
@@ -68,8 +73,8 @@ def timed_run(notebook: str, profile: str, jobs_one: bool) -> tuple[float, float
     """``(cold seconds, again seconds, units)`` of a fresh process's two panel runs."""
     env = dict(os.environ)
     env.setdefault("FA_STUDY_DATA", str(ROOT / "data"))
-    default_cache = Path(env.get("FA_STUDY_CACHE") or ROOT / ".fa_study_cache")
-    env.setdefault("FA_STUDY_TENSOR_CACHE", str(default_cache / "tensors"))
+    # the converted data tensors where this checkout keeps them, whatever results cache a run uses
+    env.setdefault(TENSOR_CACHE_ENV, str(tensor_cache_dir()))
     env.pop("FA_STUDY_JOBS", None)
     if jobs_one:
         env["FA_STUDY_JOBS"] = "1"

@@ -74,6 +74,9 @@ _TMP_PREFIX = ".tmp-"
 # An entry holds one run's tables (the studies' largest are a few MB): over 1 GiB it is refused
 # before it is read, and a result that large is returned but not cached.
 PAYLOAD_MAX_BYTES = 1 << 30
+# how a note from ResultsCache.store starts when the disk refused the entry (a worker then
+# hands the result to its caller to store)
+KEPT_IN_MEMORY = "result kept in memory only"
 
 
 class CacheWarning(UserWarning):
@@ -453,7 +456,7 @@ class ResultsCache:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             self.remember(unit, spec_text, fingerprint, body)
-            return f"result kept in memory only: writing {final.parent} failed ({exc.strerror or exc})"
+            return f"{KEPT_IN_MEMORY}: writing {final.parent} failed ({exc.strerror or exc})"
         return ""
 
     def _inside(self, path: Path, root_ok: bool = False) -> bool:

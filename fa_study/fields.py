@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from .config import check_bool, check_choice, check_float, check_int, check_seed, check_seeds
 
@@ -42,21 +42,28 @@ def option(default: Any, check: Check, doc: str = "") -> Any:
     return Option(default, check, doc).field()
 
 
-def check_fields(obj) -> None:
-    """Run the declared check of every field of the dataclass ``obj`` (frozen or not), storing
-    the normalised value."""
+def check_fields(obj, prefix: str = "", keep: bool = False) -> None:
+    """Run the declared check of every field of the dataclass ``obj`` (frozen or not), naming
+    it ``prefix + name`` in errors and storing the normalised value (unless ``keep``)."""
     for f in dataclasses.fields(obj):
         check = f.metadata.get("check")
         if check is not None:
-            object.__setattr__(obj, f.name, check(f.name, getattr(obj, f.name)))
+            value = check(prefix + f.name, getattr(obj, f.name))
+            if not keep:
+                object.__setattr__(obj, f.name, value)
 
 
 class Checked:
     """Base of a dataclass whose fields are checked when it is built: the declared checks, then
-    :meth:`check` for what involves several fields."""
+    :meth:`check` for what involves several fields. A subclass may set ``FIELD_PREFIX`` (how
+    errors name its fields, e.g. ``"TrainConfig."``) and ``KEEP_VALUES`` (store the values as
+    given, not as the checks normalise them)."""
+
+    FIELD_PREFIX: ClassVar[str] = ""
+    KEEP_VALUES: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        check_fields(self, self.FIELD_PREFIX, self.KEEP_VALUES)
         self.check()
 
     def check(self) -> None:

@@ -190,7 +190,8 @@ def plot_curves(df: pd.DataFrame, x: str, y: str, *, hue: str | None = None, ax=
     log = bool(logy or (logy is None and _needs_log(df[y])))
     groups = [(None, df)] if hue is None else list(df.groupby(hue, sort=False))
     if colours is not None:
-        groups = [(k, dict(groups)[k]) for k in colours if k in dict(groups)]
+        by_key = dict(groups)
+        groups = [(k, by_key[k]) for k in colours if k in by_key]
     for i, (key, sub) in enumerate(groups):
         c = colours[key] if colours is not None else colour(key, i)
         ls = (styles or {}).get(key, LINESTYLES[i // len(PALETTE) % len(LINESTYLES)])
@@ -384,7 +385,8 @@ class LivePlot:
     ``update(record)`` takes a dict with ``step`` and any numeric keys (scalars or lists, a
     list giving one line per entry, e.g. per-layer alignment). Every ``every`` calls the
     figure is redrawn and handed to ``sink`` (default: an updating IPython display), unless
-    the last redraw is less than ``min_seconds`` old (by ``clock``): a redraw costs about 0.1 s,
+    the last redraw is less than ``min_seconds`` old (by ``clock``; a group's last state is
+    always drawn when the next group starts): a redraw costs about 0.1 s,
     and a unit computed by a worker is replayed here in one burst of records, so without the
     limit the live plot took 13 s of notebook 00's 72 s panel run. In the ``quick`` profile the
     helper does nothing, so CI and headless runs stay fast.
@@ -408,8 +410,8 @@ class LivePlot:
         if not self.enabled:
             return
         if self.group is not None and record.get(self.group) != self._group_value:
-            if self.history and self._due():
-                self.draw()  # the finished group's last state stays visible until replaced
+            if self.history:  # not limited: the finished group's last state stays visible until replaced
+                self.draw()
             self._group_value = record.get(self.group)
             self.history, self._calls = [], 0
         self.history.append({k: record.get(k) for k in ["step", *self.keys]})

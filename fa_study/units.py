@@ -101,17 +101,13 @@ def use_settings(settings: dict[str, str]) -> None:
     os.environ.update(settings)
 
 
-def compute_unit(unit_fn: Callable, spec, fingerprint: str, root: str | None, unit: str,
-                 spec_text: str, settings: dict[str, str] | None = None):
+def compute_unit(unit_fn: Callable, spec, fingerprint: str, root: str | None, unit: str, spec_text: str):
     """Run one unit on a worker: served if another process wrote it meanwhile, else computed
     and written to the shared cache at ``root``. Returns ``(spec_text, payload, status, note)``
     with status ``"hit"``, ``"stored"``, ``"unstored"`` (the caller then stores it) or ``"other
     code"`` (the worker's fa_study source differs, e.g. edited since the caller imported it: the
-    caller computes the unit itself).
-    ``settings`` are the caller's ``$FA_STUDY_*`` variables: a reused worker was started with
-    the environment of an earlier call."""
-    if settings is not None:
-        use_settings(settings)
+    caller computes the unit itself). The worker already has the caller's ``$FA_STUDY_*``
+    settings (:func:`as_finished`)."""
     if cache.code_fingerprint() != fingerprint:  # the caller computes it with the code its key names
         return spec_text, None, "other code", ""
     results = ResultsCache(root, quiet=True) if root is not None else None
@@ -124,7 +120,7 @@ def compute_unit(unit_fn: Callable, spec, fingerprint: str, root: str | None, un
     if results is None or not results.writable:
         return spec_text, payload, "unstored", ""
     note = results.store(unit, spec_text, fingerprint, payload)
-    if note.startswith("result kept in memory"):  # this worker cannot write: the caller stores it
+    if note.startswith(cache.KEPT_IN_MEMORY):  # this worker cannot write: the caller stores it
         return spec_text, payload, "unstored", ""
     return spec_text, payload, "stored", note
 

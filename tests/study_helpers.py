@@ -46,3 +46,22 @@ def assert_not_drawn(figures, label: str) -> None:
     assert not bad, f"{label!r} is drawn: {bad}"
     empty = [i for i in items if not i[2]]
     assert not empty, f"labelled lines without a finite value: {empty}"
+
+
+def output_mimes(output) -> list[str]:
+    """The MIME types of every item an ipywidgets ``Output`` holds, in order."""
+    return [k for o in output.outputs for k in o.get("data", {})]
+
+
+def html_outputs(output) -> list[str]:
+    """The ``text/html`` items of an ipywidgets ``Output``."""
+    return [o["data"]["text/html"] for o in output.outputs if "text/html" in o.get("data", {})]
+
+
+def run_panel(panel, **values) -> None:
+    """Set ``panel``'s controls to ``values`` (control name -> value), press Run, and fail
+    with the panel's error if the run raised."""
+    for name, value in values.items():
+        panel.controls[name].value = value
+    panel.run_button.click()
+    assert panel.last_error is None, panel.last_error

@@ -499,7 +499,7 @@ def test_concurrent_writers_leave_one_valid_entry(cache, tmp_path):
     assert stats.hits == 1 and out[0].to_dict("list") == res[0]["frame"]
 
 
-def test_a_second_writer_replaces_the_entry_atomically(cache):
+def test_a_second_write_replaces_the_entry_and_a_bad_one(cache):
     rc = ResultsCache()
     text, fp, name = spec_json(Spec(i=1)), code_fingerprint(), unit_name(frame_unit)
     payload = frame_unit(Spec(i=1), fp)

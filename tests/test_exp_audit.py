@@ -10,7 +10,7 @@ import torch
 
 matplotlib.use("Agg")
 
-from study_helpers import assert_not_drawn, diverge  # noqa: E402
+from study_helpers import assert_not_drawn, diverge, html_outputs, output_mimes, run_panel  # noqa: E402
 
 from fa_study.experiments import core  # noqa: E402
 from fa_study.experiments.audit import (AUDIT_MODELS, BEYOND_REFERENCE, AuditStudy,  # noqa: E402
@@ -336,7 +336,7 @@ def test_audit_view_leaves_a_diverged_run_out_of_the_plots_and_counts_it(cache, 
 # ---------------------------------------------------------------------------- panel
 
 def _html(panel):
-    return [o["data"]["text/html"] for o in panel.output.outputs if "text/html" in o.get("data", {})]
+    return html_outputs(panel.output)
 
 
 def test_panel_run_renders_new_figures_and_table_and_reruns_from_cache(cache, monkeypatch):
@@ -345,13 +345,10 @@ def test_panel_run_renders_new_figures_and_table_and_reruns_from_cache(cache, mo
     monkeypatch.setitem(AuditStudy.PROFILES, "quick", dict(TINY, rules=("bp", "fa", "dfa"), seeds=(42,)))
     panel = ControlPanel(AuditStudy, audit_view, profile="quick", live_keys=("loss",))
     assert {"rules", "archs", "seeds", "dataset", "penalty", "epochs", "lr"} <= set(panel.controls)
-    panel.controls["rules"].value = ("bp",)
-    panel.controls["seeds"].value = "3"
-    panel.run_button.click()
-    assert panel.last_error is None, panel.last_error
+    run_panel(panel, rules=("bp",), seeds="3")
     res = panel.last_result
     assert res.config.rules == ("bp",) and res.config.seeds == (3,) and res.from_cache == 0
-    mimes = [k for o in panel.output.outputs for k in o.get("data", {})]
+    mimes = output_mimes(panel.output)
     assert mimes.count("image/png") == 3 and "text/html" in mimes
     first_html = _html(panel)
     assert any("frozen" in h and "baseline" in h and "test_acc" in h for h in first_html)

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from study_helpers import assert_not_drawn, diverge
+from study_helpers import assert_not_drawn, diverge, html_outputs, output_mimes, run_panel
 
 from fa_study import runs as runs_mod
 from fa_study import widgets
@@ -109,21 +109,12 @@ def test_run_direction_returns_tidy_per_layer_results(module_cache):
     assert set(res.null["arm"]) == {"dfa", "dfa λ=0.01"}
 
 
-def _mimes(output):
-    return [k for o in output.outputs for k in o.get("data", {})]
-
-
 def test_panel_reads_new_settings_and_serves_a_repeat_from_the_cache(module_cache, monkeypatch):
     monkeypatch.setitem(DirectionStudy.PROFILES, "quick", TINY)
     panel = widgets.ControlPanel(DirectionStudy, direction_view, profile="quick", live_keys=("loss",))
     assert {"lam", "seeds", "epochs", "grad_clip"} <= set(panel.controls)
     assert panel.study() == DirectionStudy.for_profile("quick")  # defaults = the baseline run
-    panel.controls["lam"].value = 0.1
-    panel.controls["seeds"].value = "5"
-    panel.controls["epochs"].value = 1
-    panel.controls["grad_clip"].value = 0.5
-    panel.run_button.click()
-    assert panel.last_error is None, panel.last_error
+    run_panel(panel, lam=0.1, seeds="5", epochs=1, grad_clip=0.5)
     res = panel.last_result
     cfg = res.config
     assert cfg.lam == pytest.approx(0.1) and cfg.seeds == (5,) and cfg.epochs == 1 and cfg.grad_clip == 0.5
@@ -132,9 +123,9 @@ def test_panel_reads_new_settings_and_serves_a_repeat_from_the_cache(module_cach
     t = res.table.set_index("arm")
     assert list(t.index) == cfg.arms() and (t["layer"] == 2).all()  # read at L // 2, as 004
     assert set(t["reading"]) <= {"reference unhealthy", "poor", "mediocre", "reasonable"}
-    mimes = _mimes(panel.output)
+    mimes = output_mimes(panel.output)
     assert "image/png" in mimes and "text/html" in mimes
-    html = [o["data"]["text/html"] for o in panel.output.outputs if "text/html" in o.get("data", {})]
+    html = html_outputs(panel.output)
     assert any(cfg.arms()[1] in h and "cos_at_layer" in h for h in html)
     notes = "".join(o.get("text", "") for o in panel.output.outputs)
     assert "layer 2: cos(a, g)" in notes  # 004's verdict sentence for each arm

@@ -10,7 +10,7 @@ import torch
 
 matplotlib.use("Agg")
 
-from study_helpers import assert_not_drawn, diverge  # noqa: E402
+from study_helpers import assert_not_drawn, diverge, html_outputs, output_mimes, run_panel  # noqa: E402
 
 from fa_study import widgets  # noqa: E402
 from fa_study.experiments import feedback_tour as ft  # noqa: E402
@@ -258,20 +258,14 @@ def test_panel_run_renders_figures_and_table_and_second_run_is_cached(cache):
                                  live_keys=("loss", "cos_update_bp"))
     assert {"rules", "fa_inits", "optimizer", "lr", "grape_lr_b", "seeds"} <= set(panel.controls)
     assert set(panel.controls["rules"].options) == set(ft.tour_rules())
-    panel.controls["rules"].value = ("bp", "sign_sym")
-    panel.controls["epochs"].value = 1
-    panel.controls["hidden"].value = 16
-    panel.controls["record_every"].value = 20
-    panel.controls["seeds"].value = "3"
-    panel.run_button.click()
-    assert panel.last_error is None, panel.last_error
+    run_panel(panel, rules=("bp", "sign_sym"), epochs=1, hidden=16, record_every=20, seeds="3")
     res = panel.last_result
     assert res.config.hidden == 16 and res.config.seeds == (3,) and res.config.rules == ("bp", "sign_sym")
     assert set(res.results["arm"]) == {"bp", "sign_sym"} and set(res.results["seed"]) == {3}
     assert set(res.extra.history["d"]) == {16}
-    mimes = [k for o in panel.output.outputs for k in o.get("data", {})]
+    mimes = output_mimes(panel.output)
     assert mimes.count("image/png") == 3 and "text/html" in mimes
-    html = [o["data"]["text/html"] for o in panel.output.outputs if "text/html" in o.get("data", {})]
+    html = html_outputs(panel.output)
     assert any("sign_sym" in h and "cos_hidden" in h for h in html)
     assert res.from_cache == 0
     panel.run_button.click()

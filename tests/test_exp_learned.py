@@ -8,7 +8,7 @@ import torch
 
 matplotlib.use("Agg")
 
-from study_helpers import assert_not_drawn, diverge  # noqa: E402
+from study_helpers import assert_not_drawn, diverge, html_outputs, output_mimes, run_panel  # noqa: E402
 
 from fa_study import widgets  # noqa: E402
 from fa_study.experiments.learned import LearnedStudy, learned_summary, learned_view, run_learned  # noqa: E402
@@ -110,32 +110,21 @@ def test_run_learned_is_tidy_with_feedback_readouts_and_cached(cache):
     assert table.set_index("arm")["deep_cos_text"]["frozen"] == "n/a"  # its blocks do not learn
 
 
-def _mimes(output):
-    return [k for o in output.outputs for k in o.get("data", {})]
-
-
 def test_panel_run_renders_figures_and_table_and_second_run_is_cached(cache):
     panel = widgets.ControlPanel(LearnedStudy, learned_view, profile="quick")
     assert panel.study() == LearnedStudy.for_profile("quick")  # defaults = the baseline run
     assert {"rules", "grape_eta_B", "stiefel_eta_B", "rank", "stiefel_probe", "seeds"} <= set(panel.controls)
     assert set(panel.controls["rules"].options) == set(LearnedStudy.rule_choices())
     panel.defaults = dataclasses.replace(panel.defaults, n_train=256, n_test=128)  # not a control
-    panel.controls["rules"].value = ("stiefel_dfa",)
-    panel.controls["epochs"].value = 1
-    panel.controls["d"].value = 16
-    panel.controls["num_blocks"].value = 2
-    panel.controls["rank"].value = 4
-    panel.controls["seeds"].value = "5"
-    panel.run_button.click()
-    assert panel.last_error is None, panel.last_error
+    run_panel(panel, rules=("stiefel_dfa",), epochs=1, d=16, num_blocks=2, rank=4, seeds="5")
     res = panel.last_result
     assert res.config.rules == ("stiefel_dfa",) and res.config.rank == 4 and res.config.seeds == (5,)
     assert set(res.results["arm"]) == {"bp", "stiefel_dfa", "frozen"}
     assert (res.results.loc[res.results["arm"] == "stiefel_dfa", "rank"] == 4).all()
     assert len(res.figures) == 3  # alignment, accuracy, Stiefel gains
-    mimes = _mimes(panel.output)
+    mimes = output_mimes(panel.output)
     assert mimes.count("image/png") == 3 and "text/html" in mimes
-    html = [o["data"]["text/html"] for o in panel.output.outputs if "text/html" in o.get("data", {})]
+    html = html_outputs(panel.output)
     assert any("stiefel_dfa" in h and "test_acc" in h and "deep_cos" in h for h in html)
     assert res.from_cache == 0
     panel.run_button.click()

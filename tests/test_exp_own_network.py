@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 
 from fa_study.diagnostics import audit, find_hidden_states  # noqa: E402
 from fa_study.experiments import own_network as on  # noqa: E402
+from study_helpers import output_mimes, run_panel
 
 # two ViTs of width 8 and two blocks, 25 steps on 256 digits: a few seconds for all four runs
 TINY = dict(networks=("vit_mini", "torchvision_vit"), rules=("bp", "layer_fa"), width=8, depth=2, steps=25,
@@ -229,15 +230,11 @@ def test_panel_offers_networks_and_rules_and_runs_the_view(monkeypatch):
     assert tuple(panel.controls["networks"].options) == on.NETWORKS
     assert tuple(panel.controls["rules"].options) == on.OWN_RULES
     assert {"dataset", "steps", "lr", "width", "depth", "seed"} <= set(panel.controls)
-    panel.controls["networks"].value = ("small_resnet",)
-    panel.controls["rules"].value = ("bp", "layer_fa")
-    panel.controls["width"].value = 8
-    panel.run_button.click()
-    assert panel.last_error is None, panel.last_error
+    run_panel(panel, networks=("small_resnet",), rules=("bp", "layer_fa"), width=8)
     res = panel.last_result
     assert res.config.networks == ("small_resnet",) and list(res.table["rule"]) == ["bp", "layer_fa"]
     assert panel.status.value == "done"
-    mimes = [k for o in panel.output.outputs for k in o.get("data", {})]
+    mimes = output_mimes(panel.output)
     assert mimes.count("image/png") == 1 and "text/html" in mimes
     panel.controls["rules"].value = ()
     panel.run_button.click()
@@ -307,3 +304,18 @@ def test_runs_over_two_workers_equal_the_runs_in_this_process(tiny, monkeypatch)
         pd.testing.assert_frame_equal(other.direction, run.direction)
         for (n, p), q in zip(run.model.state_dict().items(), other.model.state_dict().values()):
             assert torch.equal(p, q), (key, n)
+
+
+def test_a_layer_rule_registered_later_is_offered_and_accepted(monkeypatch):
+    """own_rules() is read when asked: a layer rule registered after import (as in a notebook)
+    is one of the study's choices and passes its check."""
+    from fa_study.rules import RULES, register
+    from fa_study.rules.layer import LayerFA
+
+    class PlainCopyFA(LayerFA):
+        name = "plain_copy_fa_later"
+
+    monkeypatch.setitem(RULES, PlainCopyFA.name, register(PlainCopyFA))
+    assert PlainCopyFA.name in on.OwnNetworkStudy.rule_choices()
+    study = on.OwnNetworkStudy.for_profile("quick", rules=("bp", PlainCopyFA.name))
+    assert study.rules == ("bp", PlainCopyFA.name)

@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from study_helpers import assert_not_drawn, diverge
+from study_helpers import assert_not_drawn, diverge, html_outputs, output_mimes, run_panel
 
 from fa_study import widgets
 from fa_study.experiments.audit import AuditStudy, audit_spec
@@ -130,27 +130,19 @@ def test_run_penalty_is_tidy_cached_and_consistent(module_cache):
 
 # ---------------------------------------------------------------------------- view and panel
 
-def _mimes(output):
-    return [k for o in output.outputs for k in o.get("data", {})]
-
-
 def test_panel_runs_the_sweep_and_serves_a_repeat_from_the_cache(module_cache, monkeypatch):
     monkeypatch.setitem(PenaltyStudy.PROFILES, "quick", TINY)
     panel = widgets.ControlPanel(PenaltyStudy, penalty_view, profile="quick", live_keys=("loss",))
     assert {"lambdas", "seeds", "epochs"} <= set(panel.controls)
     assert panel.study() == PenaltyStudy.for_profile("quick")  # defaults = the baseline run
-    panel.controls["lambdas"].value = "0, 0.5"
-    panel.controls["seeds"].value = "5"
-    panel.controls["epochs"].value = 1  # new settings: three cold runs
-    panel.run_button.click()
-    assert panel.last_error is None, panel.last_error
+    run_panel(panel, lambdas="0, 0.5", seeds="5", epochs=1)  # new settings: three cold runs
     res = panel.last_result
     assert res.config.lambdas == (0.0, 0.5) and res.config.seeds == (5,) and res.config.epochs == 1
     assert set(res.results["arm"]) == {"bp", "dfa", "dfa λ=0.5"} and set(res.results["epoch"]) == {0, 1}
     assert len(res.figures) == 2 and isinstance(res.audit, Results) and res.audit is res.extra
-    mimes = _mimes(panel.output)
+    mimes = output_mimes(panel.output)
     assert mimes.count("image/png") >= 2 and "text/html" in mimes
-    html = [o["data"]["text/html"] for o in panel.output.outputs if "text/html" in o.get("data", {})]
+    html = html_outputs(panel.output)
     assert any("dfa λ=0.5" in h and "h_L_vs_bp" in h for h in html)
     assert res.from_cache == 0 and res.units == 3
     panel.run_button.click()

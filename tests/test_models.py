@@ -277,3 +277,24 @@ def test_named_variants_resolve_build_and_display():
     assert display_name(model.arch, model.width, model.num_blocks) == "resmlp_d512_L2"
     assert display_name("resmlp", 256, 4) == "resmlp" and display_name("vit", 512, 2) == "vit"
     assert display_name("resmlp", None, None) == "resmlp"
+
+
+def test_an_architecture_registered_after_import_is_built_and_run_like_the_packages(monkeypatch):
+    """register_arch after import (as a notebook does) updates what build_model, ModelSpec and
+    the rules' error messages read; the registry is restored afterwards."""
+    from fa_study import models
+    from fa_study.runs import ModelSpec
+
+    for name in ("ARCHS", "AUDIT_ARCHS", "AUDIT_MODELS", "MODEL_NAMES"):
+        monkeypatch.setattr(models, name, getattr(models, name))
+    monkeypatch.setattr(models, "ARCHITECTURES", dict(models.ARCHITECTURES))
+    monkeypatch.setattr(models, "DEFAULTS", dict(models.DEFAULTS))
+    import fa_study.runs as runs
+
+    monkeypatch.setattr(runs, "DEFAULTS", models.DEFAULTS)
+    models.register_arch("mlp_wide", MLP, d=48, num_blocks=2)
+    assert "mlp_wide" in models.ARCHS and "mlp_wide" in models.MODEL_NAMES
+    m = models.build_model("mlp_wide", input_shape=(1, 8, 8), num_classes=3)
+    assert isinstance(m, MLP) and (m.width, m.num_blocks) == (48, 2)
+    spec = ModelSpec("mlp_wide")
+    assert (spec.d, spec.num_blocks) == (48, 2)

@@ -139,10 +139,12 @@ def _raising_unit(spec, fingerprint, callback=None):
 
 
 def test_workers_get_the_callers_settings(cache, tmp_path, monkeypatch):
+    """A task runs under exactly the caller's $FA_STUDY_* settings, whatever the (reused) worker
+    had before: the one extra variable is gone, the caller's is there."""
     monkeypatch.setattr(os, "environ", dict(os.environ, FA_STUDY_SOMETHING="here"))  # restored after
-    out = units.compute_unit(_settings_unit, TorchSpec(0, ""), units.cache.code_fingerprint(), None,
-                             "u", "{}", {"FA_STUDY_OTHER": "there"})
-    assert out[1]["env"] == {"FA_STUDY_OTHER": "there"}
+    index, payload = units._call_as({"FA_STUDY_OTHER": "there"}, [], 7, _settings_unit,
+                                    (TorchSpec(0, ""), ""))
+    assert index == 7 and payload["env"] == {"FA_STUDY_OTHER": "there"}
 
 
 def _settings_unit(spec, fingerprint, callback=None):

@@ -1,10 +1,7 @@
 """The notebook panels (fa_study.widgets): controls generated from a study's settings, a run
 rendered with its figure and table, errors and failed runs shown inside the panel."""
 from fa_study import experiments, widgets
-
-
-def _mimes(output):
-    return [k for o in output.outputs for k in o.get("data", {})]
+from study_helpers import html_outputs, output_mimes, run_panel
 
 
 def _ra_panel():
@@ -23,18 +20,13 @@ def test_controls_are_generated_from_the_config():
 
 def test_panel_run_renders_figure_and_table_and_second_run_is_cached(cache):
     panel = _ra_panel()
-    panel.controls["rules"].value = ("bp", "ra_fa")
-    panel.controls["epochs"].value = 1
-    panel.controls["hidden"].value = 32
-    panel.controls["seeds"].value = "3"
-    panel.run_button.click()
-    assert panel.last_error is None, panel.last_error
+    run_panel(panel, rules=("bp", "ra_fa"), epochs=1, hidden=32, seeds="3")
     res = panel.last_result
     assert res.config.epochs == 1 and res.config.hidden == 32 and res.config.seeds == (3,)
     assert set(res.results["arm"]) == {"bp", "ra_fa"} and set(res.results["seed"]) == {3}
-    mimes = _mimes(panel.output)
+    mimes = output_mimes(panel.output)
     assert "image/png" in mimes and "text/html" in mimes
-    html = [o["data"]["text/html"] for o in panel.output.outputs if "text/html" in o.get("data", {})]
+    html = html_outputs(panel.output)
     assert any("ra_fa" in h and "test_acc" in h for h in html)
     assert res.from_cache == 0
     panel.run_button.click()
@@ -64,6 +56,6 @@ def test_panel_names_a_failed_run_in_its_status_and_table(cache, fail_runs):
     panel.run_button.click()
     assert panel.last_error is None, panel.last_error  # rendered, not an exception
     assert "1 run failed" in panel.status.value
-    html = [o["data"]["text/html"] for o in panel.output.outputs if "text/html" in o.get("data", {})]
+    html = html_outputs(panel.output)
     assert any("injected failure of ra_fa" in h for h in html)
-    assert "image/png" in _mimes(panel.output)
+    assert "image/png" in output_mimes(panel.output)

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .signals import buffers_preserved, eval_mode
-from .updates import _cos
+from .updates import cosine
 from .taps import BlockStates
 
 
@@ -103,7 +103,7 @@ def block_feedback_quality(B: Sequence[torch.Tensor], model, x: torch.Tensor,
     with eval_mode(model), buffers_preserved(model):
         with torch.no_grad():
             _, hiddens = model(x, return_hidden=True)
-        return {f"fb_align_{l}": _cos(B_l, mean_block_jacobian(model, l, hiddens[l]).to(B_l.dtype))
+        return {f"fb_align_{l}": cosine(B_l, mean_block_jacobian(model, l, hiddens[l]).to(B_l.dtype))
                 for l, B_l in enumerate(B)}
 
 
@@ -118,5 +118,5 @@ def direct_feedback_quality(matrices: Sequence[torch.Tensor], model, x: torch.Te
             logits = model(x)
             e = torch.softmax(logits, dim=-1) - F.one_hot(y, logits.shape[-1]).to(logits.dtype)
         n = x.shape[0]
-        return {f"fb_align_{l}": _cos(M, (g.t() @ e / n).to(M.dtype))
+        return {f"fb_align_{l}": cosine(M, (g.t() @ e / n).to(M.dtype))
                 for l, (M, g) in enumerate(zip(matrices, grads))}

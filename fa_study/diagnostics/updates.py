@@ -51,7 +51,7 @@ def feedback_matrix(layer: nn.Module) -> tuple[str, torch.Tensor] | None:
     return None
 
 
-def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double().flatten(), b.detach().double().flatten().to(a.device)
     den = float(a.norm() * b.norm())
     return float(a @ b) / den if den > 0 else math.nan
@@ -68,7 +68,7 @@ def feedback_angles(model: nn.Module) -> pd.DataFrame:
             continue
         where, B = found
         W = m.weight
-        c = _cos(B, W)
+        c = cosine(B, W)
         rows.append({"layer": name, "type": type(m).__name__, "feedback": where,
                      "param": f"{name}.weight" if name else "weight",
                      "angle_BW_deg": math.degrees(math.acos(max(-1.0, min(1.0, c)))) if c == c else math.nan,
@@ -151,7 +151,7 @@ def update_alignment(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule=No
             continue
         u, g = p.grad, bp_grads[name]
         cos, un, gn = (math.nan,) * 3 if u is None or g is None else \
-            (_cos(u, g), float(u.double().norm()), float(g.double().norm()))
+            (cosine(u, g), float(u.double().norm()), float(g.double().norm()))
         a, r = angles.get(name, (math.nan, math.nan))
         rows.append({"param": name, "cos_update_bp": cos, "update_norm": un, "bp_grad_norm": gn,
                      "angle_BW_deg": a, "norm_ratio_BW": r, "by_construction": same})

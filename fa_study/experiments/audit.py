@@ -166,7 +166,7 @@ class AuditStudy(Study):
         return [self.spec(r, a, s) for a in self.archs for s in self.seeds for r in rules]
 
 
-run_audit = study_runner(AuditStudy, """Run every rule, model and seed of the study (default: the
+run_audit = study_runner(AuditStudy, "run_audit", """Run every rule, model and seed of the study (default: the
     profile's, with ``overrides``) plus the frozen baseline; see :class:`fa_study.runs.Results`.""")
 
 

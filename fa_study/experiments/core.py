@@ -303,14 +303,15 @@ def _failed_row(columns, keys: dict) -> dict:
     return {**row, **keys}
 
 
-def study_runner(cls, doc: str) -> Callable[..., Results]:
-    """A ``run_*`` function of ``cls``: the study given (or the profile's) with ``overrides``,
-    every spec run or served from the cache (:meth:`Study.run`)."""
+def study_runner(cls, name: str, doc: str) -> Callable[..., Results]:
+    """The function ``name`` (``run_*``, as help() and tracebacks show it) of ``cls``: the study
+    given (or the profile's) with ``overrides``, every spec run or served from the cache
+    (:meth:`Study.run`)."""
     def run(study=None, *, profile: str | None = None, callback: Callable | None = None,
             n_jobs: int | None = None, progress: Callable | None = None, **overrides) -> Results:
         return resolve_study(cls, study, profile, overrides).run(callback=callback, n_jobs=n_jobs,
                                                                    progress=progress)
-    run.__doc__ = doc
+    run.__doc__, run.__name__, run.__qualname__ = doc, name, name
     return run
 
 

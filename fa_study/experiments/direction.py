@@ -79,8 +79,8 @@ class DirectionStudy(PenalisedRuns):
         return [self.spec(self.seeds[0], p).label for p in (False, True)]
 
 
-run_direction = study_runner(DirectionStudy, """Train the vanilla and penalised rule for every seed
-    (cached) and audit each run; ``layers`` holds the direction quality, one row per run and hidden
+run_direction = study_runner(DirectionStudy, "run_direction", """Train the vanilla and penalised rule for
+    every seed (cached) and audit each run; ``layers`` holds the direction quality, one row per run and hidden
     state (``arm``, ``seed``, ``penalty``, ``layer``, ``cos_mean``, ``cos_std``, ``cos_median``,
     ``g_norm_median``, ``a_norm_median``, ``reading``, ``n_eval``).""")
 

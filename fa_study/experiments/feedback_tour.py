@@ -197,7 +197,7 @@ def records(res: Results) -> pd.DataFrame:
     return probes.merge(res.runs[["arm", "seed", "status"]], on=["arm", "seed"], how="left")
 
 
-run_tour = study_runner(FeedbackTour, """Train every arm and seed of ``study`` (default: the
+run_tour = study_runner(FeedbackTour, "run_tour", """Train every arm and seed of ``study`` (default: the
     profile's, with ``overrides``); ``Results.probes`` has one row per arm, seed and record (step 0,
     every ``record_every`` steps, the last step).""")
 

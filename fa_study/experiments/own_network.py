@@ -51,9 +51,15 @@ from ..rules import BP_REFERENCE, RULES
 from .core import Study, StudyResult, names, one_cpu_thread, resolve_study
 
 NETWORKS: tuple[str, ...] = ("vit_mini", "torchvision_vit", "small_resnet", "resnet18")
-# BP (the plain network) and every layer rule that converts any classifier (fa_study.rules.convert)
-OWN_RULES: tuple[str, ...] = (BP_REFERENCE,) + tuple(
-    n for n, c in RULES.items() if c.family == "layer" and not c.needs_blocks)
+
+
+def own_rules() -> tuple[str, ...]:
+    """BP (the plain network) and every registered layer rule that converts any classifier
+    (:func:`fa_study.rules.convert`), read when asked: a rule registered later counts."""
+    return (BP_REFERENCE,) + tuple(n for n, c in RULES.items() if c.family == "layer" and not c.needs_blocks)
+
+
+OWN_RULES: tuple[str, ...] = own_rules()  # the package's own (the panel's choices)
 DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10")
 # where the audit finds each network's hidden states (fa_study.diagnostics.find_hidden_states)
 EXPECTED_CONTAINER: dict[str, str] = {"vit_mini": "blocks", "small_resnet": "blocks",
@@ -234,7 +240,7 @@ class OwnNetworkStudy(Study):
     network) and under the feedback rules (through ``fa_study.feedback.convert``), then read."""
 
     networks: tuple = option(("vit_mini", "torchvision_vit"), names(NETWORKS), "which networks (NETWORKS)")
-    rules: tuple = option(("bp", "layer_fa"), names(OWN_RULES),
+    rules: tuple = option(("bp", "layer_fa"), names(own_rules),
                           "bp: the plain network; others through convert(model, rule)")
     dataset: str = option("mnist", choice(*DATASETS),
                           "mnist / fashion_mnist (repeated to 3 channels) or cifar10")
@@ -260,13 +266,13 @@ class OwnNetworkStudy(Study):
         "paper": dict(width=128, depth=4, steps=2000, batch_size=128, n_train=None, n_test=10000,
                       n_direction=1024),
     }
-    CONTROLS = {"networks": NETWORKS, "rules": OWN_RULES, "dataset": DATASETS,
+    CONTROLS = {"networks": NETWORKS, "rules": "rules", "dataset": DATASETS,
                 "width": (8, 256, 8), "depth": (1, 8, 1), "steps": (10, 2000, 10),
                 "lr": ("log", 1e-4, 1e-2), "seed": (0, 99, 1)}
 
     @classmethod
     def rule_choices(cls) -> tuple[str, ...]:
-        return OWN_RULES
+        return own_rules()
 
     def check(self) -> None:
         """Nothing across fields (its runs are not specs: they train here, uncached)."""

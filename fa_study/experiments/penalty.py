@@ -148,10 +148,10 @@ class PenaltyStudy(PenalisedRuns):
         return list(dict.fromkeys(s.label for s in self.specs()))
 
 
-run_penalty = study_runner(PenaltyStudy, """Train BP and the rule at every λ for every seed (cached)
-    and audit each run; see :class:`fa_study.runs.Results` (``history`` per epoch with ``penalty``,
-    ``h_norm_<l>``, ``g_norm_<l>``, ``cos_<l>``; ``runs`` with the D1/D2 values; ``null`` per
-    penalised run).""")
+run_penalty = study_runner(PenaltyStudy, "run_penalty", """Train BP and the rule at every λ for every
+    seed (cached) and audit each run; see :class:`fa_study.runs.Results` (``history`` per epoch
+    with ``penalty``, ``h_norm_<l>``, ``g_norm_<l>``, ``cos_<l>``; ``runs`` with the D1/D2
+    values; ``null`` per penalised run).""")
 
 
 # --------------------------------------------------------------------------------------------

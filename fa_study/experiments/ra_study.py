@@ -128,7 +128,7 @@ class RAStudy(Study):
         return [self.spec(r, s) for s in self.seeds for r in self.rules]
 
 
-run_ra = study_runner(RAStudy, """Train every rule and seed of the study (default: the profile's);
+run_ra = study_runner(RAStudy, "run_ra", """Train every rule and seed of the study (default: the profile's);
     ``Results.history`` has one row per rule, seed and epoch (0 = before training).""")
 
 

@@ -62,8 +62,7 @@ class LocalLayer:
         """Replace the stored feedback matrix by a copy of ``B`` (W's shape)."""
         if not self.rule.stores_b:
             raise ValueError(f"rule {self.method!r} stores no B of W's shape; set_feedback needs "
-                             "a rule whose stores_b is True (layer_fa, layer_grape, kolen_pollack, "
-                             "weight_mirror)")
+                             "a rule whose stores_b is True, e.g. layer_fa")
         if tuple(B.shape) != tuple(self.weight.shape):
             raise ValueError(f"B must have the weight's shape {tuple(self.weight.shape)}, "
                              f"got {tuple(B.shape)}")

@@ -53,12 +53,30 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {}
 
 
+VARIANTS: dict[str, tuple[str, int, int]] = {"resmlp_d512_L2": ("resmlp", 512, 2)}
+# derived from ARCHITECTURES by register_arch (DEFAULTS updated in place; the tuples rebound, so
+# read them as fa_study.models.ARCHS etc. to see architectures registered later)
+ARCHS: tuple[str, ...] = ()
+AUDIT_ARCHS: tuple[str, ...] = ()
+AUDIT_MODELS: tuple[str, ...] = ()  # what an audit offers: the audited archs and their variants
+MODEL_NAMES: tuple[str, ...] = ()
+DEFAULTS: dict[str, dict[str, int]] = {}  # the reference study's sizes
+
+
 def register_arch(name: str, cls: type, *, d: int, num_blocks: int, audited: bool = False,
                   long_run_share: float = 1.0) -> None:
     """Register an architecture under ``name``: the one place a new model is added (``cls``
     takes ``(input_shape, num_classes, d, num_blocks, **options)``). What it supports is asked of
-    its model (each rule's ``fits``), never listed."""
+    its model (each rule's ``fits``), never listed. The tables derived from the registry
+    (:data:`ARCHS`, :data:`DEFAULTS`, ...) are rebuilt, so a model registered after import
+    (e.g. in a notebook) is built, checked and run like the package's own."""
+    global ARCHS, AUDIT_ARCHS, AUDIT_MODELS, MODEL_NAMES
     ARCHITECTURES[name] = Architecture(cls, d, num_blocks, audited, long_run_share)
+    ARCHS = tuple(ARCHITECTURES)
+    AUDIT_ARCHS = tuple(n for n, a in ARCHITECTURES.items() if a.audited)
+    AUDIT_MODELS = tuple(n for a in AUDIT_ARCHS for n in (a, *(v for v, s in VARIANTS.items() if s[0] == a)))
+    MODEL_NAMES = ARCHS + tuple(VARIANTS)
+    DEFAULTS[name] = {"d": d, "num_blocks": num_blocks}
 
 
 register_arch("resmlp", ResidualMLP, d=256, num_blocks=4, audited=True)
@@ -66,16 +84,6 @@ register_arch("vit", ViTMini, d=128, num_blocks=4, audited=True, long_run_share=
 register_arch("resnet", SmallResNet, d=64, num_blocks=4, audited=True)
 register_arch("mlp", MLP, d=256, num_blocks=1)
 register_arch("matrix_mlp", MatrixMLP, d=256, num_blocks=2)
-
-ARCHS: tuple[str, ...] = tuple(ARCHITECTURES)
-AUDIT_ARCHS: tuple[str, ...] = tuple(n for n, a in ARCHITECTURES.items() if a.audited)
-DEFAULTS: dict[str, dict[str, int]] = {  # the reference study's sizes
-    n: {"d": a.d, "num_blocks": a.num_blocks} for n, a in ARCHITECTURES.items()}
-VARIANTS: dict[str, tuple[str, int, int]] = {"resmlp_d512_L2": ("resmlp", 512, 2)}
-# the models an audit offers: the audited architectures and their named variants, in that order
-AUDIT_MODELS: tuple[str, ...] = tuple(
-    n for a in AUDIT_ARCHS for n in (a, *(v for v, spec in VARIANTS.items() if spec[0] == a)))
-MODEL_NAMES: tuple[str, ...] = ARCHS + tuple(VARIANTS)
 
 
 def resolve(name: str, d: int | None = None,
