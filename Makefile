@@ -63,9 +63,10 @@ notebooks: setup
 	$(VENV)/bin/jupyter nbconvert --clear-output --inplace --log-level=WARN notebooks/[0-9][0-9]_*.ipynb
 	touch notebooks/[0-9][0-9]_*.py
 
-# The benchmarks: bench_step (a step against its own matmuls: the tight bound and each rule's
-# fraction of it at one and at all threads), the trainer against the reference pipeline, the data
-# pipeline, the audit (BENCH_ARGS go to these), then bench_panels: each notebook's panel run in
+# The benchmarks: bench_step (a step against its own matmuls: the tight bound, the floor and each
+# rule's fraction of both at one and at all threads), bench_stack (seeds stacked into one model
+# against the package's step), the trainer against the reference pipeline, the data pipeline,
+# the audit (BENCH_ARGS go to these), then bench_panels: each notebook's panel run in
 # the default profile with a fresh cache, before (FA_STUDY_JOBS=1) and after, side by side
 # (BENCH_PANELS picks the notebooks: "00 02", "all").
 BENCH_PANELS ?= 00 02

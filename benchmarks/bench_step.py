@@ -8,6 +8,13 @@ and the input gradients (every layer but the embedding, whose input needs none).
 of a step (activations, LayerNorm, the loss, the optimizer, Python) is in it, so no rule can
 reach it; the fraction says how much of a step is its matmuls.
 
+The floor adds what no implementation of this model and optimizer can skip: the bound's
+matmuls, the elementwise math of the layers (GELU and LayerNorm, forward and backward, as
+torch's own kernels compute them) and one step of the trainer's optimizer (AdamW's fused
+kernel) over all the parameters. What a step spends beyond the floor is the cost of running it
+(autograd, the loss, the residual adds, Python); the floor's own rate says how far the bound is
+out of reach for any rule trained with that optimizer.
+
 For every rule two throughputs are measured, in samples/s:
 
 * ``step``: ``rule.fill_grads`` + ``optimizer.step`` in a bare loop over ready batches, the
@@ -58,15 +65,41 @@ def bound_step(model, x: torch.Tensor, g_hidden: torch.Tensor, g_out: torch.Tens
         torch.mm(g_out if lin is model.out_head else g_hidden, lin.weight)
 
 
-def bound_rate(steps: int) -> float:
+def layer_math(model, h: torch.Tensor, g: torch.Tensor) -> None:
+    """The elementwise kernels of one step of ``model`` (``h``, ``g`` ``(batch, d)``): every
+    LayerNorm and GELU forward and backward (see the module doc)."""
+    lns = [b.ln for b in model.blocks] + [model.out_ln]
+    for ln in lns:
+        out, mean, rstd = torch.ops.aten.native_layer_norm(h, [D], ln.weight, ln.bias, ln.eps)
+        torch.ops.aten.native_layer_norm_backward(g, h, [D], mean, rstd, ln.weight, ln.bias,
+                                                  [True, True, True])
+    for _ in model.blocks:
+        torch.ops.aten.gelu_backward(g, torch.nn.functional.gelu(h))
+
+
+def bound_rate(steps: int, floor: bool = False) -> float:
+    """Samples/s of the bound's matmuls; ``floor``: with the layers' elementwise math and one
+    step of the trainer's optimizer over every parameter (gradients set once, as random)."""
     model = build_model("resmlp", input_shape=SHAPE, num_classes=C, d=D, num_blocks=L)
     x = torch.randn(BATCH, model.input_dim)
     g_hidden, g_out = torch.randn(BATCH, D), torch.randn(BATCH, C)
-    with torch.no_grad():
+    opt = None
+    if floor:
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        opt = make_optimizer([{"params": list(model.parameters())}], TrainConfig())
+
+    def one():
         bound_step(model, x, g_hidden, g_out)
+        if opt is not None:
+            layer_math(model, g_hidden, g_hidden)
+            opt.step()
+
+    with torch.no_grad():
+        one()
         start = time.perf_counter()
         for _ in range(steps):
-            bound_step(model, x, g_hidden, g_out)
+            one()
     return steps * BATCH / (time.perf_counter() - start)
 
 
@@ -147,7 +180,7 @@ def main() -> None:
     for round_ in range(a.repeats + 1):  # round 0 warms up
         for t in threads:
             torch.set_num_threads(t)
-            got = {("bound", t): bound_rate(a.steps)}
+            got = {("bound", t): bound_rate(a.steps), ("floor", t): bound_rate(a.steps, floor=True)}
             for rule in rules:
                 got[(rule, "step", t)] = step_rate(rule, batches)
                 got[(rule, "trainer", t)] = trainer_rate(rule, train_ds, test_ds, a.augment)
@@ -160,13 +193,15 @@ def main() -> None:
     print(f"ResidualMLP d={D} L={L}, batch {BATCH}, CIFAR-shaped inputs, CPU, torch {torch.__version__}, "
           f"{a.steps} steps, median of {a.repeats} rounds{aug}")
     for t in threads:
-        bound = med[("bound", t)]
-        print(f"\n{t} thread{'s' if t > 1 else ''}: tight bound (the step's matmuls) {bound:,.0f} samples/s")
-        print(f"{'rule':<10}{'ops/step':>9}{'step samples/s':>16}{'of bound':>10}"
-              f"{'trainer samples/s':>19}{'of bound':>10}")
+        bound, floor = med[("bound", t)], med[("floor", t)]
+        print(f"\n{t} thread{'s' if t > 1 else ''}: tight bound (the step's matmuls) {bound:,.0f} samples/s; "
+              f"floor (+ GELU, LayerNorm, AdamW's kernel) {floor:,.0f} = {floor / bound:.2f} of the bound")
+        print(f"{'rule':<10}{'ops/step':>9}{'step samples/s':>16}{'of bound':>10}{'of floor':>10}"
+              f"{'trainer samples/s':>19}{'of bound':>10}{'of floor':>10}")
         for rule in rules:
             s, tr = med[(rule, "step", t)], med[(rule, "trainer", t)]
-            print(f"{rule:<10}{ops[rule]:>9}{s:>16,.0f}{s / bound:>10.2f}{tr:>19,.0f}{tr / bound:>10.2f}")
+            print(f"{rule:<10}{ops[rule]:>9}{s:>16,.0f}{s / bound:>10.2f}{s / floor:>10.2f}"
+                  f"{tr:>19,.0f}{tr / bound:>10.2f}{tr / floor:>10.2f}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\n1-minute load average at the end: {load:.1f} on {os.cpu_count()} cores "
           "(absolute numbers mean something only when it is below the core count; the fractions "
