@@ -124,9 +124,8 @@ MODEL_OPTION_CASES = {
                                         r"'identity'"),
     ("resmlp", "block_norm"): (1, r"block_norm must be True or False, got 1"),
     ("resmlp", "final_norm"): ("no", r"final_norm must be True or False, got 'no'"),
-    ("vit", "heads"): (0, r"heads must be a positive integer at most 64 \(fa_study.config.MAX_HEADS\), "
-                          r"got 0"),
-    ("vit", "patch_size"): (2.5, r"patch_size must be a positive integer, got 2.5"),
+    ("vit", "heads"): (0, r"heads must be an integer >= 1, got 0"),
+    ("vit", "patch_size"): (2.5, r"patch_size must be an integer >= 1, got 2.5"),
     ("vit", "mlp_ratio"): ("4", r"mlp_ratio must be a finite number > 0, got '4'"),
     ("mlp", "activation"): ("swish", r"unknown activation 'swish'; allowed values: 'relu', 'tanh', 'gelu', "
                                      r"'identity'"),
@@ -355,20 +354,21 @@ CASES = {
                          r"fa_study.config.MAX_WIDTH\), "
                          r"got 1000000"),
     "bound_width_build": (lambda: models.build_model("resnet", d=10**6),
-                          r"d must be a positive integer at most 4096 \(fa_study.config.MAX_WIDTH\), got "
+                          r"d must be an integer in \[1, 4096\] \(4096: fa_study.config.MAX_WIDTH\), got "
                           r"1000000"),
     "bound_blocks_spec": (lambda: ModelSpec("vit", num_blocks=10**4),
                           r"num_blocks must be an integer in \[0, 256\] \(256: fa_study.config.MAX_BLOCKS\), "
                           r"got 10000"),
     "bound_blocks_build": (lambda: models.build_model("mlp", num_blocks=10**4),
-                           r"num_blocks must be a non-negative integer at most 256.*got 10000"),
+                           r"num_blocks must be an integer in \[0, 256\] \(256: "
+                           r"fa_study.config.MAX_BLOCKS\), got 10000"),
     "bound_parameters": (lambda: ModelSpec("resmlp", d=4096, num_blocks=256),
                          r"would hold 8,594,153,474 parameters, more than 1,073,741,824 "
                          r"\(fa_study.config.MAX_PARAMETERS"),
     "bound_parameters_classes": (lambda: models.build_model("mlp", num_classes=10**9, d=8),
                                  r"num_classes=1000000000 would hold .* parameters, more than 1,073,741,824"),
     "bound_heads": (lambda: ModelSpec("vit", d=128, options={"heads": 128}),
-                    r"heads must be a positive integer at most 64 \(fa_study.config.MAX_HEADS\), got 128"),
+                    r"heads must be an integer in \[1, 64\] \(64: fa_study.config.MAX_HEADS\), got 128"),
     "bound_tokens": (lambda: models.build_model("vit", input_shape=(3, 64, 64), patch_size=1, d=8, heads=2),
                      r"patch_size=1 on 64x64 images gives 4097 tokens, more than 1025 "
                      r"\(fa_study.config.MAX_TOKENS"),

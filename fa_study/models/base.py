@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..config import MAX_BLOCKS, MAX_WIDTH
+from ..config import MAX_BLOCKS, MAX_WIDTH, check_int
 
 
 class BlockModel(nn.Module):
@@ -164,29 +164,13 @@ class BlockModel(nn.Module):
                 f"input_shape={self.input_shape}, num_classes={self.num_classes}")
 
 
-def _check_count(what: str, value, low: int, high: int | None, bound: str) -> int:
-    """``value`` as an int, or ``ValueError`` naming ``what`` when it is not an integer >= ``low``
-    (1 or 0) and at most ``high`` when given (``bound`` names where the bound comes from)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low \
-            or (high is not None and value > high):
-        at_most = "" if high is None else f" at most {high}" + (f" ({bound})" if bound else "")
-        kind = "a positive integer" if low else "a non-negative integer"
-        raise ValueError(f"{what} must be {kind}{at_most}, got {value!r}")
-    return int(value)
-
-
-def check_positive_int(what: str, value, high: int | None = None, bound: str = "") -> int:
-    """``value`` as an int, or ``ValueError`` naming ``what`` when it is not a positive integer
-    (at most ``high`` when given; ``bound`` names where the bound comes from)."""
-    return _check_count(what, value, 1, high, bound)
-
-
 def check_width(value) -> int:
     """The width ``d``: a positive integer at most :data:`fa_study.config.MAX_WIDTH`."""
-    return check_positive_int("d", value, MAX_WIDTH, "fa_study.config.MAX_WIDTH")
+    return check_int("d", value, 1, MAX_WIDTH, bound="fa_study.config.MAX_WIDTH")
 
 
 def check_sizes(d, num_blocks) -> tuple[int, int]:
     """The width ``d`` (:func:`check_width`) and the depth ``num_blocks``, an integer in
     ``[0, MAX_BLOCKS]``, as ints, checked in that order."""
-    return check_width(d), _check_count("num_blocks", num_blocks, 0, MAX_BLOCKS, "fa_study.config.MAX_BLOCKS")
+    d = check_width(d)
+    return d, check_int("num_blocks", num_blocks, 0, MAX_BLOCKS, bound="fa_study.config.MAX_BLOCKS")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..config import MAX_HEADS, MAX_MLP_RATIO, MAX_TOKENS, check_float
-from .base import BlockModel, check_positive_int, check_sizes
+from ..config import MAX_HEADS, MAX_MLP_RATIO, MAX_TOKENS, check_float, check_int
+from .base import BlockModel, check_sizes
 
 
 class TransformerBlock(nn.Module):
@@ -55,8 +55,8 @@ class ViTMini(BlockModel):
                  num_blocks: int = 4, *, heads: int = 4, patch_size: int = 4,
                  mlp_ratio: float = 4.0):
         d, num_blocks = check_sizes(d, num_blocks)
-        heads = check_positive_int("heads", heads, MAX_HEADS, "fa_study.config.MAX_HEADS")
-        patch_size = check_positive_int("patch_size", patch_size)
+        heads = check_int("heads", heads, 1, MAX_HEADS, bound="fa_study.config.MAX_HEADS")
+        patch_size = check_int("patch_size", patch_size, 1)
         mlp_ratio = check_float("mlp_ratio", mlp_ratio, 0.0, low_open=True)
         if mlp_ratio > MAX_MLP_RATIO:
             raise ValueError(f"mlp_ratio must be a finite number > 0 and <= {MAX_MLP_RATIO:g} "
