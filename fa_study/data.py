@@ -275,7 +275,8 @@ def normalize(x_u8: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 images ``(N, C, H, W)`` -> float32 ``(x/255 - mean) / std`` per channel."""
     m = torch.tensor(mean, device=x_u8.device, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, device=x_u8.device, dtype=torch.float32).view(1, -1, 1, 1)
-    return (x_u8.float().div_(255.0) - m).div_(s)
+    # one new buffer, then in place (the input is never changed, whatever its dtype)
+    return x_u8.to(torch.float32, copy=True).div_(255.0).sub_(m).div_(s)
 
 
 def balanced_subset_indices(y: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
