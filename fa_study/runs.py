@@ -102,7 +102,7 @@ def _depth(name: str, value) -> int | None:  # None: the arch's reference depth
 class ModelSpec(Checked):
     """The model of a run (:func:`fa_study.models.build_model`)."""
 
-    arch: str = "resmlp"  # an arch of fa_study.models.ARCHS or a named variant (resmlp_d512_L2)
+    arch: str = "resmlp"  # an arch of fa_study.models.arch_names() or a named variant (resmlp_d512_L2)
     d: int | None = option(None, _width, "width (None: the arch's reference width)")
     num_blocks: int | None = option(None, _depth, "depth L (None: the arch's reference depth)")
     options: tuple = option((), _model_options, "other build_model keywords as sorted (name, value) pairs")

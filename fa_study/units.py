@@ -180,26 +180,29 @@ class _Sweep:
         return CacheStats(**self.counts, notes=self.notes)
 
 
-def _registries() -> dict[str, dict]:
-    from .models import ARCHITECTURES
-    from .rules.base import RULES
+def _registries() -> dict[str, tuple[dict, Callable]]:
+    """Each registry: its table and how an entry of it is registered again (through the
+    registry's own function, which also rebuilds what it derives from the table)."""
+    from . import models
+    from .rules import base
 
-    return {"rules": RULES, "architectures": ARCHITECTURES}
+    return {"rules": (base.RULES, lambda name, cls: base.register(cls, replace=True)),
+            "architectures": (models.ARCHITECTURES, lambda name, a: models.register_arch(name, **vars(a)))}
 
 
 def registered_in_main() -> list[tuple[str, str, object]]:
     """``(registry, name, entry)`` for the rules and architectures the caller registered in its
     ``__main__`` (a notebook or a script): a fresh worker knows only the package's own, so they
     travel with the tasks (cloudpickle sends such classes by value)."""
-    return [(reg, name, entry) for reg, table in _registries().items() for name, entry in table.items()
+    return [(reg, name, entry) for reg, (table, _) in _registries().items() for name, entry in table.items()
             if getattr(getattr(entry, "cls", entry), "__module__", None) == "__main__"]
 
 
 def _call_as(settings: dict[str, str], registered: list, index: int, fn: Callable, args: tuple):
     use_settings(settings)
-    tables = _registries()
+    registries = _registries()
     for reg, name, entry in registered:
-        tables[reg][name] = entry
+        registries[reg][1](name, entry)
     return index, fn(*args)
 
 

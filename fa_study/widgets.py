@@ -34,10 +34,12 @@ STYLE = {"description_width": "95px"}
 
 def build_control(name: str, default, spec, study_cls=None) -> W.Widget | None:
     """One widget for config field ``name`` with value ``default`` and ``spec`` from CONTROLS:
-    a tuple of choices, ``(min, max, step)``, ``("log", min, max)``, ``"seeds"``, or ``"rules"``
-    (the registered rules the study can run, asked of ``study_cls.rule_choices()`` when the panel
-    is built, so a rule registered in the notebook is offered too)."""
+    a tuple of choices (or a function returning them, asked when the panel is built, so a model
+    registered in the notebook is offered too), ``(min, max, step)``, ``("log", min, max)``,
+    ``"seeds"``, or ``"rules"`` (the registered rules the study can run, asked of
+    ``study_cls.rule_choices()`` when the panel is built)."""
     common = dict(description=name.replace("_", " "), style=STYLE, layout=LAYOUT)
+    spec = tuple(spec()) if callable(spec) else spec
     if spec == "rules":
         choices = list(study_cls.rule_choices()) if study_cls is not None else []
         choices += [r for r in default if r not in choices]

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 from study_helpers import assert_not_drawn, diverge, html_outputs, output_mimes, run_panel  # noqa: E402
 
 from fa_study.experiments import core  # noqa: E402
-from fa_study.experiments.audit import (AUDIT_MODELS, BEYOND_REFERENCE, AuditStudy,  # noqa: E402
+from fa_study.experiments.audit import (BEYOND_REFERENCE, AuditStudy,  # noqa: E402
                                         audit_rules, audit_spec, audit_view, blind_spot_figure,
                                         blind_spot_view, init_growth_layers, init_growth_table,
                                         run_audit, verdict_table)
@@ -47,7 +47,7 @@ def test_config_rejects_bad_values_naming_field_and_allowed(field, value, messag
 
 
 def test_profiles_and_unknown_settings():
-    from fa_study.models import AUDIT_ARCHS, VARIANTS
+    from fa_study.models import VARIANTS, audit_archs, audit_models
 
     with pytest.raises(ValueError, match="unknown setting"):
         AuditStudy.for_profile("quick", epoch=3)
@@ -59,7 +59,7 @@ def test_profiles_and_unknown_settings():
     assert paper.spec("dfa", "resnet", 42).train.epochs == 100
     assert len(paper.specs()) == 4 * 3 * 4  # archs x seeds x (bp, fa, dfa, frozen)
     # the panel offers the audit's models: the reference's architectures and the named variant
-    assert set(AuditStudy.CONTROLS["archs"]) == set(AUDIT_MODELS) == set(AUDIT_ARCHS) | set(VARIANTS)
+    assert set(AuditStudy.CONTROLS["archs"]()) == set(audit_models()) == set(audit_archs()) | set(VARIANTS)
 
 
 def test_named_variant_fixes_width_and_depth_and_keeps_its_name():

@@ -119,3 +119,16 @@ def test_every_view_renders_when_every_unit_fails(cache, fail_runs, name):
     assert isinstance(out.figures, list)
     if out.figures:
         assert "injected failure" in _figure_texts(out.figures)
+
+
+def test_every_study_runner_is_named_where_it_lives():
+    """study_runner's run_* functions carry their study module's name (help() shows where they
+    are; pickle, which joblib and dask use, finds them by it)."""
+    import importlib
+    import pickle
+
+    for module, name in (("audit", "run_audit"), ("direction", "run_direction"), ("penalty", "run_penalty"),
+                         ("ra_study", "run_ra"), ("feedback_tour", "run_tour")):
+        fn = getattr(importlib.import_module(f"fa_study.experiments.{module}"), name)
+        assert (fn.__module__, fn.__name__) == (f"fa_study.experiments.{module}", name)
+        assert pickle.loads(pickle.dumps(fn)) is fn

@@ -289,3 +289,15 @@ def test_converter_demo_keeps_outputs_and_reads_every_layer(cache):
         ft.converter_demo("resnet18", rules=("layer_dfa_block",))
     with pytest.raises(ValueError, match="a layer rule besides 'bp'.*'layer_fa'"):
         ft.converter_demo("resnet18", rules=("bp",))  # no conversion: refused, not an empty report
+
+
+def test_kolen_pollacks_rate_is_ws_own_decay_per_step():
+    """d = lr * weight_decay / (1 - momentum) under SGD with momentum (hand-computed for the
+    baseline, lr 0.01, wd 1e-4, mu 0.9, and the convergence section's wd 0.05); kept(t) is
+    (1 - d)^t: 0.98 of B_0 - W_0 after the default profile's 1,875 steps, 0.044 after 625."""
+    base = ft.FeedbackTour.for_profile("default")
+    assert base.contraction() == pytest.approx(0.01 * 1e-4 / 0.1, rel=1e-12)
+    assert base.kept(1875) == pytest.approx((1 - 1e-5) ** 1875, rel=1e-12) and 0.98 < base.kept(1875) < 0.982
+    conv = base.convergence()
+    assert conv.contraction() == pytest.approx(0.01 * 0.05 / 0.1, rel=1e-12)
+    assert conv.kept(625) == pytest.approx(0.995 ** 625, rel=1e-9) and round(conv.kept(625), 3) == 0.044

@@ -62,8 +62,8 @@ def test_every_rule_offered_converts_every_network():
     network has a Conv2d)."""
     from fa_study.rules import LAYER_RULES, build_rule
 
-    assert set(on.OWN_RULES) == {"bp"} | {c.name for c in LAYER_RULES if build_rule(c.name).has_conv_form}
-    assert on.OwnNetworkStudy.rule_choices() == on.OWN_RULES
+    assert set(on.own_rules()) == {"bp"} | {c.name for c in LAYER_RULES if build_rule(c.name).has_conv_form}
+    assert on.OwnNetworkStudy.rule_choices() == on.own_rules()
 
 
 def test_frozen_config_takes_as_many_steps_as_the_plain_loop():
@@ -228,7 +228,7 @@ def test_panel_offers_networks_and_rules_and_runs_the_view(monkeypatch):
                         dict(TINY, networks=("vit_mini",), rules=("bp",), steps=3, frozen=False))
     panel = ControlPanel(on.OwnNetworkStudy, on.own_network_view, profile="quick", live_keys=("loss",))
     assert tuple(panel.controls["networks"].options) == on.NETWORKS
-    assert tuple(panel.controls["rules"].options) == on.OWN_RULES
+    assert tuple(panel.controls["rules"].options) == on.own_rules()
     assert {"dataset", "steps", "lr", "width", "depth", "seed"} <= set(panel.controls)
     run_panel(panel, networks=("small_resnet",), rules=("bp", "layer_fa"), width=8)
     res = panel.last_result
@@ -250,7 +250,8 @@ def test_tick_labels_shorten_torchvision_names():
 
 
 
-@pytest.mark.parametrize("network, rule", [(n, r) for n in ("vit_mini", "small_resnet") for r in on.OWN_RULES]
+@pytest.mark.parametrize("network, rule", [(n, r) for n in ("vit_mini", "small_resnet")
+                                           for r in on.own_rules()]
                          + [("torchvision_vit", "layer_dfa"), ("resnet18", "layer_fa")])
 def test_every_rule_offered_trains_and_is_read_on_the_networks(network, rule):
     """What the panel offers runs: converted (except bp), trained two steps by the plain loop,
@@ -315,7 +316,48 @@ def test_a_layer_rule_registered_later_is_offered_and_accepted(monkeypatch):
     class PlainCopyFA(LayerFA):
         name = "plain_copy_fa_later"
 
-    monkeypatch.setitem(RULES, PlainCopyFA.name, register(PlainCopyFA))
+    monkeypatch.setitem(RULES, PlainCopyFA.name, PlainCopyFA)  # recorded as absent: removed after
+    register(PlainCopyFA)
     assert PlainCopyFA.name in on.OwnNetworkStudy.rule_choices()
     study = on.OwnNetworkStudy.for_profile("quick", rules=("bp", PlainCopyFA.name))
     assert study.rules == ("bp", PlainCopyFA.name)
+
+
+def test_a_rule_that_cannot_convert_the_networks_is_neither_offered_nor_accepted(monkeypatch):
+    """A layer rule without a Conv2d form cannot convert the networks (each has a Conv2d): asked
+    of the rule (its fits, as convert() asks), it is not offered, and a study naming it is
+    refused when built, not after the frozen baselines have trained."""
+    from fa_study.rules import RULES, register
+    from fa_study.rules.layer import LayerFA
+
+    class LinearOnlyFA(LayerFA):
+        name = "linear_only_fa"
+        has_conv_form = False
+
+    monkeypatch.setitem(RULES, LinearOnlyFA.name, LinearOnlyFA)  # recorded as absent: removed after
+    register(LinearOnlyFA)
+    assert LinearOnlyFA.name not in on.OwnNetworkStudy.rule_choices() and "layer_fa" in on.own_rules()
+    with pytest.raises(ValueError, match="linear_only_fa"):
+        on.OwnNetworkStudy.for_profile("quick", networks=("small_resnet",), rules=("bp", LinearOnlyFA.name))
+
+
+def test_runs_from_workers_end_with_every_curve_drawn_on_the_live_plot(monkeypatch):
+    """A worker's run reaches the live plot as one burst when it is done; the plot draws a burst
+    at most once a second, so each replay ends with a draw: the last figure shows the last run's
+    whole curve (before, it stopped at the first record of the burst)."""
+    import types
+
+    from fa_study import plots, units
+
+    study = on.OwnNetworkStudy.for_profile("quick", networks=("small_resnet",), rules=("bp", "layer_fa"),
+                                           frozen=False)
+    runs = {r: types.SimpleNamespace(losses=[1.0 / (s + 1) for s in range(40)]) for r in study.rules}
+    monkeypatch.setattr(units, "workers_for", lambda n_jobs, todo: 2)  # as on a machine with 2 cores
+    monkeypatch.setattr(on, "_spread", lambda fn, tasks: [(t, runs[t[2]]) for t in tasks])
+    seen = []
+    live = plots.LivePlot(["loss"], every=5, sink=seen.append, profile="default", group="arm",
+                          min_seconds=3600.0)
+    on.run_own_network(study, live=live)
+    last = seen[-1]
+    assert last.get_suptitle().endswith("arm=small_resnet:layer_fa")
+    assert len(last.axes[0].lines[0].get_xdata()) == 40

@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fa_study.models import (ARCHS, AUDIT_ARCHS, DEFAULTS, MLP, MODEL_NAMES, VARIANTS, BlockModel, MatrixMLP,
-                             ResidualMLP, SmallResNet, ViTMini, build_model, display_name, resolve)
+from fa_study.models import (DEFAULTS, MLP, VARIANTS, BlockModel, MatrixMLP, ResidualMLP, SmallResNet,
+                             ViTMini, arch_names, audit_archs, build_model, display_name, model_names,
+                             resolve)
 from fa_study.rules import ra
 
 SHAPE = (3, 8, 8)
@@ -34,7 +35,7 @@ def _x(n: int = 6, seed: int = 1) -> torch.Tensor:
 HIDDEN_SHAPES = {"resmlp": (16,), "vit": (1 + 4, 16), "resnet": (6, 8, 8), "mlp": (16,), "matrix_mlp": (16,)}
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", arch_names())
 def test_forward_is_embed_steps_readout(arch):
     model = _model(arch).eval()
     x = _x()
@@ -52,7 +53,7 @@ def test_forward_is_embed_steps_readout(arch):
     assert torch.equal(model(x), logits)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", arch_names())
 def test_flat_and_image_inputs_agree(arch):
     model = _model(arch).eval()
     x = _x()
@@ -61,7 +62,7 @@ def test_flat_and_image_inputs_agree(arch):
         model(torch.randn(6, 7))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", arch_names())
 def test_step_is_input_plus_branch(arch):
     model = _model(arch).eval()
     h = model.embed(_x())
@@ -75,7 +76,7 @@ def test_step_is_input_plus_branch(arch):
         h = h_next
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", arch_names())
 def test_pool_and_broadcast(arch):
     model = _model(arch).eval()
     h = model.embed(_x())
@@ -96,7 +97,7 @@ def test_pool_and_broadcast(arch):
     assert torch.equal(flat, a.unsqueeze(1).expand_as(flat))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", arch_names())
 def test_parameter_groups_partition_the_model(arch):
     model = _model(arch)
     groups = [model.embed_parameters(), model.head_parameters()] + \
@@ -108,7 +109,7 @@ def test_parameter_groups_partition_the_model(arch):
         model.block_parameters(model.num_blocks)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", arch_names())
 def test_shallow_model_has_no_blocks(arch):
     model = _model(arch, num_blocks=0).eval()
     logits, hiddens = model(_x(), return_hidden=True)
@@ -116,7 +117,7 @@ def test_shallow_model_has_no_blocks(arch):
 
 
 def test_build_model_defaults_and_bad_names():
-    assert set(ARCHS) == set(CLASSES_OF) and set(AUDIT_ARCHS) == {"resmlp", "vit", "resnet"}
+    assert set(arch_names()) == set(CLASSES_OF) and set(audit_archs()) == {"resmlp", "vit", "resnet"}
     for arch, cls in CLASSES_OF.items():
         m = build_model(arch)
         assert isinstance(m, cls)
@@ -203,7 +204,7 @@ def test_resnet_block_is_the_reference_formula():
 
 # ---------------------------------------------------------------------------- MNIST shape, flat inputs
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", arch_names())
 def test_every_architecture_takes_mnist_images_and_flat_inputs(arch):
     torch.manual_seed(0)
     sizes = dict(SIZES.get(arch, dict(d=16, num_blocks=2)))  # a new architecture: small defaults
@@ -265,7 +266,7 @@ def test_matrix_mlp_init_scale_is_gain_over_sqrt_fan_in(activation, gain):
 
 def test_named_variants_resolve_build_and_display():
     assert VARIANTS == {"resmlp_d512_L2": ("resmlp", 512, 2)}
-    assert set(MODEL_NAMES) == set(ARCHS) | set(VARIANTS)
+    assert set(model_names()) == set(arch_names()) | set(VARIANTS)
     assert resolve("resmlp_d512_L2") == ("resmlp", 512, 2)
     assert resolve("resmlp") == ("resmlp", None, None) and resolve("vit", 32, 3) == ("vit", 32, 3)
     with pytest.raises(ValueError, match="model.*'resmlp_d512_L2'"):
@@ -280,21 +281,38 @@ def test_named_variants_resolve_build_and_display():
 
 
 def test_an_architecture_registered_after_import_is_built_and_run_like_the_packages(monkeypatch):
-    """register_arch after import (as a notebook does) updates what build_model, ModelSpec and
-    the rules' error messages read; the registry is restored afterwards."""
+    """register_arch after import (as a notebook does) reaches everything that lists the models:
+    build_model, ModelSpec, the rule table, the audit's rules and its panel's choices (each
+    reads the registry when asked; a tuple bound at import went stale); the registry is
+    restored afterwards."""
     from fa_study import models
+    from fa_study.experiments.audit import AuditStudy, audit_rules
+    from fa_study.rules import rule_table
     from fa_study.runs import ModelSpec
 
-    for name in ("ARCHS", "AUDIT_ARCHS", "AUDIT_MODELS", "MODEL_NAMES"):
-        monkeypatch.setattr(models, name, getattr(models, name))
-    monkeypatch.setattr(models, "ARCHITECTURES", dict(models.ARCHITECTURES))
-    monkeypatch.setattr(models, "DEFAULTS", dict(models.DEFAULTS))
-    import fa_study.runs as runs
-
-    monkeypatch.setattr(runs, "DEFAULTS", models.DEFAULTS)
-    models.register_arch("mlp_wide", MLP, d=48, num_blocks=2)
-    assert "mlp_wide" in models.ARCHS and "mlp_wide" in models.MODEL_NAMES
+    monkeypatch.setitem(models.ARCHITECTURES, "mlp_wide", None)  # recorded as absent: removed after
+    monkeypatch.setitem(models.DEFAULTS, "mlp_wide", None)
+    models.register_arch("mlp_wide", MLP, d=48, num_blocks=2, audited=True)
+    assert "mlp_wide" in models.arch_names() and "mlp_wide" in models.model_names()
     m = models.build_model("mlp_wide", input_shape=(1, 8, 8), num_classes=3)
     assert isinstance(m, MLP) and (m.width, m.num_blocks) == (48, 2)
     spec = ModelSpec("mlp_wide")
     assert (spec.d, spec.num_blocks) == (48, 2)
+    assert "mlp_wide" in rule_table().columns and "mlp_wide" in AuditStudy.CONTROLS["archs"]()
+    before = audit_rules()  # the rules that train every audited model
+    monkeypatch.setitem(models.ARCHITECTURES, "matrix_audited", None)
+    monkeypatch.setitem(models.DEFAULTS, "matrix_audited", None)
+    models.register_arch("matrix_audited", MatrixMLP, d=16, num_blocks=1, audited=True)
+    assert "layer_fa" in before and "layer_fa" not in audit_rules() and set(audit_rules()) < set(before)
+
+
+def test_a_misspelt_embedding_name_is_refused_not_left_untrained():
+    """embed_modules names attributes; one the model does not have is an error naming it (it
+    was skipped, so its parameters silently fell out of the rule's parameter groups)."""
+    class Typo(ResidualMLP):
+        embed_modules = ("embed_lineer",)
+
+    model = Typo((1, 4, 4), 3, 8, 1)
+    with pytest.raises(ValueError, match="Typo has no attribute 'embed_lineer'.*embed_linear"):
+        model.embed_parameters()
+    assert len(ResidualMLP((1, 4, 4), 3, 8, 1).embed_parameters()) == 2  # weight and bias

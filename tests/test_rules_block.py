@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fa_study.models import AUDIT_ARCHS, build_model
+from fa_study.models import audit_archs, build_model
 from fa_study.diagnostics import bp_reference
 from fa_study.rules import (BP, DFA, FA, RULES, Frozen, Method, Oracle, Shallow, backward_local,
                             build_rule, local_forward, local_surrogate, output_error,
@@ -96,7 +96,7 @@ def _head_grads(model, x, y):
 # DFA
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", AUDIT_ARCHS)
+@pytest.mark.parametrize("arch", audit_archs())
 @pytest.mark.parametrize("penalty", [0.0, 0.05])
 def test_dfa_gradients_equal_the_reference_local_losses(arch, penalty):
     model = _model(arch).eval()  # eval: BatchNorm uses the same statistics in both computations
@@ -145,7 +145,7 @@ def test_dfa_second_linear_gradient_is_the_explicit_formula():
             torch.testing.assert_close(grads[lam][l][1] - grads[0.0][l][1], 2 * lam * f.mean(0))
 
 
-@pytest.mark.parametrize("arch", AUDIT_ARCHS)
+@pytest.mark.parametrize("arch", audit_archs())
 def test_dfa_credit_is_error_times_feedback(arch):
     model = _model(arch).eval()
     x, y = _batch()
@@ -179,7 +179,7 @@ def test_dfa_feedback_shapes_and_scale():
 # Block FA
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", AUDIT_ARCHS)
+@pytest.mark.parametrize("arch", audit_archs())
 def test_fa_gradients_equal_the_reference_local_losses(arch):
     model = _model(arch).eval()
     x, y = _batch()
@@ -214,7 +214,7 @@ def test_fa_feedback_shapes_and_scale():
     assert abs(std - 1 / math.sqrt(64)) < 0.01  # entries ~ N(0, 1/d)
 
 
-def test_fa_pass_down_follows_feedback_replaced_or_changed_in_place():
+def test_fa_signals_follow_feedback_replaced_or_changed_in_place():
     """FA caches the products B_{L-1}...B_l; the credit must follow any change of B."""
     model = _model("resmlp").eval()
     x, y = _batch()
@@ -260,7 +260,7 @@ def test_fa_with_true_jacobians_gives_the_bp_gradient():
     assert cos_random < 0.9
 
 
-@pytest.mark.parametrize("arch", AUDIT_ARCHS)
+@pytest.mark.parametrize("arch", audit_archs())
 def test_fa_credit_at_the_top_is_the_head_gradient(arch):
     model = _model(arch).eval()
     x, y = _batch()
@@ -277,7 +277,7 @@ def test_fa_credit_at_the_top_is_the_head_gradient(arch):
 # Oracle: the block-local scheme driven by the exact gradient
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", AUDIT_ARCHS)
+@pytest.mark.parametrize("arch", audit_archs())
 def test_oracle_gradients_are_the_local_surrogates_of_the_bp_gradient(arch):
     """Signals shaped like h (the BP gradient at every position) enter the surrogates as they
     are: block l follows mean over batch and positions of <f_l, g_{l+1}/rms(g_{l+1})>, the
@@ -330,7 +330,7 @@ def test_oracle_reads_batchnorm_statistics_before_its_forward():
 # BP and the baselines
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", AUDIT_ARCHS)
+@pytest.mark.parametrize("arch", audit_archs())
 def test_bp_gradients_and_credit_are_autograd(arch):
     model = _model(arch).eval()
     x, y = _batch()
@@ -389,7 +389,7 @@ def test_dfa_trains_a_model_without_blocks():
 # The shared surrogate helpers of fa_study.rules.base
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", AUDIT_ARCHS)
+@pytest.mark.parametrize("arch", audit_archs())
 def test_closed_form_surrogate_grads_equal_autograd_of_local_surrogate(arch):
     """surrogate_output_grads is d local_surrogate / d f, for (batch, d) signals and for signals
     shaped like h, with and without the penalty; backward_local feeds them to one backward."""

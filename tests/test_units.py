@@ -95,6 +95,21 @@ def test_run_specs_in_workers_equals_a_sequential_run(cache, tmp_path, monkeypat
     assert all(r["loss"] == r["train_loss"] for r in records)
 
 
+def _here_and_in_two_workers(specs, monkeypatch, tmp_path):
+    """Run ``specs`` in this process, then over two workers with another empty cache; assert
+    that the workers ran them all and equal this process bit for bit; return this process's."""
+    from fa_study.runs import run_specs
+
+    monkeypatch.setenv("FA_STUDY_JOBS", "1")
+    here = run_specs(specs)
+    monkeypatch.delenv("FA_STUDY_JOBS")
+    monkeypatch.setenv("FA_STUDY_CACHE", str(tmp_path / "cache2"))
+    there = run_specs(specs)
+    assert (there.runs["status"] == "ok").all(), there.runs["error"].tolist()
+    pd.testing.assert_frame_equal(here.history, there.history, check_exact=True)
+    return here
+
+
 def test_a_rule_registered_in_main_runs_in_the_workers(cache, tmp_path, monkeypatch, budget):
     """A rule a notebook registers (its class lives in ``__main__``, which a fresh worker does
     not have) travels with the tasks: the runs in two workers equal the runs in this process
@@ -115,17 +130,41 @@ def test_a_rule_registered_in_main_runs_in_the_workers(cache, tmp_path, monkeypa
             return loss, logits
 
     ShiftedBP.__module__ = "__main__"  # as a notebook cell defines it; cloudpickle sends it by value
-    monkeypatch.setitem(RULES, ShiftedBP.name, register(ShiftedBP))
+    monkeypatch.setitem(RULES, ShiftedBP.name, ShiftedBP)  # recorded as absent: removed after
+    register(ShiftedBP)
     assert [(r, n) for r, n, _ in units.registered_in_main()] == [("rules", ShiftedBP.name)]
     specs = [tiny(ShiftedBP.name, seed=s) for s in (0, 1)]
-    monkeypatch.setenv("FA_STUDY_JOBS", "1")
-    here = run_specs(specs)
-    monkeypatch.delenv("FA_STUDY_JOBS")
-    monkeypatch.setenv("FA_STUDY_CACHE", str(tmp_path / "cache2"))
-    there = run_specs(specs)
-    assert (there.runs["status"] == "ok").all(), there.runs["error"].tolist()
-    pd.testing.assert_frame_equal(here.history, there.history, check_exact=True)
+    here = _here_and_in_two_workers(specs, monkeypatch, tmp_path)
     plain = run_specs([tiny("bp", seed=0)]).history  # the rule ran, not BP under its name
+    assert not plain["train_loss"].equals(here.history[here.history["seed"] == 0]["train_loss"])
+
+
+def test_an_architecture_registered_in_main_runs_in_the_workers(cache, tmp_path, monkeypatch, budget):
+    """An architecture a notebook registers travels with the tasks and is registered in the
+    worker as register_arch does it (its derived tables too): the runs in two workers equal the
+    runs in this process (before the fix, a worker held it in ARCHITECTURES only and refused it
+    as an unknown model)."""
+    from test_runs import TINY_DATA, TINY_TRAIN
+
+    from fa_study import models
+    from fa_study.models.resmlp import ResidualMLP
+    from fa_study.runs import ModelSpec, RunSpec, run_specs
+
+    monkeypatch.setitem(models.ARCHITECTURES, "resmlp_in_main", None)  # recorded as absent: removed after
+    monkeypatch.setitem(models.DEFAULTS, "resmlp_in_main", None)
+
+    class PlainResMLP(ResidualMLP):  # the ResidualMLP without its terminal LayerNorm
+        def __init__(self, input_shape, num_classes, d, num_blocks):
+            super().__init__(input_shape, num_classes, d, num_blocks, final_norm=False)
+
+    PlainResMLP.__module__ = "__main__"  # as a notebook cell defines it; cloudpickle sends it by value
+    models.register_arch("resmlp_in_main", PlainResMLP, d=8, num_blocks=1)
+    assert [(r, n) for r, n, _ in units.registered_in_main()] == [("architectures", "resmlp_in_main")]
+    specs = [RunSpec("dfa", model=ModelSpec("resmlp_in_main"), data=TINY_DATA, train=TINY_TRAIN, seed=s)
+             for s in (0, 1)]
+    here = _here_and_in_two_workers(specs, monkeypatch, tmp_path)
+    plain = run_specs([RunSpec("dfa", model=ModelSpec("resmlp", 8, 1), data=TINY_DATA, train=TINY_TRAIN,
+                               seed=0)]).history  # the architecture ran, not resmlp under its name
     assert not plain["train_loss"].equals(here.history[here.history["seed"] == 0]["train_loss"])
 
 

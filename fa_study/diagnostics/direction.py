@@ -32,6 +32,7 @@ HEALTHY_G = 1e-7  # 004: the BP reference is resolvable above this median ||g||
 POOR_COS = 0.05  # 004: |cos| below this is poor direction quality
 MEDIOCRE_COS = 0.20  # 004: |cos| below this (and >= POOR_COS) is mediocre
 NULL_SEED = 0x5EED_F4E5  # default seed of the fresh draws: unlike the small seeds used for setup()
+NOT_MEASURED = "n/a"  # direction_reading of a cosine that was not measured
 READINGS: tuple[str, ...] = ("reference unhealthy", "poor", "mediocre", "reasonable")  # direction_reading's
 COMPARES: tuple[str, ...] = ("summed", "full", "pooled")
 
@@ -169,7 +170,9 @@ def direction_reading(cos_mean: float, g_norm: float, *, healthy_g: float = HEAL
                       poor: float = POOR_COS, mediocre: float = MEDIOCRE_COS) -> str:
     """004's pre-registered reading of one layer: ``"reference unhealthy"`` when
     ``g_norm <= healthy_g``, else ``"poor"`` (|cos| < poor), ``"mediocre"`` (|cos| < mediocre)
-    or ``"reasonable"``."""
+    or ``"reasonable"``; ``"n/a"`` when what it needs was not measured (NaN: no finished run)."""
+    if math.isnan(g_norm) or (g_norm > healthy_g and math.isnan(cos_mean)):
+        return NOT_MEASURED
     if not g_norm > healthy_g:
         return READINGS[0]
     return READINGS[1] if abs(cos_mean) < poor else READINGS[2] if abs(cos_mean) < mediocre else READINGS[3]

@@ -11,7 +11,7 @@ from .core import (Study, StudyResult, clear_cache, code_fingerprint, finished, 
                    layer_long, profile_config, resolve_study, run_units)
 from .ra_study import (RAStudy, ra_final, ra_summary, ra_view, run_ra, stability_figure,  # noqa: F401
                        stability_map, stability_tables)
-from .audit import AUDIT_MODELS, AuditStudy, audit_spec, audit_view, run_audit, verdict_table  # noqa: F401
+from .audit import AuditStudy, audit_spec, audit_view, run_audit, verdict_table  # noqa: F401
 from .feedback_tour import FeedbackTour, converter_demo, run_tour, tour_summary, tour_view  # noqa: F401
 from .learned import LearnedStudy, learned_summary, learned_view, run_learned  # noqa: F401
 from .penalty import PenaltyStudy, penalty_runs, penalty_summary, penalty_view, run_penalty  # noqa: F401

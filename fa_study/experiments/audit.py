@@ -39,7 +39,7 @@ from ..data import DATASETS
 from ..diagnostics import D2_FLOOR, D3_MARGIN_PP, PROTOCOL_EVAL
 from ..fields import boolean, choice, nonnegative, option, positive, positive_int
 from ..fields import seeds as seed_tuple
-from ..models import ARCHITECTURES, AUDIT_ARCHS, AUDIT_MODELS, resolve  # AUDIT_MODELS: names a study takes
+from ..models import ARCHITECTURES, audit_archs, audit_models, resolve
 from ..rules import BP_REFERENCE, D3_BASELINE, RULES, get_rule
 from ..runs import INIT_RATIO_COLUMNS, DataSpec, ModelSpec, ReadSpec, Results, RunSpec
 from ..train import TrainConfig
@@ -59,8 +59,8 @@ def audit_spec(rule: str, model: str, seed: int, *, options: dict | None = None,
                num_blocks: int | None = None, dataset: str = "cifar10", n_train: int | None = None,
                n_test: int | None = None, epochs: int = 10, lr: float = 1e-3,
                grad_clip: float | None = None, augment: bool = False, null_draws: int = 0) -> RunSpec:
-    """The run of ``rule`` (with ``options``) on ``model`` (a name of :data:`AUDIT_MODELS` or any
-    arch; a named variant fixes d and L) with ``seed``, trained as the reference (AdamW, cosine,
+    """The run of ``rule`` (with ``options``) on ``model`` (a name of :func:`~fa_study.models.audit_models` or
+    any arch; a named variant fixes d and L) with ``seed``, trained as the reference (AdamW, cosine,
     batch 128) and read with the protocol's eval batches; the fresh-feedback null only for rules
     with random feedback in use on that model (:meth:`Method.null_applies`). The one place
     notebooks 02-05 build a run."""
@@ -76,7 +76,7 @@ def audit_spec(rule: str, model: str, seed: int, *, options: dict | None = None,
 
 def audit_rules() -> tuple[str, ...]:
     """Registered rules that train the audit's architectures (for the panel's choices)."""
-    return tuple(n for n, c in RULES.items() if all(c.supports(a) for a in AUDIT_ARCHS))
+    return tuple(n for n, c in RULES.items() if all(c.supports(a) for a in audit_archs()))
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class AuditStudy(Study):
     rules: tuple = option(("bp", "fa", "dfa"), names(rule_names),
                           "learning rules audited (frozen baseline added for D3)")
     archs: tuple = option(("resmlp",), names(model_names),
-                          "models (AUDIT_MODELS or any arch); the paper profile runs all four")
+                          "models (audit_models() or any arch); the paper profile runs all four")
     seeds: tuple = option((42,), seed_tuple, "one run per rule, model and seed")
     dataset: str = option("cifar10", choice(*DATASETS),
                           "cifar100 is the reference's appendix; fashion_mnist the real-data check")
@@ -107,7 +107,7 @@ class AuditStudy(Study):
         "quick": dict(epochs=5, n_train=4000, n_test=1000, d=64, seeds=(42, 1), null_draws=10),
         "default": dict(epochs=10, n_train=10000, n_test=2000, seeds=(42,), null_draws=10),
         "paper": dict(epochs=100, n_train=None, n_test=None, seeds=(42, 123, 456),
-                      archs=AUDIT_MODELS, augment=True, null_draws=20),
+                      archs=audit_models(), augment=True, null_draws=20),
     }
     # Fashion-MNIST: the whole split when the real files are there (60,000 images)
     CROSS_CHECK = {
@@ -129,7 +129,7 @@ class AuditStudy(Study):
     BLIND_SPOT["default"] = dict(BLIND_SPOT["quick"])
     BLIND_SPOT["paper"] = dict(BLIND_SPOT["quick"], seeds=(42, 123, 456))
     CONTROLS = {
-        "rules": "rules", "archs": AUDIT_MODELS, "seeds": "seeds", "dataset": DATASETS,
+        "rules": "rules", "archs": audit_models, "seeds": "seeds", "dataset": DATASETS,
         "penalty": (0.0, 0.05, 0.001), "epochs": (1, 100, 1), "lr": ("log", 1e-4, 1e-2),
     }
 

@@ -21,6 +21,7 @@ from ..cache import clear_cache, code_fingerprint, one_cpu_thread  # noqa: F401
 from ..units import run_units  # noqa: F401
 from ..config import MAX_BLOCKS, MAX_WIDTH, check_choice, check_int, get_profile
 from ..fields import Checked, int_range
+from ..models import model_names  # noqa: F401  (the studies' check of a model name)
 from ..plots import layer_long  # noqa: F401  (the studies' long form of per-layer columns)
 from ..runs import Results, run_notes, run_specs
 
@@ -87,10 +88,6 @@ def depth(low: int = 1):
                      bound="fa_study.config.MAX_BLOCKS")
 
 
-def model_names() -> tuple[str, ...]:
-    from ..models import MODEL_NAMES
-
-    return tuple(MODEL_NAMES)
 
 
 def rule_names() -> tuple[str, ...]:
@@ -304,14 +301,14 @@ def _failed_row(columns, keys: dict) -> dict:
 
 
 def study_runner(cls, name: str, doc: str) -> Callable[..., Results]:
-    """The function ``name`` (``run_*``, as help() and tracebacks show it) of ``cls``: the study
-    given (or the profile's) with ``overrides``, every spec run or served from the cache
+    """The function ``name`` (``run_*``) of ``cls``'s module, as help() and pickle find it: the
+    study given (or the profile's) with ``overrides``, every spec run or served from the cache
     (:meth:`Study.run`)."""
     def run(study=None, *, profile: str | None = None, callback: Callable | None = None,
             n_jobs: int | None = None, progress: Callable | None = None, **overrides) -> Results:
         return resolve_study(cls, study, profile, overrides).run(callback=callback, n_jobs=n_jobs,
                                                                    progress=progress)
-    run.__doc__, run.__name__, run.__qualname__ = doc, name, name
+    run.__doc__, run.__name__, run.__qualname__, run.__module__ = doc, name, name, cls.__module__
     return run
 
 

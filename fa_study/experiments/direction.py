@@ -151,8 +151,7 @@ def direction_summary(res: Results, layer: int, order: list[str] | None = None) 
     per_run["z_score"] = res.null.set_index(["arm", "seed"])["z_score"] if len(res.null) else math.nan
     per_run = per_run.reset_index()
     table = aggregate(per_run, "arm", cols)
-    table["reading"] = [direction_reading(c, g) if math.isfinite(c) else "n/a"
-                        for c, g in zip(table["cos_at_layer"], table["g_at_layer"])]
+    table["reading"] = [direction_reading(c, g) for c, g in zip(table["cos_at_layer"], table["g_at_layer"])]
     table.insert(1, "layer", layer)
     table = with_run_status(table, res.runs, order=order)
     return table[["arm", "layer", "n", "status", "error"] + [f"{c}_text" for c in cols] + ["reading"] + cols]

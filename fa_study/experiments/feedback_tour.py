@@ -30,7 +30,8 @@ from ..feedback.inits import FA_INIT_MODES
 from ..fields import (choice, float_range, fraction_open, int_range, nonnegative, option, positive,
                       positive_int, positive_or_none)
 from ..fields import seeds as seed_tuple
-from ..rules import BP_REFERENCE, RULES
+from ..models import meta_model
+from ..rules import BP_REFERENCE, RULES, converting_rules
 from ..runs import DataSpec, ModelSpec, ReadSpec, Results, RunSpec
 from ..train import OPTIMIZERS, TrainConfig
 from .core import (SUBSET, Study, StudyResult, last_epoch, names, one_cpu_thread, placeholder_figure,
@@ -49,7 +50,7 @@ RULE_SETTINGS: dict[str, tuple[str, str]] = {
 
 def tour_rules() -> tuple[str, ...]:
     """BP and every registered rule that converts a plain MLP's layers."""
-    return (BP_REFERENCE,) + tuple(n for n, c in RULES.items() if c.family == "layer" and c.supports("mlp"))
+    return (BP_REFERENCE,) + converting_rules(meta_model("mlp"))
 
 
 def _gated_forms(name: str, value) -> tuple:
@@ -137,6 +138,10 @@ class FeedbackTour(Study):
         from ..rules.layer import matched_step
 
         return matched_step(self.spec(BP_REFERENCE, self.seeds[0]).train)[1]
+
+    def kept(self, steps: int) -> float:
+        """``(1 - d)^steps``: the share of Kolen-Pollack's initial ``B - W`` left after ``steps``."""
+        return (1.0 - self.contraction()) ** steps
 
     @classmethod
     def rule_choices(cls) -> tuple[str, ...]:
@@ -415,7 +420,7 @@ def _convert_and_read(model_name: str, rule: str, seed: int, x: torch.Tensor, y:
 def converter_rules(model_name: str = "resnet18") -> tuple[str, ...]:
     """BP and every registered layer rule that can convert ``model_name`` (asked of each rule)."""
     model = foreign_model(model_name)
-    return (BP_REFERENCE,) + tuple(n for n, c in RULES.items() if c.family == "layer" and c.fits(model))
+    return (BP_REFERENCE,) + converting_rules(model)
 
 
 def converter_demo(model_name: str = "resnet18", rules: tuple = ("bp", "layer_fa", "sign_sym"), *,
@@ -424,7 +429,7 @@ def converter_demo(model_name: str = "resnet18", rules: tuple = ("bp", "layer_fa
 
     For every rule: build the model (same seed, so the same weights), record its outputs on a
     batch ``(batch_size, 3, 28, 28)`` (the digit repeated over three channels) in eval mode,
-    convert it (:func:`fa_study.feedback.convert`), record the outputs again with gradients
+    convert it (:func:`fa_study.rules.convert`), record the outputs again with gradients
     enabled (the rule's own forward), and read the per-layer cosine between the rule's update
     and BP's gradient on that batch in train mode (:func:`fa_study.diagnostics.update_alignment`).
     """

@@ -10,7 +10,7 @@ mechanism:
   torchvision models built without weights (``resnet18`` and a small ``VisionTransformer``).
   :func:`build_network` makes one.
 * **the training loop**: :func:`train_plain`, an ordinary PyTorch loop (AdamW, cross-entropy,
-  random mini-batches) with the two calls that ``fa_study.feedback.convert`` asks of a loop
+  random mini-batches) with the two calls that ``fa_study.rules.convert`` asks of a loop
   (``capture_output_error`` after the forward, ``feedback_step`` after the backward; both do
   nothing for rules that do not need them). It does not use ``fa_study.train``.
 * **the readings**: each trained network is read by :mod:`fa_study.diagnostics` exactly as a
@@ -31,6 +31,7 @@ when the package has it (``frozen=True``), otherwise D3 is "not evaluated" and s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -47,19 +48,20 @@ from ..config import check_choice, check_int, get_device, seed_everything, strea
 from ..fields import boolean, choice, int_range, option, positive, positive_int
 from ..fields import seed as seed_check
 from ..models.resnet import BasicBlock
-from ..rules import BP_REFERENCE, RULES
+from ..rules import BP_REFERENCE, converting_rules
 from .core import Study, StudyResult, names, one_cpu_thread, resolve_study
 
 NETWORKS: tuple[str, ...] = ("vit_mini", "torchvision_vit", "small_resnet", "resnet18")
 
 
 def own_rules() -> tuple[str, ...]:
-    """BP (the plain network) and every registered layer rule that converts any classifier
-    (:func:`fa_study.rules.convert`), read when asked: a rule registered later counts."""
-    return (BP_REFERENCE,) + tuple(n for n, c in RULES.items() if c.family == "layer" and not c.needs_blocks)
+    """BP (the plain network) and every registered layer rule that converts each of
+    :data:`NETWORKS` (:func:`fa_study.rules.converting_rules`), read when asked: a rule
+    registered later counts."""
+    convert_all = set.intersection(*(set(converting_rules(_meta_network(n))) for n in NETWORKS))
+    return (BP_REFERENCE,) + tuple(r for r in converting_rules() if r in convert_all)
 
 
-OWN_RULES: tuple[str, ...] = own_rules()  # the package's own (the panel's choices)
 DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10")
 # where the audit finds each network's hidden states (fa_study.diagnostics.find_hidden_states)
 EXPECTED_CONTAINER: dict[str, str] = {"vit_mini": "blocks", "small_resnet": "blocks",
@@ -197,6 +199,13 @@ def build_network(name: str, *, image_size: int = 28, num_classes: int = 10, wid
         num_heads=heads, hidden_dim=width, mlp_dim=2 * width, num_classes=num_classes)
 
 
+@functools.lru_cache(maxsize=None)
+def _meta_network(name: str) -> nn.Module:
+    """``name`` at its default sizes on the meta device: what its layers are, nothing allocated."""
+    with torch.device("meta"):
+        return build_network(name)
+
+
 # --------------------------------------------------------------------------------------------
 # The user's training loop: plain PyTorch (fa_study's trainer is not used)
 # --------------------------------------------------------------------------------------------
@@ -237,7 +246,7 @@ def train_plain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: in
 @dataclass(frozen=True)
 class OwnNetworkStudy(Study):
     """Networks the package did not build, trained by :func:`train_plain` under BP (the plain
-    network) and under the feedback rules (through ``fa_study.feedback.convert``), then read."""
+    network) and under the feedback rules (through ``fa_study.rules.convert``), then read."""
 
     networks: tuple = option(("vit_mini", "torchvision_vit"), names(NETWORKS), "which networks (NETWORKS)")
     rules: tuple = option(("bp", "layer_fa"), names(own_rules),
@@ -275,7 +284,8 @@ class OwnNetworkStudy(Study):
         return own_rules()
 
     def check(self) -> None:
-        """Nothing across fields (its runs are not specs: they train here, uncached)."""
+        """Nothing across fields (the rules offered convert every network; its runs are not
+        specs: they train here, uncached)."""
 
     def arms(self) -> list[tuple[str, str]]:
         """``(network, rule)`` in the order they are trained."""
@@ -413,8 +423,7 @@ def _arm(study: OwnNetworkStudy, network: str, rule: str, frozen_acc: float | No
     from ..rules import convert
     from ..train import evaluate
 
-    log = None if live is None else \
-        lambda step, loss: live({"step": step, "arm": f"{network}:{rule}", "loss": loss})
+    log = None if live is None else functools.partial(_live, live, network, rule)
     train_ds, test_ds = _datasets(study)
     probe = _readings_data(study, train_ds, test_ds)
     with one_cpu_thread(train_ds.x.device):
@@ -445,6 +454,11 @@ def _frozen(study: OwnNetworkStudy, network: str) -> float | None:
     with one_cpu_thread(train_ds.x.device):
         acc = frozen_baseline(_build(study, network, train_ds), base_ds, test_ds, cfg)
     return float(acc) if math.isfinite(acc) else None
+
+
+def _live(live: Callable, network: str, rule: str, step: int, loss: float) -> None:
+    """One step's record for the live callback: ``step``, ``arm`` (``"network:rule"``), ``loss``."""
+    live({"step": step, "arm": f"{network}:{rule}", "loss": loss})
 
 
 def _spread(fn: Callable, tasks: list[tuple]):
@@ -480,9 +494,11 @@ def run_own_network(study: OwnNetworkStudy | None = None, *, profile: str | None
     here = workers_for(None, len(arms)) == 1
     tasks = [(study, n, r, out.frozen_acc.get(n), live if here else None) for n, r in arms]
     for (_, network, rule, *_), run in _spread(_arm, tasks):
-        if live is not None and not here:  # a worker's run: its curve once it is done
+        if live is not None and not here:  # a worker's run: its curve once it is done, then drawn
             for step, loss in enumerate(run.losses):
-                live({"step": step, "arm": f"{network}:{rule}", "loss": loss})
+                _live(live, network, rule, step, loss)
+            if callable(getattr(live, "draw", None)):  # a LivePlot draws a burst at most once
+                live.draw()
         out.runs[network, rule] = run
         if progress is not None:
             progress(len(out.runs), len(arms), False)

@@ -88,7 +88,8 @@ def grape_step(B: torch.Tensor, target: torch.Tensor, rate: float, *,
     * ``scale_free=False``: the reference's plain step ``B <- B - rate grad``, whose effect
       depends on ``|B|``.
 
-    A zero B or T leaves B unchanged (and the returned cosine is 0). The cosine is a 0-d
+    A zero B or T leaves B unchanged (and the returned cosine is 0); a non-finite T (a
+    diverged W's) passes into B, whose backward then makes the run stop as diverged. The cosine is a 0-d
     tensor on B's device: nothing synchronises with the host.
     """
     rate = check_float("rate", rate, 0.0)

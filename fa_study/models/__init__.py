@@ -54,28 +54,37 @@ ARCHITECTURES: dict[str, Architecture] = {}
 
 
 VARIANTS: dict[str, tuple[str, int, int]] = {"resmlp_d512_L2": ("resmlp", 512, 2)}
-# derived from ARCHITECTURES by register_arch (DEFAULTS updated in place; the tuples rebound, so
-# read them as fa_study.models.ARCHS etc. to see architectures registered later)
-ARCHS: tuple[str, ...] = ()
-AUDIT_ARCHS: tuple[str, ...] = ()
-AUDIT_MODELS: tuple[str, ...] = ()  # what an audit offers: the audited archs and their variants
-MODEL_NAMES: tuple[str, ...] = ()
-DEFAULTS: dict[str, dict[str, int]] = {}  # the reference study's sizes
+DEFAULTS: dict[str, dict[str, int]] = {}  # the reference study's sizes, per registered arch
+
+
+def arch_names() -> tuple[str, ...]:
+    """The registered architectures (read when asked: one registered later counts)."""
+    return tuple(ARCHITECTURES)
+
+
+def audit_archs() -> tuple[str, ...]:
+    """The registered architectures the reference study audits (D1-D3 on CIFAR)."""
+    return tuple(n for n, a in ARCHITECTURES.items() if a.audited)
+
+
+def audit_models() -> tuple[str, ...]:
+    """What an audit offers: the audited architectures and their named variants."""
+    return tuple(n for a in audit_archs() for n in (a, *(v for v, s in VARIANTS.items() if s[0] == a)))
+
+
+def model_names() -> tuple[str, ...]:
+    """Every name a model can be built by: the architectures and the named variants."""
+    return arch_names() + tuple(VARIANTS)
 
 
 def register_arch(name: str, cls: type, *, d: int, num_blocks: int, audited: bool = False,
                   long_run_share: float = 1.0) -> None:
     """Register an architecture under ``name``: the one place a new model is added (``cls``
     takes ``(input_shape, num_classes, d, num_blocks, **options)``). What it supports is asked of
-    its model (each rule's ``fits``), never listed. The tables derived from the registry
-    (:data:`ARCHS`, :data:`DEFAULTS`, ...) are rebuilt, so a model registered after import
+    its model (each rule's ``fits``), never listed; the lists of names are read from the registry
+    when asked (:func:`arch_names`, :func:`model_names`, ...), so a model registered after import
     (e.g. in a notebook) is built, checked and run like the package's own."""
-    global ARCHS, AUDIT_ARCHS, AUDIT_MODELS, MODEL_NAMES
     ARCHITECTURES[name] = Architecture(cls, d, num_blocks, audited, long_run_share)
-    ARCHS = tuple(ARCHITECTURES)
-    AUDIT_ARCHS = tuple(n for n, a in ARCHITECTURES.items() if a.audited)
-    AUDIT_MODELS = tuple(n for a in AUDIT_ARCHS for n in (a, *(v for v, s in VARIANTS.items() if s[0] == a)))
-    MODEL_NAMES = ARCHS + tuple(VARIANTS)
     DEFAULTS[name] = {"d": d, "num_blocks": num_blocks}
 
 
@@ -89,7 +98,7 @@ register_arch("matrix_mlp", MatrixMLP, d=256, num_blocks=2)
 def resolve(name: str, d: int | None = None,
             num_blocks: int | None = None) -> tuple[str, int | None, int | None]:
     """``(arch, d, num_blocks)`` of a model name (an arch or a named variant, which fixes both)."""
-    check_choice("model", name, MODEL_NAMES)
+    check_choice("model", name, model_names())
     return VARIANTS.get(name, (name, d, num_blocks))
 
 
@@ -194,7 +203,7 @@ def check_model(arch: str, *, input_shape=(3, 32, 32), num_classes: int = 10, d:
 
 def build_model(arch: str, *, input_shape=(3, 32, 32), num_classes: int = 10, d: int | None = None,
                 num_blocks: int | None = None, **kw) -> BlockModel:
-    """Build ``arch`` (one of :data:`ARCHS`, or a name of :data:`VARIANTS`) with width ``d`` and
+    """Build ``arch`` (one of :func:`arch_names`, or a name of :data:`VARIANTS`) with width ``d`` and
     ``num_blocks`` blocks.
 
     ``None`` means the reference default (see :data:`DEFAULTS`); other keywords go to the class
@@ -209,7 +218,7 @@ def build_model(arch: str, *, input_shape=(3, 32, 32), num_classes: int = 10, d:
     return ARCHITECTURES[arch].cls(tuple(input_shape), num_classes, d, num_blocks, **kw)
 
 
-__all__ = ["ARCHS", "AUDIT_ARCHS", "AUDIT_MODELS", "ARCHITECTURES", "Architecture", "register_arch",
-           "DEFAULTS", "VARIANTS", "MODEL_NAMES", "BlockModel", "MLP",
+__all__ = ["arch_names", "audit_archs", "audit_models", "ARCHITECTURES", "Architecture", "register_arch",
+           "DEFAULTS", "VARIANTS", "model_names", "BlockModel", "MLP",
            "MatrixMLP", "ResidualMLP", "SmallResNet", "ViTMini", "build_model", "resolve",
            "display_name", "model_options", "check_model_options", "check_model", "meta_model"]

@@ -141,8 +141,14 @@ class BlockModel(nn.Module):
     # ---- parameter groups ---------------------------------------------------------------
 
     def _parameters_of(self, names: tuple[str, ...]) -> list[nn.Parameter]:
-        """The Parameters of the named attributes (modules or Parameters; absent ones skipped)."""
-        parts = [getattr(self, n) for n in names if hasattr(self, n)]
+        """The Parameters of the named attributes (modules or Parameters); a name the model does
+        not have is a ValueError (a misspelt ``embed_modules`` would leave parameters untrained)."""
+        missing = [n for n in names if not hasattr(self, n)]
+        if missing:
+            children = [n for n, _ in self.named_children()]
+            raise ValueError(f"{type(self).__name__} has no attribute {missing[0]!r} (named in its "
+                             f"embed_modules or as its head); its modules: {children}")
+        parts = [getattr(self, n) for n in names]
         return [p for m in parts for p in ([m] if isinstance(m, nn.Parameter) else m.parameters())]
 
     def embed_parameters(self) -> list[nn.Parameter]:
@@ -150,8 +156,8 @@ class BlockModel(nn.Module):
         return self._parameters_of(self.embed_modules)
 
     def head_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the readout: ``out_ln`` (when present) and ``out_head``."""
-        return self._parameters_of(("out_ln", "out_head"))
+        """Parameters of the readout: ``out_ln`` (when the model has one) and ``out_head``."""
+        return self._parameters_of(("out_ln", "out_head") if hasattr(self, "out_ln") else ("out_head",))
 
     def block_parameters(self, l: int) -> list[nn.Parameter]:
         """Parameters of block ``l``."""

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..models import AUDIT_ARCHS
+from ..models import audit_archs
 from .base import (RULES, BlockLocal, CreditContext, Method, Option, backward_local, build_rule,
                    get_rule, local_forward, local_surrogate, output_error, register, rms_normalise,
                    surrogate_output_grads)
 from .block import BP, DFA, FA, Frozen, Oracle, Shallow
-from .layer import LAYER_RULES, LayerRule, convert
+from .layer import LAYER_RULES, LayerRule, convert, converting_rules
 from .learned import GrAPEFA, StiefelDFA
 from .ra import RACombined, RAFixed, RAReconstruction, RAReverse, RARule
 
@@ -42,10 +42,11 @@ BP_REFERENCE: str = BP.name
 D3_BASELINE: str = next(n for n, c in RULES.items() if c.is_d3_baseline)
 
 
-def rule_table(archs: tuple[str, ...] = AUDIT_ARCHS) -> pd.DataFrame:
+def rule_table(archs: tuple[str, ...] | None = None) -> pd.DataFrame:
     """One row per registered rule: family, summary, its options, the flags the package asks
     of it (``any_model``: it trains any classifier ``nn.Module``, not only the package's block
-    models), and whether it trains each of ``archs``."""
+    models), and whether it trains each of ``archs`` (default: the audited architectures)."""
+    archs = audit_archs() if archs is None else archs
     return pd.DataFrame([{"rule": name, "family": cls.family, "summary": cls.summary,
                           "options": ", ".join(cls.OPTIONS) or "-", "penalty": cls.takes_penalty,
                           "random_feedback": cls.has_random_feedback,
@@ -55,7 +56,7 @@ def rule_table(archs: tuple[str, ...] = AUDIT_ARCHS) -> pd.DataFrame:
 
 
 __all__ = ["RULES", "BP_REFERENCE", "D3_BASELINE", "register", "get_rule", "build_rule", "rule_table",
-           "convert", "LAYER_RULES", "Method", "BlockLocal",
+           "convert", "converting_rules", "LAYER_RULES", "Method", "BlockLocal",
            "CreditContext", "Option", "LayerRule", "RARule", "BP", "Frozen", "Shallow", "FA", "DFA",
            "Oracle", "GrAPEFA", "StiefelDFA", "local_forward", "backward_local", "local_surrogate",
            "surrogate_output_grads", "output_error", "rms_normalise"]

@@ -278,10 +278,10 @@ class Method:
     @classmethod
     def check_arch(cls, arch: str) -> None:
         """ValueError naming the rule, the architecture and the architectures it supports."""
-        from ..models import ARCHS
+        from ..models import arch_names
 
         if not cls.supports(arch):
-            able = ", ".join(repr(a) for a in ARCHS if cls.supports(a))
+            able = ", ".join(repr(a) for a in arch_names() if cls.supports(a))
             raise ValueError(f"rule {cls.name!r} cannot train a {arch!r} model; it supports: {able}")
 
     @classmethod

@@ -277,10 +277,16 @@ def convert(model: nn.Module, rule, *, conv_rule=None, generator: torch.Generato
     elif options:
         raise ValueError(f"options {sorted(options)} go with a rule name, not a built rule {rule!r}")
     if not isinstance(rule, LayerRule):
-        layer_rules = [n for n, c in RULES.items() if issubclass(c, LayerRule)]
-        raise ValueError(f"convert() takes a layer rule, one of {layer_rules}, got {rule!r}")
+        raise ValueError(f"convert() takes a layer rule, one of {list(converting_rules())}, got {rule!r}")
     return rule.attach(model, generator, num_classes=num_classes, conv_rule=conv_rule,
                        train_cfg=train_cfg)
+
+
+def converting_rules(model: nn.Module | None = None) -> tuple[str, ...]:
+    """The registered layer rules that convert ``model`` (asked of each rule,
+    :meth:`LayerRule.fits`), or all of them when ``model`` is None; read when asked, so a rule
+    registered later counts."""
+    return tuple(n for n, c in RULES.items() if issubclass(c, LayerRule) and (model is None or c.fits(model)))
 
 
 # ------------------------------------------------------------------------------------------------
