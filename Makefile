@@ -23,7 +23,16 @@ help:
 
 # The stamp is rebuilt when pyproject.toml changes. torch is installed first on its own so that
 # pip takes the wheel already on this disk (uv/poetry would download gigabytes).
+# A new environment takes 6.5 GB (PyPI's torch for x86_64 is a CUDA build): refuse to start with
+# less free, naming what is missing, rather than fail half-installed with pip's "No space left".
+VENV_MIN_FREE_GB ?= 7
 $(VENV)/.installed: pyproject.toml
+	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+		mkdir -p $(VENV); free=$$(df -Pk $(VENV) | awk 'NR==2 {print int($$4 / 1048576)}'); \
+		if [ "$$free" -lt "$(VENV_MIN_FREE_GB)" ]; then \
+			echo "setup: $(VENV) needs about $(VENV_MIN_FREE_GB) GB free to install torch and the stack;" \
+			     "$$free GB free on $$(df -P $(VENV) | awk 'NR==2 {print $$6}'). Free space, or set" \
+			     "VENV=<a path on a larger disk> (VENV_MIN_FREE_GB=<GB> changes the check)." >&2; exit 1; fi; fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet "torch>=2.4" torchvision

@@ -186,6 +186,20 @@ def check_seeds(what: str, seeds) -> tuple[int, ...]:
     return tuple(int(s) for s in seeds)
 
 
+def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
+    """A non-empty batch ``x`` of ``(batch, ...)`` with ``(batch,)`` int64 labels ``y``: the one
+    check a training step and an audit make of what they are handed."""
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"the batch is empty (x has shape {tuple(x.shape)}); every batch needs at "
+                         "least one sample")
+    if y.dim() != 1 or y.dtype != torch.long:
+        raise ValueError(f"labels y must be a (batch,) int64 tensor, got shape {tuple(y.shape)} "
+                         f"dtype {y.dtype}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"labels y must be (batch,) = ({x.shape[0]},): x has {x.shape[0]} samples "
+                         f"but y has {y.shape[0]}; pass matching batches")
+
+
 def get_profile(profile: str | None = None) -> str:
     """The active profile: ``profile`` if given, else ``$FA_STUDY_PROFILE``, else ``default``.
 

@@ -150,11 +150,13 @@ def _model_option_cases() -> dict:
     return out
 
 
-def _empty_batch():
+def _fa_step(n: int, y_dtype=torch.long):
+    """One FA step on ``n`` samples with labels of ``y_dtype``: a training step and an audit
+    make the one check of config.check_batch."""
     model = models.build_model("resmlp", input_shape=(3, 8, 8), num_classes=4, d=8, num_blocks=1)
     rule = rules.build_rule("fa")
     rule.setup(model, 4, torch.Generator().manual_seed(0))
-    return rule.fill_grads(model, torch.zeros(0, 3, 8, 8), torch.zeros(0, dtype=torch.long))
+    return rule.fill_grads(model, torch.zeros(n, 3, 8, 8), torch.zeros(n, dtype=y_dtype))
 
 
 def _idx(tmp_path, kind):
@@ -246,7 +248,9 @@ CASES = {
     "class_count_mismatch": (_class_count_mismatch, r"4 classes but the model was built for num_classes=10"),
     "empty_training_set": (_empty_dataset, r"train_ds is empty \(0 samples\); it needs at least one sample: "
                            r"load it with n=None \(the whole split\) or n >= 1"),
-    "empty_batch": (_empty_batch, r"batch is empty"),
+    "empty_batch": (lambda: _fa_step(0), r"the batch is empty \(x has shape \(0, 3, 8, 8\)\)"),
+    "labels_int32": (lambda: _fa_step(2, torch.int32),
+                     r"labels y must be a \(batch,\) int64 tensor, got shape \(2,\) dtype torch.int32"),
     # studies
     "study_setting_unknown": (lambda: AuditStudy.for_profile("quick", epoch=3), r"unknown setting.*'epoch'"),
     "seeds_duplicate": (lambda: AuditStudy.for_profile("quick", seeds=(1, 1)),

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from fa_study.models import (DEFAULTS, MLP, VARIANTS, BlockModel, MatrixMLP, ResidualMLP, SmallResNet,
                              ViTMini, arch_names, audit_archs, build_model, display_name, model_names,
                              resolve)
+from fa_study.models.mlp import MATRIX_ACTIVATIONS, MLP_ACTIVATIONS, act_deriv, activate
 from fa_study.rules import ra
 
 SHAPE = (3, 8, 8)
@@ -251,6 +252,15 @@ def test_matrix_mlp_is_ra_forward_of_its_matrices(activation, ln):
     torch.testing.assert_close(logits, acts[-1])
     assert [n for n, _ in model.named_parameters()] == ["embed_layer.weight", "blocks.0.weight",
                                                          "blocks.1.weight", "out_head.weight"]  # no biases
+
+
+@pytest.mark.parametrize("activation", sorted(set(MLP_ACTIVATIONS) | set(MATRIX_ACTIVATIONS)))
+def test_activation_derivative_is_autograds(activation):
+    """models.mlp's one table of activations: each derivative (RA's backward uses them) equals
+    autograd's of the activation itself, at points on both sides of 0."""
+    z = torch.linspace(-3, 3, 25, dtype=torch.float64).requires_grad_()
+    (auto,) = torch.autograd.grad(activate(z, activation).sum(), z)
+    torch.testing.assert_close(act_deriv(z.detach(), activation), auto)
 
 
 @pytest.mark.parametrize("activation,gain", [("linear", 1.0), ("relu", math.sqrt(2.0))])

@@ -37,7 +37,8 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from .signals import bp_reference, check_batch, eval_mode, prepare
+from ..config import check_batch
+from .signals import bp_reference, eval_mode, prepare
 
 D1_THRESHOLD = 50.0  # 003: D1 fires when a block grows the stream by more than this factor
 D2_EPS = 1e-8  # 003: the cosine clamp the reference gradient must clear

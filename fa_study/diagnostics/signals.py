@@ -17,22 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import check_batch
 from .modes import buffers_preserved, eval_mode  # noqa: F401 - part of this module's API
 from .taps import HiddenStates, find_hidden_states
 from .twin import Twin, bp_twin
 
 COSINE_EPS = 1e-30  # every cosine's floor: the true cosine even when ||g|| is 1e-12
-
-
-def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
-    """A non-empty batch with ``(batch,)`` int64 labels."""
-    if y.dim() != 1 or y.dtype != torch.long:
-        raise ValueError(f"labels y must be a (batch,) int64 tensor, got shape {tuple(y.shape)} "
-                         f"dtype {y.dtype}")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]}; pass matching batches")
-    if x.shape[0] < 1:
-        raise ValueError("the evaluation batch is empty; pass at least one sample")
 
 
 def per_sample_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = COSINE_EPS) -> torch.Tensor:

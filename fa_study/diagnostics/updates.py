@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .signals import buffers_preserved, check_batch, sync_modes
+from ..config import check_batch
+from .signals import buffers_preserved, sync_modes
 from .twin import Twin, bp_twin
 
 UPDATE_COLUMNS = ("param", "cos_update_bp", "update_norm", "bp_grad_norm", "angle_BW_deg",

@@ -13,12 +13,29 @@ from .base import BlockModel, check_sizes
 
 MLP_ACTIVATIONS: tuple[str, ...] = ("relu", "tanh", "gelu", "identity")
 MATRIX_ACTIVATIONS: tuple[str, ...] = ("linear", "relu", "tanh")
-_ACTS = {"relu": F.relu, "tanh": torch.tanh, "gelu": F.gelu}
+# each activation and its derivative, both elementwise at the pre-activations z; the MLP's
+# "identity" and the matrix MLP's "linear" (the RA reference's name) are one map
+_ACTS = {"identity": (lambda z: z, torch.ones_like),
+         "relu": (F.relu, lambda z: (z > 0).to(z.dtype)),
+         "tanh": (torch.tanh, lambda z: 1 - torch.tanh(z).pow(2)),
+         "gelu": (F.gelu, lambda z: torch.ops.aten.gelu_backward(torch.ones_like(z), z))}
+_ACTS["linear"] = _ACTS["identity"]
 
 
-def _act(z: torch.Tensor, activation: str) -> torch.Tensor:
-    """``activation`` applied to ``z`` (``identity`` / ``linear``: ``z`` itself)."""
-    return _ACTS[activation](z) if activation in _ACTS else z
+def activate(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """``activation`` applied to ``z``, any shape."""
+    return _ACTS[activation][0](z)
+
+
+def act_deriv(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """d act(z) / dz, elementwise, at the pre-activations ``z`` (any shape)."""
+    return _ACTS[activation][1](z)
+
+
+def init_gain(activation: str) -> float:
+    """The matrix MLP's initialisation gain, as in the RA reference: sqrt(2) for ReLU (Kaiming),
+    1 otherwise."""
+    return math.sqrt(2.0) if activation == "relu" else 1.0
 
 
 class _Layer(nn.Module):
@@ -30,7 +47,7 @@ class _Layer(nn.Module):
         self.activation = activation
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return _act(self.linear(h), self.activation)
+        return activate(self.linear(h), self.activation)
 
 
 class MLP(BlockModel):
@@ -78,7 +95,7 @@ class MatrixMLP(BlockModel):
     Block interface: ``h_0 = LN(act(x W_0^T))``, ``h_{l+1} = LN(act(h_l W_{l+1}^T))`` for the
     ``depth - 2`` blocks, ``logits = h_L W_last^T``; ``num_blocks = depth - 2`` (``depth``
     counts weight matrices, as in the reference). ``W[l] ~ N(0, gain^2 / d_l)`` with gain sqrt(2)
-    for ReLU and 1 otherwise (:func:`fa_study.rules.ra.init_gain`), from torch's global RNG.
+    for ReLU and 1 otherwise (:func:`init_gain`), from torch's global RNG.
     """
 
     arch = "matrix_mlp"
@@ -91,7 +108,7 @@ class MatrixMLP(BlockModel):
         self_ln = check_bool("ln", ln)
         super().__init__(input_shape, num_classes, d)
         self.activation, self.ln = activation, self_ln
-        self.gain = math.sqrt(2.0) if activation == "relu" else 1.0
+        self.gain = init_gain(activation)
         self.dims = [self.input_dim] + [d] * (num_blocks + 1) + [self.num_classes]
         self.embed_layer = _Matrix(self.dims[0], d, self.gain / math.sqrt(self.dims[0]))
         self.blocks = nn.ModuleList([_Matrix(d, d, self.gain / math.sqrt(d)) for _ in range(num_blocks)])
@@ -102,7 +119,7 @@ class MatrixMLP(BlockModel):
         return [self.embed_layer.weight] + [b.weight for b in self.blocks] + [self.out_head.weight]
 
     def _hidden(self, z: torch.Tensor) -> torch.Tensor:
-        h = _act(z, self.activation)
+        h = activate(z, self.activation)
         return F.layer_norm(h, h.shape[-1:]) if self.ln else h
 
     def embed(self, x):

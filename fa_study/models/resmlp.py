@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from ..config import check_bool, check_choice, check_float
 from .base import BlockModel, check_sizes
-from .mlp import _act
+from .mlp import activate
 
 ACTIVATIONS: tuple[str, ...] = ("gelu", "relu", "identity")
 
@@ -29,7 +29,7 @@ class ResidualBranch(nn.Module):
         nn.init.zeros_(self.w2.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.w2(_act(self.w1(self.ln(h)), self.activation))
+        return self.w2(activate(self.w1(self.ln(h)), self.activation))
 
 
 class ResidualMLP(BlockModel):

@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import check_choice
+from ..config import check_batch, check_choice
 from ..fields import (Option, boolean, choice, fraction, fraction_open, nonnegative,  # noqa: F401
                       positive, positive_int, positive_int_or_none, positive_or_none)
 from ..models.base import BlockModel
@@ -145,14 +145,6 @@ def model_device(model: nn.Module) -> torch.device:
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's first floating-point parameter (float32 when it has none)."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-
-def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
-    """A non-empty batch with ``(batch,)`` labels."""
-    if x.shape[0] == 0:
-        raise ValueError("the batch is empty (0 samples); every batch needs at least one sample")
-    if y.dim() != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"labels y must be (batch,) = ({x.shape[0]},), got shape {tuple(y.shape)}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import (BlockLocal, CreditContext, Method, Option, check_batch, check_class_count,
+from ..config import check_batch
+from .base import (BlockLocal, CreditContext, Method, Option, check_class_count,
                    check_dims, model_device, model_dtype, nonnegative)
 
 PENALTY = Option(0.0, nonnegative, "weight λ of the residual-branch penalty λ·||f_l(h_l)||²")

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import MAX_NOISE_SAMPLES, MAX_PROBES, check_int
+from ..config import MAX_NOISE_SAMPLES, MAX_PROBES, check_batch, check_int
 from ..feedback.convert import swap_layers, visible_layers
 from ..feedback.dfa import OutputError, share_output_error, tap_blocks, write_projection_grads
 from ..feedback.functions import sign_feedback
@@ -48,7 +48,7 @@ from ..feedback.layers import LocalConv2d, LocalLinear
 from ..feedback.learned import grape_step, kolen_pollack_step, probe_jacobian, weight_mirror_step
 from ..feedback.step import feedback_step, local_layers, needs_output_error
 from ..fields import Option, boolean, choice, float_range, nonnegative, positive, positive_or_none
-from .base import RULES, Method, build_rule, check_batch, check_class_count, device_generator, draw_seed
+from .base import RULES, Method, build_rule, check_class_count, device_generator, draw_seed
 from .block import BP
 
 DFA_INIT_STD = 0.02  # the reference's scale of the direct feedback matrices

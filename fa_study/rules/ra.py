@@ -36,11 +36,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..config import check_choice, check_int, get_device
-from .base import (Method, Option, boolean, check_batch, check_class_count, choice, fraction,
+from ..config import check_batch, check_choice, check_int, get_device
+from ..models.mlp import MATRIX_ACTIVATIONS, act_deriv, activate
+from ..models.mlp import init_gain as matrix_gain
+from .base import (Method, Option, boolean, check_class_count, choice, fraction,
                    output_error, positive_or_none)
 
-ACTIVATIONS: tuple[str, ...] = ("linear", "relu", "tanh")
+ACTIVATIONS: tuple[str, ...] = MATRIX_ACTIVATIONS
 _ALIGN_EPS = 1e-9  # as in the reference: ||B - W^T|| / (||W|| + eps)
 
 
@@ -64,7 +66,7 @@ def make_dims(in_dim: int, hidden: int, depth: int, out_dim: int) -> list[int]:
 def init_gain(activation: str) -> float:
     """Initialisation gain of the reference: sqrt(2) for ReLU (Kaiming), 1 otherwise."""
     check_choice("activation", activation, ACTIVATIONS)
-    return math.sqrt(2.0) if activation == "relu" else 1.0
+    return matrix_gain(activation)
 
 
 def init_mats(dims: list[int], seed: int, activation: str = "linear", device=None,
@@ -94,22 +96,10 @@ def init_mats(dims: list[int], seed: int, activation: str = "linear", device=Non
     return [w.to(dev, dtype) for w, _ in drawn], [b.to(dev, dtype) for _, b in drawn]
 
 
-# each activation of ACTIVATIONS and its derivative, both elementwise at the pre-activations z
-_ACTS = {"linear": (lambda z: z, torch.ones_like),
-         "relu": (F.relu, lambda z: (z > 0).to(z.dtype)),
-         "tanh": (torch.tanh, lambda z: 1 - torch.tanh(z).pow(2))}
-
-
 def apply_act(z: torch.Tensor, activation: str) -> torch.Tensor:
     """The hidden nonlinearity applied to pre-activations ``z`` ``(batch, d)``."""
     check_choice("activation", activation, ACTIVATIONS)
-    return _ACTS[activation][0](z)
-
-
-def act_deriv(z: torch.Tensor, activation: str) -> torch.Tensor:
-    """d act(z) / dz, elementwise, at the pre-activations ``z`` ``(batch, d)``."""
-    check_choice("activation", activation, ACTIVATIONS)
-    return _ACTS[activation][1](z)
+    return activate(z, activation)
 
 
 def forward(x: torch.Tensor, W: list[torch.Tensor], activation: str = "linear",
