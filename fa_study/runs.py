@@ -28,7 +28,7 @@ import functools
 import math
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
 import torch
@@ -522,23 +522,35 @@ def check_data_available(specs: Sequence[RunSpec]) -> None:
                     f"{data.SPECS[spec.data.dataset].sizes[split]:,}: point $FA_STUDY_DATA at it") from None
 
 
+def _live_record(spec: RunSpec, step: int, record: dict) -> dict:
+    """A run's ``record`` as the live callback takes it: with its step, label and loss."""
+    return {**record, "step": step, "arm": spec.label, "loss": record.get("train_loss")}
+
+
 def _live(callback: Callable, spec: RunSpec, step: int, record: dict) -> None:
-    """Hand a run's ``record`` to the live ``callback`` with its step, label and loss."""
-    callback({**record, "step": step, "arm": spec.label, "loss": record.get("train_loss")})
+    callback(_live_record(spec, step, record))
+
+
+def replay_live(callback: Callable, records: Iterable[dict]) -> None:
+    """Hand a run finished elsewhere (a worker process) to the live ``callback`` in one burst of
+    ``records``, then let it draw if it can: a :class:`fa_study.plots.LivePlot` redraws a burst
+    at most once a second, so without this draw its figure would stop at the burst's start."""
+    for record in records:
+        callback(record)
+    draw = getattr(callback, "draw", None)
+    if callable(draw):
+        draw()
 
 
 def _replay(callback: Callable | None) -> Callable | None:
     """For a run computed in a worker process: its per-epoch history handed to the live
-    ``callback`` when it finishes (the records the run would have sent, one per epoch), then a
-    redraw if the callback can draw (:class:`fa_study.plots.LivePlot`)."""
+    ``callback`` when it finishes (the records the run would have sent, one per epoch)."""
     if callback is None:
         return None
 
     def replay(spec: RunSpec, payload: dict) -> None:
-        for row in payload["history"].to_dict("records"):
-            _live(callback, spec, row.get("step", row.get("epoch")), row)
-        if callable(getattr(callback, "draw", None)):
-            callback.draw()
+        replay_live(callback, (_live_record(spec, row.get("step", row.get("epoch")), row)
+                               for row in payload["history"].to_dict("records")))
     return replay
 
 

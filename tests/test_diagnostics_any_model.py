@@ -25,6 +25,7 @@ from fa_study.diagnostics import (
     direction_quality,
     feedback_angles,
     find_hidden_states,
+    read_direction_quality,
     update_alignment,
 )
 
@@ -900,12 +901,16 @@ def test_a_backward_compared_with_itself_is_marked_by_construction():
     assert update_alignment(plain, x, y)["by_construction"].all()
     dq = direction_quality(plain, x, y, hidden=CNN_HIDDEN)
     assert dq["by_construction"].all() and (dq["cos_mean"] > 1 - 1e-9).all()
+    assert (dq["reading"] == "by construction").all()  # never "reasonable": nothing was measured
+    assert "NO FINDING" in read_direction_quality(dq)
     bp = build_rule("bp")
     bp.setup(plain, CLASSES, torch.Generator().manual_seed(0))
     assert not update_alignment(plain, x, y, bp)["by_construction"].any()
     fa, xf, yf = make("foreign_fa")
     assert not update_alignment(fa, xf, yf)["by_construction"].any()
-    assert not direction_quality(fa, xf, yf, hidden=FA_HIDDEN)["by_construction"].any()
+    dq_fa = direction_quality(fa, xf, yf, hidden=FA_HIDDEN)
+    assert not dq_fa["by_construction"].any() and "by construction" not in set(dq_fa["reading"])
+    assert "NO FINDING" not in read_direction_quality(dq_fa)
 
 
 def test_position_sum_and_pooling_of_hooked_states_match_the_formulas():

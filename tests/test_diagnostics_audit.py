@@ -647,6 +647,8 @@ def test_read_direction_quality_reads_the_middle_layer_by_default():
     assert "REASONABLE" in protocol.read_direction_quality(table, layer=0)
     table.loc[2, "g_norm_median"] = 1e-9
     assert "not healthy" in protocol.read_direction_quality(table)
+    table.loc[2, ["cos_mean", "g_norm_median"]] = math.nan  # a run that did not finish
+    assert "NOT MEASURED" in protocol.read_direction_quality(table)  # it raised KeyError 'n/a'
     with pytest.raises(ValueError, match="layer"):
         protocol.read_direction_quality(table, layer=7)
 

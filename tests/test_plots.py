@@ -248,3 +248,29 @@ def test_the_live_plot_redraws_at_most_once_per_min_seconds():
     live({"step": 3, "loss": 0.8, "arm": "bp"})
     live({"step": 4, "loss": 0.7, "arm": "bp"})  # due by count and by time
     assert live.redraws == 3 and len(seen) == 3
+
+
+def test_a_run_replayed_from_a_worker_ends_drawn_whatever_the_redraw_limit():
+    """runs._replay hands a worker's finished run to the live callback as one burst of its
+    per-epoch records (step, arm, loss from train_loss) and then draws: a LivePlot that limits
+    redraws to one an hour still shows the whole curve; a plain function just gets the records."""
+    import types
+
+    from fa_study.runs import _replay
+
+    history = pd.DataFrame({"epoch": range(6), "train_loss": [2.0, 1.5, 1.1, 0.9, 0.8, 0.7]})
+    spec = types.SimpleNamespace(label="fa")
+    seen = []
+    live = plots.LivePlot(["loss"], every=2, sink=seen.append, profile="default", group="arm",
+                          min_seconds=3600.0)
+    live({"step": 0, "loss": 3.0, "arm": "bp"})
+    live({"step": 1, "loss": 2.0, "arm": "bp"})  # drawn: the hour starts now
+    _replay(live)(spec, {"history": history})
+    assert live.redraws == 3  # bp's last state when fa began, then fa's whole curve
+    line = seen[-1].axes[0].lines[0]
+    assert list(line.get_xdata()) == list(range(6))
+    assert list(line.get_ydata()) == history["train_loss"].tolist()
+    got = []
+    _replay(got.append)(spec, {"history": history})
+    assert [(r["step"], r["arm"], r["loss"]) for r in got] == [(e, "fa", l) for e, l in
+                                                              zip(range(6), history["train_loss"])]

@@ -33,6 +33,7 @@ POOR_COS = 0.05  # 004: |cos| below this is poor direction quality
 MEDIOCRE_COS = 0.20  # 004: |cos| below this (and >= POOR_COS) is mediocre
 NULL_SEED = 0x5EED_F4E5  # default seed of the fresh draws: unlike the small seeds used for setup()
 NOT_MEASURED = "n/a"  # direction_reading of a cosine that was not measured
+BY_CONSTRUCTION = "by construction"  # the reading of BP's backward compared with itself: no finding
 READINGS: tuple[str, ...] = ("reference unhealthy", "poor", "mediocre", "reasonable")  # direction_reading's
 COMPARES: tuple[str, ...] = ("summed", "full", "pooled")
 
@@ -195,9 +196,9 @@ def direction_quality(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule=N
 
     Returns a DataFrame, one row per hidden state 0..L: ``layer``, ``module`` (what was read),
     ``cos_mean``, ``cos_std``, ``cos_median``, ``g_norm_median``, ``a_norm_median``,
-    ``reading`` (:func:`direction_reading`), ``method``, ``n_eval``, ``by_construction`` (True
-    when the model's own backward was read and the twin is the model itself: the credit *is*
-    ``g_l``, so a cosine of 1 is no finding).
+    ``reading`` (:func:`direction_reading`; ``"by construction"`` where ``by_construction``),
+    ``method``, ``n_eval``, ``by_construction`` (True when the model's own backward was read and
+    the twin is the model itself: the credit *is* ``g_l``, so a cosine of 1 is no finding).
     """
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
@@ -207,6 +208,7 @@ def direction_quality(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule=N
         _, grads, _ = bp_reference(model, x, y, hidden=states, twin=tw)
         credit = rule_credit(model, rule, x, y, states, grads)
     labels = states.labels()
+    by_construction = rule is None and tw.model is model
     rows = []
     for l, (a, g) in enumerate(zip(credit, grads)):
         a, g = compared(states, a, compare).double(), compared(states, g, compare).double()
@@ -222,12 +224,12 @@ def direction_quality(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule=N
             "cos_median": float(cos.median()),
             "g_norm_median": g_norm,
             "a_norm_median": a_norm,
-            "reading": direction_reading(cos_mean, g_norm),
+            "reading": BY_CONSTRUCTION if by_construction else direction_reading(cos_mean, g_norm),
         })
     table = pd.DataFrame(rows)
     table["method"] = "own backward" if rule is None else getattr(rule, "name", type(rule).__name__)
     table["n_eval"] = int(x.shape[0])
-    table["by_construction"] = rule is None and tw.model is model
+    table["by_construction"] = by_construction
     return table
 
 
@@ -238,6 +240,10 @@ _VERDICTS = {
     "mediocre": "Direction quality is MEDIOCRE with a healthy reference ({poor:g} <= |cos| < {mediocre:g}).",
     "reasonable": "Direction quality is REASONABLE with a healthy reference (|cos| >= {mediocre:g}); "
                   "a gap to BP must come from something else.",
+    NOT_MEASURED: "NOT MEASURED: the cosine or the BP gradient's norm is NaN (no finished run).",
+    BY_CONSTRUCTION: "NO FINDING: the credit read is BP's own backward, compared with itself "
+                     "(by_construction), so its cosine is 1 by construction; read a rule's credit "
+                     "(rule=...) or a network whose layers run a backward of their own.",
 }
 
 
@@ -257,8 +263,8 @@ def read_direction_quality(table: pd.DataFrame, layer: int | None = None, *,
     if rows.empty:
         raise ValueError(f"layer must be one of 0..{last}, got {layer}")
     row = rows.iloc[0]
-    kind = direction_reading(row["cos_mean"], row["g_norm_median"], healthy_g=healthy_g,
-                             poor=poor, mediocre=mediocre)
+    kind = BY_CONSTRUCTION if row.get("by_construction", False) else direction_reading(
+        row["cos_mean"], row["g_norm_median"], healthy_g=healthy_g, poor=poor, mediocre=mediocre)
     head = (f"layer {layer}: cos(a, g) = {row['cos_mean']:+.4f}, ||g|| = {row['g_norm_median']:.2e}, "
             f"||a|| = {row['a_norm_median']:.2e} -> ")
     return head + _VERDICTS[kind].format(healthy=healthy_g, poor=poor, mediocre=mediocre)

@@ -88,8 +88,6 @@ def depth(low: int = 1):
                      bound="fa_study.config.MAX_BLOCKS")
 
 
-
-
 def rule_names() -> tuple[str, ...]:
     from ..rules import RULES
 

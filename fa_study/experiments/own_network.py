@@ -49,6 +49,7 @@ from ..fields import boolean, choice, int_range, option, positive, positive_int
 from ..fields import seed as seed_check
 from ..models.resnet import BasicBlock
 from ..rules import BP_REFERENCE, converting_rules
+from ..runs import replay_live
 from .core import Study, StudyResult, names, one_cpu_thread, resolve_study
 
 NETWORKS: tuple[str, ...] = ("vit_mini", "torchvision_vit", "small_resnet", "resnet18")
@@ -456,9 +457,13 @@ def _frozen(study: OwnNetworkStudy, network: str) -> float | None:
     return float(acc) if math.isfinite(acc) else None
 
 
-def _live(live: Callable, network: str, rule: str, step: int, loss: float) -> None:
+def _live_record(network: str, rule: str, step: int, loss: float) -> dict:
     """One step's record for the live callback: ``step``, ``arm`` (``"network:rule"``), ``loss``."""
-    live({"step": step, "arm": f"{network}:{rule}", "loss": loss})
+    return {"step": step, "arm": f"{network}:{rule}", "loss": loss}
+
+
+def _live(live: Callable, network: str, rule: str, step: int, loss: float) -> None:
+    live(_live_record(network, rule, step, loss))
 
 
 def _spread(fn: Callable, tasks: list[tuple]):
@@ -494,11 +499,8 @@ def run_own_network(study: OwnNetworkStudy | None = None, *, profile: str | None
     here = workers_for(None, len(arms)) == 1
     tasks = [(study, n, r, out.frozen_acc.get(n), live if here else None) for n, r in arms]
     for (_, network, rule, *_), run in _spread(_arm, tasks):
-        if live is not None and not here:  # a worker's run: its curve once it is done, then drawn
-            for step, loss in enumerate(run.losses):
-                _live(live, network, rule, step, loss)
-            if callable(getattr(live, "draw", None)):  # a LivePlot draws a burst at most once
-                live.draw()
+        if live is not None and not here:  # a worker's run: its curve once it is done
+            replay_live(live, (_live_record(network, rule, s, loss) for s, loss in enumerate(run.losses)))
         out.runs[network, rule] = run
         if progress is not None:
             progress(len(out.runs), len(arms), False)
